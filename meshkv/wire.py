@@ -103,7 +103,9 @@ class FrameCodec:
         self._keys = {_fingerprint(s): s for s in reversed(self.auth.secrets)}
         self._seen_nonces: OrderedDict[bytes, float] = OrderedDict()
 
-    def encode(self, message_type: int, fields: dict[str, Any], *, now_s: float | None = None) -> bytes:
+    def encode(
+        self, message_type: int, fields: dict[str, Any], *, now_s: float | None = None
+    ) -> bytes:
         """Returns the frame for one message; raises UsageError if it exceeds the size bound."""
         flags = FLAG_AUTH if self.auth.enabled else 0
         head = _HEADER.pack(MAGIC, self.protocol, self.version, flags)
@@ -166,7 +168,9 @@ class FrameCodec:
     def _remember_nonce(self, nonce: bytes, now_s: float) -> None:
         """Refuses a nonce seen within the window; the cache is bounded, oldest out first."""
         seen = self._seen_nonces
-        while seen and (next(iter(seen.values())) <= now_s or len(seen) >= self.auth.replay_cache_entries):
+        while seen and (
+            next(iter(seen.values())) <= now_s or len(seen) >= self.auth.replay_cache_entries
+        ):
             seen.popitem(last=False)
         if nonce in seen:
             raise ProtocolError("replayed")
@@ -201,7 +205,9 @@ def require_list(fields: dict[str, Any], name: str, item: type, max_items: int) 
     value = require(fields, name, list)
     if len(value) > max_items:
         raise ProtocolError("too_many", f"field {name!r} has {len(value)} > {max_items} items")
-    if not all(isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in value):
+    if not all(
+        isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in value
+    ):
         raise ProtocolError("malformed", f"field {name!r} has an item that is not {item}")
     return value
 
