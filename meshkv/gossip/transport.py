@@ -1,0 +1,279 @@
+"""Datagram-like ZMQ transport for gossip: frames in on one ROUTER, out through per-peer DEALERs.
+
+Gossip wants UDP semantics (a frame arrives whole or not at all, nothing waits for a dead peer)
+with ZMQ's framing, reconnects and authentication hooks. This module gives exactly that:
+
+- inbound: one ROUTER bound on the gossip port. Each frame comes with the ROUTER identity of
+  the connection it arrived on (``reply_to``), so a client that is not a member (a CLI asking
+  for the member table) can be answered on its own connection. ZMQ_MAXMSGSIZE bounds a frame
+  part: parts over ``max_frame_bytes * OVERSIZE_SLACK_FACTOR`` make ZMQ drop that connection
+  (the peer reconnects); smaller oversized frames reach the codec, which drops and counts them.
+- outbound: one DEALER per peer address, kept in a bounded LRU cache. ZMQ_IMMEDIATE means
+  nothing queues for a peer without a live connection; sends never block: a full or
+  unconnected peer drops the frame and counts it. A freshly created DEALER has no connection
+  yet, so its first frames wait in a small bounded buffer for at most ``connect_grace_s`` and go
+  out as soon as the connection opens. A peer restarted at the same address is reconnected by
+  ZMQ on its own.
+
+Every socket here belongs to the thread that calls `wait`/`send`/`reply`; only `wake` may be
+called from any thread. This module knows nothing of SWIM or of what a frame means.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from meshkv.errors import TransportError, UsageError
+
+log = logging.getLogger("vllm.meshkv.gossip.transport")
+
+OVERSIZE_SLACK_FACTOR = 2
+"""Frames up to this many times ``max_frame_bytes`` reach the codec (dropped and counted
+there); ZMQ cuts the connection of anything larger before it is buffered whole."""
+
+_ROUTER_PARTS = 2  # identity, frame
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportLimits:
+    """Bounds of every queue and cache in the transport."""
+
+    max_frame_bytes: int
+    """Largest frame the gossip codec accepts, in bytes."""
+    peer_sockets_max: int = 256
+    """Outbound DEALER sockets kept open; the least recently used one is closed past this."""
+    peer_send_hwm: int = 16
+    """Frames ZMQ queues per connected peer before sends to it are dropped (a stalled peer)."""
+    pending_frames_max: int = 8
+    """Frames held for a peer whose connection is still opening; later ones are dropped."""
+    connect_grace_s: float = 1.0
+    """How long frames wait for a new peer connection before they are dropped."""
+    inbound_hwm: int = 1024
+    """Inbound frames ZMQ queues before it drops new ones (we are the slow side)."""
+    receive_batch_max: int = 256
+    """Frames `wait` returns at most per call, so timers run even under a flood."""
+    reconnect_max_ms: int = 1000
+    """Upper bound of ZMQ's reconnect backoff to a vanished peer, in ms."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_frame_bytes",
+            "peer_sockets_max",
+            "peer_send_hwm",
+            "pending_frames_max",
+            "inbound_hwm",
+            "receive_batch_max",
+            "reconnect_max_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"TransportLimits.{name} must be positive")
+        if self.connect_grace_s < 0:
+            raise UsageError("TransportLimits.connect_grace_s must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One frame received, with the ROUTER identity of the connection it came on."""
+
+    frame: bytes
+    reply_to: bytes
+
+
+@dataclass(slots=True)
+class _Peer:
+    sock: zmq.Socket
+    connect_deadline_s: float
+    pending: deque[bytes] = field(default_factory=deque)
+
+
+class GossipTransport:
+    """The gossip port of one member: bind on ``host:port`` (port 0 picks a free one)."""
+
+    def __init__(self, host: str, port: int, *, limits: TransportLimits) -> None:
+        self.limits = limits
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._ctx = zmq.Context(io_threads=1)
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.RCVHWM, limits.inbound_hwm)
+        self._router.setsockopt(zmq.SNDHWM, limits.peer_send_hwm)
+        self._router.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes * OVERSIZE_SLACK_FACTOR)
+        try:
+            if port == 0:
+                port = self._router.bind_to_random_port(f"tcp://{host}")
+            else:
+                self._router.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            self._router.close()
+            self._ctx.term()
+            raise TransportError(f"cannot bind gossip port {host}:{port}: {exc}") from exc
+        self.address = f"{host}:{port}"
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+        self._closed = False
+
+    # -- outbound ---------------------------------------------------------------------------
+
+    def send(self, address: str, frame: bytes) -> bool:
+        """Sends one frame to the member at ``address``; never blocks. False = dropped."""
+        now_s = time.monotonic()
+        peer = self._peer(address, now_s)
+        if peer is None:
+            return False
+        if peer.pending:
+            self._flush_pending(peer)
+        if peer.pending:
+            return self._hold(peer, frame, now_s)
+        try:
+            peer.sock.send(frame, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return self._hold(peer, frame, now_s)
+        self.stats["transport.sent"] += 1
+        return True
+
+    def reply(self, reply_to: bytes, frame: bytes) -> bool:
+        """Answers on the connection a frame came in on; never blocks. False = dropped."""
+        try:
+            self._router.send_multipart([reply_to, frame], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # Again (full) or EHOSTUNREACH (client gone)
+            self.stats["transport.reply_dropped"] += 1
+            log.debug("reply dropped: %s", exc)
+            return False
+        self.stats["transport.replied"] += 1
+        return True
+
+    def _peer(self, address: str, now_s: float) -> _Peer | None:
+        peer = self._peers.get(address)
+        if peer is not None:
+            self._peers.move_to_end(address)
+            return peer
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, self.limits.peer_send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 1)  # members answer on our ROUTER, never on this socket
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.limits.reconnect_max_ms)
+        try:
+            sock.connect(f"tcp://{address}")
+        except zmq.ZMQError as exc:
+            sock.close()
+            self.stats["transport.bad_address"] += 1
+            log.debug("cannot connect to %r: %s", address, exc)
+            return None
+        if len(self._peers) >= self.limits.peer_sockets_max:
+            _, evicted = self._peers.popitem(last=False)
+            evicted.sock.close(linger=0)
+            self.stats["transport.peer_sockets_evicted"] += 1
+        peer = _Peer(sock=sock, connect_deadline_s=now_s + self.limits.connect_grace_s)
+        self._peers[address] = peer
+        return peer
+
+    def _hold(self, peer: _Peer, frame: bytes, now_s: float) -> bool:
+        """Keeps a frame for a connection still opening, or drops it (unreachable or full)."""
+        if now_s >= peer.connect_deadline_s:
+            self._drop_pending(peer)
+            self.stats["transport.send_dropped"] += 1
+            return False
+        if len(peer.pending) >= self.limits.pending_frames_max:
+            self.stats["transport.send_dropped"] += 1
+            return False
+        peer.pending.append(frame)
+        return True
+
+    def _drop_pending(self, peer: _Peer) -> None:
+        self.stats["transport.send_dropped"] += len(peer.pending)
+        peer.pending.clear()
+
+    def _flush_pending(self, peer: _Peer) -> None:
+        while peer.pending:
+            try:
+                peer.sock.send(peer.pending[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer.pending.popleft()
+            self.stats["transport.sent"] += 1
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def wait(self, timeout_s: float) -> list[Inbound]:
+        """Waits up to ``timeout_s`` for frames or a `wake`; returns what arrived (bounded).
+
+        Also sends frames held for new connections as soon as those connections open.
+        """
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        now_s = time.monotonic()
+        waiting = []
+        for peer in self._peers.values():
+            if not peer.pending:
+                continue
+            if now_s >= peer.connect_deadline_s:
+                self._drop_pending(peer)
+                continue
+            waiting.append(peer)
+            poller.register(peer.sock, zmq.POLLOUT)
+            timeout_s = min(timeout_s, peer.connect_deadline_s - now_s)
+        ready = dict(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        for peer in waiting:
+            if ready.get(peer.sock, 0) & zmq.POLLOUT:
+                self._flush_pending(peer)
+        if self._wake_recv in ready:
+            self._drain_wake()
+        if self._router not in ready:
+            return []
+        return self._receive_ready()
+
+    def _receive_ready(self) -> list[Inbound]:
+        received: list[Inbound] = []
+        while len(received) < self.limits.receive_batch_max:
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(parts) != _ROUTER_PARTS:
+                self.stats["transport.bad_parts"] += 1
+                continue
+            self.stats["transport.received"] += 1
+            received.append(Inbound(frame=parts[1], reply_to=parts[0]))
+        return received
+
+    def wake(self) -> None:
+        """Makes a `wait` in progress return early. The one method safe from any thread."""
+        # OSError: the buffer is full of wake-ups already (the waiter will wake), or closed.
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\x00")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_recv.recv(4096):
+                pass
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Closes every socket. ``linger_s`` > 0 gives frames already queued that long to go."""
+        if self._closed:
+            return
+        self._closed = True
+        linger_ms = int(linger_s * 1000)
+        for peer in self._peers.values():
+            self._flush_pending(peer)
+            peer.sock.close(linger=linger_ms)
+        self._peers.clear()
+        self._router.close(linger=linger_ms)
+        self._ctx.term()
+        self._wake_recv.close()
+        self._wake_send.close()

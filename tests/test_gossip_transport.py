@@ -1,0 +1,196 @@
+"""The gossip transport over real ZMQ sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from meshkv.errors import TransportError
+from meshkv.gossip.transport import (
+    OVERSIZE_SLACK_FACTOR,
+    GossipTransport,
+    Inbound,
+    TransportLimits,
+)
+
+MAX_FRAME_BYTES = 4096
+DEADLINE_S = 5.0
+
+
+def _limits(**changes: object) -> TransportLimits:
+    return TransportLimits(max_frame_bytes=MAX_FRAME_BYTES, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., GossipTransport]]:
+    transports: list[GossipTransport] = []
+
+    def open_transport(port: int = 0, **changes: object) -> GossipTransport:
+        transport = GossipTransport("127.0.0.1", port, limits=_limits(**changes))
+        transports.append(transport)
+        return transport
+
+    yield open_transport
+    for transport in transports:
+        transport.close()
+
+
+@pytest.fixture
+def client() -> Iterator[Callable[[str], zmq.Socket]]:
+    ctx = zmq.Context()
+    sockets: list[zmq.Socket] = []
+
+    def connect(address: str) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{address}")
+        sockets.append(sock)
+        return sock
+
+    yield connect
+    for sock in sockets:
+        sock.close()
+    ctx.term()
+
+
+def _receive(
+    receiver: GossipTransport,
+    *others: GossipTransport,
+    count: int = 1,
+    deadline_s: float = DEADLINE_S,
+) -> list[Inbound]:
+    """Pumps every transport until ``receiver`` got ``count`` frames or the deadline passes."""
+    got: list[Inbound] = []
+    end = time.monotonic() + deadline_s
+    while len(got) < count and time.monotonic() < end:
+        for other in others:
+            other.wait(0)
+        got += receiver.wait(0.02)
+    return got
+
+
+def test_first_frame_to_a_new_peer_waits_for_the_connection_and_arrives(opened):
+    a, b = opened(), opened()
+    assert a.send(b.address, b"hello")  # held: the connection is still opening
+    (inbound,) = _receive(b, a)
+    assert inbound.frame == b"hello"
+    assert a.stats["transport.sent"] == 1
+    assert b.stats["transport.received"] == 1
+
+
+def test_reply_reaches_the_client_connection(opened, client):
+    member = opened()
+    sock = client(member.address)
+    sock.send(b"query")
+    (inbound,) = _receive(member)
+    assert member.reply(inbound.reply_to, b"answer")
+    assert sock.poll(int(DEADLINE_S * 1000)) and sock.recv() == b"answer"
+
+
+def test_reply_to_a_vanished_client_is_dropped_and_counted(opened):
+    member = opened()
+    assert not member.reply(b"\x00nobody", b"answer")
+    assert member.stats["transport.reply_dropped"] == 1
+
+
+def test_frames_to_an_unreachable_peer_are_dropped_and_counted_without_blocking(opened):
+    a = opened(connect_grace_s=0.1, pending_frames_max=3)
+    gone = opened()
+    address = gone.address
+    gone.close()
+    started = time.monotonic()
+    held = [a.send(address, b"x%d" % i) for i in range(5)]
+    assert time.monotonic() - started < 0.5
+    assert held == [True, True, True, False, False]  # bounded by pending_frames_max
+    time.sleep(0.15)  # past connect_grace_s
+    assert a.wait(0) == []
+    assert not a.send(address, b"late")
+    assert a.stats["transport.send_dropped"] == 6
+    assert a.stats["transport.sent"] == 0
+
+
+def test_a_peer_restarted_at_the_same_address_gets_frames_again(opened):
+    a, b = opened(), opened()
+    port = int(b.address.rsplit(":", 1)[1])
+    a.send(b.address, b"one")
+    assert [i.frame for i in _receive(b, a)] == [b"one"]
+    b.close()
+    b2 = opened(port=port)
+    got: list[Inbound] = []
+    end = time.monotonic() + DEADLINE_S
+    while not got and time.monotonic() < end:
+        a.send(b2.address, b"again")
+        got = _receive(b2, a, deadline_s=0.1)
+    assert got and got[0].frame == b"again"
+
+
+def test_oversized_frames_are_cut_by_zmq_and_the_member_keeps_receiving(opened, client):
+    member = opened()
+    sock = client(member.address)
+    slightly_large = b"s" * (MAX_FRAME_BYTES + 1)
+    sock.send(slightly_large)  # reaches the codec, which drops and counts it
+    (inbound,) = _receive(member)
+    assert inbound.frame == slightly_large
+    huge = client(member.address)
+    huge.send(b"h" * (MAX_FRAME_BYTES * OVERSIZE_SLACK_FACTOR + 1))
+    assert _receive(member, deadline_s=0.3) == []
+    sock.send(b"still here")
+    assert [i.frame for i in _receive(member)] == [b"still here"]
+
+
+def test_multipart_frames_are_dropped_and_counted(opened, client):
+    member = opened()
+    sock = client(member.address)
+    sock.send_multipart([b"a", b"b"])
+    sock.send(b"single")
+    assert [i.frame for i in _receive(member)] == [b"single"]
+    assert member.stats["transport.bad_parts"] == 1
+
+
+def test_peer_sockets_are_bounded_least_recently_used_first(opened):
+    a = opened(peer_sockets_max=2)
+    peers = [opened() for _ in range(3)]
+    for peer in peers:
+        a.send(peer.address, b"x")
+    assert a.stats["transport.peer_sockets_evicted"] == 1
+    assert a.send(peers[2].address, b"y")  # still cached: no new eviction
+    assert a.stats["transport.peer_sockets_evicted"] == 1
+
+
+def test_bad_address_is_counted(opened):
+    a = opened()
+    assert not a.send("not-an-address", b"x")
+    assert a.stats["transport.bad_address"] == 1
+
+
+def test_wake_from_another_thread_ends_a_wait_early(opened):
+    a = opened()
+    timer = threading.Timer(0.05, a.wake)
+    started = time.monotonic()
+    timer.start()
+    assert a.wait(DEADLINE_S) == []
+    assert time.monotonic() - started < DEADLINE_S / 2
+    timer.join()
+
+
+def test_a_taken_port_is_a_transport_error(opened):
+    a = opened()
+    with pytest.raises(TransportError, match="cannot bind"):
+        opened(port=int(a.address.rsplit(":", 1)[1]))
+
+
+def test_receive_batches_are_bounded(opened, client):
+    member = opened(receive_batch_max=4)
+    sock = client(member.address)
+    for i in range(10):
+        sock.send(b"%d" % i)
+    batches: list[list[Inbound]] = []
+    end = time.monotonic() + DEADLINE_S
+    while sum(map(len, batches)) < 10 and time.monotonic() < end:
+        batches.append(member.wait(0.05))
+    assert [i.frame for batch in batches for i in batch] == [b"%d" % i for i in range(10)]
+    assert max(map(len, batches)) <= 4
