@@ -1,0 +1,497 @@
+"""Data-plane wire messages: handshake, lookup, get, put, commit, held-at, resolve, error.
+
+Requests travel DEALER -> ROUTER and carry a request id (``req``) that the reply echoes, so a
+requester may have many requests in flight on one connection (no lock-step, no head-of-line
+blocking). Every request also carries the sender's ring ``epoch``; replies carry the
+responder's, so either side can tell that their views differ (a stale view costs a miss, never
+a wrong answer: bytes are checked against the chunk's checksum on arrival).
+
+Bulk bytes travel by NIXL WRITE from the side that holds them, into slots named by
+``SlotRef`` (segment id, offset). With ``transfer_channel: tcp`` they travel inline in
+``payloads`` instead.
+
+This module owns type ids, fields and their validation, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from meshkv.errors import ProtocolError
+from meshkv.keys import KEY_BYTES
+from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require, require_list
+
+VERSION = 1
+"""Data-plane protocol version. Bump on any incompatible change and list it here:
+1 - first version."""
+
+MAX_KEYS = 4096
+"""Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
+MAX_SEGMENTS = 4096
+MAX_AGENT_METADATA_BYTES = 1 << 20
+MAX_CHECKSUM_BYTES = 32
+MAX_NAME_CHARS = 256
+MAX_REASON_CHARS = 512
+
+
+class DataType(IntEnum):
+    """Message type ids. Append only; never renumber."""
+
+    HELLO = 1
+    HELLO_REPLY = 2
+    LOOKUP = 3
+    LOOKUP_REPLY = 4
+    GET = 5
+    GET_REPLY = 6
+    PUT = 7
+    PUT_REPLY = 8
+    COMMIT = 9
+    COMMIT_REPLY = 10
+    HELD_AT = 11
+    RESOLVE = 12
+    RESOLVE_REPLY = 13
+    ERROR = 14
+
+
+def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCodec:
+    return FrameCodec(Protocol.DATA, VERSION, max_frame_bytes=max_frame_bytes, auth=auth)
+
+
+def _plain(message: Any) -> dict[str, Any]:
+    """A message's fields as a map, without copying the values (payloads can be large)."""
+    return {f.name: getattr(message, f.name) for f in fields(message)}
+
+
+def _keys(fields: dict[str, Any], name: str = "keys") -> list[bytes]:
+    keys = require_list(fields, name, bytes, MAX_KEYS)
+    if any(len(k) != KEY_BYTES for k in keys):
+        raise ProtocolError("malformed", f"a key in {name!r} is not {KEY_BYTES} bytes")
+    return keys
+
+
+def _name(fields: dict[str, Any], name: str) -> str:
+    value = require(fields, name, str)
+    if not 0 < len(value) <= MAX_NAME_CHARS:
+        raise ProtocolError("malformed", f"field {name!r} length {len(value)}")
+    return value
+
+
+def _uint(fields: dict[str, Any], name: str, bits: int = 64) -> int:
+    value = require(fields, name, int)
+    if not 0 <= value < 1 << bits:
+        raise ProtocolError("malformed", f"field {name!r} out of range")
+    return value
+
+
+def _slots(fields: dict[str, Any], name: str, allow_none: bool) -> list[SlotRef | None]:
+    raw = require(fields, name, list)
+    if len(raw) > MAX_KEYS:
+        raise ProtocolError("too_many", f"field {name!r} has {len(raw)} items")
+    out: list[SlotRef | None] = []
+    for item in raw:
+        if item is None and allow_none:
+            out.append(None)
+        elif (
+            isinstance(item, list)
+            and len(item) == 2
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in item
+            )
+        ):
+            out.append(SlotRef(segment=item[0], offset=item[1]))
+        else:
+            raise ProtocolError("malformed", f"bad slot reference in {name!r}")
+    return out
+
+
+def _checksums(fields: dict[str, Any], name: str = "checksums") -> list[bytes]:
+    sums = require_list(fields, name, bytes, MAX_KEYS)
+    if any(len(s) > MAX_CHECKSUM_BYTES for s in sums):
+        raise ProtocolError("malformed", "checksum too long")
+    return sums
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRef:
+    """Where one chunk lives in a member's store: a registered segment and an offset in it."""
+
+    segment: int
+    offset: int
+
+    def wire(self) -> list[int]:
+        return [self.segment, self.offset]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentInfo:
+    """One registered memory segment, as a peer needs it to WRITE into it."""
+
+    segment: int
+    address: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """First contact: who I am and how to write into my memory (sent both ways, once)."""
+
+    TYPE: ClassVar[DataType] = DataType.HELLO
+    req: int
+    sender: str  # member name "instance/rank"
+    nonce: int  # sender's boot nonce: a new one means a new NIXL agent
+    channel: str  # "nixl" or "tcp"
+    agent: bytes  # NIXL agent metadata (empty for tcp)
+    segments: list[SegmentInfo] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "req": self.req,
+            "sender": self.sender,
+            "nonce": self.nonce,
+            "channel": self.channel,
+            "agent": self.agent,
+            "segments": [[s.segment, s.address, s.nbytes] for s in self.segments],
+        }
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Hello:
+        channel = require(f, "channel", str)
+        if channel not in ("nixl", "tcp"):
+            raise ProtocolError("malformed", f"unknown channel {channel!r}")
+        agent = require(f, "agent", bytes)
+        if len(agent) > MAX_AGENT_METADATA_BYTES:
+            raise ProtocolError("too_large", "agent metadata")
+        raw = require(f, "segments", list)
+        if len(raw) > MAX_SEGMENTS:
+            raise ProtocolError("too_many", "segments")
+        segments = []
+        for item in raw:
+            if not (
+                isinstance(item, list)
+                and len(item) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item)
+            ):
+                raise ProtocolError("malformed", "bad segment")
+            segments.append(SegmentInfo(segment=item[0], address=item[1], nbytes=item[2]))
+        return cls(
+            req=_uint(f, "req"),
+            sender=_name(f, "sender"),
+            nonce=_uint(f, "nonce"),
+            channel=channel,
+            agent=agent,
+            segments=segments,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloReply(Hello):
+    TYPE: ClassVar[DataType] = DataType.HELLO_REPLY
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lookup:
+    """Which of these keys (a prefix chain) do you hold or know a holder of?"""
+
+    TYPE: ClassVar[DataType] = DataType.LOOKUP
+    req: int
+    epoch: int
+    keys: list[bytes]
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Lookup:
+        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), keys=_keys(f))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupReply:
+    """``holders[i]`` names a member holding ``keys[i]``; the list stops at the first miss."""
+
+    TYPE: ClassVar[DataType] = DataType.LOOKUP_REPLY
+    req: int
+    epoch: int
+    holders: list[str]
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> LookupReply:
+        holders = require_list(f, "holders", str, MAX_KEYS)
+        if any(not 0 < len(h) <= MAX_NAME_CHARS for h in holders):
+            raise ProtocolError("malformed", "bad holder name")
+        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), holders=holders)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Get:
+    """Write the leading keys you hold into my ``dest`` slots (nixl) or inline (tcp)."""
+
+    TYPE: ClassVar[DataType] = DataType.GET
+    req: int
+    epoch: int
+    keys: list[bytes]
+    dest: list[SlotRef]  # one per key for nixl; empty for tcp
+    budget_ms: int  # time the requester still waits; the holder gives up past it
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "req": self.req,
+            "epoch": self.epoch,
+            "keys": self.keys,
+            "dest": [d.wire() for d in self.dest],
+            "budget_ms": self.budget_ms,
+        }
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Get:
+        keys = _keys(f)
+        dest = [d for d in _slots(f, "dest", allow_none=False) if d is not None]
+        if dest and len(dest) != len(keys):
+            raise ProtocolError("malformed", "dest and keys differ in length")
+        return cls(
+            req=_uint(f, "req"),
+            epoch=_uint(f, "epoch"),
+            keys=keys,
+            dest=dest,
+            budget_ms=_uint(f, "budget_ms", 32),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetReply:
+    """The first ``len(checksums)`` keys were written (or are in ``payloads``, tcp)."""
+
+    TYPE: ClassVar[DataType] = DataType.GET_REPLY
+    req: int
+    checksums: list[bytes]
+    payloads: list[bytes] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> GetReply:
+        sums = _checksums(f)
+        payloads = require_list(f, "payloads", bytes, MAX_KEYS)
+        if payloads and len(payloads) != len(sums):
+            raise ProtocolError("malformed", "payloads and checksums differ in length")
+        return cls(req=_uint(f, "req"), checksums=sums, payloads=payloads)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Put:
+    """I produced these chunks; reserve slots for the ones you lack (nixl), or take them (tcp)."""
+
+    TYPE: ClassVar[DataType] = DataType.PUT
+    req: int
+    epoch: int
+    keys: list[bytes]
+    chunk_bytes: int
+    checksums: list[bytes] = field(default_factory=list)  # tcp only, with payloads
+    payloads: list[bytes] = field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Put:
+        keys = _keys(f)
+        sums = _checksums(f)
+        payloads = require_list(f, "payloads", bytes, MAX_KEYS)
+        if payloads and not len(payloads) == len(sums) == len(keys):
+            raise ProtocolError("malformed", "payloads, checksums and keys differ in length")
+        return cls(
+            req=_uint(f, "req"),
+            epoch=_uint(f, "epoch"),
+            keys=keys,
+            chunk_bytes=_uint(f, "chunk_bytes", 40),
+            checksums=sums,
+            payloads=payloads,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutReply:
+    """nixl: a reserved slot per key (None: already held or no room). tcp: ``stored`` count."""
+
+    TYPE: ClassVar[DataType] = DataType.PUT_REPLY
+    req: int
+    epoch: int
+    slots: list[SlotRef | None]
+    stored: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "req": self.req,
+            "epoch": self.epoch,
+            "slots": [s.wire() if s else None for s in self.slots],
+            "stored": self.stored,
+        }
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> PutReply:
+        return cls(
+            req=_uint(f, "req"),
+            epoch=_uint(f, "epoch"),
+            slots=_slots(f, "slots", allow_none=True),
+            stored=_uint(f, "stored", 32),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    """The bytes for these keys are in the slots you reserved; here are their checksums."""
+
+    TYPE: ClassVar[DataType] = DataType.COMMIT
+    req: int
+    keys: list[bytes]
+    checksums: list[bytes]
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Commit:
+        keys, sums = _keys(f), _checksums(f)
+        if len(keys) != len(sums):
+            raise ProtocolError("malformed", "keys and checksums differ in length")
+        return cls(req=_uint(f, "req"), keys=keys, checksums=sums)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommitReply:
+    TYPE: ClassVar[DataType] = DataType.COMMIT_REPLY
+    req: int
+    stored: int
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> CommitReply:
+        return cls(req=_uint(f, "req"), stored=_uint(f, "stored", 32))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldAt:
+    """One-way: ``holder`` keeps these keys; answer lookups with it (no bytes moved)."""
+
+    TYPE: ClassVar[DataType] = DataType.HELD_AT
+    req: int
+    epoch: int
+    keys: list[bytes]
+    holder: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> HeldAt:
+        return cls(
+            req=_uint(f, "req"), epoch=_uint(f, "epoch"), keys=_keys(f), holder=_name(f, "holder")
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolve:
+    """From a local vLLM scheduler: how many leading keys can the mesh give this rank?"""
+
+    TYPE: ClassVar[DataType] = DataType.RESOLVE
+    req: int
+    keys: list[bytes]
+    budget_ms: int
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Resolve:
+        return cls(req=_uint(f, "req"), keys=_keys(f), budget_ms=_uint(f, "budget_ms", 32))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolveReply:
+    TYPE: ClassVar[DataType] = DataType.RESOLVE_REPLY
+    req: int
+    count: int
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> ResolveReply:
+        return cls(req=_uint(f, "req"), count=_uint(f, "count", 32))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    """The request ``req`` was refused; ``reason`` is a short label (e.g. "not_home")."""
+
+    TYPE: ClassVar[DataType] = DataType.ERROR
+    req: int
+    reason: str
+
+    def fields(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def parse(cls, f: dict[str, Any]) -> Error:
+        reason = require(f, "reason", str)
+        if len(reason) > MAX_REASON_CHARS:
+            raise ProtocolError("malformed", "reason too long")
+        return cls(req=_uint(f, "req"), reason=reason)
+
+
+Message = (
+    Hello
+    | HelloReply
+    | Lookup
+    | LookupReply
+    | Get
+    | GetReply
+    | Put
+    | PutReply
+    | Commit
+    | CommitReply
+    | HeldAt
+    | Resolve
+    | ResolveReply
+    | Error
+)
+_PARSERS: dict[int, Any] = {
+    m.TYPE: m
+    for m in (
+        Hello,
+        HelloReply,
+        Lookup,
+        LookupReply,
+        Get,
+        GetReply,
+        Put,
+        PutReply,
+        Commit,
+        CommitReply,
+        HeldAt,
+        Resolve,
+        ResolveReply,
+        Error,
+    )
+}
+
+
+def encode(codec: FrameCodec, message: Message) -> bytes:
+    return codec.encode(message.TYPE, message.fields())
+
+
+def decode(codec: FrameCodec, frame: bytes) -> Message:
+    """Decodes one frame; raises ProtocolError (counter label in ``reason``) on anything bad."""
+    message_type, fields = codec.decode(frame)
+    parser = _PARSERS.get(message_type)
+    if parser is None:
+        raise ProtocolError("unknown_type", str(message_type))
+    return parser.parse(fields)
