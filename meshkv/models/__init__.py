@@ -1,0 +1,1 @@
+"""Locally generated model checkpoints for tests, benchmarks and the demo."""
