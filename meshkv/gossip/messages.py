@@ -1,0 +1,512 @@
+"""The gossip protocol's messages: type ids, fields, validation, and their frames.
+
+Every message is a frozen, slotted, keyword-only dataclass that validates on construction.
+Frames go through `meshkv.wire.FrameCodec` (protocol GOSSIP, `VERSION`); `decode_message`
+turns any defect (unknown type, missing or mistyped field, out-of-range value, too many items)
+into `ProtocolError`, whose ``reason`` the receiver counts before dropping the frame.
+
+Member updates travel as compact msgpack arrays inside ``updates`` lists (piggybacked on probes
+and gossip); full member records travel in ``records`` lists (push-pull, state replies).
+
+This module knows nothing of timers, sockets or what a receiver does with a message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from meshkv.errors import ProtocolError, UsageError
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.member import (
+    MAX_INCARNATION,
+    MAX_NONCE,
+    MemberState,
+    MetaValue,
+    UpdateKind,
+    check_address,
+    check_int,
+    check_meta,
+    check_name,
+)
+from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require
+
+VERSION = 1
+# Protocol version history (bump on any change a peer of the previous version would misread):
+#   1: Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; updates as arrays.
+
+MAX_SEQ = 2**32 - 1
+MAX_UPDATES_PER_FRAME = 256
+MAX_RECORDS_PER_FRAME = 1024
+MAX_STATE_PARTS = 4096
+
+
+class MessageType(enum.IntEnum):
+    """Message type ids on the wire. Append only; never renumber."""
+
+    PING = 1
+    ACK = 2
+    PING_REQ = 3
+    NACK = 4
+    GOSSIP = 5
+    PUSH_PULL = 6
+    STATE_QUERY = 7
+    STATE_REPLY = 8
+
+
+def gossip_codec(config: GossipConfig, auth: AuthPolicy | None = None) -> FrameCodec:
+    """The codec every gossip member and client uses: this version, frames <= max_packet_bytes."""
+    return FrameCodec(Protocol.GOSSIP, VERSION, max_frame_bytes=config.max_packet_bytes, auth=auth)
+
+
+# ---------------------------------------------------------------------------------- updates
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alive:
+    """Member ``name`` (boot ``nonce``) is alive at ``incarnation``, at ``address``, with meta."""
+
+    name: str
+    nonce: int
+    incarnation: int
+    address: str
+    meta: Mapping[str, MetaValue]
+
+    kind: ClassVar[UpdateKind] = UpdateKind.ALIVE
+
+    def __post_init__(self) -> None:
+        _check_identity(self.name, self.nonce, self.incarnation)
+        check_address(self.address)
+        check_meta(self.meta if isinstance(self.meta, dict) else dict(self.meta))
+
+    def to_wire(self) -> list[Any]:
+        return [
+            int(UpdateKind.ALIVE),
+            self.name,
+            self.nonce,
+            self.incarnation,
+            self.address,
+            dict(self.meta),
+        ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suspect:
+    """Member ``source`` suspects ``name`` (boot ``nonce``) at ``incarnation``."""
+
+    name: str
+    nonce: int
+    incarnation: int
+    source: str
+
+    kind: ClassVar[UpdateKind] = UpdateKind.SUSPECT
+
+    def __post_init__(self) -> None:
+        _check_identity(self.name, self.nonce, self.incarnation)
+        check_name(self.source)
+
+    def to_wire(self) -> list[Any]:
+        return [int(UpdateKind.SUSPECT), self.name, self.nonce, self.incarnation, self.source]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dead:
+    """Member ``source`` declares ``name`` dead at ``incarnation``; ``left``: it left gracefully."""
+
+    name: str
+    nonce: int
+    incarnation: int
+    source: str
+    left: bool = False
+
+    def __post_init__(self) -> None:
+        _check_identity(self.name, self.nonce, self.incarnation)
+        check_name(self.source)
+        if not isinstance(self.left, bool):
+            raise UsageError("left must be a bool")
+
+    @property
+    def kind(self) -> UpdateKind:
+        return UpdateKind.LEFT if self.left else UpdateKind.DEAD
+
+    def to_wire(self) -> list[Any]:
+        return [int(self.kind), self.name, self.nonce, self.incarnation, self.source]
+
+
+Update = Alive | Suspect | Dead
+
+
+def update_from_wire(item: object) -> Update:
+    """Builds an update from its array form; raises UsageError on any defect."""
+    if not isinstance(item, list) or not item or not isinstance(item[0], int):
+        raise UsageError("update is not an array starting with its kind")
+    kind = item[0]
+    if kind == UpdateKind.ALIVE and len(item) == 6:
+        return Alive(
+            name=item[1], nonce=item[2], incarnation=item[3], address=item[4], meta=item[5]
+        )
+    if kind == UpdateKind.SUSPECT and len(item) == 5:
+        return Suspect(name=item[1], nonce=item[2], incarnation=item[3], source=item[4])
+    if kind in (UpdateKind.DEAD, UpdateKind.LEFT) and len(item) == 5:
+        return Dead(
+            name=item[1],
+            nonce=item[2],
+            incarnation=item[3],
+            source=item[4],
+            left=kind == UpdateKind.LEFT,
+        )
+    raise UsageError(f"unknown update kind {kind} or wrong length {len(item)}")
+
+
+def wire_bytes(item: list[Any]) -> int:
+    """Encoded size of one update or record array."""
+    return len(msgpack.packb(item, use_bin_type=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberRecord:
+    """One member's full record as a member holds it (push-pull and state replies)."""
+
+    name: str
+    nonce: int
+    address: str
+    incarnation: int
+    state: MemberState
+    meta: Mapping[str, MetaValue]
+
+    def __post_init__(self) -> None:
+        _check_identity(self.name, self.nonce, self.incarnation)
+        check_address(self.address)
+        if not isinstance(self.state, MemberState):
+            raise UsageError("state must be a MemberState")
+        check_meta(self.meta if isinstance(self.meta, dict) else dict(self.meta))
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.name,
+            self.nonce,
+            self.address,
+            self.incarnation,
+            int(self.state),
+            dict(self.meta),
+        ]
+
+    @classmethod
+    def from_wire(cls, item: object) -> MemberRecord:
+        if not isinstance(item, list) or len(item) != 6:
+            raise UsageError("member record is not an array of 6")
+        state = item[4]
+        if not isinstance(state, int) or isinstance(state, bool) or not 0 <= state <= 3:
+            raise UsageError(f"member state {state!r} is unknown")
+        return cls(
+            name=item[0],
+            nonce=item[1],
+            address=item[2],
+            incarnation=item[3],
+            state=MemberState(state),
+            meta=item[5],
+        )
+
+
+def _check_identity(name: object, nonce: object, incarnation: object) -> None:
+    check_name(name)
+    check_int("nonce", nonce, MAX_NONCE)
+    check_int("incarnation", incarnation, MAX_INCARNATION)
+
+
+def _check_items(what: str, items: object, kind: type | tuple[type, ...], bound: int) -> None:
+    if not isinstance(items, tuple) or len(items) > bound:
+        raise UsageError(f"{what} must be a tuple of <= {bound} items")
+    if not all(isinstance(item, kind) for item in items):
+        raise UsageError(f"{what} has an item of the wrong type")
+
+
+def _updates_from(fields: dict[str, Any]) -> tuple[Update, ...]:
+    raw = require(fields, "updates", list)
+    if len(raw) > MAX_UPDATES_PER_FRAME:
+        raise ProtocolError("too_many", f"{len(raw)} updates")
+    return tuple(update_from_wire(item) for item in raw)
+
+
+def _records_from(fields: dict[str, Any]) -> tuple[MemberRecord, ...]:
+    raw = require(fields, "records", list)
+    if len(raw) > MAX_RECORDS_PER_FRAME:
+        raise ProtocolError("too_many", f"{len(raw)} records")
+    return tuple(MemberRecord.from_wire(item) for item in raw)
+
+
+# --------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ping:
+    """Are you alive? Sent to ``target``; the ack goes to ``source_address``."""
+
+    seq: int
+    target: str
+    source: str
+    source_address: str
+    updates: tuple[Update, ...] = ()
+
+    TYPE: ClassVar[MessageType] = MessageType.PING
+
+    def __post_init__(self) -> None:
+        check_int("seq", self.seq, MAX_SEQ)
+        check_name(self.target)
+        check_name(self.source)
+        check_address(self.source_address)
+        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "target": self.target,
+            "src": self.source,
+            "src_addr": self.source_address,
+            "updates": [u.to_wire() for u in self.updates],
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Ping:
+        return cls(
+            seq=require(fields, "seq", int),
+            target=require(fields, "target", str),
+            source=require(fields, "src", str),
+            source_address=require(fields, "src_addr", str),
+            updates=_updates_from(fields),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    """Answer to the ping (or forwarded indirect ping) numbered ``seq``."""
+
+    seq: int
+    source: str
+    updates: tuple[Update, ...] = ()
+
+    TYPE: ClassVar[MessageType] = MessageType.ACK
+
+    def __post_init__(self) -> None:
+        check_int("seq", self.seq, MAX_SEQ)
+        check_name(self.source)
+        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"seq": self.seq, "src": self.source, "updates": [u.to_wire() for u in self.updates]}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Ack:
+        return cls(
+            seq=require(fields, "seq", int),
+            source=require(fields, "src", str),
+            updates=_updates_from(fields),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PingReq:
+    """Please ping ``target`` for me and forward its ack (as ``seq``) to ``source_address``."""
+
+    seq: int
+    target: str
+    target_address: str
+    source: str
+    source_address: str
+    updates: tuple[Update, ...] = ()
+
+    TYPE: ClassVar[MessageType] = MessageType.PING_REQ
+
+    def __post_init__(self) -> None:
+        check_int("seq", self.seq, MAX_SEQ)
+        check_name(self.target)
+        check_address(self.target_address)
+        check_name(self.source)
+        check_address(self.source_address)
+        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "target": self.target,
+            "target_addr": self.target_address,
+            "src": self.source,
+            "src_addr": self.source_address,
+            "updates": [u.to_wire() for u in self.updates],
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> PingReq:
+        return cls(
+            seq=require(fields, "seq", int),
+            target=require(fields, "target", str),
+            target_address=require(fields, "target_addr", str),
+            source=require(fields, "src", str),
+            source_address=require(fields, "src_addr", str),
+            updates=_updates_from(fields),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nack:
+    """The relay of indirect probe ``seq`` got no ack in time: the relay itself is healthy."""
+
+    seq: int
+    source: str
+
+    TYPE: ClassVar[MessageType] = MessageType.NACK
+
+    def __post_init__(self) -> None:
+        check_int("seq", self.seq, MAX_SEQ)
+        check_name(self.source)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"seq": self.seq, "src": self.source}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Nack:
+        return cls(seq=require(fields, "seq", int), source=require(fields, "src", str))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Gossip:
+    """Updates only, fanned out while there is news; no answer expected."""
+
+    source: str
+    updates: tuple[Update, ...]
+
+    TYPE: ClassVar[MessageType] = MessageType.GOSSIP
+
+    def __post_init__(self) -> None:
+        check_name(self.source)
+        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"src": self.source, "updates": [u.to_wire() for u in self.updates]}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Gossip:
+        return cls(source=require(fields, "src", str), updates=_updates_from(fields))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushPull:
+    """Part of a member table; with ``reply_wanted`` the receiver answers with its whole table.
+
+    A table is split into as many frames as it needs; each part merges on its own.
+    """
+
+    source: str
+    source_address: str
+    reply_wanted: bool
+    records: tuple[MemberRecord, ...]
+
+    TYPE: ClassVar[MessageType] = MessageType.PUSH_PULL
+
+    def __post_init__(self) -> None:
+        check_name(self.source)
+        check_address(self.source_address)
+        if not isinstance(self.reply_wanted, bool):
+            raise UsageError("reply_wanted must be a bool")
+        _check_items("records", self.records, MemberRecord, MAX_RECORDS_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "src": self.source,
+            "src_addr": self.source_address,
+            "reply": self.reply_wanted,
+            "records": [r.to_wire() for r in self.records],
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> PushPull:
+        return cls(
+            source=require(fields, "src", str),
+            source_address=require(fields, "src_addr", str),
+            reply_wanted=require(fields, "reply", bool),
+            records=_records_from(fields),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateQuery:
+    """A client (e.g. the CLI) asks a member for its member table."""
+
+    query_id: int
+
+    TYPE: ClassVar[MessageType] = MessageType.STATE_QUERY
+
+    def __post_init__(self) -> None:
+        check_int("query_id", self.query_id, MAX_SEQ)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"query_id": self.query_id}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> StateQuery:
+        return cls(query_id=require(fields, "query_id", int))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateReply:
+    """Part ``part`` of ``parts`` of the answering member's table, for query ``query_id``."""
+
+    query_id: int
+    part: int
+    parts: int
+    records: tuple[MemberRecord, ...]
+
+    TYPE: ClassVar[MessageType] = MessageType.STATE_REPLY
+
+    def __post_init__(self) -> None:
+        check_int("query_id", self.query_id, MAX_SEQ)
+        check_int("parts", self.parts, MAX_STATE_PARTS)
+        check_int("part", self.part, MAX_STATE_PARTS)
+        if not 0 <= self.part < self.parts:
+            raise UsageError(f"part {self.part} is not in 0..{self.parts - 1}")
+        _check_items("records", self.records, MemberRecord, MAX_RECORDS_PER_FRAME)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "query_id": self.query_id,
+            "part": self.part,
+            "parts": self.parts,
+            "records": [r.to_wire() for r in self.records],
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> StateReply:
+        return cls(
+            query_id=require(fields, "query_id", int),
+            part=require(fields, "part", int),
+            parts=require(fields, "parts", int),
+            records=_records_from(fields),
+        )
+
+
+Message = Ping | Ack | PingReq | Nack | Gossip | PushPull | StateQuery | StateReply
+
+_BY_TYPE: dict[int, Any] = {
+    cls.TYPE: cls for cls in (Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply)
+}
+
+
+def encode_message(codec: FrameCodec, message: Message) -> bytes:
+    """The frame for ``message``; UsageError if it exceeds the codec's size bound."""
+    return codec.encode(message.TYPE, message.to_fields())
+
+
+def decode_message(codec: FrameCodec, frame: bytes) -> Message:
+    """The message in ``frame``; ProtocolError (with a counter reason) on any defect."""
+    message_type, fields = codec.decode(frame)
+    cls = _BY_TYPE.get(message_type)
+    if cls is None:
+        raise ProtocolError("unknown_type", str(message_type))
+    try:
+        return cls.from_fields(fields)
+    except UsageError as exc:
+        raise ProtocolError("malformed", str(exc)) from None
