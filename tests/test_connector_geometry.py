@@ -12,17 +12,17 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm.v1.kv_cache_interface import (  # noqa: E402
+from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheTensor,
 )
-from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
-from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
+from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
 
-from meshkv.connector.geometry import BlockCopier, geometry_of, unique_layers  # noqa: E402
-from meshkv.errors import UsageError  # noqa: E402
+from meshkv.connector.geometry import BlockCopier, geometry_of, unique_layers
+from meshkv.errors import UsageError
 
 NUM_LAYERS = 4
 NUM_BLOCKS = 12
