@@ -1,0 +1,136 @@
+"""Smoke tests of tools/bench_lookup.py: its measuring loops on a real echo server, and the
+LMCache path against LMCache's real controller when the LMCache venv has been built.
+
+CI does not build the LMCache venv (1.3 GB, minutes); that test skips with the reason and the
+command that builds it. Nothing here times anything against a target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("bench_lookup", TOOLS / "bench_lookup.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_lookup"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bl = _load_tool()
+
+
+@pytest.fixture
+def context():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_lmcache_lookup_encoding_is_a_tagged_map_in_field_order():
+    payload = bl.encode_lmcache_lookup([1, 2**64 - 1])
+    assert list(msgpack.unpackb(payload).items()) == [
+        ("type", "BatchedP2PLookupMsg"),
+        ("hashes", [1, 2**64 - 1]),
+        ("instance_id", bl.REQUESTER_INSTANCE_ID),
+        ("worker_id", 0),
+    ]
+
+
+def test_lmcache_reply_decoding_reads_hits_holder_and_errors():
+    hit = msgpack.packb(
+        {"type": "BatchedP2PLookupRetMsg", "layout_info": [["inst-7", "LocalCPUBackend", 3, "u"]]}
+    )
+    assert bl.decode_lmcache_reply(hit) == bl.Answer(hits=3, holders=("inst-7",) * 3)
+    error = msgpack.packb({"type": "ErrorMsg", "error": "boom"})
+    assert bl.decode_lmcache_reply(error).error == "ErrorMsg: boom"
+
+
+def test_cases_hit_first_and_last_instance_and_miss_nothing():
+    holdings = bl.make_holdings(3, 50, seed=5)
+    cases = bl.lmcache_cases(holdings, 8, seed=5)
+    first, last = set(holdings.member_keys[0]), set(holdings.member_keys[-1])
+    every = {k for keys in holdings.member_keys for k in keys}
+    assert all(set(p.keys) <= first and p.expected_hits == 8 for p in cases["hit_first"])
+    assert all(set(p.keys) <= last and p.expected_hits == 8 for p in cases["hit_last"])
+    assert all(not (set(p.keys) & every) and p.expected_hits == 0 for p in cases["miss"])
+
+
+def test_cpu_ns_grows_with_work_in_both_sources():
+    before = bl.cpu_ns([os.getpid()])
+    sum(i * i for i in range(2_000_000))
+    after = bl.cpu_ns([os.getpid()])
+    assert after[0] - before[0] > 10_000_000  # schedstat, ns
+    assert after[1] >= before[1]  # stat ticks are coarse
+
+
+@pytest.mark.processes
+def test_echo_floor_measures_and_its_failure_shows_as_timeouts(tmp_path, context):
+    echo = bl.EchoPath(context, tmp_path)
+    holdings = bl.make_holdings(2, 40, seed=1)
+    try:
+        echo.setup(holdings)
+        prompts = echo.cases(holdings, 4, seed=1)["hit_first"]
+        group = echo.requesters(4)
+        cell = bl.Cell()
+        bl.latency_block(echo, group, prompts, 30, cell)
+        assert cell.lookups == 30 and cell.timeouts == 0 and len(cell.latencies_ns) == 30
+        assert cell.server_cpu_ns > 0
+        tput = bl.ThroughputCell()
+        bl.throughput_block(echo, group, 4, prompts, 0.2, tput)
+        assert tput.completed > 4 and tput.wall_ns > 0
+        group.close()
+
+        lane = bl.Lane(
+            label="echo", path=echo, group=echo.requesters(1), prompts=prompts, deadline_s=0.1
+        )
+        args = argparse.Namespace(
+            failure_before_s=0.3, failure_after_s=0.6, failure_interval_s=0.02
+        )
+        result = bl.failure_timeline([lane], [echo], args)
+        lane.group.close()
+        before = result["lanes"][0]["before_kill"]["outcomes"]
+        after = result["lanes"][0]["after_kill"]["outcomes"]
+        assert set(before) == {"answer"}
+        assert after.get("timeout", 0) >= 3 and "answer" not in after
+    finally:
+        echo.teardown()
+
+
+VENV_PYTHON = bl.DEFAULT_VENV / "bin" / "python"
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    not (bl.DEFAULT_VENV / bl.VENV_READY_MARK).exists(),
+    reason="LMCache venv absent (CI does not build it): python tools/bench_lookup.py --quick",
+)
+def test_lmcache_controller_answers_first_last_and_miss_then_dies(tmp_path, context):
+    lmcache = bl.LMCachePath(VENV_PYTHON, context, tmp_path)
+    holdings = bl.make_holdings(3, 60, seed=3)
+    try:
+        facts = lmcache.setup(holdings)
+        assert facts["encoder_checked_against_msgspec"]
+        cases = lmcache.cases(holdings, 16, seed=3)
+        first = lmcache.lookup(cases["hit_first"][0])
+        last = lmcache.lookup(cases["hit_last"][0])
+        miss = lmcache.lookup(cases["miss"][0])
+        assert first == bl.Answer(hits=16, holders=("bench-inst-000",) * 16)
+        assert last == bl.Answer(hits=16, holders=("bench-inst-002",) * 16)
+        assert miss == bl.Answer(hits=0)
+        lmcache.kill_server()
+        assert lmcache.lookup(cases["hit_first"][0], deadline_s=0.3) is None
+    finally:
+        lmcache.teardown()

@@ -1,0 +1,1231 @@
+"""Side by side: "who holds this prompt's chunks" through LMCache's controller and through meshkv.
+
+One run, all lookup paths measured in the same interleaved rounds (this machine drifts):
+
+- ``lmcache``: LMCache 0.5.6's real ``lmcache_controller`` (in its own venv, made here under
+  ``.bench/lmcache-venv``), with N simulated LMCache workers that register and admit K chunk
+  hashes each using LMCache's own messages (tools/lmcache_side/sim_workers.py). A lookup is the
+  ``BatchedP2PLookupMsg`` round trip an LMCache engine makes before every prefill.
+- ``meshkv``: N meshkv members holding the same chunks at their ring homes; the asker computes
+  the homes locally and asks them in parallel; chunks homed at the asker take no round trip.
+- ``echo``: a plain pyzmq DEALER/ROUTER echo of the same request bytes, the floor.
+
+Measured for N in {2, 8, 32, 64} members and prompts of {4, 32, 128} chunks: lookup latency
+(p50, p99) for a prompt held by the first-registered instance, by the last-registered one, and a
+miss; server CPU per lookup (all server processes, from /proc schedstat, stat as a cross-check);
+throughput with 1, 8 and 32 concurrent requesters (closed loop). Then the failure timeline: the
+controller (and meshkv's shim or seed) is killed mid-run and every lookup of the next 30 s is
+recorded (answer, miss, timeout, error, time to answer).
+
+Writes DIR/lookup.json and DIR/lookup.png and prints the table with the meshkv/LMCache ratios.
+
+    python tools/bench_lookup.py --out bench-results/
+    python tools/bench_lookup.py --quick --out bench-results/quick   # ~1 minute smoke run
+
+meshkv code never imports LMCache; everything LMCache runs in its venv's processes, and this
+driver speaks to it over the wire only (its encoder is checked byte for byte against msgspec's).
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import zmq
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LMCACHE_SIDE = Path(__file__).resolve().parent / "lmcache_side"
+DEFAULT_VENV = REPO_ROOT / ".bench" / "lmcache-venv"
+
+LMCACHE_REQUIREMENT = "lmcache==0.5.6"
+# What LMCache 0.5.6's controller imports at start, found by trying (torch is imported by
+# lmcache.v1.metadata and must be the CPU wheel: PyPI's default build pulls ~5 GB of CUDA).
+LMCACHE_VENV_PACKAGES = (
+    "torch==2.13.0+cpu",
+    "transformers>=5.4",
+    "sortedcontainers",
+    "aiofile",
+    "aiofiles",
+    "redis",
+    "msgspec",
+    "pyzmq",
+    "fastapi",
+    "uvicorn",
+    "pyyaml",
+    "requests",
+    "prometheus_client",
+    "cachetools",
+    "py-cpuinfo",
+    "psutil",
+    "aiohttp",
+)
+VENV_READY_MARK = ".meshkv-bench-ready"
+PIP_TIMEOUT_S = 1800
+
+MEMBER_COUNTS = (2, 8, 32, 64)
+PROMPT_CHUNKS = (4, 32, 128)
+CONCURRENCIES = (1, 8, 32)
+KEYS_PER_MEMBER = 2000
+LOCATION = "LocalCPUBackend"  # what LMCache's LocalCPUBackend reports as its location
+REQUESTER_INSTANCE_ID = "bench-requester"
+PROMPTS_PER_CELL = 32  # distinct prompts cycled through per (case, prompt size)
+THROUGHPUT_PROMPT_CHUNKS = 32
+
+CONTROLLER_START_TIMEOUT_S = 120.0
+WORKERS_READY_TIMEOUT_S = 300.0
+CHILD_STOP_TIMEOUT_S = 5.0
+LOOKUP_DEADLINE_S = 2.0  # a measured lookup slower than this counts as a timeout
+LMCACHE_RECV_TIMEOUT_MS = 30_000  # LMCache's DEFAULT_SOCKET_RECV_TIMEOUT_MS for worker requests
+SHORT_LMCACHE_RECV_TIMEOUT_MS = 500  # a tuned LMCache client, for the failure timeline
+
+TARGETS = {
+    "p50_ratio_at_8": 0.75,
+    "p50_ratio_at_64": 0.5,
+    "p50_over_echo": 1.3,
+    "cpu_ratio": 0.5,
+    "throughput_ratio_32_at_64": 2.0,
+}
+
+
+# ---------------------------------------------------------------- small process utilities
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_tcp(port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    """Returns once 127.0.0.1:port accepts a connection; raises if the process dies first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process {process.args!r} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout_s} s")
+
+
+def read_json_line(process: subprocess.Popen, timeout_s: float) -> dict:
+    """One JSON line from a child's stdout, bounded in time."""
+    deadline = time.monotonic() + timeout_s
+    buffer = b""
+    fd = process.stdout.fileno()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"{process.args!r} closed stdout (rc={process.poll()})")
+            buffer += chunk
+            if b"\n" in buffer:
+                return json.loads(buffer.split(b"\n", 1)[0])
+        elif process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+    raise TimeoutError(f"{process.args!r} gave no ready line within {timeout_s} s")
+
+
+def stop_process(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after a bound; always reaps."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(CHILD_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(CHILD_STOP_TIMEOUT_S)
+
+
+def _task_dirs(pid: int) -> Iterator[Path]:
+    with contextlib.suppress(OSError):
+        yield from Path(f"/proc/{pid}/task").iterdir()
+
+
+def cpu_ns(pids: Sequence[int]) -> tuple[int, int]:
+    """CPU time of the processes: (schedstat ns over all threads, stat utime+stime in ns)."""
+    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    sched = 0
+    ticks = 0
+    for pid in pids:
+        for task in _task_dirs(pid):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                sched += int((task / "schedstat").read_text().split()[0])
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return sched, ticks * tick_ns
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+# ---------------------------------------------------------------- the LMCache venv
+
+
+def ensure_lmcache_venv(venv: Path) -> Path:
+    """Makes (once) the venv holding LMCache 0.5.6 and what its controller needs; its python."""
+    python = venv / "bin" / "python"
+    wanted = json.dumps([LMCACHE_REQUIREMENT, *LMCACHE_VENV_PACKAGES])
+    mark = venv / VENV_READY_MARK
+    if python.exists() and mark.exists() and mark.read_text() == wanted:
+        return python
+    print(f"[bench_lookup] building the LMCache venv at {venv} (a few minutes, once)", flush=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    system_python = os.environ.get("BENCH_SYSTEM_PYTHON", "python3")
+    subprocess.run([system_python, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", LMCACHE_REQUIREMENT], check=True, timeout=PIP_TIMEOUT_S)
+    subprocess.run([*pip, *LMCACHE_VENV_PACKAGES], check=True, timeout=PIP_TIMEOUT_S)
+    check = "import lmcache.v1.cache_controller.controller_manager, msgspec, zmq"
+    subprocess.run([str(python), "-c", check], check=True, capture_output=True)
+    mark.write_text(wanted)
+    return python
+
+
+# ---------------------------------------------------------------- workload
+
+
+def key_int(key: bytes) -> int:
+    """LMCache's chunk hash for a meshkv key: the same 64 bits the ring positions by."""
+    return int.from_bytes(key[:8], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt's chunk keys, with the number of leading chunks some member holds."""
+
+    keys: tuple[bytes, ...]
+    hashes: tuple[int, ...]
+    expected_hits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """Which member holds which keys: member i (registration order) holds keys[i]."""
+
+    member_keys: tuple[tuple[bytes, ...], ...]
+
+    @property
+    def members(self) -> int:
+        return len(self.member_keys)
+
+
+def make_holdings(members: int, keys_per_member: int, seed: int) -> Holdings:
+    rng = random.Random(seed)
+    return Holdings(
+        member_keys=tuple(
+            tuple(rng.randbytes(16) for _ in range(keys_per_member)) for _ in range(members)
+        )
+    )
+
+
+def make_prompt(keys: Sequence[bytes], expected_hits: int) -> Prompt:
+    return Prompt(keys=tuple(keys), hashes=tuple(map(key_int, keys)), expected_hits=expected_hits)
+
+
+def lmcache_cases(holdings: Holdings, chunks: int, seed: int) -> dict[str, list[Prompt]]:
+    """Prompts for the controller's three cases: held by the first or last instance, a miss."""
+    rng = random.Random(seed * 1000 + chunks)
+    out: dict[str, list[Prompt]] = {}
+    for case, member in (("hit_first", 0), ("hit_last", holdings.members - 1)):
+        keys = holdings.member_keys[member]
+        out[case] = [
+            make_prompt(keys[start : start + chunks], chunks)
+            for start in (rng.randrange(len(keys) - chunks + 1) for _ in range(PROMPTS_PER_CELL))
+        ]
+    out["miss"] = [
+        make_prompt([rng.randbytes(16) for _ in range(chunks)], 0) for _ in range(PROMPTS_PER_CELL)
+    ]
+    return out
+
+
+# ---------------------------------------------------------------- lookup paths
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Leading chunks found and who holds each of them."""
+
+    hits: int
+    holders: tuple[str, ...] = ()
+    error: str | None = None
+
+
+class RequesterGroup(abc.ABC):
+    """`count` independent requesters of one path, driven by one poll loop (no threads).
+
+    A requester starts a lookup with `begin` (which may answer at once, e.g. from the asker's
+    own store) and completes it when `on_readable` returns its answer; `abandon` gives up on
+    the lookup in flight, as that path's own client does at its timeout.
+    """
+
+    @abc.abstractmethod
+    def sockets(self) -> Sequence[zmq.Socket]: ...
+
+    @abc.abstractmethod
+    def begin(self, slot: int, prompt: Prompt) -> Answer | None: ...
+
+    @abc.abstractmethod
+    def on_readable(self, sock: zmq.Socket) -> list[tuple[int, Answer]]: ...
+
+    @abc.abstractmethod
+    def abandon(self, slot: int) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class LookupPath(abc.ABC):
+    """One way of answering "who holds this prompt's chunks", set up for N members."""
+
+    name: str
+
+    @abc.abstractmethod
+    def setup(self, holdings: Holdings) -> dict:
+        """Starts the path's processes for these holdings; returns facts for the report."""
+
+    @abc.abstractmethod
+    def requesters(self, count: int) -> RequesterGroup: ...
+
+    @abc.abstractmethod
+    def server_pids(self) -> list[int]:
+        """Processes whose CPU time counts as the path's server cost."""
+
+    @abc.abstractmethod
+    def kill_server(self) -> str:
+        """SIGKILLs the part whose loss the failure timeline shows; says what it killed."""
+
+    @abc.abstractmethod
+    def teardown(self) -> None: ...
+
+    def cases(self, holdings: Holdings, chunks: int, seed: int) -> dict[str, list[Prompt]]:
+        return lmcache_cases(holdings, chunks, seed)
+
+    def lookup(self, prompt: Prompt, deadline_s: float = LOOKUP_DEADLINE_S) -> Answer | None:
+        """One blocking lookup (requester 0); None at the deadline."""
+        group = self.requesters(1)
+        try:
+            return run_one(group, 0, prompt, deadline_s)[0]
+        finally:
+            group.close()
+
+
+def encode_lmcache_lookup(hashes: Sequence[int]) -> bytes:
+    """msgspec's encoding of LMCache's BatchedP2PLookupMsg (tagged struct, fields in order)."""
+    return msgpack.packb(
+        {
+            "type": "BatchedP2PLookupMsg",
+            "hashes": list(hashes),
+            "instance_id": REQUESTER_INSTANCE_ID,
+            "worker_id": 0,
+        }
+    )
+
+
+def decode_lmcache_reply(payload: bytes) -> Answer:
+    msg = msgpack.unpackb(payload)
+    if msg.get("type") != "BatchedP2PLookupRetMsg":
+        return Answer(hits=0, error=f"{msg.get('type')}: {msg.get('error', '')}"[:200])
+    instance_id, _location, hits, _peer_url = msg["layout_info"][0]
+    return Answer(hits=hits, holders=(instance_id,) * hits)
+
+
+class DealerGroup(RequesterGroup):
+    """One DEALER per requester to one ROUTER, frames ``[b"", payload]`` (LMCacheWorker's way)."""
+
+    def __init__(self, context: zmq.Context, url: str, count: int, decode) -> None:
+        self._context = context
+        self._url = url
+        self._decode = decode
+        self._dealers = [self._connect() for _ in range(count)]
+        self._slot_of = {id(d): i for i, d in enumerate(self._dealers)}
+
+    def _connect(self) -> zmq.Socket:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._url)
+        return dealer
+
+    def sockets(self) -> Sequence[zmq.Socket]:
+        return self._dealers
+
+    def begin(self, slot: int, prompt: Prompt) -> Answer | None:
+        self._dealers[slot].send_multipart([b"", encode_lmcache_lookup(prompt.hashes)])
+        return None
+
+    def on_readable(self, sock: zmq.Socket) -> list[tuple[int, Answer]]:
+        frames = sock.recv_multipart()
+        return [(self._slot_of[id(sock)], self._decode(frames[-1]))]
+
+    def abandon(self, slot: int) -> None:
+        # LMCacheWorker on zmq.Again: close the socket, make a new one, report an empty layout.
+        old = self._dealers[slot]
+        del self._slot_of[id(old)]
+        old.close(linger=0)
+        self._dealers[slot] = self._connect()
+        self._slot_of[id(self._dealers[slot])] = slot
+
+    def close(self) -> None:
+        for dealer in self._dealers:
+            dealer.close(linger=0)
+
+
+class LMCachePath(LookupPath):
+    """LMCache 0.5.6's controller with simulated workers, all in LMCache's venv."""
+
+    name = "lmcache"
+
+    def __init__(self, venv_python: Path, context: zmq.Context, log_dir: Path) -> None:
+        self._python = venv_python
+        self._context = context
+        self._log_dir = log_dir
+        self._controller: subprocess.Popen | None = None
+        self._workers: subprocess.Popen | None = None
+        self._reply_url = ""
+
+    def setup(self, holdings: Holdings) -> dict:
+        n = holdings.members
+        http_port, pull_port, reply_port = free_port(), free_port(), free_port()
+        self._reply_url = f"tcp://127.0.0.1:{reply_port}"
+        controller_bin = self._python.parent / "lmcache_controller"
+        env = {**os.environ, "PYTHONHASHSEED": "123"}
+        t0 = time.monotonic()
+        with open(self._log_dir / f"lmcache-controller-n{n}.log", "wb") as log:
+            self._controller = subprocess.Popen(
+                [
+                    str(controller_bin),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(http_port),
+                    "--monitor-ports",
+                    json.dumps({"pull": pull_port, "reply": reply_port}),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        wait_for_tcp(http_port, self._controller, CONTROLLER_START_TIMEOUT_S)
+        started_s = time.monotonic() - t0
+        spec = {
+            "reply_url": f"127.0.0.1:{reply_port}",
+            "pull_url": f"127.0.0.1:{pull_port}",
+            "location": LOCATION,
+            "instances": [
+                {"instance_id": f"bench-inst-{i:03d}", "keys": [key_int(k) for k in keys]}
+                for i, keys in enumerate(holdings.member_keys)
+            ],
+        }
+        with open(self._log_dir / f"lmcache-workers-n{n}.log", "wb") as log:
+            self._workers = subprocess.Popen(
+                [str(self._python), str(LMCACHE_SIDE / "sim_workers.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        self._workers.stdin.write((json.dumps(spec) + "\n").encode())
+        self._workers.stdin.flush()
+        ready = read_json_line(self._workers, WORKERS_READY_TIMEOUT_S)
+        check_lmcache_encoding(ready)
+        return {
+            "controller_start_s": started_s,
+            "register_s": ready["register_s"],
+            "admit_and_verify_s": ready["admit_and_verify_s"],
+            "admit_messages": ready["admit_messages"],
+            "encoder_checked_against_msgspec": True,
+        }
+
+    def requesters(self, count: int) -> RequesterGroup:
+        return DealerGroup(self._context, self._reply_url, count, decode_lmcache_reply)
+
+    def server_pids(self) -> list[int]:
+        return [p.pid for p in (self._controller, self._workers) if p and p.poll() is None]
+
+    def controller_pid(self) -> list[int]:
+        return (
+            [self._controller.pid] if self._controller and self._controller.poll() is None else []
+        )
+
+    def kill_server(self) -> str:
+        self._controller.send_signal(signal.SIGKILL)
+        self._controller.wait(CHILD_STOP_TIMEOUT_S)
+        return f"lmcache_controller (pid {self._controller.pid}), SIGKILL"
+
+    def teardown(self) -> None:
+        if self._workers is not None and self._workers.poll() is None:
+            with contextlib.suppress(OSError):
+                self._workers.stdin.close()
+        stop_process(self._workers)
+        stop_process(self._controller)
+        self._workers = self._controller = None
+
+
+def check_lmcache_encoding(ready: dict) -> None:
+    """Our request bytes must be msgspec's, and we must read msgspec's reply bytes right."""
+    ours = encode_lmcache_lookup(ready["lookup_request_hashes"])
+    if ours.hex() != ready["lookup_request_hex"]:
+        raise RuntimeError("BatchedP2PLookupMsg encoding differs from LMCache's msgspec bytes")
+    answer = decode_lmcache_reply(bytes.fromhex(ready["lookup_reply_hex"]))
+    if answer.hits != 3 or answer.holders[0] != ready["instances"][-1]["instance_id"]:
+        raise RuntimeError(f"misread LMCache's BatchedP2PLookupRetMsg: {answer}")
+
+
+class EchoPath(LookupPath):
+    """The floor: a ROUTER that sends every request straight back; same bytes as LMCache's."""
+
+    name = "echo"
+
+    def __init__(self, context: zmq.Context, log_dir: Path) -> None:
+        self._context = context
+        self._log_dir = log_dir
+        self._server: subprocess.Popen | None = None
+        self._url = ""
+
+    def setup(self, holdings: Holdings) -> dict:
+        if self._server is None or self._server.poll() is not None:
+            port = free_port()
+            self._url = f"tcp://127.0.0.1:{port}"
+            with open(self._log_dir / "echo.log", "wb") as log:
+                self._server = subprocess.Popen(
+                    [sys.executable, __file__, "echo-server", "--port", str(port)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            wait_for_tcp(port, self._server, 30)
+        return {}
+
+    def requesters(self, count: int) -> RequesterGroup:
+        return DealerGroup(self._context, self._url, count, lambda payload: Answer(hits=-1))
+
+    def server_pids(self) -> list[int]:
+        return [self._server.pid] if self._server and self._server.poll() is None else []
+
+    def kill_server(self) -> str:
+        self._server.send_signal(signal.SIGKILL)
+        self._server.wait(CHILD_STOP_TIMEOUT_S)
+        return f"echo server (pid {self._server.pid}), SIGKILL"
+
+    def teardown(self) -> None:
+        stop_process(self._server)
+        self._server = None
+
+
+def echo_server(port: int) -> None:
+    """The floor's server: recv, send back, nothing else; exits when its parent is gone."""
+    parent = os.getppid()
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    while os.getppid() == parent:
+        if router.poll(1000):
+            router.send_multipart(router.recv_multipart())
+    router.close()
+    context.term()
+
+
+# ---------------------------------------------------------------- measurement loops
+
+
+def run_one(
+    group: RequesterGroup, slot: int, prompt: Prompt, deadline_s: float
+) -> tuple[Answer | None, int]:
+    """One lookup on one requester: (answer or None at the deadline, latency in ns)."""
+    poller = zmq.Poller()
+    for sock in group.sockets():
+        poller.register(sock, zmq.POLLIN)
+    t0 = time.perf_counter_ns()
+    answer = group.begin(slot, prompt)
+    end_ns = t0 + int(deadline_s * 1e9)
+    while answer is None:
+        left_ms = (end_ns - time.perf_counter_ns()) / 1e6
+        if left_ms <= 0:
+            group.abandon(slot)
+            return None, time.perf_counter_ns() - t0
+        for sock, _ in poller.poll(left_ms):
+            for done_slot, done in group.on_readable(sock):
+                if done_slot == slot:
+                    answer = done
+    return answer, time.perf_counter_ns() - t0
+
+
+@dataclass
+class Cell:
+    """Accumulates one (path, N, case, prompt size) cell over rounds."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    lookups: int = 0
+    wrong: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    server_cpu_ns: int = 0
+    server_cpu_stat_ns: int = 0
+    block_wall_ns: int = 0
+
+    def summary(self, idle_cpu_ns_per_s: float) -> dict:
+        lat = sorted(self.latencies_ns)
+        net_cpu = self.server_cpu_ns - idle_cpu_ns_per_s * self.block_wall_ns / 1e9
+        return {
+            "lookups": self.lookups,
+            "p50_us": percentile(lat, 0.5) / 1e3,
+            "p99_us": percentile(lat, 0.99) / 1e3,
+            "mean_us": statistics.fmean(lat) / 1e3 if lat else float("nan"),
+            "wrong": self.wrong,
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+            "server_cpu_us_per_lookup": self.server_cpu_ns / max(1, self.lookups) / 1e3,
+            "server_cpu_us_per_lookup_net_of_idle": net_cpu / max(1, self.lookups) / 1e3,
+            "server_cpu_stat_us_per_lookup": self.server_cpu_stat_ns / max(1, self.lookups) / 1e3,
+        }
+
+
+def latency_block(
+    path: LookupPath, group: RequesterGroup, prompts: Sequence[Prompt], count: int, cell: Cell
+) -> None:
+    pids = path.server_pids()
+    cpu0 = cpu_ns(pids)
+    t0 = time.perf_counter_ns()
+    for i in range(count):
+        prompt = prompts[i % len(prompts)]
+        answer, latency = run_one(group, 0, prompt, LOOKUP_DEADLINE_S)
+        cell.lookups += 1
+        if answer is None:
+            cell.timeouts += 1
+            continue
+        cell.latencies_ns.append(latency)
+        if answer.error:
+            cell.errors += 1
+        elif answer.hits >= 0 and answer.hits != prompt.expected_hits:
+            cell.wrong += 1
+    cell.block_wall_ns += time.perf_counter_ns() - t0
+    cpu1 = cpu_ns(pids)
+    cell.server_cpu_ns += cpu1[0] - cpu0[0]
+    cell.server_cpu_stat_ns += cpu1[1] - cpu0[1]
+
+
+@dataclass
+class ThroughputCell:
+    completed: int = 0
+    wall_ns: int = 0
+    server_cpu_ns: int = 0
+    wrong: int = 0
+    errors: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "lookups": self.completed,
+            "lookups_per_s": self.completed / (self.wall_ns / 1e9) if self.wall_ns else 0.0,
+            "server_cpu_us_per_lookup": self.server_cpu_ns / max(1, self.completed) / 1e3,
+            "wrong": self.wrong,
+            "errors": self.errors,
+        }
+
+
+def throughput_block(
+    path: LookupPath,
+    group: RequesterGroup,
+    concurrency: int,
+    prompts: Sequence[Prompt],
+    duration_s: float,
+    cell: ThroughputCell,
+) -> None:
+    """Closed loop: `concurrency` requesters each keep one lookup in flight for duration_s."""
+    poller = zmq.Poller()
+    for sock in group.sockets():
+        poller.register(sock, zmq.POLLIN)
+    pids = path.server_pids()
+    rng = random.Random(concurrency)
+    in_flight: dict[int, Prompt] = {}
+
+    def start(slot: int) -> None:
+        while True:  # answers given at once (chunks homed at the asker) count and go on
+            prompt = prompts[rng.randrange(len(prompts))]
+            done = group.begin(slot, prompt)
+            if done is None:
+                in_flight[slot] = prompt
+                return
+            record(prompt, done)
+
+    def record(prompt: Prompt, answer: Answer) -> None:
+        cell.completed += 1
+        if answer.error:
+            cell.errors += 1
+        elif answer.hits >= 0 and answer.hits != prompt.expected_hits:
+            cell.wrong += 1
+
+    cpu0 = cpu_ns(pids)[0]
+    t0 = time.perf_counter_ns()
+    end_ns = t0 + int(duration_s * 1e9)
+    for slot in range(concurrency):
+        start(slot)
+    while time.perf_counter_ns() < end_ns:
+        for sock, _ in poller.poll(max(1.0, (end_ns - time.perf_counter_ns()) / 1e6)):
+            for slot, answer in group.on_readable(sock):
+                record(in_flight.pop(slot), answer)
+                if time.perf_counter_ns() < end_ns:
+                    start(slot)
+    cell.wall_ns += time.perf_counter_ns() - t0
+    cell.server_cpu_ns += cpu_ns(pids)[0] - cpu0
+    drain_deadline = time.monotonic() + LOOKUP_DEADLINE_S
+    while in_flight and time.monotonic() < drain_deadline:  # let stragglers land, not counted
+        for sock, _ in poller.poll(100):
+            for slot, _answer in group.on_readable(sock):
+                in_flight.pop(slot, None)
+    for slot in list(in_flight):
+        group.abandon(slot)
+
+
+def idle_cpu_rate(path: LookupPath, seconds: float) -> float:
+    """Server CPU ns per second while nobody asks anything (gossip, timers)."""
+    pids = path.server_pids()
+    c0 = cpu_ns(pids)[0]
+    time.sleep(seconds)
+    return (cpu_ns(pids)[0] - c0) / seconds
+
+
+def measure_member_count(
+    paths: Sequence[LookupPath], holdings: Holdings, args: argparse.Namespace, seed: int
+) -> dict:
+    """All paths, all cases, all prompt sizes and concurrencies, interleaved in rounds."""
+    setup = {p.name: p.setup(holdings) for p in paths}
+    idle = {p.name: idle_cpu_rate(p, args.idle_s) for p in paths}
+    cases = {
+        (p.name, chunks): p.cases(holdings, chunks, seed) for p in paths for chunks in args.chunks
+    }
+    groups = {p.name: p.requesters(max(args.concurrency)) for p in paths}
+    cells: dict[tuple[str, str, int], Cell] = {}
+    tput: dict[tuple[str, int], ThroughputCell] = {}
+    rng = random.Random(seed)
+    try:
+        for name, group in groups.items():  # warm every connection once
+            warm = next(iter(cases[(name, args.chunks[0])].values()))[0]
+            for slot in range(max(args.concurrency)):
+                run_one(group, slot, warm, LOOKUP_DEADLINE_S)
+        for round_index in range(args.rounds):
+            items: list[tuple] = [
+                ("latency", p, case, chunks)
+                for p in paths
+                for chunks in args.chunks
+                for case in cases[(p.name, chunks)]
+            ]
+            items += [("throughput", p, c) for p in paths for c in args.concurrency]
+            rng.shuffle(items)
+            for item in items:
+                if item[0] == "latency":
+                    _, p, case, chunks = item
+                    cell = cells.setdefault((p.name, case, chunks), Cell())
+                    prompts = cases[(p.name, chunks)][case]
+                    latency_block(p, groups[p.name], prompts, args.block, cell)
+                else:
+                    _, p, c = item
+                    tcell = tput.setdefault((p.name, c), ThroughputCell())
+                    prompts = [
+                        prompt
+                        for case_prompts in cases[(p.name, THROUGHPUT_PROMPT_CHUNKS)].values()
+                        for prompt in case_prompts
+                    ]
+                    throughput_block(p, groups[p.name], c, prompts, args.throughput_s, tcell)
+            print(f"[bench_lookup] N={holdings.members} round {round_index + 1}/{args.rounds}")
+    finally:
+        for group in groups.values():
+            group.close()
+    return {
+        "members": holdings.members,
+        "setup": setup,
+        "idle_server_cpu_ms_per_s": {k: v / 1e6 for k, v in idle.items()},
+        "latency": [
+            {"path": name, "case": case, "chunks": chunks, **cell.summary(idle[name])}
+            for (name, case, chunks), cell in sorted(cells.items())
+        ],
+        "throughput": [
+            {"path": name, "concurrency": c, **cell.summary()}
+            for (name, c), cell in sorted(tput.items())
+        ],
+    }
+
+
+# ---------------------------------------------------------------- failure timeline
+
+
+@dataclass
+class Lane:
+    """One requester of one path asking steadily through the failure."""
+
+    label: str
+    path: LookupPath
+    group: RequesterGroup
+    prompts: Sequence[Prompt]
+    deadline_s: float
+    events: list[dict] = field(default_factory=list)
+    in_flight: Prompt | None = None
+    started_ns: int = 0
+    next_start_ns: int = 0
+
+
+def failure_timeline(
+    lanes: Sequence[Lane], kill_paths: Sequence[LookupPath], args: argparse.Namespace
+) -> dict:
+    """Lookups every interval on every lane; the servers die at the kill; runs after_s more.
+
+    Each lane waits for its lookup's answer or its own deadline (a blocked client is part of
+    what a failure looks like) before the next; a lookup still waiting at the end is recorded
+    as "waiting" with the time it had waited so far.
+    """
+    poller = zmq.Poller()
+    owner: dict[int, Lane] = {}
+
+    def arm(lane: Lane) -> None:
+        for sock in lane.group.sockets():
+            poller.register(sock, zmq.POLLIN)
+            owner[id(sock)] = lane
+
+    def disarm(lane: Lane) -> None:
+        for sock in lane.group.sockets():
+            poller.unregister(sock)
+            owner.pop(id(sock), None)
+
+    for lane in lanes:
+        arm(lane)
+    interval_ns = int(args.failure_interval_s * 1e9)
+    t0 = time.perf_counter_ns()
+    kill_ns = t0 + int(args.failure_before_s * 1e9)
+    end_ns = kill_ns + int(args.failure_after_s * 1e9)
+    killed: list[dict] = []
+    rng = random.Random(7)
+
+    def finish(lane: Lane, answer: Answer | None, now: int, outcome: str = "") -> None:
+        prompt = lane.in_flight
+        if outcome:
+            pass
+        elif answer is None:
+            outcome = "timeout"
+        elif answer.error:
+            outcome = "error"
+        elif answer.hits < 0 or answer.hits == prompt.expected_hits:  # echo: any reply
+            outcome = "answer"
+        elif answer.hits == 0:
+            outcome = "miss"
+        else:
+            outcome = "partial"
+        lane.events.append(
+            {
+                "t_s": (lane.started_ns - kill_ns) / 1e9,
+                "latency_ms": (now - lane.started_ns) / 1e6,
+                "outcome": outcome,
+            }
+        )
+        lane.in_flight = None
+        lane.next_start_ns = lane.started_ns + interval_ns
+
+    while (now := time.perf_counter_ns()) < end_ns:
+        if not killed and now >= kill_ns:
+            for path in kill_paths:
+                killed.append({"path": path.name, "what": path.kill_server()})
+        for lane in lanes:
+            if lane.in_flight is not None and now - lane.started_ns > lane.deadline_s * 1e9:
+                disarm(lane)
+                lane.group.abandon(0)
+                arm(lane)
+                finish(lane, None, now)
+            if lane.in_flight is None and now >= lane.next_start_ns:
+                lane.in_flight = lane.prompts[rng.randrange(len(lane.prompts))]
+                lane.started_ns = now
+                answer = lane.group.begin(0, lane.in_flight)
+                if answer is not None:
+                    finish(lane, answer, time.perf_counter_ns())
+        for sock, _ in poller.poll(2):
+            lane = owner[id(sock)]
+            for _slot, answer in lane.group.on_readable(sock):
+                if lane.in_flight is not None:
+                    finish(lane, answer, time.perf_counter_ns())
+    for lane in lanes:
+        if lane.in_flight is not None:
+            finish(lane, None, end_ns, outcome="waiting")
+    return {
+        "killed": killed,
+        "before_s": args.failure_before_s,
+        "after_s": args.failure_after_s,
+        "interval_s": args.failure_interval_s,
+        "lanes": [
+            {
+                "label": lane.label,
+                "path": lane.path.name,
+                "deadline_s": lane.deadline_s,
+                "events": lane.events,
+                "after_kill": summarize_events([e for e in lane.events if e["t_s"] >= 0]),
+                "before_kill": summarize_events([e for e in lane.events if e["t_s"] < 0]),
+            }
+            for lane in lanes
+        ],
+    }
+
+
+def summarize_events(events: Sequence[dict]) -> dict:
+    outcomes: dict[str, int] = {}
+    for e in events:
+        outcomes[e["outcome"]] = outcomes.get(e["outcome"], 0) + 1
+    answered = sorted(e["latency_ms"] for e in events if e["outcome"] == "answer")
+    return {
+        "lookups": len(events),
+        "outcomes": outcomes,
+        "answer_p50_ms": percentile(answered, 0.5),
+        "answer_p99_ms": percentile(answered, 0.99),
+        "longest_wait_ms": max((e["latency_ms"] for e in events), default=0.0),
+    }
+
+
+def run_failure(
+    lmcache: LMCachePath, others: Sequence[LookupPath], holdings: Holdings, args
+) -> dict:
+    setups = {p.name: p.setup(holdings) for p in (lmcache, *others)}
+    prompts = {
+        p.name: p.cases(holdings, THROUGHPUT_PROMPT_CHUNKS, args.seed)["hit_first"]
+        for p in (lmcache, *others)
+    }
+    lanes = [
+        Lane(
+            label=f"lmcache (LMCache's default {LMCACHE_RECV_TIMEOUT_MS} ms timeout)",
+            path=lmcache,
+            group=lmcache.requesters(1),
+            prompts=prompts["lmcache"],
+            deadline_s=LMCACHE_RECV_TIMEOUT_MS / 1e3,
+        ),
+        Lane(
+            label=f"lmcache (tuned {SHORT_LMCACHE_RECV_TIMEOUT_MS} ms timeout)",
+            path=lmcache,
+            group=lmcache.requesters(1),
+            prompts=prompts["lmcache"],
+            deadline_s=SHORT_LMCACHE_RECV_TIMEOUT_MS / 1e3,
+        ),
+    ]
+    lanes += [
+        Lane(
+            label=p.name,
+            path=p,
+            group=p.requesters(1),
+            prompts=prompts[p.name],
+            deadline_s=LOOKUP_DEADLINE_S,
+        )
+        for p in others
+    ]
+    try:
+        result = failure_timeline(lanes, [lmcache, *others], args)
+    finally:
+        for lane in lanes:
+            lane.group.close()
+    result["members"] = holdings.members
+    result["setup"] = setups
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def cell_lookup(results: dict, path: str, case: str, chunks: int, members: int) -> dict | None:
+    for run in results["runs"]:
+        if run["members"] == members:
+            for row in run["latency"]:
+                if (row["path"], row["case"], row["chunks"]) == (path, case, chunks):
+                    return row
+    return None
+
+
+def ratios(results: dict) -> list[dict]:
+    """meshkv (when measured) and echo over LMCache, per N, case and prompt size."""
+    rows = []
+    for run in results["runs"]:
+        n = run["members"]
+        for row in run["latency"]:
+            if row["path"] != "lmcache":
+                continue
+            echo = cell_lookup(results, "echo", row["case"], row["chunks"], n)
+            mesh = cell_lookup(results, "meshkv", row["case"], row["chunks"], n)
+            rows.append(
+                {
+                    "members": n,
+                    "case": row["case"],
+                    "chunks": row["chunks"],
+                    "lmcache_p50_us": row["p50_us"],
+                    "lmcache_p99_us": row["p99_us"],
+                    "echo_p50_us": echo["p50_us"] if echo else None,
+                    "lmcache_over_echo_p50": row["p50_us"] / echo["p50_us"] if echo else None,
+                    "meshkv_p50_us": mesh["p50_us"] if mesh else None,
+                    "meshkv_over_lmcache_p50": mesh["p50_us"] / row["p50_us"] if mesh else None,
+                    "meshkv_over_echo_p50": (
+                        mesh["p50_us"] / echo["p50_us"] if mesh and echo else None
+                    ),
+                }
+            )
+    return rows
+
+
+def print_table(results: dict) -> None:
+    print("\nlatency (us): p50 / p99, server CPU us per lookup")
+    header = f"{'N':>3} {'case':<10} {'chunks':>6}  " + "  ".join(
+        f"{p:>30}" for p in results["paths"]
+    )
+    print(header)
+    for run in results["runs"]:
+        keys = sorted(
+            {(row["case"], row["chunks"]) for row in run["latency"]}, key=lambda k: (k[1], k[0])
+        )
+        for case, chunks in keys:
+            line = f"{run['members']:>3} {case:<10} {chunks:>6}  "
+            parts = []
+            for path in results["paths"]:
+                row = cell_lookup(results, path, case, chunks, run["members"])
+                if row is None:
+                    parts.append(f"{'-':>30}")
+                else:
+                    cpu = row["server_cpu_us_per_lookup"]
+                    parts.append(f"{row['p50_us']:>8.1f} /{row['p99_us']:>8.1f}  cpu {cpu:>7.1f}")
+            print(line + "  ".join(parts))
+    print("\nthroughput (lookups/s, 32-chunk prompts, closed loop)")
+    for run in results["runs"]:
+        cells = {(r["path"], r["concurrency"]): r for r in run["throughput"]}
+        for c in sorted({r["concurrency"] for r in run["throughput"]}):
+            line = f"N={run['members']:>3} c={c:>2}  " + "  ".join(
+                f"{p}: {cells[(p, c)]['lookups_per_s']:>8.0f}"
+                for p in results["paths"]
+                if (p, c) in cells
+            )
+            print(line)
+    if results.get("failure"):
+        print("\nfailure timeline (after the kill)")
+        for lane in results["failure"]["lanes"]:
+            print(f"  {lane['label']:<45} {lane['after_kill']}")
+
+
+def plot(results: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    ax = axes[0]
+    colors = {"lmcache": "tab:red", "meshkv": "tab:blue", "echo": "tab:gray"}
+    styles = {"hit_first": "-", "hit_last": "--", "miss": ":", "local": "-."}
+    chunks = THROUGHPUT_PROMPT_CHUNKS
+    for path in results["paths"]:
+        for case in styles:
+            xs, ys = [], []
+            for run in results["runs"]:
+                row = cell_lookup(results, path, case, chunks, run["members"])
+                if row:
+                    xs.append(run["members"])
+                    ys.append(row["p50_us"])
+            if xs:
+                ax.plot(
+                    xs, ys, styles[case], marker="o", color=colors.get(path), label=f"{path} {case}"
+                )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("members N")
+    ax.set_ylabel(f"lookup p50 (us), {chunks}-chunk prompt")
+    ax.set_title("lookup latency vs N")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    run = results["runs"][-1]
+    for path in results["paths"]:
+        rows = sorted(
+            (r for r in run["throughput"] if r["path"] == path), key=lambda r: r["concurrency"]
+        )
+        ax.plot(
+            [r["concurrency"] for r in rows],
+            [r["lookups_per_s"] for r in rows],
+            marker="o",
+            color=colors.get(path),
+            label=path,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requesters")
+    ax.set_ylabel("lookups/s")
+    ax.set_title(f"throughput at N={run['members']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    failure = results.get("failure")
+    if failure:
+        markers = {
+            "answer": "o",
+            "miss": "x",
+            "timeout": "s",
+            "error": "^",
+            "partial": "d",
+            "waiting": "v",
+        }
+        lane_colors = ["tab:red", "tab:orange", "tab:blue", "tab:green"]
+        for lane, color in zip(failure["lanes"], lane_colors, strict=False):
+            for outcome, marker in markers.items():
+                events = [e for e in lane["events"] if e["outcome"] == outcome]
+                if events:
+                    ax.scatter(
+                        [e["t_s"] for e in events],
+                        [max(e["latency_ms"], 1e-3) for e in events],
+                        marker=marker,
+                        color=color,
+                        s=14,
+                        label=f"{lane['label']}: {outcome}",
+                    )
+        ax.axvline(0, color="black", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds since the kill")
+        ax.set_ylabel("time to answer (ms)")
+        ax.set_title(f"failure timeline, N={failure['members']}")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_paths(args, context: zmq.Context, log_dir: Path) -> tuple[LMCachePath, list[LookupPath]]:
+    python = ensure_lmcache_venv(args.venv)
+    lmcache = LMCachePath(python, context, log_dir)
+    return lmcache, [EchoPath(context, log_dir)]
+
+
+def bench(args: argparse.Namespace) -> dict:
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    context = zmq.Context()
+    context.setsockopt(zmq.MAX_SOCKETS, 8192)
+    lmcache, others = build_paths(args, context, log_dir)
+    paths: list[LookupPath] = [lmcache, *others]
+    results: dict = {
+        "tool": "tools/bench_lookup.py",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "loadavg_start": os.getloadavg(),
+        },
+        "config": {
+            "members": args.members,
+            "chunks": args.chunks,
+            "concurrency": args.concurrency,
+            "keys_per_member": args.keys,
+            "rounds": args.rounds,
+            "block": args.block,
+            "throughput_s": args.throughput_s,
+            "seed": args.seed,
+        },
+        "paths": [p.name for p in paths],
+        "runs": [],
+    }
+    try:
+        for n in args.members:
+            holdings = make_holdings(n, args.keys, args.seed + n)
+            try:
+                results["runs"].append(measure_member_count(paths, holdings, args, args.seed + n))
+            finally:
+                for p in paths:
+                    if p.name != "echo":
+                        p.teardown()
+        if args.failure_members:
+            holdings = make_holdings(args.failure_members, args.keys, args.seed)
+            killable = [p for p in others if p.name != "echo"]
+            try:
+                results["failure"] = run_failure(lmcache, killable, holdings, args)
+            finally:
+                for p in (lmcache, *killable):
+                    p.teardown()
+    finally:
+        for p in paths:
+            p.teardown()
+        context.destroy(linger=0)
+    results["ratios"] = ratios(results)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["lmcache_venv_digest"] = hashlib.sha256(
+        (args.venv / VENV_READY_MARK).read_bytes()
+    ).hexdigest()[:16]
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    echo = sub.add_parser("echo-server", help="(internal) the echo floor's server")
+    echo.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="LMCache venv (made once)")
+    parser.add_argument("--members", type=int, nargs="+", default=list(MEMBER_COUNTS))
+    parser.add_argument("--chunks", type=int, nargs="+", default=list(PROMPT_CHUNKS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    parser.add_argument("--keys", type=int, default=KEYS_PER_MEMBER, help="chunks per member")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per N")
+    parser.add_argument("--block", type=int, default=60, help="lookups per latency block")
+    parser.add_argument("--throughput-s", type=float, default=0.4, help="seconds per block")
+    parser.add_argument("--idle-s", type=float, default=1.0, help="idle CPU window per path")
+    parser.add_argument("--failure-members", type=int, default=8, help="N for the kill; 0: skip")
+    parser.add_argument("--failure-before-s", type=float, default=3.0)
+    parser.add_argument("--failure-after-s", type=float, default=30.0)
+    parser.add_argument("--failure-interval-s", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="small smoke run (~1 min)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.members = [2, 8]
+        args.chunks = [4, 32]
+        args.concurrency = [1, 8]
+        args.keys = 200
+        args.rounds = 2
+        args.block = 20
+        args.throughput_s = 0.2
+        args.idle_s = 0.2
+        args.failure_members = 2
+        args.failure_before_s = 1.0
+        args.failure_after_s = 3.0
+    if THROUGHPUT_PROMPT_CHUNKS not in args.chunks:
+        args.chunks = sorted({*args.chunks, THROUGHPUT_PROMPT_CHUNKS})
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "echo-server":
+        echo_server(args.port)
+        return
+    results = bench(args)
+    out_json = args.out / "lookup.json"
+    out_json.write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "lookup.png")
+    print_table(results)
+    print(f"\nwrote {out_json} and {args.out / 'lookup.png'}")
+
+
+if __name__ == "__main__":
+    main()
