@@ -194,3 +194,20 @@ def test_receive_batches_are_bounded(opened, client):
         batches.append(member.wait(0.05))
     assert [i.frame for batch in batches for i in batch] == [b"%d" % i for i in range(10)]
     assert max(map(len, batches)) <= 4
+
+
+def test_close_with_linger_sends_frames_still_waiting_for_their_connection(opened):
+    a, b = opened(), opened()
+    assert a.send(b.address, b"goodbye")  # the connection is still opening
+    a.close(linger_s=DEADLINE_S)
+    assert [i.frame for i in _receive(b)] == [b"goodbye"]
+
+
+def test_forget_closes_the_peer_socket_and_the_next_send_opens_a_fresh_one(opened):
+    a, b = opened(), opened()
+    a.send(b.address, b"one")
+    assert [i.frame for i in _receive(b, a)] == [b"one"]
+    a.forget(b.address)
+    assert a.stats["transport.peer_sockets_closed"] == 1
+    a.send(b.address, b"two")
+    assert [i.frame for i in _receive(b, a)] == [b"two"]

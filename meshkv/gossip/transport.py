@@ -13,7 +13,7 @@ with ZMQ's framing, reconnects and authentication hooks. This module gives exact
   unconnected peer drops the frame and counts it. A freshly created DEALER has no connection
   yet, so its first frames wait in a small bounded buffer for at most ``connect_grace_s`` and go
   out as soon as the connection opens. A peer restarted at the same address is reconnected by
-  ZMQ on its own.
+  ZMQ on its own; `forget` skips ZMQ's reconnect backoff when the caller knows it restarted.
 
 Every socket here belongs to the thread that calls `wait`/`send`/`reply`; only `wake` may be
 called from any thread. This module knows nothing of SWIM or of what a frame means.
@@ -154,6 +154,18 @@ class GossipTransport:
         self.stats["transport.replied"] += 1
         return True
 
+    def forget(self, address: str) -> None:
+        """Closes the socket to ``address`` (its queued frames are dropped).
+
+        For a peer that died, left or restarted: ZMQ's reconnect backoff to a vanished peer
+        would otherwise delay the first frames to its next boot; a fresh socket connects at once.
+        """
+        peer = self._peers.pop(address, None)
+        if peer is not None:
+            self._drop_pending(peer)
+            peer.sock.close(linger=0)
+            self.stats["transport.peer_sockets_closed"] += 1
+
     def _peer(self, address: str, now_s: float) -> _Peer | None:
         peer = self._peers.get(address)
         if peer is not None:
@@ -264,16 +276,33 @@ class GossipTransport:
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self, linger_s: float = 0.0) -> None:
-        """Closes every socket. ``linger_s`` > 0 gives frames already queued that long to go."""
+        """Closes every socket. ``linger_s`` > 0 gives queued frames that long to go out
+        (including frames waiting for a connection to open); the rest are dropped."""
         if self._closed:
             return
         self._closed = True
-        linger_ms = int(linger_s * 1000)
+        deadline_s = time.monotonic() + linger_s
+        self._flush_pending_until(deadline_s)
+        linger_ms = max(0, math.ceil((deadline_s - time.monotonic()) * 1000))
         for peer in self._peers.values():
-            self._flush_pending(peer)
+            self._drop_pending(peer)
             peer.sock.close(linger=linger_ms)
         self._peers.clear()
         self._router.close(linger=linger_ms)
         self._ctx.term()
         self._wake_recv.close()
         self._wake_send.close()
+
+    def _flush_pending_until(self, deadline_s: float) -> None:
+        waiting = list(self._peers.values())
+        while True:
+            for peer in waiting:
+                self._flush_pending(peer)
+            waiting = [peer for peer in waiting if peer.pending]
+            left_s = deadline_s - time.monotonic()
+            if not waiting or left_s <= 0:
+                return
+            poller = zmq.Poller()
+            for peer in waiting:
+                poller.register(peer.sock, zmq.POLLOUT)
+            poller.poll(math.ceil(left_s * 1000))
