@@ -67,6 +67,10 @@ class RequestClient:
                 self._drain(sock, waiting, replies)
         return replies
 
+    def send_only(self, address: str, message: m.Message) -> bool:
+        """Sends a one-way message (no reply expected); False if it could not be queued."""
+        return self._send(address, message)
+
     def forget(self, address: str) -> None:
         """Closes the socket to a peer that left or restarted (queued frames are dropped)."""
         sock = self._sockets.pop(address, None)

@@ -234,6 +234,7 @@ class Get:
     TYPE: ClassVar[DataType] = DataType.GET
     req: int
     epoch: int
+    sender: str  # the requester's member name: whose NIXL agent to write into
     keys: list[bytes]
     dest: list[SlotRef]  # one per key for nixl; empty for tcp
     budget_ms: int  # time the requester still waits; the holder gives up past it
@@ -242,6 +243,7 @@ class Get:
         return {
             "req": self.req,
             "epoch": self.epoch,
+            "sender": self.sender,
             "keys": self.keys,
             "dest": [d.wire() for d in self.dest],
             "budget_ms": self.budget_ms,
@@ -256,6 +258,7 @@ class Get:
         return cls(
             req=_uint(f, "req"),
             epoch=_uint(f, "epoch"),
+            sender=_name(f, "sender"),
             keys=keys,
             dest=dest,
             budget_ms=_uint(f, "budget_ms", 32),

@@ -1,0 +1,404 @@
+"""The data-plane service: one thread owns the ROUTER socket and answers peers' requests.
+
+Fast requests (hello, lookup, put reservations, commits, held-at) are answered inline. A get
+pins the chunks, starts one batched NIXL WRITE into the requester's slots, and is answered when
+the transfer completes or its budget runs out: transfers are polled in the same loop, so a slow
+peer never blocks the others. A resolve (from this member's own vLLM scheduler) needs requests
+to other members, so it runs on a small worker pool and its answer is queued back to the loop.
+
+Writes need agreement on the ring: a put or held-at whose epoch is neither our current nor our
+previous one is refused ("stale_epoch"). Reads are answered whatever the epoch: their bytes are
+checked against the chunk checksum on arrival, so a stale view can only cost a miss.
+
+Every malformed frame is dropped and counted; nothing a peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import zmq
+
+from meshkv.dataplane import messages as m
+from meshkv.dataplane.directory import HolderDirectory
+from meshkv.errors import ProtocolError, TransportError, UsageError
+from meshkv.ring.view import RingView
+from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+from meshkv.transfer import Channel, TransferHandle
+from meshkv.wire import FrameCodec
+
+log = logging.getLogger("vllm.meshkv.dataplane.server")
+
+POLL_IDLE_MS = 200
+"""Longest the loop sleeps with nothing in flight (stop requests wake it at once)."""
+POLL_BUSY_MS = 1
+"""Loop period while transfers are in flight (their completion is polled, not signalled)."""
+INBOUND_HWM = 4096
+RESOLVE_WORKERS = 2
+PUT_RESERVATION_S = 10.0
+"""How long a producer may take between a put's reply and its commit."""
+EXPIRE_INTERVAL_S = 0.1
+RESERVED_MAX = 65536
+"""Reservations awaiting a commit; past this, puts are refused until some complete or expire."""
+RESOLVE_QUEUE_MAX = 256
+"""Resolves waiting for a worker; past this they are answered 0 at once (a miss)."""
+
+
+@dataclass(slots=True)
+class _InFlightGet:
+    identity: bytes
+    request: m.Get
+    owner: str
+    slots: list[Slot]
+    handle: TransferHandle
+    deadline_s: float
+
+
+class DataServer:
+    """Serves lookup/get/put/commit/held-at/resolve for one member."""
+
+    def __init__(
+        self,
+        *,
+        context: zmq.Context,
+        bind_host: str,
+        port: int,
+        codec: FrameCodec,
+        member_name: str,
+        store: ChunkStore,
+        ring: Callable[[], RingView],
+        directory: HolderDirectory,
+        holder_alive: Callable[[str], bool],
+        resolve: Callable[[list[bytes], float], int],
+        accept_any_epoch: bool = False,
+    ) -> None:
+        self._context = context
+        self._codec = codec
+        self._name = member_name
+        self._nonce = 0
+        self._store = store
+        self._channel: Channel | None = None
+        self._accept_any_epoch = accept_any_epoch
+        self._ring = ring
+        self._directory = directory
+        self._holder_alive = holder_alive
+        self._resolve = resolve
+        self._router = context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.RCVHWM, INBOUND_HWM)
+        self._router.setsockopt(zmq.SNDHWM, INBOUND_HWM)
+        self._router.setsockopt(zmq.MAXMSGSIZE, codec.max_frame_bytes)
+        if port:
+            self._router.bind(f"tcp://{bind_host}:{port}")
+        else:
+            port = self._router.bind_to_random_port(f"tcp://{bind_host}")
+        self.port = port
+        self._wake_in = context.socket(zmq.PAIR)
+        self._wake_out = context.socket(zmq.PAIR)
+        wake_address = f"inproc://meshkv-data-wake-{id(self)}"
+        self._wake_in.bind(wake_address)
+        self._wake_out.connect(wake_address)
+        self._replies: queue.SimpleQueue[tuple[bytes, m.Message]] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(RESOLVE_WORKERS, thread_name_prefix="meshkv-resolve")
+        self._pending_resolves = 0
+        self._wake_lock = threading.Lock()  # guards _wake_out and _pending_resolves
+        self._in_flight: list[_InFlightGet] = []
+        self._reserved: dict[tuple[str, bytes], Slot] = {}  # (owner, key) -> reserved slot
+        self._next_expire_s = 0.0
+        self._peers: dict[str, int] = {}  # member name -> nonce it said hello with
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshkv-data", daemon=True)
+        self.stats: Counter[str] = Counter()
+
+    def attach(self, *, nonce: int, channel: Channel) -> None:
+        """Sets this boot's nonce and transfer channel (known only after the gossip runner and
+        the channel exist, which both need this server's bound address)."""
+        self._nonce = nonce
+        self._channel = channel
+
+    def start(self) -> None:
+        if self._channel is None:
+            raise UsageError("DataServer.attach() must be called before start()")
+        self._running.set()
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._running.clear()
+        self._wake()
+        self._thread.join(timeout_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _wake(self) -> None:
+        with self._wake_lock, contextlib.suppress(zmq.Again):  # Again: a wake-up is queued
+            self._wake_out.send(b"", zmq.NOBLOCK)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        try:
+            while self._running.is_set():
+                timeout_ms = POLL_BUSY_MS if self._in_flight else POLL_IDLE_MS
+                ready = dict(poller.poll(timeout_ms))
+                if self._wake_in in ready:
+                    while self._wake_in.poll(0):
+                        self._wake_in.recv()
+                if self._router in ready:
+                    self._receive_batch()
+                self._send_queued_replies()
+                self._poll_transfers()
+                if time.monotonic() >= self._next_expire_s:
+                    self._expire()
+                    self._next_expire_s = time.monotonic() + EXPIRE_INTERVAL_S
+        finally:
+            for get in self._in_flight:
+                self._finish_get(get, ok=False)
+            self._router.close(linger=0)
+            self._wake_in.close(linger=0)
+
+    def _receive_batch(self, max_frames: int = 256) -> None:
+        for _ in range(max_frames):
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(parts) != 2:
+                self.stats["drop_bad_parts"] += 1
+                continue
+            identity, frame = parts
+            try:
+                request = m.decode(self._codec, frame)
+            except ProtocolError as exc:
+                self.stats[f"drop_{exc.reason}"] += 1
+                continue
+            try:
+                reply = self._handle(identity, request)
+            except ProtocolError as exc:
+                self.stats[f"refused_{exc.reason}"] += 1
+                reply = m.Error(req=request.req, reason=exc.reason)
+            if reply is not None:
+                self._reply(identity, reply)
+
+    def _reply(self, identity: bytes, reply: m.Message) -> None:
+        try:
+            self._router.send_multipart([identity, m.encode(self._codec, reply)], zmq.NOBLOCK)
+            self.stats[f"tx_{reply.TYPE.name.lower()}"] += 1
+        except zmq.Again:
+            self.stats["reply_dropped"] += 1
+
+    def _send_queued_replies(self) -> None:
+        while True:
+            try:
+                identity, reply = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            self._reply(identity, reply)
+
+    # --- handlers --------------------------------------------------------------------------
+
+    def _handle(self, identity: bytes, request: m.Message) -> m.Message | None:
+        self.stats[f"rx_{request.TYPE.name.lower()}"] += 1
+        match request:
+            case m.Hello():
+                return self._hello(request)
+            case m.Lookup():
+                return m.LookupReply(
+                    req=request.req, epoch=self._ring().epoch, holders=self._holders(request.keys)
+                )
+            case m.Get():
+                return self._get(identity, request)
+            case m.Put():
+                return self._put(identity, request)
+            case m.Commit():
+                return m.CommitReply(req=request.req, stored=self._commit(identity, request))
+            case m.HeldAt():
+                self._require_epoch(request.epoch)
+                self._directory.record(request.keys, request.holder)
+                return None
+            case m.Resolve():
+                return self._start_resolve(identity, request)
+        raise ProtocolError("unexpected_type", request.TYPE.name)
+
+    def _hello(self, hello: m.Hello) -> m.Message:
+        if hello.channel != self._channel.kind:
+            raise ProtocolError("channel_mismatch", f"{hello.channel} != {self._channel.kind}")
+        if self._peers.get(hello.sender) != hello.nonce:
+            if hello.sender in self._peers:
+                self._channel.remove_peer(hello.sender)
+            try:
+                self._channel.add_peer(hello.sender, hello.agent, hello.segments)
+            except TransportError as exc:
+                log.warning("handshake from %s failed: %s", hello.sender, exc)
+                raise ProtocolError("bad_handshake") from None
+            self._peers[hello.sender] = hello.nonce
+        return m.HelloReply(
+            req=hello.req,
+            sender=self._name,
+            nonce=self._nonce,
+            channel=self._channel.kind,
+            agent=self._channel.metadata(),
+            segments=self._channel.segments(),
+        )
+
+    def forget_peer(self, name: str) -> None:
+        """Called (from any thread) when gossip says a member died, left or restarted."""
+        self._peers.pop(name, None)
+        self._channel.remove_peer(name)
+
+    def _holders(self, keys: list[bytes]) -> list[str]:
+        holders: list[str] = []
+        held_here = self._store.lookup_prefix(keys)
+        holders.extend([self._name] * held_here)
+        for key in keys[held_here:]:
+            holder = self._directory.holder_of(key)
+            if holder is None or not self._holder_alive(holder):
+                break
+            holders.append(holder)
+        return holders
+
+    def _get(self, identity: bytes, get: m.Get) -> m.Message | None:
+        owner = f"get:{identity.hex()}:{get.req}"
+        deadline_s = time.monotonic() + get.budget_ms / 1000
+        slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
+        if not slots:
+            return m.GetReply(req=get.req, checksums=[])
+        sums = [slot.checksum for slot in slots]
+        if self._channel.kind == "tcp":
+            payloads = [bytes(self._store.view(slot)) for slot in slots]
+            self._store.unpin(slots, owner=owner)
+            return m.GetReply(req=get.req, checksums=sums, payloads=payloads)
+        sender = self._sender_of(get)
+        try:
+            handle = self._channel.post_write(
+                sender, [s.region for s in slots], get.dest[: len(slots)]
+            )
+        except TransportError as exc:
+            self.stats["get_transfer_failed"] += 1
+            log.info("get from %s: transfer not started: %s", sender, exc)
+            self._store.unpin(slots, owner=owner)
+            return m.GetReply(req=get.req, checksums=[])
+        self._in_flight.append(_InFlightGet(identity, get, owner, slots, handle, deadline_s))
+        return None
+
+    def _sender_of(self, get: m.Get) -> str:
+        if get.sender not in self._peers:
+            raise ProtocolError("no_handshake", get.sender)
+        return get.sender
+
+    def _poll_transfers(self) -> None:
+        if not self._in_flight:
+            return
+        now = time.monotonic()
+        still: list[_InFlightGet] = []
+        for get in self._in_flight:
+            state = self._channel.poll(get.handle)
+            if state == "done":
+                self._finish_get(get, ok=True)
+            elif state == "failed" or now >= get.deadline_s:
+                self.stats["get_transfer_failed" if state == "failed" else "get_timeout"] += 1
+                self._finish_get(get, ok=False)
+            else:
+                still.append(get)
+        self._in_flight = still
+
+    def _finish_get(self, get: _InFlightGet, *, ok: bool) -> None:
+        self._channel.release(get.handle, failed=not ok)
+        self._store.unpin(get.slots, owner=get.owner)
+        sums = [slot.checksum for slot in get.slots] if ok else []
+        self._reply(get.identity, m.GetReply(req=get.request.req, checksums=sums))
+
+    def _put(self, identity: bytes, put: m.Put) -> m.Message:
+        self._require_epoch(put.epoch)
+        owner = f"put:{identity.hex()}"
+        deadline_s = time.monotonic() + PUT_RESERVATION_S
+        if put.payloads:  # tcp: the bytes are here
+            stored = sum(
+                self._store_inline(key, payload, checksum, owner, deadline_s)
+                for key, payload, checksum in zip(
+                    put.keys, put.payloads, put.checksums, strict=True
+                )
+            )
+            return m.PutReply(req=put.req, epoch=self._ring().epoch, slots=[], stored=stored)
+        if len(self._reserved) + len(put.keys) > RESERVED_MAX:
+            raise ProtocolError("busy", "too many reservations awaiting commit")
+        refs: list[m.SlotRef | None] = []
+        for key in put.keys:
+            slot = self._store.reserve(key, put.chunk_bytes, owner=owner, deadline_s=deadline_s)
+            if isinstance(slot, Refusal):
+                refs.append(None)
+                continue
+            self._reserved[(owner, key)] = slot
+            refs.append(m.SlotRef(slot.region.segment_id, slot.region.offset))
+        return m.PutReply(req=put.req, epoch=self._ring().epoch, slots=refs)
+
+    def _store_inline(
+        self, key: bytes, payload: bytes, checksum: bytes, owner: str, deadline_s: float
+    ) -> bool:
+        if chunk_checksum(payload) != checksum:
+            self.stats["put_checksum_mismatch"] += 1
+            return False
+        slot = self._store.reserve(key, len(payload), owner=owner, deadline_s=deadline_s)
+        if isinstance(slot, Refusal):
+            return False
+        self._store.view(slot)[:] = memoryview(payload)
+        return self._store.commit(key, checksum, owner=owner) is not None
+
+    def _commit(self, identity: bytes, commit: m.Commit) -> int:
+        """Publishes chunks a producer wrote into our reserved slots, if their bytes check out."""
+        owner = f"put:{identity.hex()}"
+        stored = 0
+        for key, checksum in zip(commit.keys, commit.checksums, strict=True):
+            slot = self._reserved.pop((owner, key), None)
+            if slot is None:
+                self.stats["commit_unknown"] += 1
+            elif self._store.checksum(slot) != checksum:
+                self.stats["commit_checksum_mismatch"] += 1
+                self._store.abort(key, owner=owner)
+            elif self._store.commit(key, checksum, owner=owner) is not None:
+                stored += 1
+        return stored
+
+    def _expire(self) -> None:
+        """Frees pins and reservations whose owners died or gave up."""
+        for expired in self._store.expire(time.monotonic()):
+            if expired.what == "reservation":
+                self._reserved.pop((expired.owner, expired.key), None)
+                self.stats["expired_reservations"] += 1
+            else:
+                self.stats["expired_pins"] += 1
+
+    def _require_epoch(self, epoch: int) -> None:
+        if not self._accept_any_epoch and not self._ring().accepts_epoch(epoch):
+            raise ProtocolError("stale_epoch", str(epoch))
+
+    def _start_resolve(self, identity: bytes, request: m.Resolve) -> m.Message | None:
+        if self._pending_resolves >= RESOLVE_QUEUE_MAX:
+            self.stats["resolve_overflow"] += 1
+            return m.ResolveReply(req=request.req, count=0)
+        with self._wake_lock:
+            self._pending_resolves += 1
+        deadline_s = time.monotonic() + request.budget_ms / 1000
+
+        def work() -> None:
+            try:
+                count = self._resolve(request.keys, deadline_s)
+            except Exception:  # a resolve failure is a miss, never a crash of the loop
+                log.exception("resolve failed")
+                count = 0
+            self._replies.put((identity, m.ResolveReply(req=request.req, count=count)))
+            with self._wake_lock:
+                self._pending_resolves -= 1
+            self._wake()
+
+        self._pool.submit(work)
+        return None

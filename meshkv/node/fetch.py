@@ -1,0 +1,202 @@
+"""Finding and fetching chunks held by other members, with deadlines (the requester's side).
+
+`locate` answers "who holds each of these keys?" for a prefix chain: keys homed here are
+answered from the local store and directory with no round trip; the rest are asked of their
+homes, all homes at once (one round trip). A miss at a home that changed with the last
+membership change falls back once to the previous epoch's home.
+
+`fetch` then moves the located chunks into local slots: one `Get` per holder for its run of
+consecutive keys, all in parallel; each chunk is checked against its checksum before it is
+committed, so a corrupted or torn chunk is a miss, never loaded. Fetched chunks stay here as
+local copies (a repeat of the prompt on this engine is local).
+
+Both stop at the first miss: only the leading run of keys is useful to vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from meshkv.dataplane import messages as m
+from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.directory import HolderDirectory
+from meshkv.node.membership import Membership
+from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+
+log = logging.getLogger("vllm.meshkv.node.fetch")
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """The leading keys that some member holds, and who (this member's name for local ones)."""
+
+    holders: list[str]
+    fallbacks: int  # keys found only through the previous epoch's home (to repair)
+
+
+def locate(
+    keys: Sequence[bytes],
+    *,
+    membership: Membership,
+    store: ChunkStore,
+    directory: HolderDirectory,
+    client: RequestClient,
+    deadline_s: float,
+) -> Located:
+    """Holders of the leading ``keys`` (stops at the first key nobody is known to hold)."""
+    me = membership.me.name
+    local = store.lookup_prefix(keys)
+    holders = [me] * local
+    rest = list(keys[local:])
+    if not rest:
+        return Located(holders, 0)
+    view = membership.ring()
+    answers = _ask_homes(rest, view.current.home, me, membership, directory, client, deadline_s)
+    fallbacks = 0
+    for index, key in enumerate(rest):
+        holder = answers.get(key)
+        if holder is None and view.previous is not None:
+            previous_home = view.previous.home(key)
+            if previous_home != view.current.home(key):
+                retry = _ask_homes(
+                    rest[index:],
+                    view.previous.home,
+                    me,
+                    membership,
+                    directory,
+                    client,
+                    deadline_s,
+                )
+                answers.update(retry)
+                holder = answers.get(key)
+                fallbacks += holder is not None
+        if holder is None:
+            break
+        holders.append(holder)
+    return Located(holders, fallbacks)
+
+
+def _ask_homes(
+    keys: list[bytes],
+    home_of: Callable[[bytes], str],
+    me: str,
+    membership: Membership,
+    directory: HolderDirectory,
+    client: RequestClient,
+    deadline_s: float,
+) -> dict[bytes, str]:
+    """One round trip to every home of ``keys`` (none for keys homed here)."""
+    answers: dict[bytes, str] = {}
+    by_home: dict[str, list[bytes]] = {}
+    for key in keys:
+        home = home_of(key)
+        if home == me:
+            holder = directory.holder_of(key)
+            if holder is not None and membership.is_alive(holder):
+                answers[key] = holder
+        else:
+            by_home.setdefault(home, []).append(key)
+    requests = []
+    for home, home_keys in by_home.items():
+        peer = membership.peer(home)
+        if peer is not None:
+            lookup = m.Lookup(req=client.next_id(), epoch=membership.ring().epoch, keys=home_keys)
+            requests.append((peer.data_address, lookup))
+    for (_, lookup), reply in zip(requests, client.call_many(requests, deadline_s), strict=True):
+        if isinstance(reply, m.LookupReply):
+            answers.update(zip(lookup.keys, reply.holders, strict=False))
+    return answers
+
+
+def fetch(
+    keys: Sequence[bytes],
+    holders: Sequence[str],
+    *,
+    chunk_bytes: int,
+    membership: Membership,
+    store: ChunkStore,
+    client: RequestClient,
+    handshake: Callable[[str, float], bool],
+    inline: bool,
+    owner: str,
+    deadline_s: float,
+) -> int:
+    """Copies remote chunks into local slots; returns how many leading ``holders`` are local now.
+
+    ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
+    ``inline`` (tcp channel) the holder sends the bytes in its reply; else it WRITEs them into
+    the slots reserved here.
+    """
+    me = membership.me.name
+    runs = _runs(holders, me)
+    reserved: dict[int, Slot] = {}
+    requests: list[tuple[str, m.Get]] = []
+    run_of_request: list[tuple[int, int]] = []
+    for start, end in runs:
+        holder = holders[start]
+        peer = membership.peer(holder)
+        if peer is None or not handshake(holder, deadline_s):
+            break
+        dest: list[m.SlotRef] = []
+        for i in range(start, end):
+            slot = store.reserve(keys[i], chunk_bytes, owner=owner, deadline_s=deadline_s + 1.0)
+            if isinstance(slot, Refusal):
+                end = i
+                break
+            reserved[i] = slot
+            dest.append(m.SlotRef(slot.region.segment_id, slot.region.offset))
+        if end == start:
+            break
+        budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
+        get = m.Get(
+            req=client.next_id(),
+            epoch=membership.ring().epoch,
+            sender=me,
+            keys=list(keys[start:end]),
+            dest=[] if inline else dest,
+            budget_ms=budget_ms,
+        )
+        requests.append((peer.data_address, get))
+        run_of_request.append((start, end))
+    replies = client.call_many(requests, deadline_s) if requests else []
+    complete = {i for i, holder in enumerate(holders) if holder == me}
+    for (start, end), reply in zip(run_of_request, replies, strict=True):
+        if not isinstance(reply, m.GetReply):
+            continue
+        for offset, checksum in enumerate(reply.checksums[: end - start]):
+            i = start + offset
+            slot = reserved.pop(i)
+            view = store.view(slot)
+            if reply.payloads:
+                payload = reply.payloads[offset]
+                if len(payload) != view.nbytes:
+                    store.abort(keys[i], owner=owner)
+                    break
+                view[:] = memoryview(payload)
+            if chunk_checksum(view) != checksum:
+                log.warning("chunk %s from %s failed its checksum", keys[i].hex(), holders[i])
+                store.abort(keys[i], owner=owner)
+                break
+            if store.commit(keys[i], checksum, owner=owner) is not None:
+                complete.add(i)
+    for i in reserved:
+        store.abort(keys[i], owner=owner)
+    leading = 0
+    while leading in complete:
+        leading += 1
+    return leading
+
+
+def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of consecutive keys with the same remote holder."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(holders) + 1):
+        if i == len(holders) or holders[i] != holders[start]:
+            if holders[start] != me:
+                runs.append((start, i))
+            start = i
+    return runs

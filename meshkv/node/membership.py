@@ -1,0 +1,141 @@
+"""Who is in this member's ring, and how to reach them: gossip events in, a ring view out.
+
+A member's gossip metadata says which namespace it serves (``ns``: a namespace label, or
+``"*"`` for a storage-only member that serves every namespace), its role and its data-plane
+address. The ring of a namespace is its live members (alive or suspected) plus storage-only
+members; the shim (role ``seed``) and dead or departed members are on no ring.
+
+`Membership` is fed member events by the gossip thread and read by the data-plane threads, so
+its state sits behind one lock; the ring it returns is immutable. Peers that die, leave or
+restart are reported to ``on_peer_gone`` so transfer handles and sockets to them are dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from meshkv.gossip.events import EventKind, MemberEvent
+from meshkv.gossip.member import MemberState, MemberView
+from meshkv.ring.view import RingView
+
+ANY_NAMESPACE = "*"
+ROLE_ENGINE = "engine"
+ROLE_STORAGE = "storage"
+ROLE_SEED = "seed"
+_ON_RING = (MemberState.ALIVE, MemberState.SUSPECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A member as the data plane needs it."""
+
+    name: str
+    nonce: int
+    data_address: str
+    namespace: str
+    role: str
+
+
+def member_meta(
+    *, namespace: str, role: str, data_address: str, channel: str, capacity_bytes: int, version: str
+) -> dict[str, str | int]:
+    """The gossip metadata a member advertises (kept small: it rides in every push-pull)."""
+    return {
+        "ns": namespace,
+        "role": role,
+        "data": data_address,
+        "ch": channel,
+        "cap": capacity_bytes,
+        "v": version,
+    }
+
+
+def peer_of(view: MemberView) -> Peer | None:
+    """The data-plane view of a gossip member, or None if it advertises no data plane."""
+    data = view.meta.get("data")
+    if not isinstance(data, str) or not data:
+        return None
+    return Peer(
+        name=view.name,
+        nonce=view.nonce,
+        data_address=data,
+        namespace=str(view.meta.get("ns", "")),
+        role=str(view.meta.get("role", ROLE_ENGINE)),
+    )
+
+
+class Membership:
+    """The ring view of one namespace, kept current from gossip events."""
+
+    def __init__(
+        self,
+        *,
+        me: Peer,
+        vnodes: int,
+        on_peer_gone: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self.me = me
+        self._lock = threading.Lock()
+        self._live: dict[str, Peer] = {}
+        self._on_ring = me.role != ROLE_SEED
+        self._view = RingView([me.name] if self._on_ring else [], vnodes)
+        self._on_peer_gone = on_peer_gone
+
+    def ring(self) -> RingView:
+        with self._lock:
+            return self._view
+
+    def peer(self, name: str) -> Peer | None:
+        """The live peer of that name (this member included), or None."""
+        if name == self.me.name:
+            return self.me
+        with self._lock:
+            return self._live.get(name)
+
+    def is_alive(self, name: str) -> bool:
+        return self.peer(name) is not None
+
+    def peers(self) -> list[Peer]:
+        with self._lock:
+            return list(self._live.values())
+
+    def seed_from(self, views: Iterable[MemberView]) -> None:
+        """Adopts a full member table (at start, from the runner's snapshot)."""
+        for view in views:
+            if view.name != self.me.name:
+                state_kind = EventKind.JOINED if view.state in _ON_RING else EventKind.DEAD
+                self.on_event(MemberEvent(kind=state_kind, member=view))
+
+    def on_event(self, event: MemberEvent) -> None:
+        """Gossip callback (runs on the gossip thread; short and non-blocking)."""
+        view = event.member
+        if view.name == self.me.name:
+            return
+        gone: str | None = None
+        with self._lock:
+            known = self._live.get(view.name)
+            if event.kind in (EventKind.DEAD, EventKind.LEFT):
+                if self._live.pop(view.name, None) is not None:
+                    gone = view.name
+            else:
+                peer = peer_of(view)
+                if peer is not None and view.state in _ON_RING:
+                    if known is not None and known.nonce != peer.nonce:
+                        gone = view.name  # restarted: its old transfer state is void
+                    self._live[view.name] = peer
+            self._view.update(self._ring_members())
+        if gone is not None:
+            self._on_peer_gone(gone)
+
+    def _ring_members(self) -> list[str]:
+        names = [self.me.name] if self._on_ring else []
+        for peer in self._live.values():
+            if peer.role == ROLE_SEED:
+                continue
+            if peer.namespace in (self.me.namespace, ANY_NAMESPACE) or (
+                self.me.namespace == ANY_NAMESPACE and peer.role == ROLE_STORAGE
+            ):
+                names.append(peer.name)
+        return names

@@ -1,0 +1,343 @@
+"""`MeshNode`: one mesh member — gossip, ring, store, transfer channel and data-plane service.
+
+This is the plain Python API the vLLM connector, the CLI and the benchmarks use:
+
+    node = MeshNode(config, namespace=ns.label(), rank=r, world_size=w)
+    node.start()
+    node.put(keys, chunks)                    # store locally, push to homes in the background
+    with node.get(keys, chunk_bytes) as lease:   # leading chunks, local or fetched, pinned
+        for view in lease.views: ...
+    node.lookup(keys)                         # how many leading keys the mesh holds
+    node.stop()
+
+Every call that talks to other members takes a deadline (``timeout_s``, default the config's
+``mesh_transfer_timeout_ms``) and turns any failure into fewer leading chunks: a miss, never an
+exception, never wrong bytes (checksums are verified on arrival).
+
+Threads: gossip (runner), data-plane service, pusher, and the caller's threads; each thread that
+sends requests gets its own `RequestClient` (ZMQ sockets are single-threaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from meshkv import __version__
+from meshkv.config import MeshConfig
+from meshkv.dataplane import messages as m
+from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.directory import HolderDirectory
+from meshkv.dataplane.server import DataServer
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.runner import GossipRunner
+from meshkv.node.fetch import fetch, locate
+from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
+from meshkv.node.push import Pusher
+from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+from meshkv.transfer import Channel, make_channel
+from meshkv.wire import AuthPolicy
+
+log = logging.getLogger("vllm.meshkv.node")
+
+MAX_DATA_FRAME_BYTES = 256 << 20
+"""Largest data-plane frame (tcp channel payloads ride inline: a get of many large chunks)."""
+GIB = 1 << 30
+_warned_no_secret = False
+
+
+def gossip_profile(config: MeshConfig) -> GossipConfig:
+    return {"lan": GossipConfig.lan, "local": GossipConfig.local, "test": GossipConfig.test}[
+        config.mesh_gossip_profile
+    ]()
+
+
+def auth_policy(config: MeshConfig) -> AuthPolicy:
+    """The frame authentication policy; warns once per process when the mesh is open."""
+    global _warned_no_secret
+    if not config.mesh_secret and not _warned_no_secret:
+        _warned_no_secret = True
+        log.warning(
+            "mesh_secret is not set: any process that reaches these ports can join the mesh "
+            "and read or push KV; set mesh_secret on every member to authenticate frames"
+        )
+    return AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
+
+
+@dataclass
+class ChunkLease:
+    """Leading chunks pinned in the local store: read ``views``, then `release` them."""
+
+    views: list[np.ndarray]
+    _store: ChunkStore
+    _slots: list[Slot]
+    _owner: str
+    _released: bool = field(default=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.views)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._store.unpin(self._slots, owner=self._owner)
+
+    def __enter__(self) -> ChunkLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class MeshNode:
+    """One member of the mesh (one per vLLM worker rank, or a `meshkv join` process)."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        namespace: str,
+        rank: int = 0,
+        world_size: int = 1,
+        role: str = ROLE_ENGINE,
+        name: str | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name or f"{config.instance_id}/{rank}"
+        ports = config.ports_for_rank(rank, world_size)
+        self._timeout_s = config.mesh_transfer_timeout_ms / 1000
+        auth = auth_policy(config)
+        self._codec_args = (MAX_DATA_FRAME_BYTES, auth)
+        self.store = ChunkStore.with_budget(int(config.max_local_cpu_size * GIB))
+        self._context = zmq.Context()
+        self.directory = HolderDirectory()
+        self._clients = threading.local()
+        self._all_clients: list[RequestClient] = []
+        self._clients_lock = threading.Lock()
+        self._handshakes: dict[str, int] = {}  # peer name -> nonce we exchanged metadata with
+        self._handshake_lock = threading.Lock()
+        self.server = DataServer(
+            context=self._context,
+            bind_host=config.p2p_host,
+            port=ports.data,
+            codec=m.make_codec(*self._codec_args),
+            member_name=self.name,
+            store=self.store,
+            ring=lambda: self.membership.ring(),
+            directory=self.directory,
+            holder_alive=lambda holder: self.membership.is_alive(holder),
+            resolve=self._resolve,
+            accept_any_epoch=namespace == "*",
+        )
+        self.data_address = f"{config.p2p_host}:{self.server.port}"
+        self.gossip = GossipRunner(
+            config=gossip_profile(config),
+            name=self.name,
+            host=config.p2p_host,
+            port=ports.gossip,
+            meta=member_meta(
+                namespace=namespace,
+                role=role,
+                data_address=self.data_address,
+                channel=config.transfer_channel,
+                capacity_bytes=int(config.max_local_cpu_size * GIB),
+                version=__version__,
+            ),
+            auth=auth,
+        )
+        self.nonce = self.gossip.me.nonce
+        self.channel: Channel = make_channel(
+            config.transfer_channel, f"{self.name}-{self.nonce:016x}", self.store.pool
+        )
+        self.server.attach(nonce=self.nonce, channel=self.channel)
+        self.membership = Membership(
+            me=Peer(self.name, self.nonce, self.data_address, namespace, role),
+            vnodes=config.mesh_vnodes,
+            on_peer_gone=self._peer_gone,
+        )
+        self.gossip.subscribe(self.membership.on_event)
+        self.pusher = Pusher(
+            membership=self.membership,
+            store=self.store,
+            channel=self.channel,
+            client_factory=self._new_client,
+            handshake=self._handshake,
+            replicas=config.mesh_replicas,
+        )
+
+    @property
+    def gossip_address(self) -> str:
+        return self.gossip.address
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts serving and joins the mesh through the configured seeds (none: alone)."""
+        self.server.start()
+        self.pusher.start()
+        seeds = [s for s in self.config.seeds if s != self.gossip_address]
+        if not seeds:
+            log.info(
+                "%s: no mesh_seeds and no controller configured; starting a new mesh", self.name
+            )
+        self.gossip.start(seeds)
+        log.info(
+            "%s joined the mesh: gossip %s, data %s, channel %s",
+            self.name,
+            self.gossip_address,
+            self.data_address,
+            self.channel.kind,
+        )
+
+    def stop(self, *, leave: bool = True) -> None:
+        """Leaves the mesh (gracefully unless ``leave`` is False) and frees every resource."""
+        self.gossip.stop(leave=leave)
+        self.pusher.stop()
+        self.server.stop()
+        with self._clients_lock:
+            for client in self._all_clients:
+                client.close()
+            self._all_clients.clear()
+        self.channel.close()
+        self._context.term()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes], timeout_s: float | None = None) -> int:
+        """How many leading ``keys`` some live member holds (0 on any failure)."""
+        return self._resolve(list(keys), self._deadline(timeout_s))
+
+    def get(
+        self, keys: Sequence[bytes], chunk_bytes: int, timeout_s: float | None = None
+    ) -> ChunkLease:
+        """The leading chunks of ``keys``, local or fetched now, pinned until the lease ends."""
+        deadline_s = self._deadline(timeout_s)
+        owner = f"get:{threading.get_ident()}:{time.monotonic_ns()}"
+        client = self._client()
+        located = locate(
+            keys,
+            membership=self.membership,
+            store=self.store,
+            directory=self.directory,
+            client=client,
+            deadline_s=deadline_s,
+        )
+        if located.holders:
+            fetch(
+                keys[: len(located.holders)],
+                located.holders,
+                chunk_bytes=chunk_bytes,
+                membership=self.membership,
+                store=self.store,
+                client=client,
+                handshake=lambda peer, d: self._handshake(client, peer, d),
+                inline=self.channel.kind == "tcp",
+                owner=owner,
+                deadline_s=deadline_s,
+            )
+        slots = self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0)
+        if located.fallbacks:
+            self.pusher.submit([s.key for s in slots])  # read repair at the new homes
+        return ChunkLease([self.store.view(s) for s in slots], self.store, slots, owner)
+
+    def put(self, keys: Sequence[bytes], chunks: Sequence[np.ndarray | bytes]) -> int:
+        """Stores chunks here and queues them for their homes; returns how many were stored.
+
+        A key already held counts as stored. Never blocks on the network.
+        """
+        owner = f"put:{threading.get_ident()}"
+        stored: list[bytes] = []
+        for key, chunk in zip(keys, chunks, strict=True):
+            data = np.frombuffer(chunk, dtype=np.uint8) if isinstance(chunk, bytes) else chunk
+            data = data.reshape(-1).view(np.uint8)
+            slot = self.store.reserve(
+                key, data.nbytes, owner=owner, deadline_s=time.monotonic() + 5
+            )
+            if slot is Refusal.PRESENT:
+                stored.append(key)
+                continue
+            if isinstance(slot, Refusal):
+                continue
+            view = self.store.view(slot)
+            view[:] = data
+            if self.store.commit(key, chunk_checksum(view), owner=owner) is not None:
+                stored.append(key)
+        if stored and self.config.enable_p2p:
+            self.pusher.submit(stored)
+        return len(stored)
+
+    def members(self) -> list[Peer]:
+        return [self.membership.me, *self.membership.peers()]
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        return time.monotonic() + (self._timeout_s if timeout_s is None else timeout_s)
+
+    def _resolve(self, keys: list[bytes], deadline_s: float) -> int:
+        located = locate(
+            keys,
+            membership=self.membership,
+            store=self.store,
+            directory=self.directory,
+            client=self._client(),
+            deadline_s=deadline_s,
+        )
+        return len(located.holders)
+
+    def _new_client(self) -> RequestClient:
+        client = RequestClient(self._context, m.make_codec(*self._codec_args))
+        with self._clients_lock:
+            self._all_clients.append(client)
+        return client
+
+    def _client(self) -> RequestClient:
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            client = self._clients.client = self._new_client()
+        return client
+
+    def _handshake(self, client: RequestClient, peer_name: str, deadline_s: float) -> bool:
+        """Exchanges transfer metadata with a peer once per (peer, boot); False on failure."""
+        peer = self.membership.peer(peer_name)
+        if peer is None:
+            return False
+        with self._handshake_lock:
+            if self._handshakes.get(peer_name) == peer.nonce:
+                return True
+        hello = m.Hello(
+            req=client.next_id(),
+            sender=self.name,
+            nonce=self.nonce,
+            channel=self.channel.kind,
+            agent=self.channel.metadata(),
+            segments=self.channel.segments(),
+        )
+        reply = client.call(peer.data_address, hello, deadline_s)
+        if not isinstance(reply, m.HelloReply) or reply.nonce != peer.nonce:
+            return False
+        with self._handshake_lock:
+            if self._handshakes.get(peer_name) == peer.nonce:
+                return True
+            if not self.channel.add_peer(peer_name, reply.agent, reply.segments):
+                return False
+            self._handshakes[peer_name] = peer.nonce
+        return True
+
+    def _peer_gone(self, name: str) -> None:
+        """A peer died, left or restarted: drop its transfer state so nothing waits on it."""
+        with self._handshake_lock:
+            self._handshakes.pop(name, None)
+        self.server.forget_peer(name)
+        self.directory.forget_holder(name)
+        log.info("%s: peer %s is gone; its transfer state is dropped", self.name, name)
+
+
+__all__ = ["ROLE_ENGINE", "ROLE_STORAGE", "ChunkLease", "MeshNode"]

@@ -1,0 +1,206 @@
+"""Pushing produced chunks to their homes, in the background, with a bounded queue.
+
+After a prefill the connector stores each full chunk locally (`MeshNode.put`) and queues it
+here. The pusher thread asks each home on the key's preference list to reserve slots for the
+chunks it lacks, WRITEs them (or sends them inline on the tcp channel), then commits with their
+checksums, which the home verifies before publishing.
+
+Under bandwidth pressure the queue fills; then the chunks are announced instead (``HELD_AT``:
+"ask me for these"), so the home still answers lookups for them and nothing waits. Every step
+has a deadline; a home that fails is simply skipped (its lookups miss; our copy stays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshkv.dataplane import messages as m
+from meshkv.dataplane.client import RequestClient
+from meshkv.errors import TransportError
+from meshkv.node.membership import Membership
+from meshkv.store import ChunkStore
+from meshkv.transfer import Channel
+
+log = logging.getLogger("vllm.meshkv.node.push")
+
+PUSH_QUEUE_MAX = 64
+"""Push jobs (one per put call) waiting; past this, chunks are announced with HELD_AT."""
+NOTICE_QUEUE_MAX = 1024
+PUSH_DEADLINE_S = 5.0
+"""Budget of one push job to one home (reserve + transfer + commit)."""
+POLL_INTERVAL_S = 0.0005
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    keys: list[bytes]
+    announce_only: bool
+
+
+class Pusher:
+    """Owns one thread and one RequestClient; `submit` may be called from any thread."""
+
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        store: ChunkStore,
+        channel: Channel,
+        client_factory: Callable[[], RequestClient],
+        handshake: Callable[[RequestClient, str, float], bool],
+        replicas: int,
+        chunk_bytes: Callable[[], int],
+    ) -> None:
+        self._membership = membership
+        self._store = store
+        self._channel = channel
+        self._client_factory = client_factory
+        self._handshake = handshake
+        self._replicas = replicas
+        self._chunk_bytes = chunk_bytes
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(PUSH_QUEUE_MAX)
+        self._notices: queue.Queue[_Job] = queue.Queue(NOTICE_QUEUE_MAX)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshkv-push", daemon=True)
+        self.stats: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):  # wakes the thread; if full it sees the flag
+            self._jobs.put_nowait(None)
+        self._thread.join(timeout_s)
+
+    def submit(self, keys: list[bytes]) -> None:
+        """Queues ``keys`` (committed locally) for their homes; never blocks."""
+        try:
+            self._jobs.put_nowait(_Job(keys, announce_only=False))
+        except queue.Full:
+            self.stats["queue_full"] += 1
+            try:
+                self._notices.put_nowait(_Job(keys, announce_only=True))
+            except queue.Full:
+                self.stats["notice_dropped"] += 1
+
+    def idle(self) -> bool:
+        """True when nothing is queued (tests and benchmarks wait on this)."""
+        return self._jobs.unfinished_tasks == 0 and self._notices.empty()
+
+    def _run(self) -> None:
+        client = self._client_factory()
+        try:
+            while not self._stopping.is_set():
+                while not self._notices.empty():
+                    self._announce(client, self._notices.get_nowait().keys)
+                try:
+                    job = self._jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                try:
+                    if job is None:
+                        return
+                    self._push(client, job.keys)
+                except Exception:  # a failed push is a lost copy, never a dead pusher
+                    log.exception("push failed")
+                finally:
+                    self._jobs.task_done()
+        finally:
+            client.close()
+
+    def _targets(self, keys: list[bytes]) -> dict[str, list[bytes]]:
+        me = self._membership.me.name
+        ring = self._membership.ring().current
+        targets: dict[str, list[bytes]] = {}
+        for key in keys:
+            for member in ring.preference_list(key, self._replicas):
+                if member != me:
+                    targets.setdefault(member, []).append(key)
+        return targets
+
+    def _announce(self, client: RequestClient, keys: list[bytes]) -> None:
+        me = self._membership.me.name
+        epoch = self._membership.ring().epoch
+        for home, home_keys in self._targets(keys).items():
+            peer = self._membership.peer(home)
+            if peer is not None:
+                notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=home_keys, holder=me)
+                if client.send_only(peer.data_address, notice):  # HELD_AT has no reply
+                    self.stats["announced"] += len(home_keys)
+
+    def _push(self, client: RequestClient, keys: list[bytes]) -> None:
+        for home, home_keys in self._targets(keys).items():
+            deadline_s = time.monotonic() + PUSH_DEADLINE_S
+            stored = self._push_to(client, home, home_keys, deadline_s)
+            self.stats["pushed"] += stored
+            self.stats["push_skipped"] += len(home_keys) - stored
+
+    def _push_to(
+        self, client: RequestClient, home: str, keys: list[bytes], deadline_s: float
+    ) -> int:
+        peer = self._membership.peer(home)
+        if peer is None or not self._handshake(client, home, deadline_s):
+            return 0
+        owner = f"push:{home}:{client.next_id()}"
+        slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s)
+        try:
+            keys = keys[: len(slots)]
+            epoch = self._membership.ring().epoch
+            chunk_bytes = self._chunk_bytes()
+            if self._channel.kind == "tcp":
+                put = m.Put(
+                    req=client.next_id(),
+                    epoch=epoch,
+                    keys=keys,
+                    chunk_bytes=chunk_bytes,
+                    checksums=[s.checksum for s in slots],
+                    payloads=[bytes(self._store.view(s)) for s in slots],
+                )
+                reply = client.call(peer.data_address, put, deadline_s)
+                return reply.stored if isinstance(reply, m.PutReply) else 0
+            put = m.Put(req=client.next_id(), epoch=epoch, keys=keys, chunk_bytes=chunk_bytes)
+            reply = client.call(peer.data_address, put, deadline_s)
+            if not isinstance(reply, m.PutReply):
+                return 0
+            chosen = [(s, ref) for s, ref in zip(slots, reply.slots, strict=False) if ref]
+            if not chosen:
+                return 0
+            if not self._write(home, chosen, deadline_s):
+                return 0
+            commit = m.Commit(
+                req=client.next_id(),
+                keys=[s.key for s, _ in chosen],
+                checksums=[s.checksum for s, _ in chosen],
+            )
+            done = client.call(peer.data_address, commit, deadline_s)
+            return done.stored if isinstance(done, m.CommitReply) else 0
+        finally:
+            self._store.unpin(slots, owner=owner)
+
+    def _write(self, home: str, chosen: list, deadline_s: float) -> bool:
+        try:
+            handle = self._channel.post_write(
+                home, [s.region for s, _ in chosen], [ref for _, ref in chosen]
+            )
+        except TransportError as exc:
+            log.info("push to %s not started: %s", home, exc)
+            return False
+        ok = False
+        try:
+            while time.monotonic() < deadline_s:
+                state = self._channel.poll(handle)
+                if state != "pending":
+                    ok = state == "done"
+                    break
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            self._channel.release(handle, failed=not ok)
+        return ok
