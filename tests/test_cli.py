@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
 
 from meshkv.cli import app
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.runner import GossipRunner
 
 PROCESS_TIMEOUT_S = 30
+DEADLINE_S = 5.0
 
 
 def _meshkv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -51,10 +60,21 @@ def test_python_dash_m_meshkv_lists_the_commands():
 def test_a_bad_config_file_is_one_line_naming_the_key_and_exit_code_2(tmp_path, yaml_text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
-    done = _meshkv("join", "--config", str(path))
-    assert done.returncode == 2
+    done = CliRunner().invoke(app, ["join", "--config", str(path)])
+    assert done.exit_code == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and lines[0].startswith("meshkv: config error")
+    assert done.stdout == ""
+
+
+def test_a_bad_config_from_the_environment_stops_the_real_process_with_exit_code_2(tmp_path):
+    path = tmp_path / "lmcache.yaml"
+    path.write_text("chunk_size: 256\nmesh_replicas: 99\n")
+    done = _meshkv("join", env={**os.environ, "LMCACHE_CONFIG_FILE": str(path)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "meshkv: config error: mesh_replicas: must be in 1..8, got 99"
+    ]
     assert done.stdout == ""
 
 
@@ -93,3 +113,85 @@ def test_join_on_a_taken_port_fails_with_one_line():
         done = _meshkv("join", "--port", str(taken.getsockname()[1]), "--id", "x")
     assert done.returncode == 1
     assert "cannot bind gossip port" in done.stderr
+
+
+@pytest.fixture
+def two_members() -> Iterator[tuple[GossipRunner, GossipRunner]]:
+    config = GossipConfig.test()
+    a = GossipRunner(config=config, name="a/0", host="127.0.0.1", meta={"namespace": "llama"})
+    b = GossipRunner(config=config, name="b/0", host="127.0.0.1")
+    a.start()
+    b.start([a.address])
+    try:
+        end = time.monotonic() + DEADLINE_S
+        while len(a.members()) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        yield a, b
+    finally:
+        a.stop(leave=False)
+        b.stop(leave=False)
+
+
+def test_members_prints_a_table_and_json(two_members):
+    a, b = two_members
+    table = CliRunner().invoke(app, ["members", "--seed", b.address])
+    assert table.exit_code == 0, table.output
+    for text in ("a/0", "b/0", a.address, "alive", "llama"):
+        assert text in table.output
+    rows = json.loads(CliRunner().invoke(app, ["members", "--seed", b.address, "--json"]).output)
+    assert [(r["id"], r["status"], r["namespace"]) for r in rows] == [
+        ("a/0", "alive", "llama"),
+        ("b/0", "alive", "-"),
+    ]
+
+
+def test_ring_prints_each_live_members_share(two_members):
+    a, _ = two_members
+    done = CliRunner().invoke(app, ["ring", "--seed", a.address, "--json"])
+    assert done.exit_code == 0, done.output
+    ring = json.loads(done.output)
+    assert [r["id"] for r in ring["members"]] == ["a/0", "b/0"]
+    assert sum(r["share"] for r in ring["members"]) == pytest.approx(1.0)
+    assert ring["vnodes"] == 256
+    table = CliRunner().invoke(app, ["ring", "--seed", a.address])
+    assert "a/0" in table.output and "%" in table.output
+
+
+@pytest.mark.processes
+def test_join_on_a_terminal_shows_the_live_table_and_ctrl_c_leaves_with_exit_0():
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshkv", "join", "--port", "0", "--id", "tty", "--profile", "test"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    os.close(terminal)
+    screen = b""
+    try:
+        end = time.monotonic() + PROCESS_TIMEOUT_S
+        while b"tty/0" not in screen and time.monotonic() < end:
+            screen += _read_terminal(controller)
+        assert b"tty/0" in screen and b"alive" in screen, screen
+        proc.send_signal(signal.SIGINT)
+        end = time.monotonic() + DEADLINE_S
+        while proc.poll() is None and time.monotonic() < end:  # keep reading: never block it
+            screen += _read_terminal(controller)
+        assert proc.poll() == 0
+        assert b"stats {" in screen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE_S)
+        os.close(controller)
+
+
+def _read_terminal(fd: int) -> bytes:
+    """What the process wrote to its terminal within 0.1 s (EIO once it has exited)."""
+    if not select.select([fd], [], [], 0.1)[0]:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""

@@ -7,12 +7,20 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import zmq
 
 from meshkv.errors import TransportError, UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import gossip_codec
+from meshkv.gossip.messages import (
+    MemberRecord,
+    StateQuery,
+    StateReply,
+    decode_message,
+    encode_message,
+    gossip_codec,
+)
 from meshkv.gossip.runner import GossipRunner, query_members
 from meshkv.wire import AuthPolicy
 
@@ -147,3 +155,50 @@ def test_after_stop_members_and_stats_are_the_final_snapshot(started):
         a.update_meta({"k": 1})
     with pytest.raises(UsageError):
         a.start()
+
+
+def test_query_members_assembles_parts_in_any_order_and_ignores_strangers():
+    codec = gossip_codec(CONFIG)
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    found: list[list[str]] = []
+    client = threading.Thread(
+        target=lambda: found.append(
+            [v.name for v in query_members(f"127.0.0.1:{port}", timeout_s=DEADLINE_S, codec=codec)]
+        )
+    )
+    client.start()
+    try:
+        assert server.poll(int(DEADLINE_S * 1000))
+        identity, frame = server.recv_multipart()
+        query = decode_message(codec, frame)
+        assert isinstance(query, StateQuery)
+        names = [[f"m{part}{i}/0" for i in range(2)] for part in range(3)]
+
+        def reply(query_id: int, part: int) -> bytes:
+            records = tuple(
+                MemberRecord(
+                    name=n,
+                    nonce=1,
+                    address="127.0.0.1:1",
+                    incarnation=1,
+                    state=MemberState.ALIVE,
+                    meta={},
+                )
+                for n in names[part]
+            )
+            message = StateReply(query_id=query_id, part=part, parts=3, records=records)
+            return encode_message(codec, message)
+
+        other_query = (query.query_id + 1) % 2**32
+        for frame in (reply(query.query_id, 2), b"garbage", reply(other_query, 0),
+                      reply(query.query_id, 0), reply(query.query_id, 2),
+                      reply(query.query_id, 1)):  # fmt: skip
+            server.send_multipart([identity, frame])
+        client.join(DEADLINE_S)
+    finally:
+        server.close()
+        ctx.term()
+    assert found == [sorted(n for part in names for n in part)]
