@@ -1,0 +1,177 @@
+"""`ControllerShim`: what runs behind ``lmcache_controller``: seed members and the HTTP API.
+
+Members' configs name two controller URLs, ``controller_pull_url`` and ``controller_reply_url``,
+and meshkv uses both as gossip seeds. The shim therefore runs one real gossip member on each
+port (``lmcache_controller@HOST:PULL/pull`` and ``.../reply``, role ``seed``: no store, no data
+plane, on no ring), so whichever URL a member reaches, a member answers, and either can be down
+without the other. Both probe and are probed like any member and learn the whole member table by
+gossip. LMCache's legacy ``--monitor-port`` gives only the pull member. The ``heartbeat`` port
+is accepted and not bound: gossip probes are meshkv's heartbeats.
+
+The HTTP API reads the pull member's table and asks the homes for lookups. Nothing here is on a
+data path: killing the shim costs the mesh one seed, nothing else; a restarted shim rejoins
+through the members it remembered (`RememberedSeeds`) and relearns the table by gossip.
+
+This module knows nothing of the command line or of HTTP routing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from meshkv import __version__
+from meshkv.compat.controller_settings import ControllerSettings
+from meshkv.compat.http_api import ControllerApi, HttpServer
+from meshkv.compat.mesh_lookup import MeshLookup
+from meshkv.compat.remembered_seeds import RememberedSeeds
+from meshkv.compat.worker_table import WorkerTable
+from meshkv.config import MeshConfig
+from meshkv.errors import TransportError
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.member import MemberState
+from meshkv.gossip.runner import GossipRunner
+from meshkv.node.membership import ROLE_SEED, peer_of
+from meshkv.wire import AuthPolicy
+
+log = logging.getLogger("vllm.meshkv.compat.controller")
+
+SEED_SAVE_INTERVAL_S = 1.0
+"""How often the remembered seeds are brought up to date (written only when they change)."""
+STOP_TIMEOUT_S = 3.0
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
+
+
+def advertised_host(host: str) -> str:
+    """The address members can reach the seed members at (a wildcard is not one)."""
+    if host not in WILDCARD_HOSTS:
+        return host
+    return socket.gethostbyname(socket.gethostname())
+
+
+class ControllerShim:
+    """Seed members on the monitor ports and LMCache's HTTP API on ``http_port``."""
+
+    def __init__(self, settings: ControllerSettings, config: MeshConfig) -> None:
+        self.settings = settings
+        self.config = config
+        gossip = getattr(GossipConfig, config.mesh_gossip_profile)()
+        auth = AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
+        host = advertised_host(settings.host)
+        instance = f"lmcache_controller@{host}:{settings.monitor_ports.pull}"
+        meta = {"role": ROLE_SEED, "v": __version__}
+        ports = {"pull": settings.monitor_ports.pull, "reply": settings.monitor_ports.reply}
+        self.members: dict[str, GossipRunner] = {}
+        try:
+            for role, port in ports.items():
+                if port is not None:
+                    self.members[role] = GossipRunner(
+                        config=gossip,
+                        name=f"{instance}/{role}",
+                        host=host,
+                        port=port,
+                        meta=meta,
+                        auth=auth,
+                    )
+        except TransportError:
+            self._discard_members()
+            raise
+        self._pull = self.members["pull"]
+        self.workers = WorkerTable()
+        self.lookup = MeshLookup(
+            name=self._pull.me.name,
+            vnodes=config.mesh_vnodes,
+            default_chunk_size=config.chunk_size,
+            auth=auth,
+            members=self._pull.members,
+        )
+        self._pull.subscribe(self.workers.on_event)
+        self._pull.subscribe(self.lookup.on_event)
+        self.api = ControllerApi(
+            members=self._pull.members,
+            workers=self.workers,
+            lookup=self.lookup,
+            lookup_timeout_s=config.lookup_timeout_ms / 1000,
+        )
+        try:
+            self.http = HttpServer(self.api, settings.host, settings.http_port)
+        except OSError as exc:
+            self._discard_members()
+            self.lookup.close()
+            raise TransportError(
+                f"cannot serve HTTP on {settings.host}:{settings.http_port}: {exc.strerror}"
+            ) from None
+        self.remembered = RememberedSeeds(settings.state_file)
+        self._stopping = threading.Event()
+        self._saver = threading.Thread(target=self._save_seeds, name="meshkv-seeds", daemon=True)
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.settings.host}:{self.http.port}"
+
+    def seed_addresses(self) -> list[str]:
+        return [member.address for member in self.members.values()]
+
+    def start(self) -> None:
+        """Joins the mesh (through ``mesh_seeds`` and the remembered members) and serves."""
+        own = self.seed_addresses()
+        outside = [s for s in [*self.config.mesh_seeds, *self.remembered.load()] if s not in own]
+        for member in self.members.values():
+            member.start([*outside, *own])
+        self.http.start()
+        self._saver.start()
+        self._log_start(outside)
+
+    def stop(self) -> None:
+        """Stops serving HTTP, then leaves the mesh gracefully."""
+        self._stopping.set()
+        self.http.stop()
+        if self._saver.is_alive():
+            self._saver.join(STOP_TIMEOUT_S)
+        for member in self.members.values():
+            member.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
+        self.lookup.close()
+
+    def _discard_members(self) -> None:
+        """Closes members that were built but never started (a later port failed to bind)."""
+        for member in self.members.values():
+            member.start()  # a runner closes its sockets only in the loop's shutdown
+            member.stop(leave=False, timeout_s=STOP_TIMEOUT_S)
+
+    def _save_seeds(self) -> None:
+        own = {member.me.name for member in self.members.values()}
+        while not self._stopping.wait(SEED_SAVE_INTERVAL_S):
+            try:
+                views = self._pull.members()
+            except TransportError:
+                continue
+            self.remembered.save(
+                v.address
+                for v in views
+                if v.state is MemberState.ALIVE and v.name not in own and peer_of(v) is not None
+            )
+
+    def _log_start(self, outside_seeds: list[str]) -> None:
+        s = self.settings
+        addresses = ", ".join(f"{role} {m.address}" for role, m in self.members.items())
+        log.info("meshkv lmcache_controller: HTTP API on http://%s", self.http_address)
+        log.info("seed members (gossip, no store, on no ring): %s", addresses)
+        if outside_seeds:
+            log.info("joining the mesh through %s", ", ".join(outside_seeds))
+        if s.monitor_ports.heartbeat is not None:
+            log.info(
+                "heartbeat port %d accepted and not bound: gossip probes replace LMCache's "
+                "worker heartbeats",
+                s.monitor_ports.heartbeat,
+            )
+        if s.health_check_interval_s != -1:
+            log.info(
+                "health_check_interval=%ds accepted: gossip probes every member continuously",
+                s.health_check_interval_s,
+            )
+        log.info(
+            "lmcache_worker_timeout=%ds accepted: workers leave the listings when gossip "
+            "declares them dead (seconds after a crash)",
+            s.worker_timeout_s,
+        )
