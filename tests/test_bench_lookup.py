@@ -96,7 +96,7 @@ def test_echo_floor_measures_and_its_failure_shows_as_timeouts(tmp_path, context
             label="echo", path=echo, group=echo.requesters(1), prompts=prompts, deadline_s=0.1
         )
         args = argparse.Namespace(
-            failure_before_s=0.3, failure_after_s=0.6, failure_interval_s=0.02
+            failure_before_s=0.3, failure_after_s=0.6, failure_interval_s=0.02, failure_drain_s=0.2
         )
         result = bl.failure_timeline([lane], [echo], args)
         lane.group.close()
@@ -134,3 +134,28 @@ def test_lmcache_controller_answers_first_last_and_miss_then_dies(tmp_path, cont
         assert lmcache.lookup(cases["hit_first"][0], deadline_s=0.3) is None
     finally:
         lmcache.teardown()
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(bl.meshkv_missing() is not None, reason=f"{bl.meshkv_missing()}")
+def test_meshkv_path_answers_every_case_and_keeps_answering_without_its_seed(tmp_path, context):
+    mesh = bl.MeshkvPath(context, tmp_path)
+    holdings = bl.make_holdings(3, 80, seed=4)
+    try:
+        facts = mesh.setup(holdings)
+        assert facts["members"] == 3 and facts["asker_home_keys"] >= 8
+        cases = mesh.cases(holdings, 8, seed=4)
+        assert set(cases) == {"hit_first", "hit_last", "miss", "local"}
+        for case, prompts in cases.items():
+            for prompt in prompts[:3]:
+                assert mesh.lookup(prompt) == bl.Answer(hits=prompt.expected_hits), case
+        group = mesh.requesters(4, background=True)
+        tput = bl.ThroughputCell()
+        bl.throughput_block(mesh, group, 4, cases["hit_last"], 0.3, tput)
+        group.close()
+        assert tput.completed > 4 and tput.wrong == 0 and tput.errors == 0
+        mesh.kill_server()
+        assert mesh.lookup(cases["hit_first"][0]) == bl.Answer(hits=8)
+    finally:
+        mesh.teardown()

@@ -32,9 +32,11 @@ import abc
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import platform
+import queue
 import random
 import select
 import signal
@@ -42,8 +44,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +98,8 @@ CHILD_STOP_TIMEOUT_S = 5.0
 LOOKUP_DEADLINE_S = 2.0  # a measured lookup slower than this counts as a timeout
 LMCACHE_RECV_TIMEOUT_MS = 30_000  # LMCache's DEFAULT_SOCKET_RECV_TIMEOUT_MS for worker requests
 SHORT_LMCACHE_RECV_TIMEOUT_MS = 500  # a tuned LMCache client, for the failure timeline
+
+BOOTS = itertools.count()  # numbers log files, so a second setup of the same N keeps the first's
 
 TARGETS = {
     "p50_ratio_at_8": 0.75,
@@ -309,7 +315,8 @@ class LookupPath(abc.ABC):
         """Starts the path's processes for these holdings; returns facts for the report."""
 
     @abc.abstractmethod
-    def requesters(self, count: int) -> RequesterGroup: ...
+    def requesters(self, count: int, background: bool = False) -> RequesterGroup:
+        """`count` requesters; ``background`` asks for ones that never block the poll loop."""
 
     @abc.abstractmethod
     def server_pids(self) -> list[int]:
@@ -414,7 +421,7 @@ class LMCachePath(LookupPath):
         controller_bin = self._python.parent / "lmcache_controller"
         env = {**os.environ, "PYTHONHASHSEED": "123"}
         t0 = time.monotonic()
-        with open(self._log_dir / f"lmcache-controller-n{n}.log", "wb") as log:
+        with open(self._log_dir / f"lmcache-controller-n{n}-{next(BOOTS)}.log", "wb") as log:
             self._controller = subprocess.Popen(
                 [
                     str(controller_bin),
@@ -441,7 +448,7 @@ class LMCachePath(LookupPath):
                 for i, keys in enumerate(holdings.member_keys)
             ],
         }
-        with open(self._log_dir / f"lmcache-workers-n{n}.log", "wb") as log:
+        with open(self._log_dir / f"lmcache-workers-n{n}-{next(BOOTS)}.log", "wb") as log:
             self._workers = subprocess.Popen(
                 [str(self._python), str(LMCACHE_SIDE / "sim_workers.py")],
                 stdin=subprocess.PIPE,
@@ -460,7 +467,7 @@ class LMCachePath(LookupPath):
             "encoder_checked_against_msgspec": True,
         }
 
-    def requesters(self, count: int) -> RequesterGroup:
+    def requesters(self, count: int, background: bool = False) -> RequesterGroup:
         return DealerGroup(self._context, self._reply_url, count, decode_lmcache_reply)
 
     def server_pids(self) -> list[int]:
@@ -520,7 +527,7 @@ class EchoPath(LookupPath):
             wait_for_tcp(port, self._server, 30)
         return {}
 
-    def requesters(self, count: int) -> RequesterGroup:
+    def requesters(self, count: int, background: bool = False) -> RequesterGroup:
         return DealerGroup(self._context, self._url, count, lambda payload: Answer(hits=-1))
 
     def server_pids(self) -> list[int]:
@@ -548,6 +555,330 @@ def echo_server(port: int) -> None:
             router.send_multipart(router.recv_multipart())
     router.close()
     context.term()
+
+
+# ---------------------------------------------------------------- meshkv
+
+
+MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups never read it)
+MESH_STORE_GIB = 0.05
+MESH_READY_TIMEOUT_S = 300.0
+MESH_CONVERGE_POLL_S = 0.05
+MESH_NAMESPACE = "bench-lookup"
+MESH_SEED_ID = "bench-seed"
+MESH_ASKER_ID = "bench-asker"
+
+
+def mesh_config(instance_id: str, seeds: Sequence[str], controller: Sequence[str] = ()):
+    """A member on 127.0.0.1 with any free ports, tcp channel, one-host gossip timing.
+
+    ``controller``: the shim's pull and reply addresses, given the way an LMCache config gives
+    them (enable_controller, controller_pull_url, controller_reply_url).
+    """
+    from meshkv.config import MeshConfig
+
+    return MeshConfig(
+        lmcache_instance_id=instance_id,
+        p2p_host="127.0.0.1",
+        p2p_init_ports=0,
+        p2p_lookup_ports=0,
+        transfer_channel="tcp",
+        max_local_cpu_size=MESH_STORE_GIB,
+        mesh_seeds=list(seeds),
+        mesh_gossip_profile="local",
+        enable_p2p=False,  # each member stores only its own home keys: nothing to push
+        enable_controller=bool(controller),
+        controller_pull_url=controller[0] if controller else None,
+        controller_reply_url=controller[1] if controller else None,
+    )
+
+
+def chunk_payload(key: bytes) -> bytes:
+    return (key * (MESH_CHUNK_BYTES // len(key) + 1))[:MESH_CHUNK_BYTES]
+
+
+def wait_for_ring(node, members: int, timeout_s: float) -> int:
+    """Polls until the node's ring has `members` members; returns the count it saw."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = len(node.membership.ring().current.members)
+        if seen >= members or time.monotonic() >= deadline:
+            return seen
+        time.sleep(MESH_CONVERGE_POLL_S)
+
+
+def start_mesh_node(spec: dict):
+    """A real MeshNode holding spec's keys (its ring home keys), started and joined."""
+    from meshkv.node import MeshNode
+
+    node = MeshNode(
+        mesh_config(spec["instance_id"], spec["seeds"], spec.get("controller", ())),
+        namespace=MESH_NAMESPACE,
+        role=spec["role"],
+    )
+    node.start()
+    keys = [bytes.fromhex(k) for k in spec["keys"]]
+    stored = node.put(keys, [chunk_payload(k) for k in keys]) if keys else 0
+    if stored != len(keys):
+        raise RuntimeError(f"{node.name} stored {stored} of its {len(keys)} home keys")
+    return node
+
+
+def mesh_member() -> None:
+    """(Subprocess) one meshkv member: spec on stdin, ready line on stdout, stop at EOF."""
+    spec = json.loads(sys.stdin.readline())
+    node = start_mesh_node(spec)
+    seen = wait_for_ring(node, spec["ring_members"], MESH_READY_TIMEOUT_S)
+    ready = {"gossip": node.gossip_address, "data": node.data_address, "ring_members": seen}
+    sys.stdout.write(json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+    node.stop(leave=False)
+
+
+class NodeLookupGroup(RequesterGroup):
+    """Requesters calling the asker's `MeshNode.lookup` (ring, local store, homes' `lookup`).
+
+    In the poll loop's own thread (``background`` False: the answer is there when `begin`
+    returns, no thread hop in the latency) or one thread per requester, each with its own
+    RequestClient as MeshNode gives every calling thread; answers come back through an
+    inproc socket the poll loop watches.
+    """
+
+    def __init__(self, node, context: zmq.Context, count: int, background: bool) -> None:
+        self._node = node
+        self._background = background
+        self._pull: zmq.Socket | None = None
+        if background:
+            self._address = f"inproc://bench-node-lookups-{id(self)}"
+            self._pull = context.socket(zmq.PULL)
+            self._pull.bind(self._address)
+            self._context = context
+            self._done: queue.SimpleQueue[tuple[int, Answer]] = queue.SimpleQueue()
+            self._pool = ThreadPoolExecutor(count, thread_name_prefix="bench-requester")
+            self._thread_sockets = threading.local()
+            self._pushes: list[zmq.Socket] = []
+            self._pushes_lock = threading.Lock()
+
+    def _ask(self, prompt: Prompt) -> Answer:
+        return Answer(hits=self._node.lookup(prompt.keys, timeout_s=LOOKUP_DEADLINE_S))
+
+    def sockets(self) -> Sequence[zmq.Socket]:
+        return [self._pull] if self._pull is not None else []
+
+    def begin(self, slot: int, prompt: Prompt) -> Answer | None:
+        if not self._background:
+            return self._ask(prompt)
+        self._pool.submit(self._run, slot, prompt)
+        return None
+
+    def _run(self, slot: int, prompt: Prompt) -> None:
+        answer = self._ask(prompt)
+        push = getattr(self._thread_sockets, "push", None)
+        if push is None:
+            push = self._thread_sockets.push = self._context.socket(zmq.PUSH)
+            push.connect(self._address)
+            with self._pushes_lock:
+                self._pushes.append(push)
+        self._done.put((slot, answer))
+        push.send(b"")
+
+    def on_readable(self, sock: zmq.Socket) -> list[tuple[int, Answer]]:
+        with contextlib.suppress(zmq.Again):
+            while True:
+                sock.recv(zmq.NOBLOCK)
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._done.get_nowait())
+        return out
+
+    def abandon(self, slot: int) -> None:
+        """Nothing to do: MeshNode.lookup keeps its own deadline and always returns."""
+
+    def close(self) -> None:
+        if self._background:
+            self._pool.shutdown(wait=True)
+            for push in self._pushes:
+                push.close(linger=0)
+            self._pull.close(linger=0)
+
+
+def meshkv_shim_missing() -> str | None:
+    """Why meshkv's lmcache_controller shim cannot run here, or None."""
+    try:
+        import meshkv.compat.controller_cli  # noqa: F401
+    except ImportError as exc:
+        return f"import meshkv.compat.controller_cli failed: {exc}"
+    return None
+
+
+class MeshkvPath(LookupPath):
+    """N meshkv members (the asker, in this process, and N-1 member processes) plus a seed.
+
+    Every chunk is stored at its ring home only (names are fixed, so the driver computes the
+    ring the members will form). The seed is meshkv's own ``lmcache_controller`` shim, which
+    the members name as LMCache configs do (enable_controller, controller_pull_url,
+    controller_reply_url); where the shim is not importable, a member of role "seed" (on no
+    ring, as the shim's members are) stands in. The failure timeline kills it.
+    """
+
+    name = "meshkv"
+
+    def __init__(self, context: zmq.Context, log_dir: Path) -> None:
+        self._context = context
+        self._log_dir = log_dir
+        self._seed: subprocess.Popen | None = None
+        self._members: list[subprocess.Popen] = []
+        self._asker = None
+        self._asker_name = f"{MESH_ASKER_ID}/0"
+        self._homes: dict[bytes, str] = {}
+        self.seed_kind = ""
+
+    def _spawn(self, spec: dict, log_name: str) -> subprocess.Popen:
+        with open(self._log_dir / log_name, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, __file__, "mesh-member"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        process.stdin.write((json.dumps(spec) + "\n").encode())
+        process.stdin.flush()
+        return process
+
+    def setup(self, holdings: Holdings) -> dict:
+        from meshkv.config import MeshConfig
+        from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED
+        from meshkv.ring import HashRing
+
+        n = holdings.members
+        t0 = time.monotonic()
+        ids = [MESH_ASKER_ID] + [f"bench-mesh-{i:03d}" for i in range(1, n)]
+        ring = HashRing([f"{i}/0" for i in ids], MeshConfig().mesh_vnodes)
+        every_key = [k for keys in holdings.member_keys for k in keys]
+        by_home: dict[str, list[str]] = {f"{i}/0": [] for i in ids}
+        self._homes = {}
+        for key in every_key:
+            home = ring.home(key)
+            self._homes[key] = home
+            by_home[home].append(key.hex())
+        join = self._start_seed(n, ROLE_SEED)
+        self._members = [
+            self._spawn(
+                {
+                    "instance_id": i,
+                    "role": ROLE_ENGINE,
+                    **join,
+                    "keys": by_home[f"{i}/0"],
+                    "ring_members": n,
+                },
+                f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
+            )
+            for i in ids[1:]
+        ]
+        self._asker = start_mesh_node(
+            {
+                "instance_id": MESH_ASKER_ID,
+                "role": ROLE_ENGINE,
+                **join,
+                "keys": by_home[self._asker_name],
+            }
+        )
+        for member in self._members:
+            ready = read_json_line(member, MESH_READY_TIMEOUT_S)
+            if ready["ring_members"] != n:
+                raise RuntimeError(f"a member saw {ready['ring_members']} of {n} ring members")
+        seen = wait_for_ring(self._asker, n, MESH_READY_TIMEOUT_S)
+        if tuple(sorted(self._asker.membership.ring().current.members)) != tuple(
+            sorted(ring.members)
+        ):
+            raise RuntimeError(f"the asker's ring ({seen} members) is not the expected one")
+        return {
+            "members": n,
+            "start_and_converge_s": time.monotonic() - t0,
+            "asker_home_keys": len(by_home[self._asker_name]),
+            "keys_per_home_max": max(len(v) for v in by_home.values()),
+            "keys_per_home_min": min(len(v) for v in by_home.values()),
+            "transfer_channel": "tcp",
+            "seed": self.seed_kind,
+        }
+
+    def _start_seed(self, n: int, seed_role: str) -> dict:
+        """Starts the shim (or a seed member); returns how members are told to join."""
+        self.seed_kind = "shim" if meshkv_shim_missing() is None else "seed member"
+        if self.seed_kind == "seed member":
+            self._seed = self._spawn(
+                {
+                    "instance_id": MESH_SEED_ID,
+                    "role": seed_role,
+                    "seeds": [],
+                    "keys": [],
+                    "ring_members": 0,
+                },
+                f"meshkv-seed-n{n}-{next(BOOTS)}.log",
+            )
+            return {"seeds": [read_json_line(self._seed, MESH_READY_TIMEOUT_S)["gossip"]]}
+        http_port, pull_port, reply_port = free_port(), free_port(), free_port()
+        with open(self._log_dir / f"meshkv-shim-n{n}-{next(BOOTS)}.log", "wb") as log:
+            self._seed = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "meshkv.compat.controller_cli",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(http_port),
+                    "--monitor-ports",
+                    json.dumps({"pull": pull_port, "reply": reply_port}),
+                    "mesh_gossip_profile=local",
+                    "mesh_state_file=",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_tcp(http_port, self._seed, CONTROLLER_START_TIMEOUT_S)
+        return {"seeds": [], "controller": [f"127.0.0.1:{pull_port}", f"127.0.0.1:{reply_port}"]}
+
+    def cases(self, holdings: Holdings, chunks: int, seed: int) -> dict[str, list[Prompt]]:
+        """LMCache's three cases (same prompts) plus "local": every chunk homed at the asker."""
+        out = lmcache_cases(holdings, chunks, seed)
+        mine = [k for k, home in self._homes.items() if home == self._asker_name]
+        rng = random.Random(seed * 1000 + chunks + 1)
+        if len(mine) >= chunks:
+            out["local"] = [
+                make_prompt(rng.sample(mine, chunks), chunks) for _ in range(PROMPTS_PER_CELL)
+            ]
+        return out
+
+    def requesters(self, count: int, background: bool = False) -> RequesterGroup:
+        return NodeLookupGroup(self._asker, self._context, count, background or count > 1)
+
+    def server_pids(self) -> list[int]:
+        return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
+
+    def kill_server(self) -> str:
+        self._seed.send_signal(signal.SIGKILL)
+        self._seed.wait(CHILD_STOP_TIMEOUT_S)
+        if self.seed_kind == "shim":
+            return f"meshkv's lmcache_controller shim (pid {self._seed.pid}), SIGKILL"
+        return (
+            f"meshkv seed member (pid {self._seed.pid}, role seed, on no ring: a stand-in for "
+            "the lmcache_controller shim, which was not importable), SIGKILL"
+        )
+
+    def teardown(self) -> None:
+        for process in (*self._members, self._seed):
+            if process is not None and process.poll() is None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
+        for process in (*self._members, self._seed):
+            stop_process(process)
+        if self._asker is not None:
+            self._asker.stop(leave=False)
+        self._members, self._seed, self._asker = [], None, None
 
 
 # ---------------------------------------------------------------- measurement loops
@@ -586,6 +917,7 @@ class Cell:
     errors: int = 0
     server_cpu_ns: int = 0
     server_cpu_stat_ns: int = 0
+    client_cpu_ns: int = 0
     block_wall_ns: int = 0
 
     def summary(self, idle_cpu_ns_per_s: float) -> dict:
@@ -602,6 +934,7 @@ class Cell:
             "server_cpu_us_per_lookup": self.server_cpu_ns / max(1, self.lookups) / 1e3,
             "server_cpu_us_per_lookup_net_of_idle": net_cpu / max(1, self.lookups) / 1e3,
             "server_cpu_stat_us_per_lookup": self.server_cpu_stat_ns / max(1, self.lookups) / 1e3,
+            "client_cpu_us_per_lookup": self.client_cpu_ns / max(1, self.lookups) / 1e3,
         }
 
 
@@ -610,6 +943,7 @@ def latency_block(
 ) -> None:
     pids = path.server_pids()
     cpu0 = cpu_ns(pids)
+    client0 = cpu_ns([os.getpid()])[0]
     t0 = time.perf_counter_ns()
     for i in range(count):
         prompt = prompts[i % len(prompts)]
@@ -624,6 +958,7 @@ def latency_block(
         elif answer.hits >= 0 and answer.hits != prompt.expected_hits:
             cell.wrong += 1
     cell.block_wall_ns += time.perf_counter_ns() - t0
+    cell.client_cpu_ns += cpu_ns([os.getpid()])[0] - client0
     cpu1 = cpu_ns(pids)
     cell.server_cpu_ns += cpu1[0] - cpu0[0]
     cell.server_cpu_stat_ns += cpu1[1] - cpu0[1]
@@ -637,11 +972,13 @@ class ThroughputCell:
     wrong: int = 0
     errors: int = 0
 
-    def summary(self) -> dict:
+    def summary(self, idle_cpu_ns_per_s: float) -> dict:
+        net_cpu = self.server_cpu_ns - idle_cpu_ns_per_s * self.wall_ns / 1e9
         return {
             "lookups": self.completed,
             "lookups_per_s": self.completed / (self.wall_ns / 1e9) if self.wall_ns else 0.0,
             "server_cpu_us_per_lookup": self.server_cpu_ns / max(1, self.completed) / 1e3,
+            "server_cpu_us_per_lookup_net_of_idle": net_cpu / max(1, self.completed) / 1e3,
             "wrong": self.wrong,
             "errors": self.errors,
         }
@@ -664,7 +1001,7 @@ def throughput_block(
     in_flight: dict[int, Prompt] = {}
 
     def start(slot: int) -> None:
-        while True:  # answers given at once (chunks homed at the asker) count and go on
+        while time.perf_counter_ns() < end_ns:  # answers given at once count and go on
             prompt = prompts[rng.randrange(len(prompts))]
             done = group.begin(slot, prompt)
             if done is None:
@@ -709,6 +1046,10 @@ def idle_cpu_rate(path: LookupPath, seconds: float) -> float:
     return (cpu_ns(pids)[0] - c0) / seconds
 
 
+SHARED_CASES = ("hit_first", "hit_last", "miss")
+"""The cases every path answers with the same prompts: the throughput mix uses only these."""
+
+
 def measure_member_count(
     paths: Sequence[LookupPath], holdings: Holdings, args: argparse.Namespace, seed: int
 ) -> dict:
@@ -718,15 +1059,27 @@ def measure_member_count(
     cases = {
         (p.name, chunks): p.cases(holdings, chunks, seed) for p in paths for chunks in args.chunks
     }
-    groups = {p.name: p.requesters(max(args.concurrency)) for p in paths}
+    mixes = {
+        p.name: [
+            prompt
+            for case in SHARED_CASES
+            for prompt in cases[(p.name, THROUGHPUT_PROMPT_CHUNKS)][case]
+        ]
+        for p in paths
+    }
+    latency_groups = {p.name: p.requesters(1) for p in paths}
+    load_groups = {
+        (p.name, c): p.requesters(c, background=c > 1) for p in paths for c in args.concurrency
+    }
     cells: dict[tuple[str, str, int], Cell] = {}
     tput: dict[tuple[str, int], ThroughputCell] = {}
     rng = random.Random(seed)
     try:
-        for name, group in groups.items():  # warm every connection once
-            warm = next(iter(cases[(name, args.chunks[0])].values()))[0]
-            for slot in range(max(args.concurrency)):
-                run_one(group, slot, warm, LOOKUP_DEADLINE_S)
+        for p in paths:  # open and warm every connection once
+            warm = cases[(p.name, THROUGHPUT_PROMPT_CHUNKS)]["hit_first"][0]
+            run_one(latency_groups[p.name], 0, warm, LOOKUP_DEADLINE_S)
+            for c in args.concurrency:
+                throughput_block(p, load_groups[(p.name, c)], c, [warm], 0.05, ThroughputCell())
         for round_index in range(args.rounds):
             items: list[tuple] = [
                 ("latency", p, case, chunks)
@@ -741,19 +1094,15 @@ def measure_member_count(
                     _, p, case, chunks = item
                     cell = cells.setdefault((p.name, case, chunks), Cell())
                     prompts = cases[(p.name, chunks)][case]
-                    latency_block(p, groups[p.name], prompts, args.block, cell)
+                    latency_block(p, latency_groups[p.name], prompts, args.block, cell)
                 else:
                     _, p, c = item
                     tcell = tput.setdefault((p.name, c), ThroughputCell())
-                    prompts = [
-                        prompt
-                        for case_prompts in cases[(p.name, THROUGHPUT_PROMPT_CHUNKS)].values()
-                        for prompt in case_prompts
-                    ]
-                    throughput_block(p, groups[p.name], c, prompts, args.throughput_s, tcell)
+                    group = load_groups[(p.name, c)]
+                    throughput_block(p, group, c, mixes[p.name], args.throughput_s, tcell)
             print(f"[bench_lookup] N={holdings.members} round {round_index + 1}/{args.rounds}")
     finally:
-        for group in groups.values():
+        for group in [*latency_groups.values(), *load_groups.values()]:
             group.close()
     return {
         "members": holdings.members,
@@ -764,7 +1113,7 @@ def measure_member_count(
             for (name, case, chunks), cell in sorted(cells.items())
         ],
         "throughput": [
-            {"path": name, "concurrency": c, **cell.summary()}
+            {"path": name, "concurrency": c, **cell.summary(idle[name])}
             for (name, c), cell in sorted(tput.items())
         ],
     }
@@ -794,8 +1143,9 @@ def failure_timeline(
     """Lookups every interval on every lane; the servers die at the kill; runs after_s more.
 
     Each lane waits for its lookup's answer or its own deadline (a blocked client is part of
-    what a failure looks like) before the next; a lookup still waiting at the end is recorded
-    as "waiting" with the time it had waited so far.
+    what a failure looks like) before the next. No lookup starts after after_s; those in
+    flight get failure_drain_s more to end, and one still waiting then is recorded as
+    "waiting" with the time it had waited so far.
     """
     poller = zmq.Poller()
     owner: dict[int, Lane] = {}
@@ -843,7 +1193,10 @@ def failure_timeline(
         lane.in_flight = None
         lane.next_start_ns = lane.started_ns + interval_ns
 
-    while (now := time.perf_counter_ns()) < end_ns:
+    drain_end_ns = end_ns + int(args.failure_drain_s * 1e9)
+    while (now := time.perf_counter_ns()) < drain_end_ns:
+        if now >= end_ns and all(lane.in_flight is None for lane in lanes):
+            break
         if not killed and now >= kill_ns:
             for path in kill_paths:
                 killed.append({"path": path.name, "what": path.kill_server()})
@@ -853,7 +1206,7 @@ def failure_timeline(
                 lane.group.abandon(0)
                 arm(lane)
                 finish(lane, None, now)
-            if lane.in_flight is None and now >= lane.next_start_ns:
+            if lane.in_flight is None and lane.next_start_ns <= now < end_ns:
                 lane.in_flight = lane.prompts[rng.randrange(len(lane.prompts))]
                 lane.started_ns = now
                 answer = lane.group.begin(0, lane.in_flight)
@@ -866,7 +1219,7 @@ def failure_timeline(
                     finish(lane, answer, time.perf_counter_ns())
     for lane in lanes:
         if lane.in_flight is not None:
-            finish(lane, None, end_ns, outcome="waiting")
+            finish(lane, None, time.perf_counter_ns(), outcome="waiting")
     return {
         "killed": killed,
         "before_s": args.failure_before_s,
@@ -928,9 +1281,9 @@ def run_failure(
         Lane(
             label=p.name,
             path=p,
-            group=p.requesters(1),
+            group=p.requesters(1, background=True),
             prompts=prompts[p.name],
-            deadline_s=LOOKUP_DEADLINE_S,
+            deadline_s=LOOKUP_DEADLINE_S + 1.0,  # the path's own deadline answers first
         )
         for p in others
     ]
@@ -985,6 +1338,96 @@ def ratios(results: dict) -> list[dict]:
     return rows
 
 
+def _cells(results: dict, path: str, members: int) -> dict[tuple[str, int], dict]:
+    run = next((r for r in results["runs"] if r["members"] == members), None)
+    if run is None:
+        return {}
+    return {(r["case"], r["chunks"]): r for r in run["latency"] if r["path"] == path}
+
+
+def _worst_and_median(values: Sequence[float]) -> dict:
+    values = sorted(v for v in values if v == v)  # drop NaN
+    if not values:
+        return {"worst": None, "median": None, "cells": 0}
+    return {"worst": values[-1], "median": statistics.median(values), "cells": len(values)}
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured value (worst and median over the cells)."""
+    if "meshkv" not in results["paths"]:
+        return []
+    members = [r["members"] for r in results["runs"]]
+    out = []
+
+    def add(name: str, target: float, stat: dict, below: bool = True) -> None:
+        value = stat["worst"]
+        ok = None if value is None else (value <= target if below else value >= target)
+        out.append({"target": name, "limit": target, **stat, "met_in_every_cell": ok})
+
+    def ratio_stat(n: int, field: str, num: str, den: str) -> dict:
+        a, b = _cells(results, num, n), _cells(results, den, n)
+        return _worst_and_median(
+            [a[k][field] / b[k][field] for k in a.keys() & b.keys() if b[k][field] > 0]
+        )
+
+    for n, limit in ((8, TARGETS["p50_ratio_at_8"]), (64, TARGETS["p50_ratio_at_64"])):
+        if n in members:
+            add(
+                f"meshkv p50 / lmcache p50 at N={n}",
+                limit,
+                ratio_stat(n, "p50_us", "meshkv", "lmcache"),
+            )
+    for n in members:
+        add(
+            f"meshkv p50 / echo p50 at N={n}",
+            TARGETS["p50_over_echo"],
+            ratio_stat(n, "p50_us", "meshkv", "echo"),
+        )
+        add(
+            f"meshkv server CPU / lmcache server CPU per lookup (net of idle) at N={n}",
+            TARGETS["cpu_ratio"],
+            ratio_stat(n, "server_cpu_us_per_lookup_net_of_idle", "meshkv", "lmcache"),
+        )
+    if len(members) > 1:
+        lo, hi = min(members), max(members)
+        a, b = _cells(results, "meshkv", hi), _cells(results, "meshkv", lo)
+        flat = _worst_and_median([a[k]["p50_us"] / b[k]["p50_us"] for k in a.keys() & b.keys()])
+        out.append({"target": f"meshkv p50 at N={hi} / at N={lo} (flat in N: ~1)", **flat})
+    for n in members:
+        local = [r for k, r in _cells(results, "meshkv", n).items() if k[0] == "local"]
+        echo = _cells(results, "echo", n)
+        ratios_local = [
+            r["p50_us"] / echo[("hit_first", r["chunks"])]["p50_us"]
+            for r in local
+            if ("hit_first", r["chunks"]) in echo
+        ]
+        if ratios_local:
+            out.append(
+                {
+                    "target": f"meshkv local-home p50 / echo p50 at N={n} (<1: no round trip)",
+                    **_worst_and_median(ratios_local),
+                }
+            )
+    for run in results["runs"]:
+        tp = {(r["path"], r["concurrency"]): r["lookups_per_s"] for r in run["throughput"]}
+        for c in sorted({c for _, c in tp}):
+            if ("meshkv", c) in tp and tp.get(("lmcache", c)):
+                value = tp[("meshkv", c)] / tp[("lmcache", c)]
+                name = f"meshkv / lmcache throughput, {c} requesters, N={run['members']}"
+                add(name, TARGETS["throughput_ratio_32_at_64"], _worst_and_median([value]), False)
+    failure = results.get("failure")
+    if failure:
+        for lane in failure["lanes"]:
+            out.append(
+                {
+                    "target": f"after the kill: {lane['label']}",
+                    **lane["after_kill"],
+                    "before_kill_answer_p50_ms": lane["before_kill"]["answer_p50_ms"],
+                }
+            )
+    return out
+
+
 def print_table(results: dict) -> None:
     print("\nlatency (us): p50 / p99, server CPU us per lookup")
     header = f"{'N':>3} {'case':<10} {'chunks':>6}  " + "  ".join(
@@ -1016,6 +1459,8 @@ def print_table(results: dict) -> None:
                 if (p, c) in cells
             )
             print(line)
+    for target in results.get("targets", []):
+        print(f"  {target}")
     if results.get("failure"):
         print("\nfailure timeline (after the kill)")
         for lane in results["failure"]["lanes"]:
@@ -1113,7 +1558,23 @@ def plot(results: dict, out_png: Path) -> None:
 def build_paths(args, context: zmq.Context, log_dir: Path) -> tuple[LMCachePath, list[LookupPath]]:
     python = ensure_lmcache_venv(args.venv)
     lmcache = LMCachePath(python, context, log_dir)
-    return lmcache, [EchoPath(context, log_dir)]
+    others: list[LookupPath] = [EchoPath(context, log_dir)]
+    if not args.no_meshkv:
+        missing = meshkv_missing()
+        if missing:
+            print(f"[bench_lookup] meshkv path skipped: {missing}", flush=True)
+        else:
+            others.insert(0, MeshkvPath(context, log_dir))
+    return lmcache, others
+
+
+def meshkv_missing() -> str | None:
+    """Why the meshkv path cannot run here (its data plane not importable), or None."""
+    try:
+        import meshkv.node  # noqa: F401
+    except ImportError as exc:
+        return f"import meshkv.node failed: {exc}"
+    return None
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -1168,6 +1629,7 @@ def bench(args: argparse.Namespace) -> dict:
             p.teardown()
         context.destroy(linger=0)
     results["ratios"] = ratios(results)
+    results["targets"] = evaluate_targets(results)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["lmcache_venv_digest"] = hashlib.sha256(
         (args.venv / VENV_READY_MARK).read_bytes()
@@ -1180,6 +1642,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command")
     echo = sub.add_parser("echo-server", help="(internal) the echo floor's server")
     echo.add_argument("--port", type=int, required=True)
+    sub.add_parser("mesh-member", help="(internal) one meshkv member process")
+    parser.add_argument("--no-meshkv", action="store_true", help="LMCache and echo only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="LMCache venv (made once)")
     parser.add_argument("--members", type=int, nargs="+", default=list(MEMBER_COUNTS))
@@ -1194,6 +1658,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--failure-before-s", type=float, default=3.0)
     parser.add_argument("--failure-after-s", type=float, default=30.0)
     parser.add_argument("--failure-interval-s", type=float, default=0.05)
+    parser.add_argument(
+        "--failure-drain-s", type=float, default=5.0, help="extra wait for lookups in flight"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small smoke run (~1 min)")
     args = parser.parse_args(argv)
@@ -1209,6 +1676,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.failure_members = 2
         args.failure_before_s = 1.0
         args.failure_after_s = 3.0
+        args.failure_drain_s = 0.0
     if THROUGHPUT_PROMPT_CHUNKS not in args.chunks:
         args.chunks = sorted({*args.chunks, THROUGHPUT_PROMPT_CHUNKS})
     return args
@@ -1218,6 +1686,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "echo-server":
         echo_server(args.port)
+        return
+    if args.command == "mesh-member":
+        mesh_member()
         return
     results = bench(args)
     out_json = args.out / "lookup.json"
