@@ -126,9 +126,10 @@ def test_file_then_env_then_flags_then_key_values(tmp_path: Path):
     assert (flagged.http_port, flagged.host) == (9300, "127.0.0.1")  # flag wins; file kept
 
 
-def test_state_file_default_and_off():
-    settings, _ = _settings(monitor_ports=DOCUMENTED_MONITOR_PORTS)
-    assert settings.state_file is not None and settings.state_file.name == "controller-8300.json"
+def test_state_file_default_and_off(tmp_path: Path):
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    settings, _ = load_settings(CommandLine(monitor_ports=DOCUMENTED_MONITOR_PORTS), environ=env)
+    assert settings.state_file == tmp_path / "meshkv" / "controller-8300.json"
     off, _ = _settings(extra=("mesh_state_file=",))
     assert off.state_file is None
 

@@ -34,7 +34,6 @@ CONFIG_FILE_ENV = "LMCACHE_CONTROLLER_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_CONTROLLER_"
 MONITOR_PORTS_EXAMPLE = '{"pull": 8300, "reply": 8400}'
 MONITOR_PORT_NAMES = ("pull", "reply", "heartbeat")
-DEFAULT_STATE_DIR = Path("~/.local/state/meshkv")
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_HTTP_PORT = 9000
 DEFAULT_PULL_PORT = 8300
@@ -70,8 +69,9 @@ class ControllerSettings:
     worker_timeout_s: int = DEFAULT_WORKER_TIMEOUT_S
     """Accepted; a worker leaves the listings when gossip declares it dead (seconds)."""
     state_file: Path | None = None
-    """Where the shim remembers a few members' gossip addresses to rejoin after a restart;
-    None: not remembered (``mesh_state_file: ""``)."""
+    """Where the shim remembers a few members' gossip addresses to rejoin after a restart
+    (default ``$XDG_STATE_HOME/meshkv/controller-<pull port>.json``, ``XDG_STATE_HOME``
+    defaulting to ``~/.local/state``); None: not remembered (``mesh_state_file: ""``)."""
     extra_config: dict[str, Any] = field(default_factory=dict)
     """LMCache's controller ``extra_config``; kept for the log, unused."""
 
@@ -193,7 +193,7 @@ def load_settings(
     unknown = sorted(k for k in values if k not in _MESH_KEYS)
     if unknown:
         raise ConfigError(unknown[0], "is neither a controller key nor a meshkv config key")
-    settings = _settings(mine, command_line.monitor_port)
+    settings = _settings(mine, command_line.monitor_port, env)
     return settings, load_config(None, overrides=values, environ=env)
 
 
@@ -211,7 +211,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _settings(values: dict[str, Any], legacy_monitor_port: int | None) -> ControllerSettings:
+def _settings(
+    values: dict[str, Any], legacy_monitor_port: int | None, env: Mapping[str, str]
+) -> ControllerSettings:
     host = values.get("controller_host", DEFAULT_HOST)
     if not isinstance(host, str) or not host:
         raise ConfigError("controller_host", f"must be a host name or address, got {host!r}")
@@ -244,7 +246,7 @@ def _settings(values: dict[str, Any], legacy_monitor_port: int | None) -> Contro
         monitor_ports=monitor,
         health_check_interval_s=interval,
         worker_timeout_s=timeout,
-        state_file=_state_file(values.get("mesh_state_file"), monitor.pull),
+        state_file=_state_file(values.get("mesh_state_file"), monitor.pull, env),
         extra_config=extra,
     )
 
@@ -257,9 +259,10 @@ def _integer(key: str, value: object) -> int:
     return value
 
 
-def _state_file(value: object, pull_port: int) -> Path | None:
+def _state_file(value: object, pull_port: int, env: Mapping[str, str]) -> Path | None:
     if value is None:
-        return (DEFAULT_STATE_DIR / f"controller-{pull_port}.json").expanduser()
+        state_home = env.get("XDG_STATE_HOME") or str(Path("~/.local/state").expanduser())
+        return Path(state_home) / "meshkv" / f"controller-{pull_port}.json"
     if not isinstance(value, str):
         raise ConfigError("mesh_state_file", f"must be a path or empty, got {value!r}")
     return Path(value).expanduser() if value else None

@@ -124,7 +124,9 @@ class ControllerShim:
         self._log_start(outside)
 
     def stop(self) -> None:
-        """Stops serving HTTP, then leaves the mesh gracefully."""
+        """Stops serving HTTP, then leaves the mesh gracefully. Safe to call twice."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         self.http.stop()
         if self._saver.is_alive():

@@ -138,12 +138,12 @@ class MeshLookup:
                 keys = chunk_keys(root_key(bytes.fromhex(ns)), tokens, chunk_size)[: m.MAX_KEYS]
                 if keys:
                     holders = self._holders(keys, membership, client, deadline_s)
-                    per_namespace[ns] = _matched_tokens(holders, chunk_size)
+                    per_namespace[ns] = matched_tokens(holders, chunk_size)
         finally:
             self._clients.put(client)
         return {
             instance: (LOCATION, count)
-            for instance, count in _per_instance(per_namespace, ranks_of).items()
+            for instance, count in combine_namespaces(per_namespace, ranks_of).items()
             if count > 0
         }
 
@@ -205,7 +205,7 @@ def _instance_of(member_name: str) -> str:
     return instance if sep else member_name
 
 
-def _matched_tokens(holders: list[str], chunk_size: int) -> dict[str, int]:
+def matched_tokens(holders: list[str], chunk_size: int) -> dict[str, int]:
     """Per holder instance: the end (in tokens) of the last leading chunk it holds."""
     matched: dict[str, int] = {}
     for index, holder in enumerate(holders):
@@ -213,7 +213,7 @@ def _matched_tokens(holders: list[str], chunk_size: int) -> dict[str, int]:
     return matched
 
 
-def _per_instance(
+def combine_namespaces(
     per_namespace: dict[str, dict[str, int]], ranks_of: dict[str, set[str]]
 ) -> dict[str, int]:
     """Engine instances: the minimum over their ranks' namespaces; other holders (storage

@@ -1,0 +1,297 @@
+"""The shim's HTTP API against real gossip members in this process (real ZMQ on 127.0.0.1, real
+HTTP): worker listings, health, errors that never crash it, 501s, metrics, restart."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkv.compat.controller_settings import CommandLine, load_settings
+from meshkv.compat.controller_shim import ControllerShim
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.runner import GossipRunner
+from meshkv.node.membership import ROLE_ENGINE, member_meta
+
+DEADLINE_S = 5.0
+POLL_S = 0.05
+HTTP_TIMEOUT_S = 5.0
+NS = "ab" * 16
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_S) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        if check():
+            return time.monotonic() - started
+        time.sleep(POLL_S)
+    pytest.fail(f"not within {deadline_s}s: {what}")
+
+
+class Shim:
+    """A shim on free ports, and an HTTP client for it."""
+
+    def __init__(
+        self,
+        state_file: Path | None = None,
+        ports: tuple[int, int, int] | None = None,
+        extra: tuple[str, ...] = (),
+    ):
+        self.http_port, self.pull_port, self.reply_port = ports or (
+            free_port(),
+            free_port(),
+            free_port(),
+        )
+        monitor = json.dumps({"pull": self.pull_port, "reply": self.reply_port})
+        settings, config = load_settings(
+            CommandLine(
+                host="127.0.0.1",
+                port=self.http_port,
+                monitor_ports=monitor,
+                extra=("mesh_gossip_profile=test", f"mesh_state_file={state_file or ''}", *extra),
+            ),
+            environ={},
+        )
+        self.shim = ControllerShim(settings, config)
+        self.shim.start()
+        self.seeds = self.shim.seed_addresses()
+
+    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, str]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+                status, raw, kind = (
+                    response.status,
+                    response.read(),
+                    response.headers["Content-Type"],
+                )
+        except urllib.error.HTTPError as error:
+            status, raw, kind = error.code, error.read(), error.headers["Content-Type"]
+        parsed = json.loads(raw) if kind == "application/json" else raw.decode()
+        return status, parsed, kind
+
+    def post(self, path: str, value: Any) -> tuple[int, Any]:
+        status, body, _ = self.call("POST", path, json.dumps(value).encode())
+        return status, body
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, body, _ = self.call("GET", path)
+        return status, body
+
+    def workers(self, instance_id: str = "all") -> list[dict[str, Any]]:
+        status, body = self.post("/query_worker_info", {"instance_id": instance_id})
+        assert status == 200, body
+        return body["worker_infos"]
+
+
+@pytest.fixture
+def shims() -> Iterator[Callable[..., Shim]]:
+    started: list[Shim] = []
+
+    def make(**kwargs: Any) -> Shim:
+        shim = Shim(**kwargs)
+        started.append(shim)
+        return shim
+
+    yield make
+    for shim in started:
+        shim.shim.stop()
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[..., GossipRunner]]:
+    runners: list[GossipRunner] = []
+
+    def start(name: str, seeds: list[str], data: str = "127.0.0.1:1", **meta: Any) -> GossipRunner:
+        advertised = member_meta(
+            namespace=NS,
+            role=ROLE_ENGINE,
+            data_address=data,
+            channel="tcp",
+            capacity_bytes=1 << 20,
+            version="test",
+        )
+        runner = GossipRunner(
+            config=GossipConfig.test(), name=name, host="127.0.0.1", meta={**advertised, **meta}
+        )
+        runners.append(runner)
+        runner.start(seeds)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.stop(leave=False)
+
+
+def test_query_worker_info_lists_every_engine_and_filters(shims, engines):
+    shim = shims()
+    before = time.time()
+    e1 = engines("inst1/0", shim.seeds, data="127.0.0.1:8201")
+    engines("inst2/0", shim.seeds)
+    engines("inst2/1", shim.seeds)
+    wait_until("three workers listed", lambda: len(shim.workers()) == 3)
+    by_name = {(w["instance_id"], w["worker_id"]): w for w in shim.workers()}
+    assert set(by_name) == {("inst1", 0), ("inst2", 0), ("inst2", 1)}
+    first = by_name[("inst1", 0)]
+    assert (first["ip"], first["port"], first["peer_init_url"]) == ("127.0.0.1", 8201, e1.address)
+    assert before <= first["registration_time"] <= first["last_heartbeat_time"] <= time.time()
+    assert len(shim.workers("inst2")) == 2
+    status, body = shim.post("/query_worker_info", {"instance_id": "inst2", "worker_ids": [1]})
+    assert status == 200 and [w["worker_id"] for w in body["worker_infos"]] == [1]
+    assert shim.workers("nobody") == []
+
+
+def test_health_is_0_for_live_workers_and_1001_once_gossip_suspects_them(shims, engines):
+    shim = shims()
+    engines("inst1/0", shim.seeds)
+    doomed = engines("inst1/1", shim.seeds)
+    wait_until("both workers listed", lambda: len(shim.workers("inst1")) == 2)
+    status, body = shim.post("/health", {"instance_id": "inst1"})
+    assert status == 200 and body["error_codes"] == {"0": 0, "1": 0}
+    assert body["event_id"].startswith("health")
+    doomed.stop(leave=False)  # a crash: no goodbye
+    wait_until(
+        "the crashed worker reported",
+        lambda: (
+            shim.post("/health", {"instance_id": "inst1"})[1]["error_codes"] == {"0": 0, "1": -1001}
+        ),
+    )
+    assert shim.post("/health", {"instance_id": "nobody"})[1]["error_codes"] == {}
+
+
+def test_a_worker_that_leaves_gracefully_leaves_the_listings(shims, engines):
+    shim = shims()
+    engines("inst1/0", shim.seeds)
+    leaving = engines("inst2/0", shim.seeds)
+    wait_until("both listed", lambda: len(shim.workers()) == 2)
+    leaving.stop(leave=True)
+    wait_until("only inst1 listed", lambda: [w["instance_id"] for w in shim.workers()] == ["inst1"])
+    assert shim.post("/health", {"instance_id": "inst2"})[1]["error_codes"] == {}
+
+
+def test_query_instance_answers_by_ip_and_refuses_to_guess(shims, engines):
+    shim = shims()
+    engines("alone/0", shim.seeds, data="127.0.0.2:8201")
+    engines("inst1/0", shim.seeds, data="127.0.0.1:8201")
+    engines("inst2/0", shim.seeds, data="127.0.0.1:8203")
+    wait_until("three listed", lambda: len(shim.workers()) == 3)
+    status, body = shim.post("/query_instance", {"event_id": "e", "ip": "127.0.0.2"})
+    assert status == 200 and body["res"] == "alone" and body["event_id"].startswith("QueryInst")
+    status, body = shim.post("/query_instance", {"event_id": "e", "ip": "127.0.0.1"})
+    assert status == 409 and "inst1" in body["detail"] and "inst2" in body["detail"]
+    assert shim.post("/query_instance", {"event_id": "e", "ip": "10.9.9.9"})[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "detail"),
+    [
+        ("POST", "/lookup", b"{tokens: [1, 2]}", 400, "not valid JSON"),
+        ("POST", "/lookup", b"\xff\xfe", 400, "not valid JSON"),
+        ("POST", "/lookup", b"", 400, "not valid JSON"),
+        ("POST", "/health", b"[1, 2]", 400, "must be a JSON object"),
+        ("POST", "/health", b"{}", 422, "instance_id: field required"),
+        ("POST", "/lookup", b'{"tokens": "1 2 3"}', 422, "tokens: must be a list"),
+        ("POST", "/lookup", b'{"tokens": [1, -2]}', 422, "every token id"),
+        (
+            "POST",
+            "/query_worker_info",
+            b'{"instance_id": "all", "worker_ids": "0"}',
+            422,
+            "worker_ids",
+        ),
+        ("GET", "/lookup", None, 405, "takes POST"),
+        ("POST", "/metrics", b"{}", 405, "takes GET"),
+        ("GET", "/no/such/path", None, 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_clear_errors_and_the_shim_keeps_serving(
+    shims, method, path, body, status, detail
+):
+    shim = shims()
+    got_status, got, kind = shim.call(method, path, body)
+    assert (got_status, kind) == (status, "application/json")
+    assert detail in got["detail"]
+    assert shim.post("/health", {"instance_id": "x"})[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/clear", "/pin", "/compress", "/decompress", "/move"])
+def test_calls_meshkv_cannot_honour_answer_501_with_the_reason(shims, path):
+    status, body = shims().post(path, {"instance_id": "inst1", "location": "LocalCPUBackend"})
+    assert status == 501
+    assert body["detail"].startswith(f"{path} is not supported by meshkv: ")
+    assert len(body["detail"]) > len(path) + 40  # a reason, not just a refusal
+
+
+def test_controller_views_and_metrics(shims, engines):
+    shim = shims()
+    engines("inst1/0", shim.seeds, keys=7)
+    engines("inst1/1", shim.seeds, keys=5)
+    engines("inst2/0", shim.seeds)  # advertises no key count
+    wait_until("three listed", lambda: len(shim.workers()) == 3)
+    status, body = shim.get("/controller/workers")
+    assert status == 200 and body["total_count"] == 3
+    status, body = shim.get("/controller/workers?instance_id=inst1")
+    assert status == 200 and [w["key_count"] for w in body["workers"]] == [7, 5]
+    status, body = shim.get("/controller/workers?instance_id=inst1&worker_id=1")
+    assert status == 200 and (body["worker_id"], body["key_count"]) == (1, 5)
+    assert shim.get("/controller/workers?instance_id=inst9")[0] == 404
+    assert shim.get("/controller/workers?instance_id=inst1&worker_id=4")[0] == 404
+    status, stats = shim.get("/controller/key-stats")
+    assert status == 200
+    assert (stats["total_instance_count"], stats["total_worker_count"]) == (2, 3)
+    per_instance = {i["instance_id"]: i["key_count"] for i in stats["instances"]}
+    assert per_instance == {"inst1": 12, "inst2": None}
+    assert stats["total_key_count"] is None  # unknown, not a made-up 12
+    status, text, kind = shim.call("GET", "/metrics")
+    assert status == 200 and kind.startswith("text/plain")
+    assert 'meshkv_controller_members{role="engine",state="alive"} 3.0' in text
+    assert 'meshkv_controller_members{role="seed",state="alive"} 2.0' in text
+    assert "meshkv_controller_http_requests_total" in text
+
+
+def test_check_finish_knows_the_events_it_issued(shims):
+    shim = shims()
+    _, health = shim.post("/health", {"instance_id": "inst1"})
+    assert shim.post("/check_finish", {"event_id": health["event_id"]}) == (
+        200,
+        {"status": "finished"},
+    )
+    assert shim.post("/check_finish", {"event_id": "Lookup-not-ours"})[0] == 404
+
+
+def test_killed_shim_changes_nothing_between_members_and_a_restart_relearns_them(
+    shims, engines, tmp_path
+):
+    state = tmp_path / "controller.json"
+    first = shims(state_file=state)
+    e1 = engines("inst1/0", first.seeds)
+    engines("inst2/0", first.seeds)
+    wait_until("both listed", lambda: len(first.workers()) == 2)
+    wait_until(
+        "members remembered",
+        lambda: state.exists() and len(json.loads(state.read_text())["seeds"]) == 2,
+    )
+    ports = (first.http_port, first.pull_port, first.reply_port)
+    for member in first.shim.members.values():
+        member.stop(leave=False)  # as if killed: no goodbye
+    first.shim.stop()
+    time.sleep(1.0)  # long enough for the engines to notice the seeds are gone
+    assert {m.name for m in e1.members() if m.state.name == "ALIVE"} >= {"inst1/0", "inst2/0"}
+    second = shims(state_file=state, ports=ports)
+    took_s = wait_until("restarted shim lists both", lambda: len(second.workers()) == 2)
+    assert took_s < DEADLINE_S
