@@ -44,7 +44,12 @@ def build_parser(prog: str = "lmcache_controller") -> argparse.ArgumentParser:
         prog=prog,
         description="meshkv's lmcache_controller: seeds the gossip mesh on the monitor ports "
         "and serves LMCache's controller HTTP API. Not on any data path.",
-        epilog="Extra arguments key=value override controller keys and meshkv config keys "
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Overrides of controller keys and meshkv config keys "
         "(e.g. mesh_secret=..., mesh_gossip_profile=local, chunk_size=256).",
     )
     parser.add_argument("--config", help="Controller YAML file ($LMCACHE_CONTROLLER_CONFIG_FILE).")
@@ -83,7 +88,7 @@ def parse_command_line(argv: Sequence[str] | None, prog: str = "lmcache_controll
         monitor_port=args.monitor_port,
         health_check_interval=args.health_check_interval,
         lmcache_worker_timeout=args.lmcache_worker_timeout,
-        extra=tuple(extra),
+        extra=(*args.overrides, *extra),
     )
 
 
