@@ -106,6 +106,12 @@ def test_an_unreachable_seed_fails_within_the_timeout(command):
     assert f"no answer from {seed}" in done.output
 
 
+def test_join_with_an_invalid_member_id_is_a_usage_error():
+    done = CliRunner().invoke(app, ["join", "--id", "tab\there", "--port", "0"])
+    assert done.exit_code == 2
+    assert "unprintable" in done.stderr
+
+
 def test_join_on_a_taken_port_fails_with_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -202,3 +202,22 @@ def test_query_members_assembles_parts_in_any_order_and_ignores_strangers():
         server.close()
         ctx.term()
     assert found == [sorted(n for part in names for n in part)]
+
+
+def test_stopping_a_runner_that_never_started_frees_its_port():
+    runner = GossipRunner(config=CONFIG, name="a/0", host="127.0.0.1")
+    port = int(runner.address.rsplit(":", 1)[1])
+    assert runner.stop()
+    again = GossipRunner(config=CONFIG, name="a/0", host="127.0.0.1", port=port)
+    assert again.stop()
+    with pytest.raises(UsageError):
+        runner.start()
+
+
+def test_a_bad_member_name_raises_and_frees_the_port():
+    probe = GossipRunner(config=CONFIG, name="a/0", host="127.0.0.1")
+    port = int(probe.address.rsplit(":", 1)[1])
+    probe.stop()
+    with pytest.raises(UsageError, match="unprintable"):
+        GossipRunner(config=CONFIG, name="tab\there", host="127.0.0.1", port=port)
+    assert GossipRunner(config=CONFIG, name="a/0", host="127.0.0.1", port=port).stop()

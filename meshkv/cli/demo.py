@@ -31,13 +31,13 @@ RETRIEVED = re.compile(r"Retrieved \d+ out of total \d+ tokens\..*GB/s")
 SEED_PROMPT = 20240601
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _write_config(path: Path, **values: object) -> Path:
+def write_mesh_config(path: Path, **values: object) -> Path:
     config = {
         "chunk_size": 256,
         "max_local_cpu_size": 0.5,
@@ -54,14 +54,14 @@ def run_demo(
     *, prompt_tokens: int, channel: str, model: Path, workdir: Path, console: Console
 ) -> bool:
     """The demo; True when engine two loaded from the mesh and matched engine one."""
-    seed_port = _free_port()
-    one_yaml = _write_config(
+    seed_port = free_port()
+    one_yaml = write_mesh_config(
         workdir / "one.yaml",
         lmcache_instance_id="engine-one",
         p2p_init_ports=seed_port,
         transfer_channel=channel,
     )
-    two_yaml = _write_config(
+    two_yaml = write_mesh_config(
         workdir / "two.yaml",
         lmcache_instance_id="engine-two",
         mesh_seeds=[f"127.0.0.1:{seed_port}"],
@@ -69,11 +69,11 @@ def run_demo(
     )
     inductor = model.parent / "inductor-cache"
     one = EngineProcess(
-        EngineSpec(name="engine one", model=model, port=_free_port(), core=0,
+        EngineSpec(name="engine one", model=model, port=free_port(), core=0,
                    log_path=workdir / "one.log", mesh_config=one_yaml, inductor_cache=inductor)
     )  # fmt: skip
     two = EngineProcess(
-        EngineSpec(name="engine two", model=model, port=_free_port(), core=1,
+        EngineSpec(name="engine two", model=model, port=free_port(), core=1,
                    log_path=workdir / "two.log", mesh_config=two_yaml, inductor_cache=inductor)
     )  # fmt: skip
     try:

@@ -26,6 +26,7 @@ from rich.live import Live
 
 from meshkv import __version__
 from meshkv.cli.common import (
+    EXIT_CONFIG,
     ConfigOption,
     SeedsOption,
     auth_of,
@@ -35,7 +36,7 @@ from meshkv.cli.common import (
 )
 from meshkv.cli.member_table import member_table, namespace_of, status_of
 from meshkv.config import MeshConfig
-from meshkv.errors import TransportError
+from meshkv.errors import TransportError, UsageError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
 
@@ -93,11 +94,13 @@ def start_member(config: MeshConfig) -> GossipRunner:
 
 def run_member(config: MeshConfig) -> int:
     """Runs the member until a stop signal; returns the exit code."""
-    stop = _stop_on_signals()
     try:
         member = start_member(config)
     except TransportError as exc:
         fail(str(exc))
+    except UsageError as exc:  # e.g. an --id that is not a valid member name
+        fail(f"cannot start a member: {exc}", EXIT_CONFIG)
+    stop = _stop_on_signals()
     try:
         if sys.stdout.isatty():
             _show_live(member, stop)

@@ -77,20 +77,24 @@ class GossipRunner:
         self._transport = GossipTransport(
             host, port, limits=limits or TransportLimits(max_frame_bytes=config.max_packet_bytes)
         )
-        self.me = MemberInfo(
-            name=name,
-            nonce=int.from_bytes(os.urandom(8), "big"),
-            address=self._transport.address,
-            meta=dict(meta or {}),
-        )
-        self._swim = Swim(
-            config=config,
-            me=self.me,
-            incarnation_start=int(time.time() * 1000),
-            rng=rng or random.Random(),
-            now_s=time.monotonic(),
-            codec=make_gossip_codec(config, auth),
-        )
+        try:
+            self.me = MemberInfo(
+                name=name,
+                nonce=int.from_bytes(os.urandom(8), "big"),
+                address=self._transport.address,
+                meta=dict(meta or {}),
+            )
+            self._swim = Swim(
+                config=config,
+                me=self.me,
+                incarnation_start=int(time.time() * 1000),  # ms: a restart always outranks
+                rng=rng or random.Random(),
+                now_s=time.monotonic(),
+                codec=make_gossip_codec(config, auth),
+            )
+        except BaseException:  # a bad name or meta: free the port we just bound
+            self._transport.close()
+            raise
         # Calls from other threads; each caller waits for its answer, so at most one per thread.
         self._calls: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
         self._calls_lock = threading.Lock()
@@ -124,12 +128,15 @@ class GossipRunner:
         """Stops the loop; ``leave`` announces a graceful leave first. True if it ended in time.
 
         Safe to call more than once and from any thread but the loop thread (not from a
-        subscriber callback).
+        subscriber callback). A runner that was never started just closes its port.
         """
         if threading.current_thread() is self._thread:
             raise UsageError("stop() from the gossip thread would wait on itself")
         self._leave_on_stop = leave
         self._stop_requested.set()
+        if self._thread.ident is None:  # never started: nobody else will close the port
+            self._transport.close()
+            return True
         self._transport.wake()
         if not self._thread.is_alive():
             return True
