@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -124,3 +125,20 @@ def test_lookup_stops_at_the_first_chunk_nobody_holds(shim, nodes):
     assert producer.put(keys[:2], [_chunk(k) for k in keys[:2]]) == 2
     status, body = shim.post("/lookup", {"tokens": tokens})
     assert (status, body["layout_info"]) == (200, {"inst1": [LOCATION, 2 * CHUNK_TOKENS]})
+
+
+def test_an_instance_with_neither_controller_nor_seeds_runs_alone_and_says_so_once(caplog, nodes):
+    caplog.set_level(logging.INFO, logger="vllm.meshkv")
+    config = MeshConfig(
+        enable_p2p=True,
+        max_local_cpu_size=0.0625,
+        transfer_channel="tcp",
+        lmcache_instance_id="alone",
+        mesh_gossip_profile="test",
+    )
+    node = MeshNode(config, namespace=NAMESPACE)
+    node.start()
+    nodes.append(node)
+    said = [r for r in caplog.records if "no mesh_seeds and no controller" in r.getMessage()]
+    assert len(said) == 1
+    assert [p.name for p in node.members()] == ["alone/0"]

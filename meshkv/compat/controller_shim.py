@@ -41,13 +41,20 @@ SEED_SAVE_INTERVAL_S = 1.0
 """How often the remembered seeds are brought up to date (written only when they change)."""
 STOP_TIMEOUT_S = 3.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
+ROUTE_PROBE_ADDRESS = ("10.255.255.255", 1)
 
 
 def advertised_host(host: str) -> str:
-    """The address members can reach the seed members at (a wildcard is not one)."""
+    """The address the seed members bind and advertise: ``host``, or for a wildcard the
+    address of the interface this host routes through (a wildcard cannot be advertised)."""
     if host not in WILDCARD_HOSTS:
         return host
-    return socket.gethostbyname(socket.gethostname())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(ROUTE_PROBE_ADDRESS)  # UDP: picks a route, sends nothing
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 class ControllerShim:
@@ -161,6 +168,13 @@ class ControllerShim:
         log.info("seed members (gossip, no store, on no ring): %s", addresses)
         if outside_seeds:
             log.info("joining the mesh through %s", ", ".join(outside_seeds))
+        if s.host in WILDCARD_HOSTS:
+            log.warning(
+                "--host %s: the seed members bind and advertise %s; name that address in "
+                "controller_pull_url/controller_reply_url",
+                s.host or "(empty)",
+                self._pull.address.rpartition(":")[0],
+            )
         if s.monitor_ports.heartbeat is not None:
             log.info(
                 "heartbeat port %d accepted and not bound: gossip probes replace LMCache's "
