@@ -16,7 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from meshkv.cli import app
+from meshkv.cli.ring import rings_of
 from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.member import MemberState, MemberView
 from meshkv.gossip.runner import GossipRunner
 
 PROCESS_TIMEOUT_S = 30
@@ -122,45 +124,78 @@ def test_join_on_a_taken_port_fails_with_one_line():
 
 
 @pytest.fixture
-def two_members() -> Iterator[tuple[GossipRunner, GossipRunner]]:
+def three_members() -> Iterator[list[GossipRunner]]:
+    """An engine of namespace "llama", a storage-only member and a seed, in one mesh."""
     config = GossipConfig.test()
-    a = GossipRunner(config=config, name="a/0", host="127.0.0.1", meta={"namespace": "llama"})
-    b = GossipRunner(config=config, name="b/0", host="127.0.0.1")
-    a.start()
-    b.start([a.address])
+    metas = {
+        "a/0": {"ns": "llama", "role": "engine"},
+        "b/0": {"ns": "*", "role": "storage"},
+        "seed/pull": {"role": "seed"},
+    }
+    runners = [
+        GossipRunner(config=config, name=name, host="127.0.0.1", meta=meta)
+        for name, meta in metas.items()
+    ]
+    runners[0].start()
+    for runner in runners[1:]:
+        runner.start([runners[0].address])
     try:
         end = time.monotonic() + DEADLINE_S
-        while len(a.members()) < 2 and time.monotonic() < end:
+        while any(len(r.members()) < 3 for r in runners) and time.monotonic() < end:
             time.sleep(0.02)
-        yield a, b
+        yield runners
     finally:
-        a.stop(leave=False)
-        b.stop(leave=False)
+        for runner in runners:
+            runner.stop(leave=False)
 
 
-def test_members_prints_a_table_and_json(two_members):
-    a, b = two_members
+def test_members_prints_a_table_and_json(three_members):
+    a, b, _ = three_members
     table = CliRunner().invoke(app, ["members", "--seed", b.address])
     assert table.exit_code == 0, table.output
-    for text in ("a/0", "b/0", a.address, "alive", "llama"):
+    for text in ("a/0", "b/0", "seed/pull", a.address, "alive", "llama", "storage"):
         assert text in table.output
     rows = json.loads(CliRunner().invoke(app, ["members", "--seed", b.address, "--json"]).output)
-    assert [(r["id"], r["status"], r["namespace"]) for r in rows] == [
-        ("a/0", "alive", "llama"),
-        ("b/0", "alive", "-"),
+    assert [(r["id"], r["status"], r["namespace"], r["role"]) for r in rows] == [
+        ("a/0", "alive", "llama", "engine"),
+        ("b/0", "alive", "*", "storage"),
+        ("seed/pull", "alive", "-", "seed"),
     ]
 
 
-def test_ring_prints_each_live_members_share(two_members):
-    a, _ = two_members
+def test_ring_prints_each_namespace_ring_with_storage_members_and_without_seeds(three_members):
+    a, _, _ = three_members
     done = CliRunner().invoke(app, ["ring", "--seed", a.address, "--json"])
     assert done.exit_code == 0, done.output
-    ring = json.loads(done.output)
-    assert [r["id"] for r in ring["members"]] == ["a/0", "b/0"]
-    assert sum(r["share"] for r in ring["members"]) == pytest.approx(1.0)
-    assert ring["vnodes"] == 256
+    summary = json.loads(done.output)
+    assert summary["vnodes"] == 256
+    (llama,) = summary["rings"]
+    assert llama["namespace"] == "llama"
+    assert [r["id"] for r in llama["members"]] == ["a/0", "b/0"]
+    assert sum(r["share"] for r in llama["members"]) == pytest.approx(1.0)
     table = CliRunner().invoke(app, ["ring", "--seed", a.address])
-    assert "a/0" in table.output and "%" in table.output
+    assert "namespace llama" in table.output and "%" in table.output
+
+
+def _view(name: str, state: MemberState = MemberState.ALIVE, **meta: str) -> MemberView:
+    return MemberView(name=name, nonce=1, address="127.0.0.1:1", state=state, incarnation=1,
+                      meta=meta)  # fmt: skip
+
+
+def test_rings_follow_namespaces_storage_members_join_all_and_the_dead_none():
+    views = [
+        _view("e1", ns="llama"),
+        _view("e2", MemberState.SUSPECT, ns="llama"),
+        _view("e3", MemberState.DEAD, ns="llama"),
+        _view("q1", ns="qwen"),
+        _view("s1", ns="*", role="storage"),
+        _view("shim", role="seed"),
+    ]
+    rings = {ns: [v.name for v in members] for ns, members in rings_of(views).items()}
+    assert rings == {"llama": ["e1", "e2", "s1"], "qwen": ["q1", "s1"]}
+    storage_only = {ns: [v.name for v in m] for ns, m in rings_of(views[4:]).items()}
+    assert storage_only == {"*": ["s1"]}
+    assert rings_of([_view("g1"), _view("g2")]).keys() == {"-"}
 
 
 @pytest.mark.processes

@@ -189,8 +189,9 @@ def test_members_and_ring_commands_read_the_mesh(full_mesh: Mesh):
     assert [(r["id"], r["address"], r["status"]) for r in rows] == [
         (m.name, m.address, "alive") for m in full_mesh.members
     ]
-    ring = meshkv("ring")
-    assert sorted(r["id"] for r in ring["members"]) == [m.name for m in full_mesh.members]
+    (ring,) = meshkv("ring")["rings"]  # gossip-only members: one ring, no namespace
+    assert ring["namespace"] == "-"
+    assert [r["id"] for r in ring["members"]] == [m.name for m in full_mesh.members]
     assert sum(r["share"] for r in ring["members"]) == pytest.approx(1.0)
     assert all(0.05 < r["share"] < 0.5 for r in ring["members"])
 

@@ -85,7 +85,7 @@ def start_member(config: MeshConfig) -> GossipRunner:
         name=f"{config.instance_id}/0",
         host=config.p2p_host,
         port=config.ports_for_rank(0, 1).gossip,
-        meta={"version": __version__},
+        meta={"v": __version__},
         auth=auth_of(config),
     )
     runner.start(config.seeds)

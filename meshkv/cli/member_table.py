@@ -1,5 +1,9 @@
 """How members are shown: one row per member as a rich table or as JSON-ready dicts.
 
+Metadata keys are the ones `meshkv.node.membership.member_meta` advertises (``ns``, ``role``);
+they are spelled here rather than imported: importing `meshkv.node` loads the whole node
+(store, transfer, numpy), which a command that only lists members should not pay for.
+
 This module knows nothing of sockets or of how the member list was obtained.
 """
 
@@ -12,7 +16,10 @@ from rich.table import Table
 
 from meshkv.gossip.member import MemberState, MemberView
 
-NAMESPACE_META_KEY = "namespace"
+NAMESPACE_META_KEY = "ns"
+ROLE_META_KEY = "role"
+UNSET = "-"
+"""Shown for a member that does not advertise the key (e.g. a gossip-only member)."""
 _STATE_STYLES = {
     MemberState.ALIVE: "green",
     MemberState.SUSPECT: "yellow",
@@ -26,7 +33,11 @@ def status_of(member: MemberView) -> str:
 
 
 def namespace_of(member: MemberView) -> str:
-    return str(member.meta.get(NAMESPACE_META_KEY, "-"))
+    return str(member.meta.get(NAMESPACE_META_KEY, UNSET))
+
+
+def role_of(member: MemberView) -> str:
+    return str(member.meta.get(ROLE_META_KEY, UNSET))
 
 
 def member_rows(members: Iterable[MemberView]) -> list[dict[str, Any]]:
@@ -38,6 +49,7 @@ def member_rows(members: Iterable[MemberView]) -> list[dict[str, Any]]:
             "status": status_of(m),
             "incarnation": m.incarnation,
             "namespace": namespace_of(m),
+            "role": role_of(m),
             "meta": dict(m.meta),
         }
         for m in sorted(members, key=lambda m: m.name)
@@ -46,7 +58,7 @@ def member_rows(members: Iterable[MemberView]) -> list[dict[str, Any]]:
 
 def member_table(members: Iterable[MemberView], *, title: str | None = None) -> Table:
     table = Table(title=title)
-    for column in ("id", "address", "status", "incarnation", "namespace"):
+    for column in ("id", "address", "status", "incarnation", "namespace", "role"):
         table.add_column(column, justify="right" if column == "incarnation" else "left")
     for m in sorted(members, key=lambda m: m.name):
         style = _STATE_STYLES[m.state]
@@ -56,5 +68,6 @@ def member_table(members: Iterable[MemberView], *, title: str | None = None) -> 
             f"[{style}]{status_of(m)}[/{style}]",
             str(m.incarnation),
             namespace_of(m),
+            role_of(m),
         )
     return table
