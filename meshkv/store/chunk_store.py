@@ -1,0 +1,123 @@
+"""The local chunk store: slot bookkeeping over a segment pool, safe to share between threads.
+
+`ChunkStore` is what the data-plane service and the vLLM worker use. Writing a chunk:
+
+    slot = store.reserve(key, nbytes, owner=o, deadline_s=d)   # a Slot, or a Refusal
+    store.view(slot)[:] = chunk_bytes                          # or a peer WRITEs slot.region
+    store.commit(key, chunk_checksum(store.view(slot)), owner=o)
+
+Reading: ``slots = store.pin(keys, owner=o, deadline_s=d)`` pins the leading present chunks; read
+``store.view(s)`` or push ``s.region`` to a peer, then ``store.unpin(slots, owner=o)``.
+
+Deadlines and ``now_s`` are on ``time.monotonic()``. Someone (the service loop) must call
+``expire(time.monotonic())`` regularly: that is what frees the pins and reservations of owners
+that died or gave up. An owner must stop touching a slot's bytes by its deadline; after that the
+slot may be handed to another writer (``view`` does not check, it only addresses memory).
+
+One lock guards the bookkeeping; it is held for dictionary work only, never while bytes are
+copied or hashed. This module knows nothing of peers, transfers or vLLM.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import mmh3
+import numpy as np
+
+from meshkv.store.segments import DEFAULT_SEGMENT_BYTES, SegmentPool, segment_sizes
+from meshkv.store.slots import Expired, Refusal, Slot, SlotTable, StoreStats
+
+CHECKSUM_BYTES = 16
+
+
+def chunk_checksum(data: np.ndarray | memoryview | bytes) -> bytes:
+    """A 128-bit MurmurHash3 (x64) of a chunk's bytes.
+
+    It catches torn, misplaced and corrupted transfers; it is not a defence against a member
+    that lies (frame authentication is). Measured here at ~5.6 GB/s on 4 MiB, ten times
+    BLAKE2b (0.55 GB/s); xxhash is not installed.
+    """
+    return mmh3.mmh3_x64_128_digest(data)
+
+
+class ChunkStore:
+    """Slots for chunks over one `SegmentPool`, with LRU eviction, pins and reservations."""
+
+    def __init__(self, pool: SegmentPool) -> None:
+        self.pool = pool
+        self._table = SlotTable([s.nbytes for s in pool.segments])
+        self._lock = threading.Lock()
+
+    @classmethod
+    def with_budget(
+        cls,
+        budget_bytes: int,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        populate: bool = False,
+    ) -> ChunkStore:
+        """A store of ``budget_bytes`` (e.g. ``int(max_local_cpu_size * 2**30)``)."""
+        return cls(SegmentPool(segment_sizes(budget_bytes, segment_bytes), populate=populate))
+
+    def reserve(self, key: bytes, nbytes: int, *, owner: str, deadline_s: float) -> Slot | Refusal:
+        """A RESERVED slot of ``nbytes`` for ``owner`` to fill before ``deadline_s``.
+
+        Evicts least recently used unpinned chunks to make room. Returns a `Refusal` when the
+        key is present already (PRESENT), being written by someone else (IN_FLIGHT), or when
+        everything evictable is pinned or reserved (NO_ROOM).
+        """
+        with self._lock:
+            return self._table.reserve(key, nbytes, owner=owner, deadline_s=deadline_s)
+
+    def view(self, slot: Slot) -> np.ndarray:
+        """The slot's ``region.nbytes`` bytes as a writable uint8 array (no copy, no lock)."""
+        return self.pool.view(slot.region)
+
+    def commit(self, key: bytes, checksum: bytes, *, owner: str) -> Slot | None:
+        """Makes ``owner``'s reservation of ``key`` READY with its checksum.
+
+        Returns the committed slot, or None if ``owner`` no longer holds the reservation (it
+        expired or was aborted): the bytes written are then not published.
+        """
+        with self._lock:
+            return self._table.commit(key, checksum, owner=owner)
+
+    def abort(self, key: bytes, *, owner: str) -> bool:
+        """Frees ``owner``'s reservation of ``key``; False if it held none."""
+        with self._lock:
+            return self._table.abort(key, owner=owner)
+
+    def lookup(self, key: bytes) -> bool:
+        """True if a committed copy of ``key`` is here."""
+        with self._lock:
+            return self._table.lookup(key)
+
+    def lookup_prefix(self, keys: Iterable[bytes]) -> int:
+        """How many leading ``keys`` are here, stopping at the first miss."""
+        with self._lock:
+            return self._table.lookup_prefix(keys)
+
+    def pin(self, keys: Iterable[bytes], *, owner: str, deadline_s: float) -> list[Slot]:
+        """Pins the leading committed ``keys`` until unpinned or ``deadline_s``; counts as use."""
+        with self._lock:
+            return self._table.pin(keys, owner=owner, deadline_s=deadline_s)
+
+    def unpin(self, slots: Iterable[Slot], *, owner: str) -> int:
+        """Drops one of ``owner``'s pins from each slot; returns how many were dropped."""
+        with self._lock:
+            return self._table.unpin(slots, owner=owner)
+
+    def expire(self, now_s: float) -> list[Expired]:
+        """Reclaims pins and reservations whose deadline is at or before ``now_s``."""
+        with self._lock:
+            return self._table.expire(now_s)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return self._table.stats()
+
+    def checksum(self, slot: Slot) -> bytes:
+        """The checksum of the slot's current bytes (hashes outside the lock)."""
+        return chunk_checksum(self.view(slot))
