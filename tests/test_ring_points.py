@@ -1,4 +1,5 @@
-"""SortedPoints: the slice-table successor search equals a binary search with wrap-around."""
+"""SortedPoints: the slice-table successor search equals a linear scan; past the last point the
+successor is the wrapped copy of the first point."""
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ point_lists = st.lists(st.one_of(anywhere, clustered), min_size=1, max_size=300)
 
 
 def reference(points: list[int], position: int) -> int:
-    after = [i for i, point in enumerate(points) if point >= position]
-    return after[0] if after else 0
+    """Index of the first point >= position; len(points) (the wrapped first point) if none."""
+    return next((i for i, point in enumerate(points) if point >= position), len(points))
 
 
 @settings(max_examples=200, deadline=None)
@@ -28,6 +29,7 @@ def test_successors_match_a_linear_scan(points: list[int], extra: list[int]) -> 
     ring = SortedPoints(np.array(points, dtype=np.uint64))
     expected = [reference(points, w) for w in where]
     assert ring.successors(np.array(where, dtype=np.uint64)).tolist() == expected
+    assert ring.wrapped.tolist() == [*points, points[0]]
     # Large batches take the slice table instead of a binary search.
     copies = SLICE_SEARCH_MIN_POSITIONS // len(where) + 1
     batch = np.array(where * copies, dtype=np.uint64)
@@ -39,10 +41,11 @@ def test_a_point_at_the_top_of_the_ring_is_found(copies: int) -> None:
     points = SortedPoints(np.array([5, TOP], dtype=np.uint64))
     found = points.successors(np.array([6, TOP, 0, 5] * copies, dtype=np.uint64))
     assert found.tolist() == [1, 1, 0, 0] * copies
+    assert points.successors(np.array([TOP] * copies, dtype=np.uint64)).tolist() == [1] * copies
 
 
 @pytest.mark.parametrize("copies", [1, SLICE_SEARCH_MIN_POSITIONS])
 def test_one_crowded_slice_of_many_equal_points(copies: int) -> None:
     points = SortedPoints(np.array([7] * 50 + [2**63] * 50, dtype=np.uint64))
     found = points.successors(np.array([0, 7, 8, 2**63, 2**63 + 1] * copies, dtype=np.uint64))
-    assert found.tolist() == [0, 0, 50, 50, 0] * copies
+    assert found.tolist() == [0, 0, 50, 50, 100] * copies

@@ -91,7 +91,15 @@ class HashRing:
     parameters are equal (`==`, `hash`).
     """
 
-    __slots__ = ("_epoch", "_members", "_owners", "_points", "_probes", "_vnodes")
+    __slots__ = (
+        "_epoch",
+        "_members",
+        "_owners",
+        "_points",
+        "_probes",
+        "_vnodes",
+        "_wrapped_owners",
+    )
 
     def __init__(
         self,
@@ -114,13 +122,17 @@ class HashRing:
         self._epoch = _epoch_of(self._members, vnodes, probes)
         self._points: SortedPoints | None = None
         self._owners = np.empty(0, dtype=np.int32)
+        self._wrapped_owners = self._owners
         if self._members:
             points = np.concatenate([member_points(name, vnodes) for name in self._members])
             owners = np.repeat(np.arange(len(self._members), dtype=np.int32), vnodes)
             order = np.argsort(points, kind="stable")  # equal points: lower member index first
             self._points = SortedPoints(points[order])
             self._owners = owners[order]
+            # owners of `SortedPoints.wrapped`: index len(points) is the first point again
+            self._wrapped_owners = np.append(self._owners, self._owners[0])
         self._owners.flags.writeable = False
+        self._wrapped_owners.flags.writeable = False
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -172,12 +184,13 @@ class HashRing:
                 f"positions must be a 1-D uint64 array, got {positions.dtype} {positions.shape}"
             )
         if self._probes == 1:
-            return self._owners[points.successors(positions)]
+            return self._wrapped_owners[points.successors(positions)]
         probed = probe_positions(positions, self._probes)
         found = points.successors(probed.ravel()).reshape(probed.shape)
-        distance = points.values[found] - probed  # uint64 wraps: the clockwise distance
+        distance = points.wrapped[found]
+        distance -= probed  # uint64 wraps around: the clockwise distance
         best = distance.argmin(axis=0)
-        return self._owners[found[best, np.arange(positions.shape[0])]]
+        return self._wrapped_owners[found[best, np.arange(positions.shape[0])]]
 
     def _home_point(self, key: bytes) -> int:
         """Index of the point that owns one key (plain ints: cheaper than numpy for one key)."""

@@ -47,7 +47,7 @@ def member_points(name: str, vnodes: int) -> np.ndarray:
 class SortedPoints:
     """A non-empty, sorted uint64 array of ring points with a slice table for successor search."""
 
-    __slots__ = ("_max_slice_points", "_padded", "_shift", "_slice_starts", "values")
+    __slots__ = ("_max_slice_points", "_padded", "_shift", "_slice_starts", "values", "wrapped")
 
     def __init__(self, sorted_points: np.ndarray) -> None:
         count = sorted_points.shape[0]
@@ -61,13 +61,17 @@ class SortedPoints:
         self._padded = np.append(sorted_points, _TOP_POSITION)
         self.values = sorted_points
         self.values.flags.writeable = False
+        self.wrapped = np.append(sorted_points, sorted_points[0])
+        self.wrapped.flags.writeable = False
 
     def successors(self, positions: np.ndarray) -> np.ndarray:
-        """Index of the first point >= each position (1-D uint64), or 0 past the last point."""
+        """For each position (1-D uint64), the index in `wrapped` of the first point >= it.
+
+        `wrapped` is `values` followed by the first point again: index ``len(values)`` is a
+        position past the last point, whose successor is the first point (the ring wraps).
+        """
         if positions.shape[0] < SLICE_SEARCH_MIN_POSITIONS:
-            found = self.values.searchsorted(positions)
-            found[found == self.values.shape[0]] = 0
-            return found
+            return self.values.searchsorted(positions)
         found = self._slice_starts[(positions >> self._shift).astype(np.intp)]
         behind = np.flatnonzero(self._padded[found] < positions)
         for _ in range(self._max_slice_points):  # each step passes one point of the slice
@@ -75,5 +79,4 @@ class SortedPoints:
                 break
             found[behind] += 1
             behind = behind[self._padded[found[behind]] < positions[behind]]
-        found[found == self.values.shape[0]] = 0
         return found

@@ -20,16 +20,21 @@ _PROBE_STRIDE = 0x9E3779B97F4A7C15
 _PROBE_OFFSETS = [(j * _PROBE_STRIDE) & _MASK_64 for j in range(MAX_PROBES)]
 _PROBE_OFFSETS_COLUMN = np.array(_PROBE_OFFSETS, dtype=np.uint64)[:, np.newaxis]
 _SHIFT_33 = np.uint64(33)
+_FMIX_C1_U64 = np.uint64(_FMIX_C1)
+_FMIX_C2_U64 = np.uint64(_FMIX_C2)
 
 
 def probe_positions(positions: np.ndarray, probes: int) -> np.ndarray:
     """The probe positions of a 1-D uint64 array: shape (probes, len(positions)), uint64."""
     k = positions ^ _PROBE_OFFSETS_COLUMN[:probes]
-    k ^= k >> _SHIFT_33
-    k *= np.uint64(_FMIX_C1)
-    k ^= k >> _SHIFT_33
-    k *= np.uint64(_FMIX_C2)
-    k ^= k >> _SHIFT_33
+    shifted = k >> _SHIFT_33
+    k ^= shifted
+    k *= _FMIX_C1_U64
+    np.right_shift(k, _SHIFT_33, out=shifted)
+    k ^= shifted
+    k *= _FMIX_C2_U64
+    np.right_shift(k, _SHIFT_33, out=shifted)
+    k ^= shifted
     k[0] = positions
     return k
 
