@@ -16,6 +16,7 @@ import pytest
 
 from meshkv.compat.controller_settings import CommandLine, load_settings
 from meshkv.compat.controller_shim import ControllerShim
+from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
 from meshkv.node.membership import ROLE_ENGINE, member_meta
@@ -295,3 +296,14 @@ def test_killed_shim_changes_nothing_between_members_and_a_restart_relearns_them
     second = shims(state_file=state, ports=ports)
     took_s = wait_until("restarted shim lists both", lambda: len(second.workers()) == 2)
     assert took_s < DEADLINE_S
+
+
+@pytest.mark.parametrize("busy", ["reply", "http"])
+def test_a_busy_port_fails_the_start_and_frees_the_ports_already_bound(shims, busy):
+    ports = {"http": free_port(), "pull": free_port(), "reply": free_port()}
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports[busy]))
+        blocker.listen()
+        with pytest.raises(TransportError, match=str(ports[busy])):
+            Shim(ports=(ports["http"], ports["pull"], ports["reply"]))
+    assert shims(ports=(ports["http"], ports["pull"], ports["reply"])).workers() == []

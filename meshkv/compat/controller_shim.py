@@ -145,8 +145,7 @@ class ControllerShim:
     def _discard_members(self) -> None:
         """Closes members that were built but never started (a later port failed to bind)."""
         for member in self.members.values():
-            member.start()  # a runner closes its sockets only in the loop's shutdown
-            member.stop(leave=False, timeout_s=STOP_TIMEOUT_S)
+            member.stop(leave=False, timeout_s=STOP_TIMEOUT_S)  # frees its port
 
     def _save_seeds(self) -> None:
         own = {member.me.name for member in self.members.values()}
