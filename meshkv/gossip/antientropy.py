@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import Alive, Dead, MemberRecord, Suspect, Update, wire_bytes
+from meshkv.gossip.messages import Alive, Dead, MemberRecord, Suspect, Update, trusted, wire_bytes
 
 _SCALE_THRESHOLD_MEMBERS = 32
 
@@ -43,19 +43,16 @@ def split_records(records: Iterable[MemberRecord], budget_bytes: int) -> list[li
 
 
 def updates_from_record(record: MemberRecord, source: str) -> list[Update]:
-    """The updates that merge a remote ``record`` (sent by ``source``) into a local table."""
-    alive = Alive(
-        name=record.name,
-        nonce=record.nonce,
-        incarnation=record.incarnation,
-        address=record.address,
-        meta=record.meta,
-    )
-    identity = {"name": record.name, "nonce": record.nonce, "incarnation": record.incarnation}
-    if record.state is MemberState.ALIVE:
-        return [alive]
-    if record.state is MemberState.SUSPECT:
-        return [alive, Suspect(source=source, **identity)]
+    """The updates that merge a remote ``record`` (sent by validated ``source``) locally."""
+    name, nonce, incarnation = record.name, record.nonce, record.incarnation
+    if record.state is MemberState.ALIVE or record.state is MemberState.SUSPECT:
+        alive = trusted(Alive, name=name, nonce=nonce, incarnation=incarnation,
+                        address=record.address, meta=record.meta)  # fmt: skip
+        if record.state is MemberState.ALIVE:
+            return [alive]
+        suspect = trusted(Suspect, name=name, nonce=nonce, incarnation=incarnation, source=source)
+        return [alive, suspect]
     if record.state is MemberState.DEAD:
-        return [Suspect(source=source, **identity)]
-    return [Dead(source=source, left=True, **identity)]
+        return [trusted(Suspect, name=name, nonce=nonce, incarnation=incarnation, source=source)]
+    left = trusted(Dead, name=name, nonce=nonce, incarnation=incarnation, source=source, left=True)
+    return [left]

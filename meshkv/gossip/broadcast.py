@@ -3,8 +3,11 @@
 Each queued update is keyed by the member it is about, so a newer update about a member replaces
 the older one (and starts over at zero sends). Packets take the least-sent updates first (newest
 first among equals) until the packet's byte budget or item bound is reached; an update is
-dropped once it has been sent `retransmit_limit` times. When the queue is full, the most-sent
-update is dropped to make room.
+dropped once it has been sent `retransmit_limit` times. When the queue is full, the oldest of
+the most-sent updates is dropped to make room.
+
+Buckets by send count are deques (newest at the right); a replaced update is only marked stale
+and skipped when reached, so every operation is O(1) per update handled.
 
 This module knows nothing of messages' meaning, members or the network.
 """
@@ -12,23 +15,28 @@ This module knows nothing of messages' meaning, members or the network.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
 from typing import Any
 
-# A packet stops looking for updates that fit after this many per wanted item did not.
-_SCAN_PER_ITEM = 4
+# A packet stops looking for updates that fit after this many did not.
+_MAX_MISSES = 16
 
 
 def retransmit_limit(retransmit_mult: int, n_members: int) -> int:
-    """How many times an update is sent: ``lambda * ceil(log10(N + 1))``."""
+    """How many times each member sends an update: ``lambda * ceil(log10(N + 1))``, as in
+    memberlist; a member missed by all of them is left with probability about e^-limit."""
     return retransmit_mult * math.ceil(math.log10(n_members + 1))
 
 
-@dataclass(slots=True)
 class _Queued:
-    key: str
-    item: Any
-    size_bytes: int
+    __slots__ = ("item", "key", "sent", "size_bytes", "stale")
+
+    def __init__(self, key: str, item: Any, size_bytes: int) -> None:
+        self.key = key
+        self.item = item
+        self.size_bytes = size_bytes
+        self.sent = 0
+        self.stale = False
 
 
 class BroadcastQueue:
@@ -36,68 +44,90 @@ class BroadcastQueue:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._buckets: list[dict[str, _Queued]] = [{}]  # index = times sent
-        self._sent_of: dict[str, int] = {}
         self.dropped_full = 0
+        self._buckets: list[deque[_Queued]] = [deque()]  # index = times sent
+        self._by_key: dict[str, _Queued] = {}
+        self._stale = 0  # replaced entries still sitting in a bucket
 
     def __len__(self) -> int:
-        return len(self._sent_of)
+        return len(self._by_key)
 
     def put(self, key: str, item: Any, size_bytes: int) -> None:
         """Queues ``item`` about ``key``, replacing any queued update about the same key."""
-        sent = self._sent_of.pop(key, None)
-        if sent is not None:
-            del self._buckets[sent][key]
-        elif len(self._sent_of) >= self.max_entries:
+        old = self._by_key.pop(key, None)
+        if old is not None:
+            old.stale = True
+            self._stale += 1
+            if self._stale > len(self._by_key) + _MAX_MISSES:
+                self._compact()
+        elif len(self._by_key) >= self.max_entries:
             self._evict_most_sent()
-        self._buckets[0][key] = _Queued(key, item, size_bytes)
-        self._sent_of[key] = 0
+        entry = _Queued(key, item, size_bytes)
+        self._by_key[key] = entry
+        self._buckets[0].append(entry)
 
     def take(self, budget_bytes: int, max_items: int, limit: int) -> list[Any]:
         """Up to ``max_items`` updates whose sizes fit ``budget_bytes``, least-sent first.
 
         Each one taken counts as sent once; updates sent ``limit`` times leave the queue.
         """
-        picked: list[tuple[int, _Queued]] = []
+        picked: list[_Queued] = []
+        skipped: list[tuple[int, _Queued]] = []
         remaining = budget_bytes
-        misses_left = _SCAN_PER_ITEM * max(max_items, 1)
-        for sent, bucket in enumerate(self._buckets):
-            if len(picked) >= max_items or misses_left <= 0:
+        misses = 0
+        buckets, by_key = self._buckets, self._by_key
+        for sent, bucket in enumerate(buckets):
+            if len(picked) >= max_items or misses >= _MAX_MISSES:
                 break
             if sent >= limit:
-                self._drop_bucket(sent)
+                self._drop_bucket(bucket)
                 continue
-            for entry in reversed(bucket.values()):
+            while bucket and len(picked) < max_items:
+                entry = bucket.pop()
+                if entry.stale:
+                    self._stale -= 1
+                    continue
                 if entry.size_bytes > remaining:
-                    misses_left -= 1
-                    if misses_left <= 0:
+                    skipped.append((sent, entry))
+                    misses += 1
+                    if misses >= _MAX_MISSES:
                         break
                     continue
-                picked.append((sent, entry))
+                picked.append(entry)
                 remaining -= entry.size_bytes
-                if len(picked) >= max_items:
-                    break
-        for sent, entry in picked:
-            del self._buckets[sent][entry.key]
-            if sent + 1 >= limit:
-                del self._sent_of[entry.key]
+        for sent, entry in reversed(skipped):  # back where they were, in order
+            buckets[sent].append(entry)
+        for entry in reversed(picked):  # oldest first, so newest stays rightmost
+            entry.sent += 1
+            if entry.sent >= limit:
+                del by_key[entry.key]
                 continue
-            if sent + 1 == len(self._buckets):
-                self._buckets.append({})
-            self._buckets[sent + 1][entry.key] = entry
-            self._sent_of[entry.key] = sent + 1
-        return [entry.item for _, entry in picked]
+            if entry.sent == len(buckets):
+                buckets.append(deque())
+            buckets[entry.sent].append(entry)
+        return [entry.item for entry in picked]
 
-    def _drop_bucket(self, sent: int) -> None:
-        for key in self._buckets[sent]:
-            del self._sent_of[key]
-        self._buckets[sent] = {}
+    def _drop_bucket(self, bucket: deque[_Queued]) -> None:
+        while bucket:
+            entry = bucket.pop()
+            if entry.stale:
+                self._stale -= 1
+            else:
+                del self._by_key[entry.key]
 
     def _evict_most_sent(self) -> None:
         for bucket in reversed(self._buckets):
-            if bucket:
-                key = next(iter(bucket))
-                del bucket[key]
-                del self._sent_of[key]
+            while bucket:
+                entry = bucket.popleft()
+                if entry.stale:
+                    self._stale -= 1
+                    continue
+                del self._by_key[entry.key]
                 self.dropped_full += 1
                 return
+
+    def _compact(self) -> None:
+        """Removes replaced entries, so that stale ones never outnumber live ones."""
+        for index, bucket in enumerate(self._buckets):
+            self._buckets[index] = deque(entry for entry in bucket if not entry.stale)
+        self._stale = 0

@@ -86,8 +86,9 @@ class GossipConfig:
     """Size bound of every gossip frame, auth trailer included (bytes), default 4096. Larger
     frames piggyback more updates; full-state exchanges are split into frames of this size."""
 
-    max_piggyback: int = 24
-    """Most updates carried by one packet, default 24. 0 disables piggybacking."""
+    max_piggyback: int = 64
+    """Most updates carried by one packet, default 64 (the byte bound usually binds first).
+    0 disables piggybacking."""
 
     max_meta_bytes: int = 512
     """Size bound of a member's encoded metadata (bytes), default 512; must leave room in a

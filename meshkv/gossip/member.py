@@ -17,6 +17,7 @@ This module knows nothing of messages, timers or the network.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,6 +34,7 @@ MAX_META_KEY_BYTES = 64
 MAX_META_BYTES_CEILING = 4096
 MAX_NONCE = 2**64 - 1
 MAX_INCARNATION = 2**63 - 1
+_CHECKED_ADDRESSES = 8192  # valid addresses remembered (each is checked on every update)
 
 MetaValue = str | int | float | bool
 
@@ -77,7 +79,14 @@ class TransitionError(UsageError):
 
 def check_address(address: object) -> str:
     """Returns ``address`` if it is ``"host:port"`` with a port in 1..65535, else raises."""
-    if not isinstance(address, str) or not 0 < len(address.encode()) <= MAX_ADDRESS_BYTES:
+    if type(address) is not str:
+        raise UsageError("address must be a str")
+    return _checked_address(address)
+
+
+@functools.lru_cache(maxsize=_CHECKED_ADDRESSES)
+def _checked_address(address: str) -> str:
+    if not 0 < len(address.encode()) <= MAX_ADDRESS_BYTES:
         raise UsageError(f"address must be a non-empty str of <= {MAX_ADDRESS_BYTES} bytes")
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -86,30 +95,32 @@ def check_address(address: object) -> str:
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_BYTES:
         raise UsageError(f"member name must be a non-empty str of <= {MAX_NAME_BYTES} bytes")
-    if not name.isprintable():
-        raise UsageError(f"member name {name!r} has unprintable characters")
+    if not name.isprintable() or (not name.isascii() and len(name.encode()) > MAX_NAME_BYTES):
+        raise UsageError(f"member name {name!r} is unprintable or too long")
     return name
 
 
 def check_int(what: str, value: object, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+    if type(value) is not int or not 0 <= value <= high:
         raise UsageError(f"{what} must be an int in 0..{high}")
     return value
 
 
 def check_meta(meta: object) -> dict[str, MetaValue]:
     """Returns ``meta`` if it is a small map of str to str/int/float/bool, else raises."""
-    if not isinstance(meta, dict) or len(meta) > MAX_META_ENTRIES:
+    if type(meta) is not dict or len(meta) > MAX_META_ENTRIES:
         raise UsageError(f"meta must be a dict of <= {MAX_META_ENTRIES} entries")
     for key, value in meta.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY_BYTES:
+        if type(key) is not str or not 0 < len(key) <= MAX_META_KEY_BYTES:
             raise UsageError(f"meta key {key!r} must be a str of 1..{MAX_META_KEY_BYTES} chars")
-        if not isinstance(value, str | int | float | bool):
+        kind = type(value)
+        if kind is int:
+            if not -(2**63) <= value < 2**64:
+                raise UsageError(f"meta value for {key!r} does not fit 64 bits")
+        elif kind is not str and kind is not float and kind is not bool:
             raise UsageError(f"meta value for {key!r} must be str, int, float or bool")
-        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-            raise UsageError(f"meta value for {key!r} does not fit 64 bits")
     return meta
 
 

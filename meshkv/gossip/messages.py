@@ -5,8 +5,11 @@ Frames go through `meshkv.wire.FrameCodec` (protocol GOSSIP, `VERSION`); `decode
 turns any defect (unknown type, missing or mistyped field, out-of-range value, too many items)
 into `ProtocolError`, whose ``reason`` the receiver counts before dropping the frame.
 
-Member updates travel as compact msgpack arrays inside ``updates`` lists (piggybacked on probes
-and gossip); full member records travel in ``records`` lists (push-pull, state replies).
+A member update (Alive, Suspect, Dead) is encoded once, by the member that first states it, as a
+msgpack array in a bin blob; every member relays those bytes verbatim in the ``updates`` list of
+its probes and gossip (as memberlist relays its encoded broadcasts). Receivers therefore
+recognise an update they have already validated by its bytes (`UpdateCache`). Full member
+records travel as plain arrays in ``records`` lists (push-pull, state replies).
 
 This module knows nothing of timers, sockets or what a receiver does with a message.
 """
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -37,12 +40,16 @@ from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require
 
 VERSION = 1
 # Protocol version history (bump on any change a peer of the previous version would misread):
-#   1: Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; updates as arrays.
+#   1: Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; each update a bin
+#      blob holding its msgpack array.
+
+_T = TypeVar("_T")
 
 MAX_SEQ = 2**32 - 1
 MAX_UPDATES_PER_FRAME = 256
 MAX_RECORDS_PER_FRAME = 1024
 MAX_STATE_PARTS = 4096
+UPDATE_CACHE_ENTRIES = 4096  # validated updates a member remembers (see UpdateCache)
 
 
 class MessageType(enum.IntEnum):
@@ -75,23 +82,21 @@ class Alive:
     incarnation: int
     address: str
     meta: Mapping[str, MetaValue]
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     kind: ClassVar[UpdateKind] = UpdateKind.ALIVE
 
     def __post_init__(self) -> None:
         _check_identity(self.name, self.nonce, self.incarnation)
         check_address(self.address)
-        check_meta(self.meta if isinstance(self.meta, dict) else dict(self.meta))
+        check_meta(self.meta if type(self.meta) is dict else dict(self.meta))
 
     def to_wire(self) -> list[Any]:
-        return [
-            int(UpdateKind.ALIVE),
-            self.name,
-            self.nonce,
-            self.incarnation,
-            self.address,
-            dict(self.meta),
-        ]
+        return [0, self.name, self.nonce, self.incarnation, self.address, dict(self.meta)]
+
+    def packed(self) -> bytes:
+        """The encoded update, made once and relayed verbatim by every member."""
+        return self._packed or _pack_once(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +107,7 @@ class Suspect:
     nonce: int
     incarnation: int
     source: str
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     kind: ClassVar[UpdateKind] = UpdateKind.SUSPECT
 
@@ -110,7 +116,11 @@ class Suspect:
         check_name(self.source)
 
     def to_wire(self) -> list[Any]:
-        return [int(UpdateKind.SUSPECT), self.name, self.nonce, self.incarnation, self.source]
+        return [1, self.name, self.nonce, self.incarnation, self.source]
+
+    def packed(self) -> bytes:
+        """The encoded update, made once and relayed verbatim by every member."""
+        return self._packed or _pack_once(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +132,7 @@ class Dead:
     incarnation: int
     source: str
     left: bool = False
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_identity(self.name, self.nonce, self.incarnation)
@@ -136,13 +147,23 @@ class Dead:
     def to_wire(self) -> list[Any]:
         return [int(self.kind), self.name, self.nonce, self.incarnation, self.source]
 
+    def packed(self) -> bytes:
+        """The encoded update, made once and relayed verbatim by every member."""
+        return self._packed or _pack_once(self)
+
 
 Update = Alive | Suspect | Dead
 
 
+def _pack_once(update: Update) -> bytes:
+    packed = msgpack.packb(update.to_wire(), use_bin_type=True)
+    object.__setattr__(update, "_packed", packed)
+    return packed
+
+
 def update_from_wire(item: object) -> Update:
     """Builds an update from its array form; raises UsageError on any defect."""
-    if not isinstance(item, list) or not item or not isinstance(item[0], int):
+    if not isinstance(item, list) or not item or type(item[0]) is not int:
         raise UsageError("update is not an array starting with its kind")
     kind = item[0]
     if kind == UpdateKind.ALIVE and len(item) == 6:
@@ -162,9 +183,68 @@ def update_from_wire(item: object) -> Update:
     raise UsageError(f"unknown update kind {kind} or wrong length {len(item)}")
 
 
+def update_from_packed(blob: object) -> Update:
+    """Builds an update from its encoded form; raises UsageError on any defect."""
+    if type(blob) is not bytes:
+        raise UsageError("an update must be encoded as bytes")
+    try:
+        item = msgpack.unpackb(blob, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise UsageError(f"update does not decode: {type(exc).__name__}") from None
+    update = update_from_wire(item)
+    object.__setattr__(update, "_packed", blob)
+    return update
+
+
+class UpdateCache:
+    """Updates already validated, by their encoded bytes.
+
+    A member receives each update once from every neighbour that relays it (about
+    ``retransmit_limit`` times); decoding and validating it each time would dominate its CPU
+    time. Updates are relayed verbatim, so equal bytes mean an equal, already valid update.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[bytes, Update] = {}
+
+    def build_all(self, blobs: list[Any]) -> tuple[Update, ...]:
+        """The updates for ``blobs``; raises UsageError on any defect."""
+        entries = self._entries
+        updates = []
+        for blob in blobs:
+            update = entries.get(blob) if type(blob) is bytes else None
+            if update is None:
+                update = update_from_packed(blob)
+                if len(entries) >= self.max_entries:
+                    del entries[next(iter(entries))]
+                entries[blob] = update
+            updates.append(update)
+        return tuple(updates)
+
+
+def trusted(cls: type[_T], **fields: Any) -> _T:
+    """Builds ``cls`` from fields that already passed the same checks (e.g. a validated record
+    turned into an update), skipping the validation that would repeat them."""
+    built = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(built, name, value)
+    if hasattr(cls, "packed"):
+        object.__setattr__(built, "_packed", None)
+    return built
+
+
+def packed_bytes(update: Update) -> int:
+    """Bytes one update adds to a frame's ``updates`` list (the blob and its bin header)."""
+    return len(update.packed()) + _BIN_HEADER_BYTES
+
+
 def wire_bytes(item: list[Any]) -> int:
-    """Encoded size of one update or record array."""
+    """Encoded size of one record array."""
     return len(msgpack.packb(item, use_bin_type=True))
+
+
+_BIN_HEADER_BYTES = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,7 +263,7 @@ class MemberRecord:
         check_address(self.address)
         if not isinstance(self.state, MemberState):
             raise UsageError("state must be a MemberState")
-        check_meta(self.meta if isinstance(self.meta, dict) else dict(self.meta))
+        check_meta(self.meta if type(self.meta) is dict else dict(self.meta))
 
     def to_wire(self) -> list[Any]:
         return [
@@ -225,11 +305,13 @@ def _check_items(what: str, items: object, kind: type | tuple[type, ...], bound:
         raise UsageError(f"{what} has an item of the wrong type")
 
 
-def _updates_from(fields: dict[str, Any]) -> tuple[Update, ...]:
+def _updates_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[Update, ...]:
     raw = require(fields, "updates", list)
     if len(raw) > MAX_UPDATES_PER_FRAME:
         raise ProtocolError("too_many", f"{len(raw)} updates")
-    return tuple(update_from_wire(item) for item in raw)
+    if cache is None:
+        return tuple(update_from_packed(blob) for blob in raw)
+    return cache.build_all(raw)
 
 
 def _records_from(fields: dict[str, Any]) -> tuple[MemberRecord, ...]:
@@ -267,17 +349,17 @@ class Ping:
             "target": self.target,
             "src": self.source,
             "src_addr": self.source_address,
-            "updates": [u.to_wire() for u in self.updates],
+            "updates": [u.packed() for u in self.updates],
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Ping:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Ping:
         return cls(
             seq=require(fields, "seq", int),
             target=require(fields, "target", str),
             source=require(fields, "src", str),
             source_address=require(fields, "src_addr", str),
-            updates=_updates_from(fields),
+            updates=_updates_from(fields, cache),
         )
 
 
@@ -297,14 +379,14 @@ class Ack:
         _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
 
     def to_fields(self) -> dict[str, Any]:
-        return {"seq": self.seq, "src": self.source, "updates": [u.to_wire() for u in self.updates]}
+        return {"seq": self.seq, "src": self.source, "updates": [u.packed() for u in self.updates]}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Ack:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Ack:
         return cls(
             seq=require(fields, "seq", int),
             source=require(fields, "src", str),
-            updates=_updates_from(fields),
+            updates=_updates_from(fields, cache),
         )
 
 
@@ -336,18 +418,18 @@ class PingReq:
             "target_addr": self.target_address,
             "src": self.source,
             "src_addr": self.source_address,
-            "updates": [u.to_wire() for u in self.updates],
+            "updates": [u.packed() for u in self.updates],
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> PingReq:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> PingReq:
         return cls(
             seq=require(fields, "seq", int),
             target=require(fields, "target", str),
             target_address=require(fields, "target_addr", str),
             source=require(fields, "src", str),
             source_address=require(fields, "src_addr", str),
-            updates=_updates_from(fields),
+            updates=_updates_from(fields, cache),
         )
 
 
@@ -368,7 +450,7 @@ class Nack:
         return {"seq": self.seq, "src": self.source}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Nack:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Nack:
         return cls(seq=require(fields, "seq", int), source=require(fields, "src", str))
 
 
@@ -386,11 +468,11 @@ class Gossip:
         _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
 
     def to_fields(self) -> dict[str, Any]:
-        return {"src": self.source, "updates": [u.to_wire() for u in self.updates]}
+        return {"src": self.source, "updates": [u.packed() for u in self.updates]}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Gossip:
-        return cls(source=require(fields, "src", str), updates=_updates_from(fields))
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Gossip:
+        return cls(source=require(fields, "src", str), updates=_updates_from(fields, cache))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -423,7 +505,7 @@ class PushPull:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> PushPull:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> PushPull:
         return cls(
             source=require(fields, "src", str),
             source_address=require(fields, "src_addr", str),
@@ -447,7 +529,7 @@ class StateQuery:
         return {"query_id": self.query_id}
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> StateQuery:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> StateQuery:
         return cls(query_id=require(fields, "query_id", int))
 
 
@@ -479,7 +561,7 @@ class StateReply:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> StateReply:
+    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> StateReply:
         return cls(
             query_id=require(fields, "query_id", int),
             part=require(fields, "part", int),
@@ -500,13 +582,15 @@ def encode_message(codec: FrameCodec, message: Message) -> bytes:
     return codec.encode(message.TYPE, message.to_fields())
 
 
-def decode_message(codec: FrameCodec, frame: bytes) -> Message:
-    """The message in ``frame``; ProtocolError (with a counter reason) on any defect."""
+def decode_message(codec: FrameCodec, frame: bytes, cache: UpdateCache | None = None) -> Message:
+    """The message in ``frame``; ProtocolError (with a counter reason) on any defect.
+
+    ``cache`` (optional) remembers validated updates across calls."""
     message_type, fields = codec.decode(frame)
     cls = _BY_TYPE.get(message_type)
     if cls is None:
         raise ProtocolError("unknown_type", str(message_type))
     try:
-        return cls.from_fields(fields)
+        return cls.from_fields(fields, cache)
     except UsageError as exc:
         raise ProtocolError("malformed", str(exc)) from None

@@ -1,60 +1,53 @@
 """The SWIM + Lifeguard membership state machine: frames and a clock in, frames and events out.
 
-One `Swim` is one member. Its driver feeds it received frames (`receive`) and the time
-(`tick` no later than `next_deadline_s`), sends what `take_outgoing` returns and publishes what
-`take_events` returns. Each probe interval it pings one member (shuffled round robin), asks
-``indirect_checks`` others to ping it if no ack comes within the probe timeout, and suspects it
-if no ack comes by the end of the interval. A suspicion becomes a death after a Lifeguard
-timeout that shrinks with independent confirmations; a suspected member refutes by raising its
-incarnation. Updates piggyback on every packet (least-sent first) and are fanned out while any
-are queued; periodic push-pull exchanges full tables with a random member and with a member
-held dead (so partitions heal).
+One `Swim` is one member. Its driver feeds it received frames (`receive`) and the time (`tick`,
+no later than `next_deadline_s`), sends what `take_outgoing` returns and publishes what
+`take_events` returns. Each probe interval this member pings one other (shuffled round robin),
+asks ``indirect_checks`` others to ping it if no ack comes within the probe timeout, and
+suspects it if no ack comes by the end of the interval. A suspicion becomes a death after a
+Lifeguard timeout that shrinks with independent confirmations (see `table`); a suspected member
+refutes by raising its incarnation. Updates piggyback on every packet, least-sent first, and are
+fanned out while any are queued; a periodic push-pull exchanges whole tables with a random
+member and pokes one member held dead, which is how partitions heal.
 
 No sockets, threads or clocks here: time is the ``now_s`` the driver passes (any monotonic
 seconds), randomness comes only from ``rng``. With an authenticating codec, the codec itself
 reads wall time for its replay window. After a long gap (the process was stopped), a driver
-should pass the frames that queued up to `receive` before calling `tick`.
+should pass the frames that queued up to `receive` before it calls `tick`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from heapq import heappop as heapq_pop
-from heapq import heappush as heapq_push
 from types import MappingProxyType
-from typing import Any
 
 from meshkv.errors import ProtocolError, UsageError
 from meshkv.gossip import antientropy, awareness
 from meshkv.gossip.awareness import Awareness
 from meshkv.gossip.broadcast import BroadcastQueue, retransmit_limit
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.events import EventKind, MemberEvent, Outgoing
+from meshkv.gossip.events import MemberEvent, Outgoing
 from meshkv.gossip.member import (
     MemberInfo,
     MemberState,
     MemberView,
     MetaValue,
-    Order,
     check_meta,
     meta_bytes,
-    next_state,
-    order_of,
 )
 from meshkv.gossip.messages import (
     MAX_SEQ,
+    UPDATE_CACHE_ENTRIES,
     VERSION,
     Ack,
     Alive,
     Dead,
     Gossip,
-    MemberRecord,
     Message,
+    MessageType,
     Nack,
     Ping,
     PingReq,
@@ -63,68 +56,29 @@ from meshkv.gossip.messages import (
     StateReply,
     Suspect,
     Update,
+    UpdateCache,
     decode_message,
     encode_message,
     gossip_codec,
+    packed_bytes,
     wire_bytes,
 )
-from meshkv.gossip.probe import ProbeOrder, ProbeRound, Relay, RelayTable
-from meshkv.gossip.suspicion import Suspicion, expected_confirmations, suspicion_min_timeout_s
+from meshkv.gossip.probe import ProbeRound, Relay, RelayTable
+from meshkv.gossip.table import LIVE, Member, MemberTable
 from meshkv.wire import AUTH_TRAILER_BYTES, FrameCodec, Protocol
 
 log = logging.getLogger("vllm.meshkv.gossip.swim")
 
 _INF = float("inf")
-_LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
 _LEAVE_FANOUT = 8  # members told at once of a graceful leave
-_LIST_HEADER_BYTES = 5  # msgpack array header of the updates/records list, worst case
-_LATE_PROBE_INTERVALS = 1.0  # a probe whose end we pass by this many intervals was our fault
-_EVENT_OF = {
-    MemberState.SUSPECT: EventKind.SUSPECT,
-    MemberState.DEAD: EventKind.DEAD,
-    MemberState.LEFT: EventKind.LEFT,
-}
+_LIST_HEADER_BYTES = 5  # msgpack array header of an updates or records list, worst case
+_INT_GROWTH_BYTES = 16  # room for integer fields that encode longer than the size probe's
+_LATE_PROBE_INTERVALS = 1.0  # passing a probe's end by this many intervals means we stalled
 
+_RX_KEYS = {kind: f"rx_{kind.name.lower()}" for kind in MessageType}
+_TX_KEYS = {kind: f"tx_{kind.name.lower()}" for kind in MessageType}
 
-@dataclass(slots=True, kw_only=True)
-class _Member:
-    name: str
-    nonce: int
-    address: str
-    incarnation: int
-    state: MemberState
-    meta: MappingProxyType[str, MetaValue]
-    state_since_s: float
-    suspicion: Suspicion | None = None
-
-    def view(self) -> MemberView:
-        return MemberView(
-            name=self.name,
-            nonce=self.nonce,
-            address=self.address,
-            state=self.state,
-            incarnation=self.incarnation,
-            meta=self.meta,
-        )
-
-    def record(self) -> MemberRecord:
-        return MemberRecord(
-            name=self.name,
-            nonce=self.nonce,
-            address=self.address,
-            incarnation=self.incarnation,
-            state=self.state,
-            meta=self.meta,
-        )
-
-    def alive_update(self) -> Alive:
-        return Alive(
-            name=self.name,
-            nonce=self.nonce,
-            incarnation=self.incarnation,
-            address=self.address,
-            meta=self.meta,
-        )
+Piggybacked = Ping | Ack | PingReq | Gossip
 
 
 class Swim:
@@ -144,16 +98,17 @@ class Swim:
             raise UsageError(f"meta of {me.name} exceeds max_meta_bytes={config.max_meta_bytes}")
         codec = codec or gossip_codec(config)
         if codec.protocol != Protocol.GOSSIP or codec.version != VERSION:
-            raise UsageError("codec must be gossip_codec(config, auth): wrong protocol or version")
+            raise UsageError("codec must come from gossip_codec(): wrong protocol or version")
         if codec.max_frame_bytes != config.max_packet_bytes:
             raise UsageError("codec.max_frame_bytes must equal config.max_packet_bytes")
         self.config = config
         self.stats: collections.Counter[str] = collections.Counter()
         self._codec = codec
+        self._cache = UpdateCache(UPDATE_CACHE_ENTRIES)
         self._rng = rng
         self._now = now_s
         self._frame_overhead = 5 + (AUTH_TRAILER_BYTES if codec.auth.enabled else 0)
-        self._me = _Member(
+        self._me = Member(
             name=me.name,
             nonce=me.nonce,
             address=me.address,
@@ -162,24 +117,15 @@ class Swim:
             meta=MappingProxyType(dict(me.meta)),
             state_since_s=now_s,
         )
-        self._members: dict[str, _Member] = {}
-        self._names: list[str] = []  # every other member, for O(1) random picks
-        self._name_slot: dict[str, int] = {}
-        self._live_others = 0
+        self._table = MemberTable(config, me.name, rng)
         self._queue = BroadcastQueue(config.max_broadcast_queue)
         self._awareness = Awareness(config.awareness_max_multiplier)
-        self._order = ProbeOrder(rng)
         self._probe: ProbeRound | None = None
         self._relays = RelayTable(config.max_pending_relays)
         self._seq = rng.getrandbits(32)
-        self._suspicions: list[tuple[float, int, str, Suspicion]] = []  # heap, lazily pruned
-        self._heap_tiebreak = 0
-        self._reap: collections.deque[tuple[float, str, int]] = collections.deque()
         self._outgoing: list[Outgoing] = []
-        self._events: list[MemberEvent] = []
         self._seeds: list[str] = []
         self._join_attempts = 0
-        self._left = False
         self._next_probe_s = now_s + rng.random() * config.probe_interval_s
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
@@ -189,7 +135,8 @@ class Swim:
     # ------------------------------------------------------------------ driver interface
 
     def join(self, seeds: Sequence[str], now_s: float) -> None:
-        """Exchanges tables with every seed ("host:port"); retried until a member is known."""
+        """Exchanges tables with every seed ("host:port"), retried until some member is known
+        or ``join_max_attempts`` is spent; later, seeds are retried while no member is known."""
         self._now = max(self._now, now_s)
         wanted = [s for s in dict.fromkeys(seeds) if s != self._me.address]
         self._seeds = wanted[: self.config.max_seeds]
@@ -200,52 +147,50 @@ class Swim:
         """Handles one frame; refused frames are counted as ``drop_<reason>``, never raised."""
         self._now = max(self._now, now_s)
         try:
-            message = decode_message(self._codec, frame)
+            message = decode_message(self._codec, frame, self._cache)
         except ProtocolError as exc:
             self.stats[f"drop_{exc.reason}"] += 1
             return
         self.stats["rx_ok"] += 1
-        self.stats[f"rx_{message.TYPE.name.lower()}"] += 1
+        self.stats[_RX_KEYS[message.TYPE]] += 1
         self._handle(message, reply_to)
 
     def tick(self, now_s: float) -> None:
-        """Runs every timer that is due: probes, relays, suspicions, gossip, push-pull, joins."""
+        """Runs every timer that is due: relays, suspicions, probes, push-pull, joins, gossip."""
         self._now = now = max(self._now, now_s)
         for relay in self._relays.pop_expired(now):
             self._send(relay.origin_address, Nack(seq=relay.origin_seq, source=self._me.name))
-        self._expire_suspicions(now)
-        if not self._left:
+        for dead in self._table.expire(now):
+            self._enqueue(dead)
+        if self._me.state is MemberState.ALIVE:
             self._run_probe(now)
             if now >= self._next_push_pull_s:
                 self._push_pull(now)
             if now >= self._next_join_s:
                 self._join_attempt()
-        if now >= self._next_gossip_s and len(self._queue):
+        if now >= self._next_gossip_s and len(self._queue) and self.config.gossip_fanout:
             self._gossip(self.config.gossip_fanout)
             self._next_gossip_s = now + (self.config.gossip_interval_s or _INF)
-        self._reap_forgotten(now)
 
     def next_deadline_s(self) -> float:
         """The earliest time `tick` must run again (inf when nothing is scheduled)."""
-        deadlines = [self._relays.next_deadline_s(), self._next_suspicion_s()]
-        if not self._left:
-            deadlines += [self._next_push_pull_s, self._next_join_s]
-            deadlines.append(self._probe.next_deadline_s() if self._probe else self._next_probe_s)
+        deadline = min(self._relays.next_deadline_s(), self._table.next_deadline_s())
+        if self._me.state is MemberState.ALIVE:
+            probe_s = self._probe.next_deadline_s() if self._probe else self._next_probe_s
+            deadline = min(deadline, probe_s, self._next_push_pull_s, self._next_join_s)
         if len(self._queue) and self.config.gossip_fanout:
-            deadlines.append(self._next_gossip_s)
-        if self._reap:
-            deadlines.append(self._reap[0][0])
-        return min(deadlines)
+            deadline = min(deadline, self._next_gossip_s)
+        return deadline
 
     def leave(self, now_s: float) -> None:
-        """Announces a graceful leave to several members at once, and stops probing."""
+        """Announces a graceful leave to several members at once and stops probing; keep
+        driving the member for a gossip interval or two so that the news spreads."""
         self._now = max(self._now, now_s)
-        if self._left:
+        if self._me.state is MemberState.LEFT:
             return
-        self._left = True
-        self._probe = None
-        self._me.state = MemberState.LEFT
         me = self._me
+        me.state = MemberState.LEFT
+        self._probe = None
         self._enqueue(
             Dead(
                 name=me.name, nonce=me.nonce, incarnation=me.incarnation, source=me.name, left=True
@@ -259,7 +204,7 @@ class Swim:
         check_meta(dict(meta))
         if meta_bytes(meta) > self.config.max_meta_bytes:
             raise UsageError(f"meta exceeds max_meta_bytes={self.config.max_meta_bytes}")
-        if self._left:
+        if self._me.state is MemberState.LEFT:
             raise UsageError("update_meta after leave")
         self._me.meta = MappingProxyType(dict(meta))
         self._me.incarnation += 1
@@ -270,13 +215,12 @@ class Swim:
         return out
 
     def take_events(self) -> list[MemberEvent]:
-        events, self._events = self._events, []
-        return events
+        """Changes in other members since the last call (never about this member)."""
+        return self._table.take_events()
 
     def members(self) -> list[MemberView]:
         """Every listed member, this one included, sorted by name."""
-        views = [self._me.view()] + [m.view() for m in self._members.values()]
-        return sorted(views, key=lambda v: v.name)
+        return sorted([self._me.view(), *self._table.views()], key=lambda view: view.name)
 
     @property
     def incarnation(self) -> int:
@@ -314,8 +258,7 @@ class Swim:
         self._send_with_updates(ping.source_address, Ack(seq=ping.seq, source=self._me.name))
 
     def _on_ack(self, ack: Ack) -> None:
-        probe = self._probe
-        if probe is not None and ack.seq == probe.seq:
+        if self._probe is not None and ack.seq == self._probe.seq:
             self._probe = None
             self._awareness.apply(awareness.PROBE_OK_DELTA)
             self.stats["probe_ok"] += 1
@@ -324,8 +267,8 @@ class Swim:
         if relay is None:
             self.stats["ack_unmatched"] += 1
             return
-        ack = Ack(seq=relay.origin_seq, source=self._me.name)
-        self._send_with_updates(relay.origin_address, ack)
+        forwarded = Ack(seq=relay.origin_seq, source=self._me.name)
+        self._send_with_updates(relay.origin_address, forwarded)
 
     def _on_ping_req(self, req: PingReq) -> None:
         if req.target == self._me.name or self._relays.full():
@@ -334,9 +277,8 @@ class Swim:
         seq = self._next_seq()
         timeout_s = self._awareness.scale(self.config.probe_timeout_s)
         self._relays.add(seq, Relay(req.source_address, req.seq, self._now + timeout_s))
-        ping = Ping(
-            seq=seq, target=req.target, source=self._me.name, source_address=self._me.address
-        )
+        me = self._me
+        ping = Ping(seq=seq, target=req.target, source=me.name, source_address=me.address)
         self._send_with_updates(req.target_address, ping)
 
     def _on_push_pull(self, message: PushPull) -> None:
@@ -349,7 +291,7 @@ class Swim:
         if reply_to is None:
             self.stats["drop_no_reply_to"] += 1
             return
-        records = [self._me.record()] + [m.record() for m in self._members.values()]
+        records = [self._me.record(), *self._table.records()]
         parts = antientropy.split_records(records, self._records_budget(StateReply))
         for index, part in enumerate(parts):
             reply = StateReply(
@@ -357,145 +299,37 @@ class Swim:
             )
             self._emit(Outgoing(None, encode_message(self._codec, reply), reply_to), reply)
 
-    # ------------------------------------------------------------------ merging updates
-
     def _merge(self, updates: Sequence[Update]) -> None:
+        """Applies ``updates``; whatever is news is gossiped on."""
+        table, me, now = self._table, self._me.name, self._now
         for update in updates:
-            if update.name == self._me.name:
-                self._about_me(update)
-            else:
-                self._apply(update)
-
-    def _apply(self, update: Update) -> None:
-        held = self._members.get(update.name)
-        kind = update.kind
-        if held is None:
-            order = Order.NEWER
-        else:
-            order = order_of(
-                kind, (held.nonce, held.incarnation), (update.nonce, update.incarnation)
-            )
-        state = None if held is None else held.state
-        target = next_state(update.name, state, kind, order)
-        if target is None:
-            return
-        if held is None:
-            assert isinstance(update, Alive)
-            self._add_member(update)
-        elif isinstance(update, Alive):
-            self._revive(held, update)
-        elif target is MemberState.SUSPECT:
-            self._suspect(held, update, order)
-        else:
-            self._bury(held, update.incarnation, target)
-            self._enqueue(update)
-
-    def _add_member(self, update: Alive) -> None:
-        if len(self._members) >= self.config.max_members:
-            self.stats["drop_members_full"] += 1
-            return
-        member = _Member(
-            name=update.name,
-            nonce=update.nonce,
-            address=update.address,
-            incarnation=update.incarnation,
-            state=MemberState.ALIVE,
-            meta=MappingProxyType(dict(update.meta)),
-            state_since_s=self._now,
-        )
-        self._members[member.name] = member
-        self._name_slot[member.name] = len(self._names)
-        self._names.append(member.name)
-        self._live_others += 1
-        self._order.add(member.name)
-        self._publish(EventKind.JOINED, member)
-        self._enqueue(update)
-
-    def _revive(self, held: _Member, update: Alive) -> None:
-        new_boot = update.nonce != held.nonce
-        changed = held.address != update.address or dict(held.meta) != dict(update.meta)
-        was = held.state
-        held.nonce, held.incarnation, held.address = (
-            update.nonce,
-            update.incarnation,
-            update.address,
-        )
-        held.meta = MappingProxyType(dict(update.meta))
-        self._set_state(held, MemberState.ALIVE)
-        if was not in _LIVE:
-            self._order.add(held.name)
-        if new_boot:
-            self._publish(EventKind.JOINED, held)
-        elif was is not MemberState.ALIVE:
-            self._publish(EventKind.ALIVE, held)
-        elif changed:
-            self._publish(EventKind.UPDATED, held)
-        self._enqueue(update)
-
-    def _suspect(self, held: _Member, update: Suspect, order: Order) -> None:
-        if held.state is MemberState.SUSPECT and order is Order.SAME:
-            suspicion = held.suspicion
-            if suspicion is not None and suspicion.confirm(update.source):
-                self._schedule_suspicion(held.name, suspicion)
+            if update.name == me:
+                self._refute_if_needed(update)
+            elif table.apply(update, now):
                 self._enqueue(update)
-            return
-        was = held.state
-        held.incarnation = update.incarnation
-        self._set_state(held, MemberState.SUSPECT)
-        if was not in _LIVE:
-            self._order.add(held.name)
-        n = self._live_others + 1
-        min_s = suspicion_min_timeout_s(self.config.suspicion_mult, n, self.config.probe_interval_s)
-        held.suspicion = Suspicion(
-            start_s=self._now,
-            min_s=min_s,
-            max_s=min_s * self.config.suspicion_max_timeout_mult,
-            k=expected_confirmations(self.config.suspicion_confirmations, n),
-            first_source=update.source,
-        )
-        self._schedule_suspicion(held.name, held.suspicion)
-        self._publish(EventKind.SUSPECT, held)
-        self._enqueue(update)
+        if self._table.full_drops:
+            self.stats["drop_members_full"] += self._table.full_drops
+            self._table.full_drops = 0
 
-    def _bury(self, held: _Member, incarnation: int, state: MemberState) -> None:
-        was = held.state
-        held.incarnation = incarnation
-        self._set_state(held, state)
-        if state is not was:
-            self._publish(_EVENT_OF[state], held)
-            self._reap.append((self._now + self.config.dead_retention_s, held.name, held.nonce))
-            if state is MemberState.DEAD:
-                log.info("member %s declared dead at incarnation %d", held.name, incarnation)
-
-    def _set_state(self, member: _Member, state: MemberState) -> None:
-        was_live, is_live = member.state in _LIVE, state in _LIVE
-        self._live_others += is_live - was_live
-        if state is not member.state:
-            member.state_since_s = self._now
-        member.state = state
-        if state is not MemberState.SUSPECT:
-            member.suspicion = None
-
-    def _about_me(self, update: Update) -> None:
+    def _refute_if_needed(self, update: Update) -> None:
+        """Outranks any claim about this member that would otherwise win (Lifeguard refute)."""
         me = self._me
-        if self._left:
+        if me.state is MemberState.LEFT:
             return
         if isinstance(update, Alive) and update.nonce == me.nonce:
             if update.incarnation <= me.incarnation:
                 return
         elif update.incarnation < me.incarnation:
-            return  # an older claim, or about an older boot: our Alive outranks it
+            return  # an older claim, or one about an older boot: our Alive outranks it
         if update.nonce != me.nonce:
             self.stats["name_conflict"] += 1
+            log.warning("another boot of %s is gossiped (nonce %x)", me.name, update.nonce)
         self.stats["refute"] += 1
         me.incarnation = update.incarnation + 1
         self._awareness.apply(awareness.REFUTE_DELTA)
         self._enqueue(me.alive_update())
 
-    def _publish(self, kind: EventKind, member: _Member) -> None:
-        self._events.append(MemberEvent(kind=kind, member=member.view()))
-
-    # ------------------------------------------------------------------ timers
+    # ------------------------------------------------------------------ probing
 
     def _run_probe(self, now: float) -> None:
         probe = self._probe
@@ -503,9 +337,8 @@ class Swim:
             self._probe_indirectly(probe)
         if probe is not None and now >= probe.end_s:
             self._probe = None
-            late_s = self.config.probe_interval_s * _LATE_PROBE_INTERVALS
-            if now - probe.end_s > late_s:  # we were stalled ourselves: no verdict on the target
-                self.stats["probe_late"] += 1
+            if now - probe.end_s > self.config.probe_interval_s * _LATE_PROBE_INTERVALS:
+                self.stats["probe_late"] += 1  # we were stalled ourselves: no verdict
                 self._awareness.apply(awareness.MISSED_NACK_DELTA)
                 self._next_probe_s = now
             else:
@@ -516,10 +349,12 @@ class Swim:
     def _start_probe(self, now: float) -> None:
         interval_s = self._awareness.scale(self.config.probe_interval_s)
         self._next_probe_s = now + interval_s
-        name = self._order.next(lambda: self._names, self._is_live)
+        table = self._table
+        name = table.order.next(table.names, table.is_live)
         if name is None:
             return
-        target = self._members[name]
+        target = table.get(name)
+        assert target is not None
         timeout_s = self._awareness.scale(self.config.probe_timeout_s)
         self._probe = ProbeRound(
             target=name,
@@ -529,32 +364,30 @@ class Swim:
             end_s=now + interval_s,
         )
         self.stats["probe"] += 1
-        ping = Ping(
-            seq=self._probe.seq, target=name, source=self._me.name, source_address=self._me.address
-        )
+        me = self._me
+        ping = Ping(seq=self._probe.seq, target=name, source=me.name, source_address=me.address)
         first = None
-        if target.state is MemberState.SUSPECT:  # let it know, so that it can refute
+        if target.state is MemberState.SUSPECT:  # tell it, so that it can refute
             first = Suspect(
-                name=name, nonce=target.nonce, incarnation=target.incarnation, source=self._me.name
+                name=name, nonce=target.nonce, incarnation=target.incarnation, source=me.name
             )
         self._send_with_updates(target.address, ping, first)
 
     def _probe_indirectly(self, probe: ProbeRound) -> None:
         probe.indirect_sent = True
-        target = self._members.get(probe.target)
+        target = self._table.get(probe.target)
         if target is None or target.nonce != probe.nonce:
             return
-        relays = self._pick_members(
-            self.config.indirect_checks, exclude=probe.target, alive_only=True
-        )
+        relays = self._table.pick(self.config.indirect_checks, exclude=target.name, alive_only=True)
         probe.expected_nacks = len(relays)
+        me = self._me
         for relay in relays:
             req = PingReq(
                 seq=probe.seq,
                 target=target.name,
                 target_address=target.address,
-                source=self._me.name,
-                source_address=self._me.address,
+                source=me.name,
+                source_address=me.address,
             )
             self._send_with_updates(relay.address, req)
 
@@ -562,222 +395,146 @@ class Swim:
         self.stats["probe_failed"] += 1
         missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
         self._awareness.apply(missed * awareness.MISSED_NACK_DELTA)
-        target = self._members.get(probe.target)
-        if target is None or target.nonce != probe.nonce or target.state not in _LIVE:
+        target = self._table.get(probe.target)
+        if target is None or target.nonce != probe.nonce or target.state not in LIVE:
             return
-        self._apply(
-            Suspect(
-                name=target.name,
-                nonce=target.nonce,
-                incarnation=target.incarnation,
-                source=self._me.name,
-            )
+        suspect = Suspect(
+            name=target.name,
+            nonce=target.nonce,
+            incarnation=target.incarnation,
+            source=self._me.name,
         )
+        if self._table.apply(suspect, self._now):
+            self._enqueue(suspect)
 
-    def _expire_suspicions(self, now: float) -> None:
-        heap = self._suspicions
-        while heap and heap[0][0] <= now:
-            deadline, _, name, suspicion = heapq_pop(heap)
-            member = self._members.get(name)
-            if member is None or member.suspicion is not suspicion:
-                continue
-            if suspicion.deadline_s != deadline:
-                continue  # a newer entry carries the current deadline
-            dead = Dead(
-                name=name, nonce=member.nonce, incarnation=member.incarnation, source=self._me.name
-            )
-            self._apply(dead)
-
-    def _schedule_suspicion(self, name: str, suspicion: Suspicion) -> None:
-        self._heap_tiebreak += 1
-        heapq_push(self._suspicions, (suspicion.deadline_s, self._heap_tiebreak, name, suspicion))
-
-    def _next_suspicion_s(self) -> float:
-        heap = self._suspicions
-        while heap:
-            deadline, _, name, suspicion = heap[0]
-            member = self._members.get(name)
-            if (
-                member is not None
-                and member.suspicion is suspicion
-                and suspicion.deadline_s == deadline
-            ):
-                return deadline
-            heapq_pop(heap)
-        return _INF
+    # ------------------------------------------------------------------ dissemination
 
     def _gossip(self, fanout: int) -> None:
-        for member in self._pick_members(fanout, exclude=None, alive_only=False):
+        for member in self._table.pick(fanout, alive_only=False):
             gossip = Gossip(source=self._me.name, updates=())
             if not self._send_with_updates(member.address, gossip, require_updates=True):
-                break
+                return
 
     def _push_pull(self, now: float) -> None:
         self._next_push_pull_s = self._push_pull_due(now)
-        peers = self._pick_members(1, exclude=None, alive_only=True)
+        peers = self._table.pick(1, alive_only=True)
         if peers:
             self._send_table(peers[0].address, reply_wanted=True)
         elif self._seeds:
-            self._send_join(self._seeds)
-        dead = self._pick_dead()
-        if dead is not None:  # reconnect: if it answers, it learns we hold it dead and refutes
-            part = (self._me.record(), dead.record())
+            self._send_join()
+        dead = self._table.pick_dead()
+        if dead is not None:  # if it answers, it learns we hold it dead and refutes
+            me = self._me
+            records = (me.record(), dead.record())
             self._send(
                 dead.address,
                 PushPull(
-                    source=self._me.name,
-                    source_address=self._me.address,
+                    source=me.name,
+                    source_address=me.address,
                     reply_wanted=True,
-                    records=part,
+                    records=records,
                 ),
             )
 
     def _push_pull_due(self, now: float) -> float:
         if not self.config.push_pull_interval_s:
             return _INF
-        interval_s = antientropy.push_pull_interval_s(
-            self.config.push_pull_interval_s, self._live_others + 1
-        )
-        return now + interval_s * (0.5 + self._rng.random())
+        n = self._table.live_count + 1
+        interval_s = antientropy.push_pull_interval_s(self.config.push_pull_interval_s, n)
+        return now + interval_s * (0.5 + self._rng.random())  # jittered: no lockstep
 
     def _join_attempt(self) -> None:
-        if self._live_others or self._join_attempts >= self.config.join_max_attempts:
+        if self._table.live_count or self._join_attempts >= self.config.join_max_attempts:
             self._next_join_s = _INF
             return
         self._join_attempts += 1
         self.stats["join_attempt"] += 1
-        self._send_join(self._seeds)
+        self._send_join()
         self._next_join_s = self._now + self.config.join_retry_interval_s if self._seeds else _INF
 
-    def _send_join(self, seeds: Sequence[str]) -> None:
-        for seed in seeds:
-            self._send(
-                seed,
-                PushPull(
-                    source=self._me.name,
-                    source_address=self._me.address,
-                    reply_wanted=True,
-                    records=(self._me.record(),),
-                ),
+    def _send_join(self) -> None:
+        me = self._me
+        for seed in self._seeds:
+            join = PushPull(
+                source=me.name,
+                source_address=me.address,
+                reply_wanted=True,
+                records=(me.record(),),
             )
-
-    def _reap_forgotten(self, now: float) -> None:
-        while self._reap and self._reap[0][0] <= now:
-            _, name, nonce = self._reap.popleft()
-            member = self._members.get(name)
-            retention_s = self.config.dead_retention_s
-            if (
-                member is None
-                or member.nonce != nonce
-                or member.state in _LIVE
-                or member.state_since_s + retention_s > now
-            ):
-                continue
-            del self._members[name]
-            slot = self._name_slot.pop(name)
-            last = self._names.pop()
-            if last != name:
-                self._names[slot] = last
-                self._name_slot[last] = slot
-            self.stats["reaped"] += 1
+            self._send(seed, join)
 
     # ------------------------------------------------------------------ outbound
 
     def _send_with_updates(
         self,
         address: str,
-        message: Any,
+        message: Piggybacked,
         first: Update | None = None,
         *,
         require_updates: bool = False,
     ) -> bool:
-        """Sends ``message`` with as many queued updates as fit; False if none fit and required."""
-        base = wire_bytes([int(message.TYPE), message.to_fields()]) + self._frame_overhead
+        """Sends ``message`` with as many queued updates as fit; False if none did and
+        ``require_updates``."""
+        fields = message.to_fields()  # validated once, without updates
+        base = wire_bytes([int(message.TYPE), fields]) + self._frame_overhead
         budget = self.config.max_packet_bytes - base - _LIST_HEADER_BYTES
-        updates: list[Update] = []
+        updates: list[Update] = [] if first is None else [first]
         if first is not None:
-            updates.append(first)
-            budget -= wire_bytes(first.to_wire())
-        limit = retransmit_limit(self.config.retransmit_mult, self._live_others + 1)
+            budget -= packed_bytes(first)
+        limit = retransmit_limit(self.config.retransmit_mult, self._table.live_count + 1)
         wanted = self.config.max_piggyback - len(updates)
         if wanted > 0 and budget > 0:
             updates += self._queue.take(budget, wanted, limit)
         if require_updates and not updates:
             return False
-        self._send(address, dataclasses.replace(message, updates=tuple(updates)))
+        fields["updates"] = [update.packed() for update in updates]
+        self._outgoing.append(Outgoing(address, self._codec.encode(message.TYPE, fields)))
+        self._count_tx(message.TYPE)
         return True
 
     def _send_table(self, address: str, *, reply_wanted: bool) -> None:
-        records = [self._me.record()] + [m.record() for m in self._members.values()]
+        me = self._me
+        records = [me.record(), *self._table.records()]
         parts = antientropy.split_records(records, self._records_budget(PushPull))
         for index, part in enumerate(parts):
+            wants = reply_wanted and index == len(parts) - 1
             self._send(
                 address,
                 PushPull(
-                    source=self._me.name,
-                    source_address=self._me.address,
-                    reply_wanted=reply_wanted and index == len(parts) - 1,
+                    source=me.name,
+                    source_address=me.address,
+                    reply_wanted=wants,
                     records=tuple(part),
                 ),
             )
 
-    def _records_budget(self, kind: type) -> int:
+    def _records_budget(self, kind: type[PushPull] | type[StateReply]) -> int:
+        """Bytes left for records in one frame of ``kind``."""
+        empty: PushPull | StateReply
         if kind is PushPull:
-            probe = PushPull(
-                source=self._me.name, source_address=self._me.address, reply_wanted=True, records=()
+            me = self._me
+            empty = PushPull(
+                source=me.name, source_address=me.address, reply_wanted=True, records=()
             )
         else:
-            probe = StateReply(query_id=MAX_SEQ, part=0, parts=1, records=())
-        base = wire_bytes([int(probe.TYPE), probe.to_fields()]) + self._frame_overhead
-        return self.config.max_packet_bytes - base - _LIST_HEADER_BYTES - 16  # ints may grow
+            empty = StateReply(query_id=MAX_SEQ, part=0, parts=1, records=())
+        base = wire_bytes([int(empty.TYPE), empty.to_fields()]) + self._frame_overhead
+        return self.config.max_packet_bytes - base - _LIST_HEADER_BYTES - _INT_GROWTH_BYTES
 
     def _send(self, address: str, message: Message) -> None:
         self._emit(Outgoing(address, encode_message(self._codec, message)), message)
 
     def _emit(self, outgoing: Outgoing, message: Message) -> None:
         self._outgoing.append(outgoing)
+        self._count_tx(message.TYPE)
+
+    def _count_tx(self, message_type: MessageType) -> None:
         self.stats["tx"] += 1
-        self.stats[f"tx_{message.TYPE.name.lower()}"] += 1
+        self.stats[_TX_KEYS[message_type]] += 1
 
     def _enqueue(self, update: Update) -> None:
-        self._queue.put(update.name, update, wire_bytes(update.to_wire()))
-
-    # ------------------------------------------------------------------ helpers
+        self._queue.put(update.name, update, packed_bytes(update))
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & MAX_SEQ
         return self._seq
-
-    def _is_live(self, name: str) -> bool:
-        member = self._members.get(name)
-        return member is not None and member.state in _LIVE
-
-    def _pick_members(self, count: int, *, exclude: str | None, alive_only: bool) -> list[_Member]:
-        """Up to ``count`` distinct random live members (ALIVE only if ``alive_only``)."""
-        if count <= 0 or not self._live_others:
-            return []
-        wanted = (MemberState.ALIVE,) if alive_only else _LIVE
-        names, picked, seen = self._names, [], set()
-        for _ in range(4 * count + 8):  # random probing first: cheap when most are live
-            name = names[self._rng.randrange(len(names))]
-            member = self._members[name]
-            if name not in seen and name != exclude and member.state in wanted:
-                seen.add(name)
-                picked.append(member)
-                if len(picked) == count:
-                    return picked
-        pool = [
-            self._members[n] for n in names if n != exclude and self._members[n].state in wanted
-        ]
-        return self._rng.sample(pool, min(count, len(pool)))
-
-    def _pick_dead(self) -> _Member | None:
-        dead = [(n, nonce) for _, n, nonce in self._reap]
-        for _ in range(4):
-            if not dead:
-                return None
-            name, nonce = dead[self._rng.randrange(len(dead))]
-            member = self._members.get(name)
-            if member is not None and member.nonce == nonce and member.state is MemberState.DEAD:
-                return member
-        return None
