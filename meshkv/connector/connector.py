@@ -177,7 +177,23 @@ class MeshKVConnector(KVConnectorBase_V1):
         """Called once after vLLM allocated the KV cache (``[blocks, ...]`` view per layer,
         owned by vLLM). Fixes the chunk geometry and starts this rank's mesh member."""
         assert self._worker is not None
-        self._worker.register(kv_caches, self._kv_cache_config)
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+        from vllm.platforms import current_platform
+
+        from meshkv.connector.worker import WorkerPlace
+
+        first_layer = self._vllm_config.compilation_config.static_forward_context.get(
+            next(iter(kv_caches), "")
+        )
+        backend = getattr(getattr(first_layer, "attn_backend", None), "get_name", None)
+        layout = self._vllm_config.cache_config.get_resolved_kv_cache_layout().name
+        place = WorkerPlace(
+            tp_rank=get_tensor_model_parallel_rank(),
+            pp_rank=get_pp_group().rank_in_group,
+            device_type=current_platform.device_type,
+            layout_name=f"{backend() if backend else 'unknown'}/{layout}",
+        )
+        self._worker.register(kv_caches, num_blocks=self._kv_cache_config.num_blocks, place=place)
 
     @contained(lambda: None)
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:

@@ -1,0 +1,389 @@
+"""Worker side of MeshKVConnector: one mesh member per TP rank, and the block copies.
+
+Each vLLM worker process owns one `MeshNode` (started in `register`, once the KV cache exists
+and the chunk geometry is known) and carries out the scheduler side's orders each step:
+
+- intros: compute the request's chunk keys (this rank's namespace, the request's cache_salt);
+- fetches: on the fetch thread, pin the leading chunks found in the mesh (fetching remote ones
+  into the local store) and report how many; or, for async loading, only count them;
+- loads: copy pinned chunks into vLLM's blocks - synchronously before the forward, or on the
+  fetch thread for async loads, which report through `take_finished_loads`. Blocks that could
+  not be written are reported (`take_failed_blocks`) so vLLM recomputes them;
+- saves: after the forward, copy each completed chunk out of the blocks and `put` it (stored
+  here at once, pushed to its home in the background);
+- unstage / forget: release pins and per-request state.
+
+Ownership: vLLM owns the KV cache; the node owns its store; pins on the store are this module's
+(one lease per staged request, released on load, unstage, forget or close). Threads: vLLM's
+model-runner thread calls every public method; one fetch thread runs fetches and async loads.
+Shared state between them sits behind ``_lock``.
+
+This module knows vLLM's worker-side objects and the MeshNode API, not the wire or the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from meshkv.connector.geometry import BlockCopier, ChunkGeometry, geometry_of
+from meshkv.connector.identity import namespace_for
+from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
+from meshkv.keys import chunk_keys, root_key
+from meshkv.node import ChunkLease, MeshNode
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+    from meshkv.config import MeshConfig
+
+logger = logging.getLogger("vllm.meshkv.connector.worker")
+
+FETCH_QUEUE_MAX = 256
+"""Fetch and async-load jobs waiting for the fetch thread; past it a fetch finds nothing and an
+async load fails (vLLM recomputes)."""
+STAGED_REQUESTS_MAX = 64
+"""Requests whose fetched chunks are pinned awaiting their load; past it a fetch finds nothing."""
+LOCAL_GET_TIMEOUT_S = 0.5
+"""Deadline of re-pinning staged chunks at load time (they are local: no network is involved
+unless they were evicted, which only an expired pin allows)."""
+FETCH_SHARE_OF_LOOKUP_TIMEOUT = 0.9
+"""A fetch gets this share of ``lookup_timeout_ms`` (the scheduler's clock started earlier,
+when it queued the fetch), so its answer usually arrives before the scheduler gives up."""
+CLOSE_JOIN_S = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerPlace:
+    """Where this worker sits: its ranks and the cache layout of its attention backend."""
+
+    tp_rank: int
+    pp_rank: int
+    device_type: str
+    layout_name: str
+    """Attention backend and resolved KV layout, e.g. "CPU_ATTN/LBHNC"."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    lease: ChunkLease
+    fetch_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _FetchJob:
+    fetch: Fetch
+    keys: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadJob:
+    load: Load
+    keys: list[bytes]
+
+
+class MeshWorker:
+    """MeshKVConnector(role=WORKER) logic for one TP rank."""
+
+    def __init__(self, vllm_config: VllmConfig, config: MeshConfig) -> None:
+        self._vllm_config = vllm_config
+        self._config = config
+        self._geometry: ChunkGeometry | None = None
+        self._copier: BlockCopier | None = None
+        self._node: MeshNode | None = None
+        self._rank = 0
+        self._root_digest = b""
+        self._keys: dict[str, list[bytes]] = {}  # model thread only
+        self._lock = threading.Lock()
+        self._staged: dict[str, _Staged] = {}
+        self._inflight_fetch: dict[str, int] = {}
+        self._cancelled_fetches: set[int] = set()
+        self._found: dict[int, int] = {}
+        self._finished_loads: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._jobs: queue.Queue[_FetchJob | _LoadJob | None] = queue.Queue(FETCH_QUEUE_MAX)
+        self._thread: threading.Thread | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def register(
+        self, kv_caches: dict[str, torch.Tensor], *, num_blocks: int, place: WorkerPlace
+    ) -> None:
+        """Fix the geometry from vLLM's cache views and join the mesh as this rank."""
+        vc = self._vllm_config
+        geometry = geometry_of(
+            kv_caches,
+            num_blocks=num_blocks,
+            block_size_tokens=vc.cache_config.block_size,
+            chunk_size_tokens=self._config.chunk_size,
+        )
+        self._rank = place.tp_rank
+        namespace = namespace_for(
+            vc,
+            self._config,
+            geometry,
+            device_type=place.device_type,
+            layout_name=place.layout_name,
+            tp_rank=place.tp_rank,
+            pp_rank=place.pp_rank,
+        )
+        self._root_digest = namespace.digest()
+        node = MeshNode(
+            self._config,
+            namespace=namespace.label(),
+            rank=self._rank,
+            world_size=namespace.tp_world_size,
+        )
+        node.start()
+        self._node, self._geometry = node, geometry
+        self._copier = BlockCopier(geometry, kv_caches)
+        self._thread = threading.Thread(target=self._run_jobs, name="meshkv-fetch", daemon=True)
+        self._thread.start()
+        logger.info(
+            "rank %d: namespace %s (%s), chunk %d tokens = %d blocks x %d layers = %.2f MiB",
+            self._rank,
+            namespace.label(),
+            namespace.model_id,
+            geometry.chunk_size_tokens,
+            geometry.blocks_per_chunk,
+            geometry.num_layers,
+            geometry.chunk_bytes / 2**20,
+        )
+
+    @property
+    def node(self) -> MeshNode | None:
+        """This rank's mesh member (None before `register`)."""
+        return self._node
+
+    def close(self) -> None:
+        """Stop the fetch thread, release every pin, leave the mesh."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(CLOSE_JOIN_S)
+            self._thread = None
+        with self._lock:
+            staged, self._staged = self._staged, {}
+        for entry in staged.values():
+            entry.lease.release()
+        if self._node is not None:
+            self._node.stop()
+            self._node = None
+
+    # -- per step (model-runner thread) --------------------------------------------------------
+    def start_step(self, orders: MeshStepOrders) -> None:
+        """Apply intros and fetches; run synchronous loads; queue async ones."""
+        for intro in orders.intros:
+            root = root_key(self._root_digest, intro.cache_salt)
+            self._keys[intro.req_id] = chunk_keys(root, intro.token_ids, self._config.chunk_size)
+        for fetch in orders.fetches:
+            self._queue_fetch(fetch)
+        for load in orders.loads:
+            if load.is_async:
+                self._queue_load(load)
+            else:
+                self._load_staged(load)
+
+    def finish_step(self, orders: MeshStepOrders) -> None:
+        """After the forward: saves, then releases."""
+        for save in orders.saves:
+            self._save(save.req_id, save.first_chunk, save.num_chunks, save.block_ids)
+        for req_id in orders.unstage:
+            self._unstage(req_id)
+        for req_id in orders.forget:
+            self._unstage(req_id)
+            self._keys.pop(req_id, None)
+
+    def take_report(self) -> MeshWorkerReport:
+        with self._lock:
+            found, self._found = self._found, {}
+        return MeshWorkerReport(found={self._rank: found} if found else {})
+
+    def take_finished_loads(self) -> set[str] | None:
+        with self._lock:
+            done, self._finished_loads = self._finished_loads, set()
+        return done or None
+
+    def take_failed_blocks(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    # -- fetches -------------------------------------------------------------------------------
+    def _queue_fetch(self, fetch: Fetch) -> None:
+        keys = self._keys.get(fetch.req_id, [])[: fetch.num_chunks]
+        ready = self._node is not None and keys
+        if ready and fetch.stage:
+            with self._lock:
+                ready = len(self._staged) + len(self._inflight_fetch) < STAGED_REQUESTS_MAX
+        if ready:
+            try:
+                self._jobs.put_nowait(_FetchJob(fetch, keys))
+            except queue.Full:
+                ready = False
+        with self._lock:
+            if ready:
+                self._inflight_fetch[fetch.req_id] = fetch.fetch_id
+            else:
+                self._found[fetch.fetch_id] = 0
+
+    def _run_fetch(self, job: _FetchJob) -> None:
+        fetch, node = job.fetch, self._node
+        assert node is not None and self._geometry is not None
+        timeout_s = fetch.timeout_ms / 1000 * FETCH_SHARE_OF_LOOKUP_TIMEOUT
+        started = time.perf_counter()
+        lease: ChunkLease | None = None
+        if fetch.stage:
+            lease = node.get(job.keys, self._geometry.chunk_bytes, timeout_s=timeout_s)
+            found = lease.count
+        else:
+            found = node.lookup(job.keys, timeout_s=timeout_s)
+        fetch_s = time.perf_counter() - started
+        previous: _Staged | None = None
+        with self._lock:
+            if self._inflight_fetch.get(fetch.req_id) == fetch.fetch_id:
+                del self._inflight_fetch[fetch.req_id]
+            cancelled = fetch.fetch_id in self._cancelled_fetches
+            self._cancelled_fetches.discard(fetch.fetch_id)
+            keep = lease is not None and found > 0 and not cancelled
+            if keep:
+                previous = self._staged.pop(fetch.req_id, None)
+                self._staged[fetch.req_id] = _Staged(lease, fetch_s)
+            self._found[fetch.fetch_id] = found
+        if previous is not None:
+            previous.lease.release()
+        if lease is not None and not keep:
+            lease.release()
+        logger.debug("rank %d: fetch %d found %d chunks", self._rank, fetch.fetch_id, found)
+
+    def _unstage(self, req_id: str) -> None:
+        with self._lock:
+            entry = self._staged.pop(req_id, None)
+            fetch_id = self._inflight_fetch.pop(req_id, None)
+            if fetch_id is not None:
+                self._cancelled_fetches.add(fetch_id)
+        if entry is not None:
+            entry.lease.release()
+
+    # -- loads ---------------------------------------------------------------------------------
+    def _load_staged(self, load: Load) -> None:
+        with self._lock:
+            staged = self._staged.pop(load.req_id, None)
+        try:
+            keys = self._keys.get(load.req_id, [])
+            self._copy_in(load, keys, fetch_s=staged.fetch_s if staged else 0.0)
+        finally:
+            if staged is not None:
+                staged.lease.release()
+
+    def _queue_load(self, load: Load) -> None:
+        keys = self._keys.get(load.req_id, [])
+        try:
+            self._jobs.put_nowait(_LoadJob(load, keys))
+        except queue.Full:
+            logger.warning(
+                "rank %d: fetch queue full; async load of %s fails", self._rank, load.req_id
+            )
+            with self._lock:
+                self._failed_blocks.update(load.block_ids)
+                self._finished_loads.add(load.req_id)
+
+    def _run_load(self, job: _LoadJob) -> None:
+        try:
+            self._copy_in(job.load, job.keys, fetch_s=0.0)
+        finally:
+            with self._lock:
+                self._finished_loads.add(job.load.req_id)
+
+    def _copy_in(self, load: Load, keys: list[bytes], *, fetch_s: float) -> None:
+        """Pin the load's chunks (local after a staged fetch; fetched now for async loads) and
+        write them into the blocks; every block not written is reported as failed."""
+        g, copier, node = self._geometry, self._copier, self._node
+        written = 0
+        started = time.perf_counter()
+        try:
+            wanted = keys[load.first_chunk : load.first_chunk + load.num_chunks]
+            expected = load.num_chunks * g.blocks_per_chunk - load.skip_blocks if g else -1
+            if g is None or copier is None or node is None or len(wanted) != load.num_chunks:
+                return
+            if len(load.block_ids) != expected:
+                logger.error(
+                    "rank %d: load of %s has %d blocks, expected %d",
+                    self._rank,
+                    load.req_id,
+                    len(load.block_ids),
+                    expected,
+                )
+                return
+            timeout_s = LOCAL_GET_TIMEOUT_S if not load.is_async else None
+            with node.get(wanted, g.chunk_bytes, timeout_s=timeout_s) as lease:
+                for index in range(lease.count):
+                    skip = load.skip_blocks if index == 0 else 0
+                    start = index * g.blocks_per_chunk - (load.skip_blocks if index else 0)
+                    ids = load.block_ids[start : start + g.blocks_per_chunk - skip]
+                    view = torch.from_numpy(lease.views[index][: g.chunk_bytes])
+                    copier.scatter(view, ids, first_block=skip)
+                    written += len(ids)
+        finally:
+            missing = load.block_ids[written:]
+            if missing:
+                with self._lock:
+                    self._failed_blocks.update(missing)
+                logger.warning(
+                    "rank %d: %d of %d blocks of %s not loaded; vLLM recomputes them",
+                    self._rank,
+                    len(missing),
+                    len(load.block_ids),
+                    load.req_id,
+                )
+        if g is not None and written:
+            self._log_retrieved(load, written, g, fetch_s + time.perf_counter() - started)
+
+    def _log_retrieved(self, load: Load, blocks: int, g: ChunkGeometry, cost_s: float) -> None:
+        size_gb = blocks * g.block_bytes * g.num_layers / 1e9
+        tokens = load.num_tokens if blocks == len(load.block_ids) else blocks * g.block_size_tokens
+        logger.info(
+            "Retrieved %d out of total %d tokens. size: %.4f gb, cost %.4f ms, "
+            "throughput: %.4f GB/s",
+            tokens,
+            load.prompt_tokens,
+            size_gb,
+            cost_s * 1000,
+            size_gb / cost_s if cost_s > 0 else 0.0,
+        )
+
+    # -- saves ---------------------------------------------------------------------------------
+    def _save(self, req_id: str, first: int, count: int, block_ids: tuple[int, ...]) -> None:
+        g, copier, node = self._geometry, self._copier, self._node
+        keys = self._keys.get(req_id, [])[first : first + count]
+        if g is None or copier is None or node is None or len(keys) != count:
+            return
+        buffer = torch.empty(g.chunk_bytes, dtype=torch.uint8)
+        stored = 0
+        for index, key in enumerate(keys):
+            ids = block_ids[index * g.blocks_per_chunk : (index + 1) * g.blocks_per_chunk]
+            copier.gather(ids, buffer)
+            stored += node.put([key], [buffer.numpy()])
+        logger.debug("rank %d: saved %d/%d chunks of %s", self._rank, stored, count, req_id)
+
+    # -- fetch thread --------------------------------------------------------------------------
+    def _run_jobs(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if isinstance(job, _FetchJob):
+                    self._run_fetch(job)
+                else:
+                    self._run_load(job)
+            except Exception:
+                logger.exception("rank %d: mesh job failed; treated as a miss", self._rank)
+                if isinstance(job, _FetchJob):
+                    with self._lock:
+                        self._inflight_fetch.pop(job.fetch.req_id, None)
+                        self._found[job.fetch.fetch_id] = 0

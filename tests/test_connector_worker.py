@@ -1,0 +1,191 @@
+"""The connector's worker side with real mesh members and real KV caches, no vLLM server.
+
+Two `MeshWorker`s in this process play two engines' rank 0: each runs a real `MeshNode`
+(gossip and data plane on 127.0.0.1) and copies blocks of a KV cache allocated by vLLM's own
+allocator. The orders they get are the ones the scheduler side writes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.config import CacheConfig, ModelConfig, VllmConfig
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+from vllm.v1.worker.utils import allocate_kv_cache
+
+from meshkv.config import load_config
+from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, RequestIntro, Save
+from meshkv.connector.worker import MeshWorker, WorkerPlace
+from meshkv.models.tiny_llama import make_tiny_llama
+
+pytestmark = pytest.mark.processes
+
+BLOCK = 128
+CHUNK = 256
+NUM_BLOCKS = 16
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+PLACE = WorkerPlace(tp_rank=0, pp_rank=0, device_type="cpu", layout_name="CPU_ATTN/LBHNC")
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def vllm_config() -> VllmConfig:
+    model = make_tiny_llama(Path(__file__).resolve().parents[1] / ".models" / "tiny-llama")
+    return VllmConfig(
+        model_config=ModelConfig(model=str(model), max_model_len=4096, dtype="bfloat16"),
+        cache_config=CacheConfig(block_size=BLOCK),
+    )
+
+
+def kv_caches(seed: int) -> dict[str, torch.Tensor]:
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    page = spec.page_size_bytes
+    config = KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[
+            KVCacheTensor(
+                size=len(LAYERS) * NUM_BLOCKS * page,
+                layers=LAYERS,
+                layer_stride=page * NUM_BLOCKS,
+                block_stride=page,
+            )
+        ],
+        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
+    )
+    caches = allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in caches.values():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+    return caches
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
+def pair(request, vllm_config):
+    """Two workers in one mesh: ``one`` seeds, ``two`` joins through it."""
+    if request.param == "nixl":
+        pytest.importorskip("nixl")
+    base = {
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": 0.05,
+        "enable_p2p": True,
+        "p2p_host": "127.0.0.1",
+        "transfer_channel": request.param,
+        "mesh_gossip_profile": "test",
+        "lookup_timeout_ms": 2000,
+    }
+    one = MeshWorker(vllm_config, load_config(overrides={**base, "lmcache_instance_id": "one"}))
+    one_caches = kv_caches(seed=1)
+    one.register(one_caches, num_blocks=NUM_BLOCKS, place=PLACE)
+    seed = one.node.gossip_address
+    two = MeshWorker(
+        vllm_config,
+        load_config(overrides={**base, "lmcache_instance_id": "two", "mesh_seeds": [seed]}),
+    )
+    two_caches = kv_caches(seed=2)
+    two.register(two_caches, num_blocks=NUM_BLOCKS, place=PLACE)
+    try:
+        wait_for(lambda: len(one.node.members()) == 2 == len(two.node.members()), "membership")
+        yield (one, one_caches), (two, two_caches)
+    finally:
+        two.close()
+        one.close()
+
+
+def intro(req_id: str, tokens: np.ndarray, salt: str | None = None) -> RequestIntro:
+    return RequestIntro(req_id=req_id, token_ids=tokens.astype(np.uint32), cache_salt=salt)
+
+
+def step(worker: MeshWorker, orders: MeshStepOrders) -> None:
+    worker.start_step(orders)
+    worker.finish_step(orders)
+
+
+def report_of(worker: MeshWorker, fetch_id: int) -> int:
+    """The count a worker reports for ``fetch_id`` (its fetch runs on the fetch thread)."""
+    collected: dict[int, int] = {}
+
+    def arrived() -> bool:
+        collected.update(worker.take_report().found.get(0, {}))
+        return fetch_id in collected
+
+    wait_for(arrived, "a fetch report")
+    return collected[fetch_id]
+
+
+def found_in_mesh(worker: MeshWorker, req_id: str, num_chunks: int, *, stage: bool) -> int:
+    """Ask the way the scheduler side does (a Fetch, then the step report) until the mesh has
+    ``num_chunks`` leading chunks: a chunk just saved elsewhere is findable once its push
+    reached its home. Returns the last count found."""
+    found = 0
+    deadline = time.monotonic() + WAIT_S
+    for fetch_id in range(1000, 1100):
+        fetch = Fetch(
+            fetch_id=fetch_id, req_id=req_id, num_chunks=num_chunks, stage=stage, timeout_ms=2000
+        )
+        step(worker, MeshStepOrders(fetches=[fetch]))
+        found = report_of(worker, fetch_id)
+        if found >= num_chunks or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return found
+
+
+def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
+    (one, one_caches), (two, two_caches) = pair
+    tokens = np.arange(100, 100 + 2 * CHUNK)
+    step(one, MeshStepOrders(intros=[intro("a", tokens)],
+                             saves=[Save(req_id="a", first_chunk=0, num_chunks=2,
+                                         block_ids=(3, 4, 7, 8))]))  # fmt: skip
+
+    step(two, MeshStepOrders(intros=[intro("b", tokens)]))
+    assert found_in_mesh(two, "b", 2, stage=True) == 2
+    load = Load(req_id="b", first_chunk=0, num_chunks=2, skip_blocks=1, block_ids=(10, 11, 12),
+                is_async=False, num_tokens=384, prompt_tokens=512)  # fmt: skip
+    step(two, MeshStepOrders(loads=[load], forget=["b"]))
+    assert two.take_failed_blocks() == set()
+    for name in LAYERS:
+        assert torch.equal(two_caches[name][[10, 11, 12]], one_caches[name][[4, 7, 8]])
+
+
+def test_async_load_reports_when_done_and_a_miss_reports_its_blocks(pair):
+    (one, one_caches), (two, two_caches) = pair
+    tokens = np.arange(7, 7 + CHUNK)
+    step(one, MeshStepOrders(intros=[intro("a", tokens, "salt")],
+                             saves=[Save(req_id="a", first_chunk=0, num_chunks=1,
+                                         block_ids=(5, 6))]))  # fmt: skip
+    step(two, MeshStepOrders(intros=[intro("b", tokens, "salt"), intro("c", tokens, "other")]))
+    assert found_in_mesh(two, "b", 1, stage=False) == 1
+    hit = Load(req_id="b", first_chunk=0, num_chunks=1, skip_blocks=0, block_ids=(1, 2),
+               is_async=True, num_tokens=255, prompt_tokens=256)  # fmt: skip
+    miss = Load(req_id="c", first_chunk=0, num_chunks=1, skip_blocks=0, block_ids=(3, 4),
+                is_async=True, num_tokens=255, prompt_tokens=256)  # fmt: skip
+    step(two, MeshStepOrders(loads=[hit, miss]))
+    done: set[str] = set()
+    wait_for(lambda: done.update(two.take_finished_loads() or ()) or done == {"b", "c"},
+             "both async loads")  # fmt: skip
+    assert two.take_failed_blocks() == {3, 4}  # another tenant's salt: nothing to load
+    for name in LAYERS:
+        assert torch.equal(two_caches[name][[1, 2]], one_caches[name][[5, 6]])
