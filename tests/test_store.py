@@ -58,6 +58,7 @@ def test_lru_evicts_the_least_recently_used_chunk_and_pin_counts_as_use() -> Non
     assert not store.lookup(key(1))
     assert [store.lookup(key(i)) for i in (0, 2, 3)] == [True, True, True]
     assert store.stats().evictions == 1
+    assert sorted(store.keys()) == [key(0), key(2), key(3)]
 
 
 def test_a_new_slot_size_takes_over_the_least_recently_used_segment() -> None:

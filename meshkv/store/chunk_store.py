@@ -99,6 +99,11 @@ class ChunkStore:
         with self._lock:
             return self._table.lookup_prefix(keys)
 
+    def keys(self) -> list[bytes]:
+        """Every committed key (a snapshot)."""
+        with self._lock:
+            return self._table.keys()
+
     def pin(self, keys: Iterable[bytes], *, owner: str, deadline_s: float) -> list[Slot]:
         """Pins the leading committed ``keys`` until unpinned or ``deadline_s``; counts as use."""
         with self._lock:

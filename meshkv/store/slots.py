@@ -184,6 +184,10 @@ class SlotTable:
             count += 1
         return count
 
+    def keys(self) -> list[bytes]:
+        """Every committed key, in no particular order."""
+        return list(self._index)
+
     def stats(self) -> StoreStats:
         return StoreStats(
             budget_bytes=sum(self._segment_bytes),
