@@ -3,9 +3,10 @@
 On a terminal the member table is shown live; otherwise each membership change is one plain
 log line on stdout. On exit a last line ``stats {json}`` gives the member's counters.
 
-`start_member` is the one place that decides what a member is (today: gossip only); the display
-needs only ``address``, ``me.name``, ``running``, ``members()``, ``subscribe()``, ``stats()``
-and ``stop()``, so a fuller member (store, data plane) can take its place.
+`start_member` is the one place that decides what a member is: with ``--capacity`` a
+storage-only `MeshNode` (a store of that many GiB serving chunks of every namespace, with its
+data plane), without it a gossip-only member that seeds the mesh. The display reads the
+member's gossip runner either way.
 
 This module knows nothing of SWIM's rules or of the wire format.
 """
@@ -17,6 +18,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from meshkv.config import MeshConfig
 from meshkv.errors import TransportError, UsageError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
+from meshkv.node import MeshNode
+from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 
 REFRESH_S = 0.5
 """How often the live table (or the plain event log) is brought up to date."""
@@ -63,6 +67,14 @@ def join(
     profile: str | None = typer.Option(
         None, "--profile", help='Gossip timing: "lan", "local" (one host) or "test".'
     ),
+    capacity_gib: float = typer.Option(
+        0.0,
+        "--capacity",
+        help="GiB of memory to contribute as a storage-only member (0: gossip only, a seed).",
+    ),
+    data_port: int | None = typer.Option(
+        None, "--data-port", help="Data-plane port with --capacity (0: any free port)."
+    ),
 ) -> None:
     """Run a member in the foreground; Ctrl-C or SIGTERM leaves the mesh gracefully."""
     config = load_or_exit(
@@ -73,13 +85,21 @@ def join(
             "mesh_seeds": seeds,
             "lmcache_instance_id": member_id,
             "mesh_gossip_profile": profile,
+            "p2p_lookup_ports": data_port,
+            "max_local_cpu_size": capacity_gib or None,
+            "enable_p2p": True if capacity_gib else None,
         },
     )
-    raise typer.Exit(run_member(config))
+    raise typer.Exit(run_member(config, storage=capacity_gib > 0))
 
 
-def start_member(config: MeshConfig) -> GossipRunner:
-    """Builds and starts this process's member from ``config``."""
+def start_member(config: MeshConfig, *, storage: bool) -> tuple[GossipRunner, Callable[[], None]]:
+    """Builds and starts this process's member; returns its gossip runner and its stop."""
+    if storage:
+        node = MeshNode(config, namespace=ANY_NAMESPACE, role=ROLE_STORAGE)
+        node.start()
+        print(f"storage member {node.name}: data plane at {node.data_address}", flush=True)
+        return node.gossip, lambda: node.stop(leave=True)
     runner = GossipRunner(
         config=gossip_config_of(config),
         name=f"{config.instance_id}/0",
@@ -89,13 +109,13 @@ def start_member(config: MeshConfig) -> GossipRunner:
         auth=auth_of(config),
     )
     runner.start(config.seeds)
-    return runner
+    return runner, lambda: runner.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
 
 
-def run_member(config: MeshConfig) -> int:
+def run_member(config: MeshConfig, *, storage: bool = False) -> int:
     """Runs the member until a stop signal; returns the exit code."""
     try:
-        member = start_member(config)
+        member, stop_member = start_member(config, storage=storage)
     except TransportError as exc:
         fail(str(exc))
     except UsageError as exc:  # e.g. an --id that is not a valid member name
@@ -107,7 +127,7 @@ def run_member(config: MeshConfig) -> int:
         else:
             _log_changes(member, stop)
     finally:
-        member.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
+        stop_member()
     print("stats " + json.dumps(dict(sorted(member.stats().items()))), flush=True)
     if member.failure is not None:
         print(f"meshkv: member stopped: {member.failure!r}", file=sys.stderr)

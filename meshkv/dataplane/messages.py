@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from meshkv.errors import ProtocolError
 from meshkv.keys import KEY_BYTES
+from meshkv.transfer.channel import SegmentInfo
 from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require, require_list
 
 VERSION = 1
@@ -122,15 +123,6 @@ class SlotRef:
 
     def wire(self) -> list[int]:
         return [self.segment, self.offset]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SegmentInfo:
-    """One registered memory segment, as a peer needs it to WRITE into it."""
-
-    segment: int
-    address: int
-    nbytes: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,8 +6,8 @@ the transfer completes or its budget runs out: transfers are polled in the same 
 peer never blocks the others. A resolve (from this member's own vLLM scheduler) needs requests
 to other members, so it runs on a small worker pool and its answer is queued back to the loop.
 
-Writes need agreement on the ring: a put or held-at whose epoch is neither our current nor our
-previous one is refused ("stale_epoch"). Reads are answered whatever the epoch: their bytes are
+A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
+is refused ("stale_epoch"). Held-at pointers are hints and taken whatever the epoch. Reads are answered whatever the epoch: their bytes are
 checked against the chunk checksum on arrival, so a stale view can only cost a miss.
 
 Every malformed frame is dropped and counted; nothing a peer sends can stop the loop.
@@ -135,6 +135,8 @@ class DataServer:
         self._wake()
         self._thread.join(timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._wake_lock:
+            self._wake_out.close(linger=0)
 
     def _wake(self) -> None:
         with self._wake_lock, contextlib.suppress(zmq.Again):  # Again: a wake-up is queued
@@ -221,8 +223,7 @@ class DataServer:
                 return self._put(identity, request)
             case m.Commit():
                 return m.CommitReply(req=request.req, stored=self._commit(identity, request))
-            case m.HeldAt():
-                self._require_epoch(request.epoch)
+            case m.HeldAt():  # a hint: whoever follows it checks the bytes, so any epoch
                 self._directory.record(request.keys, request.holder)
                 return None
             case m.Resolve():
@@ -233,8 +234,6 @@ class DataServer:
         if hello.channel != self._channel.kind:
             raise ProtocolError("channel_mismatch", f"{hello.channel} != {self._channel.kind}")
         if self._peers.get(hello.sender) != hello.nonce:
-            if hello.sender in self._peers:
-                self._channel.remove_peer(hello.sender)
             try:
                 self._channel.add_peer(hello.sender, hello.agent, hello.segments)
             except TransportError as exc:

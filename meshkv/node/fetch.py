@@ -15,6 +15,7 @@ Both stop at the first miss: only the leading run of keys is useful to vLLM.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,33 +47,30 @@ def locate(
     client: RequestClient,
     deadline_s: float,
 ) -> Located:
-    """Holders of the leading ``keys`` (stops at the first key nobody is known to hold)."""
+    """Holders of the leading ``keys`` (stops at the first key nobody is known to hold).
+
+    Keys held here are answered as held here, wherever their home is: a local copy never
+    costs a round trip and is never fetched again.
+    """
     me = membership.me.name
-    local = store.lookup_prefix(keys)
-    holders = [me] * local
-    rest = list(keys[local:])
-    if not rest:
-        return Located(holders, 0)
+    answers = {key: me for key in keys if store.lookup(key)}
+    remote = [key for key in keys if key not in answers]
     view = membership.ring()
-    answers = _ask_homes(rest, view.current.home, me, membership, directory, client, deadline_s)
+    ask = functools.partial(
+        _ask_homes, me=me, membership=membership, directory=directory, client=client
+    )
+    if remote:
+        answers.update(ask(remote, view.current.home, deadline_s=deadline_s))
+    holders: list[str] = []
     fallbacks = 0
-    for index, key in enumerate(rest):
+    for index, key in enumerate(keys):
         holder = answers.get(key)
-        if holder is None and view.previous is not None:
-            previous_home = view.previous.home(key)
-            if previous_home != view.current.home(key):
-                retry = _ask_homes(
-                    rest[index:],
-                    view.previous.home,
-                    me,
-                    membership,
-                    directory,
-                    client,
-                    deadline_s,
-                )
-                answers.update(retry)
-                holder = answers.get(key)
-                fallbacks += holder is not None
+        previous = view.previous
+        if holder is None and previous and previous.home(key) != view.current.home(key):
+            later = [k for k in keys[index:] if k not in answers]
+            answers.update(ask(later, previous.home, deadline_s=deadline_s))
+            holder = answers.get(key)
+            fallbacks += holder is not None
         if holder is None:
             break
         holders.append(holder)
@@ -82,6 +80,7 @@ def locate(
 def _ask_homes(
     keys: list[bytes],
     home_of: Callable[[bytes], str],
+    *,
     me: str,
     membership: Membership,
     directory: HolderDirectory,
@@ -123,8 +122,8 @@ def fetch(
     inline: bool,
     owner: str,
     deadline_s: float,
-) -> int:
-    """Copies remote chunks into local slots; returns how many leading ``holders`` are local now.
+) -> set[int]:
+    """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
 
     ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
     ``inline`` (tcp channel) the holder sends the bytes in its reply; else it WRITEs them into
@@ -162,7 +161,7 @@ def fetch(
         requests.append((peer.data_address, get))
         run_of_request.append((start, end))
     replies = client.call_many(requests, deadline_s) if requests else []
-    complete = {i for i, holder in enumerate(holders) if holder == me}
+    fetched: set[int] = set()
     for (start, end), reply in zip(run_of_request, replies, strict=True):
         if not isinstance(reply, m.GetReply):
             continue
@@ -181,13 +180,10 @@ def fetch(
                 store.abort(keys[i], owner=owner)
                 break
             if store.commit(keys[i], checksum, owner=owner) is not None:
-                complete.add(i)
+                fetched.add(i)
     for i in reserved:
         store.abort(keys[i], owner=owner)
-    leading = 0
-    while leading in complete:
-        leading += 1
-    return leading
+    return fetched
 
 
 def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:

@@ -7,7 +7,9 @@ members; the shim (role ``seed``) and dead or departed members are on no ring.
 
 `Membership` is fed member events by the gossip thread and read by the data-plane threads, so
 its state sits behind one lock; the ring it returns is immutable. Peers that die, leave or
-restart are reported to ``on_peer_gone`` so transfer handles and sockets to them are dropped.
+restart are reported to ``on_peer_gone`` so transfer handles and sockets to them are dropped;
+members that join (or come back with a new boot) to ``on_peer_joined``, so the chunks whose
+home they now are can be pointed out to them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Membership:
         me: Peer,
         vnodes: int,
         on_peer_gone: Callable[[str], None] = lambda name: None,
+        on_peer_joined: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.me = me
         self._lock = threading.Lock()
@@ -82,6 +85,7 @@ class Membership:
         self._on_ring = me.role != ROLE_SEED
         self._view = RingView([me.name] if self._on_ring else [], vnodes)
         self._on_peer_gone = on_peer_gone
+        self._on_peer_joined = on_peer_joined
 
     def ring(self) -> RingView:
         with self._lock:
@@ -114,6 +118,7 @@ class Membership:
         if view.name == self.me.name:
             return
         gone: str | None = None
+        joined: str | None = None
         with self._lock:
             known = self._live.get(view.name)
             if event.kind in (EventKind.DEAD, EventKind.LEFT):
@@ -124,10 +129,14 @@ class Membership:
                 if peer is not None and view.state in _ON_RING:
                     if known is not None and known.nonce != peer.nonce:
                         gone = view.name  # restarted: its old transfer state is void
+                    if known is None or known.nonce != peer.nonce:
+                        joined = view.name
                     self._live[view.name] = peer
             self._view.update(self._ring_members())
         if gone is not None:
             self._on_peer_gone(gone)
+        if joined is not None:
+            self._on_peer_joined(joined)
 
     def _ring_members(self) -> list[str]:
         names = [self.me.name] if self._on_ring else []

@@ -37,6 +37,7 @@ from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.server import DataServer
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
+from meshkv.metrics import NodeMetrics
 from meshkv.node.fetch import fetch, locate
 from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
 from meshkv.node.push import Pusher
@@ -49,6 +50,8 @@ log = logging.getLogger("vllm.meshkv.node")
 MAX_DATA_FRAME_BYTES = 256 << 20
 """Largest data-plane frame (tcp channel payloads ride inline: a get of many large chunks)."""
 GIB = 1 << 30
+HAND_OFF_TIMEOUT_S = 10.0
+"""Longest a graceful leave spends pushing this member's chunks to their next homes."""
 _warned_no_secret = False
 
 
@@ -161,6 +164,7 @@ class MeshNode:
             me=Peer(self.name, self.nonce, self.data_address, namespace, role),
             vnodes=config.mesh_vnodes,
             on_peer_gone=self._peer_gone,
+            on_peer_joined=lambda name: self.pusher.point_out_to(name),
         )
         self.gossip.subscribe(self.membership.on_event)
         self.pusher = Pusher(
@@ -171,6 +175,8 @@ class MeshNode:
             handshake=self._handshake,
             replicas=config.mesh_replicas,
         )
+        self.metrics = self._make_metrics()
+        self._admin_port = ports.admin
 
     @property
     def gossip_address(self) -> str:
@@ -180,6 +186,8 @@ class MeshNode:
 
     def start(self) -> None:
         """Starts serving and joins the mesh through the configured seeds (none: alone)."""
+        if self._admin_port is not None:
+            self.metrics.serve(self.config.p2p_host, self._admin_port)
         self.server.start()
         self.pusher.start()
         seeds = [s for s in self.config.seeds if s != self.gossip_address]
@@ -197,7 +205,13 @@ class MeshNode:
         )
 
     def stop(self, *, leave: bool = True) -> None:
-        """Leaves the mesh (gracefully unless ``leave`` is False) and frees every resource."""
+        """Leaves the mesh (gracefully unless ``leave`` is False) and frees every resource.
+
+        A graceful leave first hands this member's chunks to their next homes (bounded by
+        `HAND_OFF_TIMEOUT_S`), so readers lose nothing.
+        """
+        if leave and self.config.enable_p2p and not self.pusher.hand_off(HAND_OFF_TIMEOUT_S):
+            log.warning("%s: hand-off before leaving did not finish in time", self.name)
         self.gossip.stop(leave=leave)
         self.pusher.stop()
         self.server.stop()
@@ -206,7 +220,7 @@ class MeshNode:
                 client.close()
             self._all_clients.clear()
         self.channel.close()
-        self._context.term()
+        self._context.destroy(linger=0)  # every thread that used it has stopped
 
     # --- the API ---------------------------------------------------------------------------
 
@@ -229,8 +243,9 @@ class MeshNode:
             client=client,
             deadline_s=deadline_s,
         )
+        fetched: set[int] = set()
         if located.holders:
-            fetch(
+            fetched = fetch(
                 keys[: len(located.holders)],
                 located.holders,
                 chunk_bytes=chunk_bytes,
@@ -242,10 +257,29 @@ class MeshNode:
                 owner=owner,
                 deadline_s=deadline_s,
             )
-        slots = self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0)
+        slots = self._verified(
+            self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0), fetched, owner
+        )
+        self.metrics.lookups.inc()
+        fetched_here = [slot for i, slot in enumerate(slots) if i in fetched]
+        self.metrics.chunks_hit_local.inc(len(slots) - len(fetched_here))
+        self.metrics.chunks_fetched.inc(len(fetched_here))
+        self.metrics.bytes_fetched.inc(sum(slot.region.nbytes for slot in fetched_here))
+        self.metrics.chunks_missed.inc(len(keys) - len(slots))
         if located.fallbacks:
             self.pusher.submit([s.key for s in slots])  # read repair at the new homes
         return ChunkLease([self.store.view(s) for s in slots], self.store, slots, owner)
+
+    def _verified(self, slots: list[Slot], fetched: set[int], owner: str) -> list[Slot]:
+        """Cuts the lease at the first chunk whose bytes no longer match their checksum (memory
+        corrupted in this store): wrong KV must never reach the engine. Chunks fetched by this
+        call (indexes in ``fetched``) were checked on arrival."""
+        for i, slot in enumerate(slots):
+            if i not in fetched and chunk_checksum(self.store.view(slot)) != slot.checksum:
+                log.error("%s: chunk %s is corrupted in the local store", self.name, slot.key.hex())
+                self.store.unpin(slots[i:], owner=owner)
+                return slots[:i]
+        return slots
 
     def put(self, keys: Sequence[bytes], chunks: Sequence[np.ndarray | bytes]) -> int:
         """Stores chunks here and queues them for their homes; returns how many were stored.
@@ -269,6 +303,7 @@ class MeshNode:
             view[:] = data
             if self.store.commit(key, chunk_checksum(view), owner=owner) is not None:
                 stored.append(key)
+        self.metrics.chunks_put.inc(len(stored))
         if stored and self.config.enable_p2p:
             self.pusher.submit(stored)
         return len(stored)
@@ -276,7 +311,36 @@ class MeshNode:
     def members(self) -> list[Peer]:
         return [self.membership.me, *self.membership.peers()]
 
+    def dropped_frames(self) -> int:
+        """Frames refused by this member's gossip and data-plane decoders (all reasons)."""
+        counters = [self.server.stats, self.gossip.stats()]
+        return sum(v for c in counters for k, v in c.items() if k.startswith("drop_"))
+
     # --- internals -------------------------------------------------------------------------
+
+    def _make_metrics(self) -> NodeMetrics:
+        metrics = NodeMetrics(self.name)
+        metrics.gauge(
+            "meshkv_members",
+            "Live members this member knows, itself included",
+            lambda: 1 + len(self.membership.peers()),
+        )
+        metrics.gauge(
+            "meshkv_store_used_bytes",
+            "Bytes of slots in use in the local store",
+            lambda: self.store.stats().used_bytes,
+        )
+        metrics.gauge(
+            "meshkv_store_chunks",
+            "Chunks held in the local store",
+            lambda: self.store.stats().chunks,
+        )
+        metrics.gauge(
+            "meshkv_frames_dropped",
+            "Malformed, unauthenticated or oversized frames",
+            self.dropped_frames,
+        )
+        return metrics
 
     def _deadline(self, timeout_s: float | None) -> float:
         return time.monotonic() + (self._timeout_s if timeout_s is None else timeout_s)

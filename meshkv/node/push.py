@@ -42,6 +42,8 @@ POLL_INTERVAL_S = 0.0005
 class _Job:
     keys: list[bytes]
     announce_only: bool
+    leaving: bool = False  # place on the ring without this member (graceful leave)
+    newcomer: str | None = None  # point out every chunk held here that this member is home for
 
 
 class Pusher:
@@ -56,7 +58,6 @@ class Pusher:
         client_factory: Callable[[], RequestClient],
         handshake: Callable[[RequestClient, str, float], bool],
         replicas: int,
-        chunk_bytes: Callable[[], int],
     ) -> None:
         self._membership = membership
         self._store = store
@@ -64,7 +65,6 @@ class Pusher:
         self._client_factory = client_factory
         self._handshake = handshake
         self._replicas = replicas
-        self._chunk_bytes = chunk_bytes
         self._jobs: queue.Queue[_Job | None] = queue.Queue(PUSH_QUEUE_MAX)
         self._notices: queue.Queue[_Job] = queue.Queue(NOTICE_QUEUE_MAX)
         self._stopping = threading.Event()
@@ -91,6 +91,29 @@ class Pusher:
             except queue.Full:
                 self.stats["notice_dropped"] += 1
 
+    def hand_off(self, timeout_s: float) -> bool:
+        """Before a graceful leave: pushes every chunk held here to its home in the ring
+        without this member, so readers see no loss. True if done within ``timeout_s``."""
+        keys = self._store.keys()
+        if not keys or not self._thread.is_alive():
+            return True
+        try:
+            self._jobs.put(_Job(keys, announce_only=False, leaving=True), timeout=timeout_s)
+        except queue.Full:
+            return False
+        deadline_s = time.monotonic() + timeout_s
+        while not self.idle() and time.monotonic() < deadline_s:
+            time.sleep(0.01)
+        return self.idle()
+
+    def point_out_to(self, newcomer: str) -> None:
+        """Tells a member that just joined which chunks held here it is now home for
+        (``HELD_AT`` pointers, no bytes), so its lookups find them at once."""
+        try:
+            self._notices.put_nowait(_Job([], announce_only=True, newcomer=newcomer))
+        except queue.Full:
+            self.stats["notice_dropped"] += 1
+
     def idle(self) -> bool:
         """True when nothing is queued (tests and benchmarks wait on this)."""
         return self._jobs.unfinished_tasks == 0 and self._notices.empty()
@@ -100,7 +123,11 @@ class Pusher:
         try:
             while not self._stopping.is_set():
                 while not self._notices.empty():
-                    self._announce(client, self._notices.get_nowait().keys)
+                    notice = self._notices.get_nowait()
+                    if notice.newcomer is None:
+                        self._announce(client, notice.keys)
+                    else:
+                        self._point_out(client, notice.newcomer)
                 try:
                     job = self._jobs.get(timeout=0.1)
                 except queue.Empty:
@@ -108,7 +135,7 @@ class Pusher:
                 try:
                     if job is None:
                         return
-                    self._push(client, job.keys)
+                    self._push(client, job.keys, leaving=job.leaving)
                 except Exception:  # a failed push is a lost copy, never a dead pusher
                     log.exception("push failed")
                 finally:
@@ -116,9 +143,11 @@ class Pusher:
         finally:
             client.close()
 
-    def _targets(self, keys: list[bytes]) -> dict[str, list[bytes]]:
+    def _targets(self, keys: list[bytes], *, leaving: bool = False) -> dict[str, list[bytes]]:
         me = self._membership.me.name
         ring = self._membership.ring().current
+        if leaving and me in ring.members:
+            ring = ring.without_member(me)
         targets: dict[str, list[bytes]] = {}
         for key in keys:
             for member in ring.preference_list(key, self._replicas):
@@ -136,8 +165,22 @@ class Pusher:
                 if client.send_only(peer.data_address, notice):  # HELD_AT has no reply
                     self.stats["announced"] += len(home_keys)
 
-    def _push(self, client: RequestClient, keys: list[bytes]) -> None:
-        for home, home_keys in self._targets(keys).items():
+    def _point_out(self, client: RequestClient, newcomer: str) -> None:
+        peer = self._membership.peer(newcomer)
+        ring = self._membership.ring().current
+        if peer is None or newcomer not in ring.members:
+            return
+        mine = [k for k in self._store.keys() if ring.home(k) == newcomer]  # noqa: SIM118 (not a dict)
+        me, epoch = self._membership.me.name, self._membership.ring().epoch
+        for start in range(0, len(mine), m.MAX_KEYS):
+            notice = m.HeldAt(
+                req=client.next_id(), epoch=epoch, keys=mine[start : start + m.MAX_KEYS], holder=me
+            )
+            if client.send_only(peer.data_address, notice):
+                self.stats["pointed_out"] += len(notice.keys)
+
+    def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
+        for home, home_keys in self._targets(keys, leaving=leaving).items():
             deadline_s = time.monotonic() + PUSH_DEADLINE_S
             stored = self._push_to(client, home, home_keys, deadline_s)
             self.stats["pushed"] += stored
@@ -151,10 +194,12 @@ class Pusher:
             return 0
         owner = f"push:{home}:{client.next_id()}"
         slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s)
+        if not slots:
+            return 0
         try:
             keys = keys[: len(slots)]
             epoch = self._membership.ring().epoch
-            chunk_bytes = self._chunk_bytes()
+            chunk_bytes = slots[0].region.nbytes
             if self._channel.kind == "tcp":
                 put = m.Put(
                     req=client.next_id(),

@@ -1,0 +1,203 @@
+"""MeshNode end to end in one process: real ZMQ on 127.0.0.1, real NIXL (UCX) and tcp channels."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from meshkv.config import MeshConfig
+from meshkv.keys import chunk_keys, root_key
+from meshkv.node import MeshNode
+from meshkv.store import Refusal
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+NAMESPACE = "ab" * 16
+CHUNK_BYTES = 64 * 1024
+
+
+def make_config(channel: str, seeds: list[str], **extra: object) -> MeshConfig:
+    settings: dict[str, object] = {
+        "enable_p2p": True,
+        "max_local_cpu_size": 0.0625,  # 64 MiB
+        "transfer_channel": channel,
+        "mesh_seeds": seeds,
+        "mesh_gossip_profile": "test",
+        "mesh_transfer_timeout_ms": 10000,  # generous: CI machines are small and busy
+    }
+    return MeshConfig(**{**settings, **extra})
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def chunk(key: bytes, nbytes: int = CHUNK_BYTES) -> np.ndarray:
+    seed = int.from_bytes(key[:8], "little")
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def keys_for(n: int, salt: str = "") -> list[bytes]:
+    tokens = np.arange(n * 16) % 997
+    return chunk_keys(root_key(bytes.fromhex(NAMESPACE), salt), tokens, 16)
+
+
+class Mesh:
+    """Nodes started in this process; stopped at the end of the test."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.nodes: list[MeshNode] = []
+
+    def add(self, name: str, **extra: object) -> MeshNode:
+        seeds = [self.nodes[0].gossip_address] if self.nodes else []
+        node = MeshNode(
+            make_config(self.channel, seeds, lmcache_instance_id=name, **extra),
+            namespace=NAMESPACE,
+        )
+        node.start()
+        self.nodes.append(node)
+        wait_for(lambda: all(len(n.members()) == len(self.nodes) for n in self.nodes))
+        wait_for(lambda: len({n.membership.ring().epoch for n in self.nodes}) == 1)
+        return node
+
+    def settle(self) -> None:
+        wait_for(lambda: all(n.pusher.idle() for n in self.nodes))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    mesh = Mesh(request.param)
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_put_at_a_get_from_b_and_c_is_byte_identical(mesh: Mesh, batch: int) -> None:
+    a, b, c = mesh.add("a"), mesh.add("b"), mesh.add("c")
+    keys = keys_for(batch)
+    assert a.put(keys, [chunk(k) for k in keys]) == batch
+    mesh.settle()
+    for reader in (b, c):
+        assert reader.lookup(keys) == batch
+        with reader.get(keys, CHUNK_BYTES) as lease:
+            assert lease.count == batch
+            for key, view in zip(keys, lease.views, strict=True):
+                assert np.array_equal(view, chunk(key))
+
+
+def test_partial_prefix_hit_stops_at_first_miss(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    keys = keys_for(8)
+    a.put(keys[:5], [chunk(k) for k in keys[:5]])
+    mesh.settle()
+    assert b.lookup(keys) == 5
+    with b.get(keys, CHUNK_BYTES) as lease:
+        assert lease.count == 5
+
+
+def test_fetched_chunks_stay_local(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    keys = keys_for(4)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    b.get(keys, CHUNK_BYTES).release()
+    assert b.store.lookup_prefix(keys) == 4
+
+
+def test_a_newcomer_finds_chunks_homed_at_it_through_pointers(mesh: Mesh) -> None:
+    a = mesh.add("a")
+    keys = keys_for(32)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    b = mesh.add("b")  # home of some keys it never saw; a points them out on its join
+    wait_for(lambda: b.lookup(keys) == 32, timeout_s=5)
+    with b.get(keys, CHUNK_BYTES) as lease:
+        assert lease.count == 32
+
+
+def test_join_falls_back_to_previous_home_and_repairs(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    keys = keys_for(64)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    c = mesh.add("c")  # the new home of about a third of the keys, holding none of them yet
+    moved = [k for k in keys if b.membership.ring().current.home(k) == "c/0"]
+    assert moved and not any(c.store.lookup(k) for k in moved)
+    wait_for(lambda: len(c.directory) >= len(moved))  # the join-time pointers are in
+    c.directory.forget_holder("a/0")  # as if the join's pointers were lost:
+    c.directory.forget_holder("b/0")  # only the previous-epoch fallback can find them now
+    assert b.lookup(keys) == 64
+    with b.get(keys, CHUNK_BYTES) as lease:
+        assert lease.count == 64
+    mesh.settle()
+    assert sum(c.store.lookup(k) for k in moved) > 0, "read repair should reach the new home"
+    assert c.lookup(keys) == 64
+
+
+def test_graceful_leave_is_invisible_to_readers(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    c = mesh.add("c")
+    keys = keys_for(16)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    mesh.nodes.remove(c)
+    c.stop()
+    wait_for(lambda: len(b.members()) == 2)
+    with b.get(keys, CHUNK_BYTES, timeout_s=2.0) as lease:
+        # a produced every chunk and keeps its copies; homes that left cost nothing visible
+        assert lease.count == 16
+
+
+def test_no_room_is_a_miss_not_an_error(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b", max_local_cpu_size=0.001)  # 1 MiB: 16 chunks at most
+    keys = keys_for(32)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    with b.get(keys, CHUNK_BYTES) as lease:
+        assert 0 < lease.count < 32
+        for key, view in zip(keys, lease.views, strict=False):
+            assert np.array_equal(view, chunk(key))
+
+
+def test_corrupted_chunk_is_never_returned(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    keys = keys_for(4)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    for node in (a, b):  # corrupt every copy of the third chunk, wherever it was pushed
+        slots = node.store.pin([keys[2]], owner="test", deadline_s=time.monotonic() + 5)
+        if slots:
+            node.store.view(slots[0])[0] ^= 0xFF
+            node.store.unpin(slots, owner="test")
+    c = mesh.add("c")
+    wait_for(lambda: c.lookup(keys) == 4)  # once a's and b's join-time pointers arrived
+    for reader in (a, b, c):  # a: all local; b: some local; c: all fetched
+        with reader.get(keys, CHUNK_BYTES) as lease:
+            assert lease.count == 2, reader.name
+            for key, view in zip(keys, lease.views, strict=False):
+                assert np.array_equal(view, chunk(key))
+
+
+def test_put_of_a_held_key_counts_and_reserve_refuses(mesh: Mesh) -> None:
+    a = mesh.add("a")
+    keys = keys_for(2)
+    assert a.put(keys, [chunk(k) for k in keys]) == 2
+    assert a.put(keys, [chunk(k) for k in keys]) == 2
+    assert a.store.reserve(keys[0], CHUNK_BYTES, owner="x", deadline_s=time.monotonic() + 1) is (
+        Refusal.PRESENT
+    )
