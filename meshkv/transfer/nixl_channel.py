@@ -143,7 +143,8 @@ class NixlChannel:
             self._metadata = self._agent.getLocalMD()
         except self._errors as exc:
             raise TransportError(f"NIXL agent {agent_name!r} with UCX failed: {exc!r}") from exc
-        self._lock = threading.Lock()  # guards _peers and _closed
+        self._lock = threading.Lock()  # guards _peers, _closed and each peer's warmup
+        self._handshake_lock = threading.Lock()  # serialises add_peer and remove_peer
         self._peers: dict[str, _Peer] = {}
         self._closed = False
 
@@ -171,34 +172,34 @@ class NixlChannel:
         restart) replaces the old agent. Returns False if NIXL refuses the metadata.
         """
         if len(segments) > MAX_PEER_SEGMENTS:
+            log.info("%s sent %d segments (more than %d)", name, len(segments), MAX_PEER_SEGMENTS)
             return False
-        with self._lock:
-            known = self._peers.get(name)
-            if known is not None and known.metadata == metadata:
-                return True
-        if known is not None:
-            self.remove_peer(name)
-        try:
-            agent = self._agent.loadRemoteMD(metadata)
-        except self._errors as exc:
-            log.info("NIXL refused the metadata of %s: %r", name, exc)
-            return False
-        peer = _Peer(
-            name=name,
-            agent=agent,
-            metadata=metadata,
-            segments={s.segment: (s.address, s.nbytes) for s in segments},
-        )
-        peer.warmup = self._post_warmup(peer)
-        with self._lock:
-            self._peers[name] = peer
+        with self._handshake_lock:  # the service and the requesters may greet the same peer
+            with self._lock:
+                known = self._peers.get(name)
+                if self._closed or (known is not None and known.metadata == metadata):
+                    return not self._closed
+            if known is not None:
+                self._drop(name)
+            try:
+                agent = self._agent.loadRemoteMD(metadata).decode()
+            except (*self._errors, UnicodeDecodeError) as exc:
+                log.info("NIXL refused the metadata of %s: %r", name, exc)
+                return False
+            peer = _Peer(
+                name=name,
+                agent=agent,
+                metadata=metadata,
+                segments={s.segment: (s.address, s.nbytes) for s in segments},
+            )
+            peer.warmup = self._post_warmup(peer)
+            with self._lock:
+                self._peers[name] = peer
         return True
 
     def remove_peer(self, name: str) -> None:
-        with self._lock:
-            peer = self._peers.pop(name, None)
-        if peer is not None:
-            self._disconnect(peer)
+        with self._handshake_lock:
+            self._drop(name)
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -420,31 +421,38 @@ class NixlChannel:
             peer.warmup = None
         self._release_request(request)
 
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            peer = self._peers.pop(name, None)
+        if peer is not None:
+            self._disconnect(peer)
+
     def _disconnect(self, peer: _Peer) -> None:
         """Ends every transfer to the peer's agent and forgets it (handles fail at once)."""
         try:
             self._agent.invalidateRemoteMD(peer.agent)
         except self._errors as exc:
             log.debug("invalidating NIXL agent %s: %r", peer.agent, exc)
-        if peer.warmup is not None:
-            self._release_request(peer.warmup)
-            peer.warmup = None
+        with self._lock:  # exactly one of _disconnect and _reap_warmup frees the warm-up
+            warmup, peer.warmup = peer.warmup, None
+        if warmup is not None:
+            self._release_request(warmup)
 
     def _reset(self, name: str, generation: int) -> None:
         """After a failed or abandoned transfer: disconnect, then load the metadata again so
         the next write reconnects. Only the first failure of a generation resets."""
-        with self._lock:
-            peer = self._peers.get(name)
-            if peer is None or peer.generation != generation:
-                return
-            peer.generation += 1
-        self._disconnect(peer)
-        try:
-            self._agent.loadRemoteMD(peer.metadata)
-        except self._errors as exc:
-            log.warning("reloading NIXL metadata of %s failed, dropping it: %r", name, exc)
+        with self._handshake_lock:
             with self._lock:
-                if self._peers.get(name) is peer:
+                peer = self._peers.get(name)
+                if peer is None or peer.generation != generation:
+                    return
+                peer.generation += 1
+            self._disconnect(peer)
+            try:
+                self._agent.loadRemoteMD(peer.metadata)
+            except self._errors as exc:
+                log.warning("reloading NIXL metadata of %s failed, dropping it: %r", name, exc)
+                with self._lock:
                     del self._peers[name]
-            return
+                return
         log.info("connection to %s reset after a failed transfer", name)
