@@ -343,6 +343,10 @@ class LookupPath(abc.ABC):
     def cases(self, holdings: Holdings, chunks: int, seed: int) -> dict[str, list[Prompt]]:
         return lmcache_cases(holdings, chunks, seed)
 
+    def servers_asked(self, prompt: Prompt) -> int:
+        """Server processes one lookup of this prompt asks (LMCache, echo: the one)."""
+        return 1
+
     def lookup(self, prompt: Prompt, deadline_s: float = LOOKUP_DEADLINE_S) -> Answer | None:
         """One blocking lookup (requester 0); None at the deadline."""
         group = self.requesters(1)
@@ -575,6 +579,7 @@ MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups neve
 MESH_STORE_GIB = 0.05
 MESH_READY_TIMEOUT_S = 300.0
 MESH_CONVERGE_POLL_S = 0.05
+MESH_STOP_TIMEOUT_S = 15.0  # all members together, then SIGKILL
 MESH_NAMESPACE = "bench-lookup"
 MESH_SEED_ID = "bench-seed"
 MESH_ASKER_ID = "bench-asker"
@@ -635,12 +640,11 @@ def start_mesh_node(spec: dict):
     return node
 
 
-def mesh_member() -> None:
-    """(Subprocess) one meshkv member: spec on stdin, ready line on stdout, stop at EOF."""
-    spec = json.loads(sys.stdin.readline())
+def mesh_member(spec_path: Path) -> None:
+    """(Subprocess) one meshkv member: spec from a file, ready line on stdout, stop at EOF."""
+    spec = json.loads(spec_path.read_text())
     node = start_mesh_node(spec)
-    seen = wait_for_ring(node, spec["ring_members"], MESH_READY_TIMEOUT_S)
-    ready = {"gossip": node.gossip_address, "data": node.data_address, "ring_members": seen}
+    ready = {"gossip": node.gossip_address, "data": node.data_address}
     sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     sys.stdin.read()
@@ -672,7 +676,10 @@ class NodeLookupGroup(RequesterGroup):
             self._pushes_lock = threading.Lock()
 
     def _ask(self, prompt: Prompt) -> Answer:
-        return Answer(hits=self._node.lookup(prompt.keys, timeout_s=LOOKUP_DEADLINE_S))
+        try:
+            return Answer(hits=self._node.lookup(prompt.keys, timeout_s=LOOKUP_DEADLINE_S))
+        except Exception as exc:  # an escaped error is a result to count, not a crash
+            return Answer(hits=0, error=f"{type(exc).__name__}: {exc}"[:200])
 
     def sockets(self) -> Sequence[zmq.Socket]:
         return [self._pull] if self._pull is not None else []
@@ -747,16 +754,16 @@ class MeshkvPath(LookupPath):
         self.seed_kind = ""
 
     def _spawn(self, spec: dict, log_name: str) -> subprocess.Popen:
+        """A member process; its spec goes by file (a pipe would block on a slow start)."""
+        spec_path = self._log_dir / f"{log_name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
         with open(self._log_dir / log_name, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, __file__, "mesh-member"],
+            return subprocess.Popen(
+                [sys.executable, __file__, "mesh-member", "--spec", str(spec_path)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
             )
-        process.stdin.write((json.dumps(spec) + "\n").encode())
-        process.stdin.flush()
-        return process
 
     def setup(self, holdings: Holdings) -> dict:
         from meshkv.config import MeshConfig
@@ -782,7 +789,6 @@ class MeshkvPath(LookupPath):
                     "role": ROLE_ENGINE,
                     **join,
                     "keys": by_home[f"{i}/0"],
-                    "ring_members": n,
                 },
                 f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
             )
@@ -796,17 +802,19 @@ class MeshkvPath(LookupPath):
                 "keys": by_home[self._asker_name],
             }
         )
-        for member in self._members:
-            ready = read_json_line(member, MESH_READY_TIMEOUT_S)
-            if ready["ring_members"] != n:
-                raise RuntimeError(f"a member saw {ready['ring_members']} of {n} ring members")
+        for member in self._members:  # each has started and stored its home keys
+            read_json_line(member, MESH_READY_TIMEOUT_S)
+        started_s = time.monotonic() - t0
         seen = wait_for_ring(self._asker, n, MESH_READY_TIMEOUT_S)
         if tuple(sorted(self._asker.membership.ring().current.members)) != tuple(
             sorted(ring.members)
         ):
-            raise RuntimeError(f"the asker's ring ({seen} members) is not the expected one")
+            raise RuntimeError(
+                f"the asker's ring has {seen} of {n} members after {MESH_READY_TIMEOUT_S} s"
+            )
         return {
             "members": n,
+            "start_s": started_s,
             "start_and_converge_s": time.monotonic() - t0,
             "asker_home_keys": len(by_home[self._asker_name]),
             "keys_per_home_max": max(len(v) for v in by_home.values()),
@@ -825,7 +833,6 @@ class MeshkvPath(LookupPath):
                     "role": seed_role,
                     "seeds": [],
                     "keys": [],
-                    "ring_members": 0,
                 },
                 f"meshkv-seed-n{n}-{next(BOOTS)}.log",
             )
@@ -867,6 +874,11 @@ class MeshkvPath(LookupPath):
     def requesters(self, count: int, background: bool = False) -> RequesterGroup:
         return NodeLookupGroup(self._asker, self._context, count, background or count > 1)
 
+    def servers_asked(self, prompt: Prompt) -> int:
+        """Distinct homes other than the asker among the prompt's keys: MeshNode.lookup asks
+        them all at once (past the asker's leading local chunks)."""
+        return len({self._homes.get(k) for k in prompt.keys} - {self._asker_name, None})
+
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
 
@@ -881,12 +893,21 @@ class MeshkvPath(LookupPath):
         )
 
     def teardown(self) -> None:
-        for process in (*self._members, self._seed):
-            if process is not None and process.poll() is None:
+        members = [p for p in (*self._members, self._seed) if p is not None]
+        for process in members:  # stdin EOF: members stop; SIGTERM: the shim leaves
+            if process.poll() is None:
                 with contextlib.suppress(OSError):
                     process.stdin.close()
-        for process in (*self._members, self._seed):
-            stop_process(process)
+        if self._seed is not None and self._seed.poll() is None:
+            self._seed.terminate()
+        deadline = time.monotonic() + MESH_STOP_TIMEOUT_S
+        for process in members:  # all stop at once; what outlives the bound is killed
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.0, deadline - time.monotonic()))
+        for process in members:
+            if process.poll() is None:
+                process.kill()
+                process.wait(CHILD_STOP_TIMEOUT_S)
         if self._asker is not None:
             self._asker.stop(leave=False)
         self._members, self._seed, self._asker = [], None, None
@@ -930,12 +951,14 @@ class Cell:
     server_cpu_stat_ns: int = 0
     client_cpu_ns: int = 0
     block_wall_ns: int = 0
+    servers_asked: float = 1.0
 
     def summary(self, idle_cpu_ns_per_s: float) -> dict:
         lat = sorted(self.latencies_ns)
         net_cpu = self.server_cpu_ns - idle_cpu_ns_per_s * self.block_wall_ns / 1e9
         return {
             "lookups": self.lookups,
+            "servers_asked_mean": self.servers_asked,
             "p50_us": percentile(lat, 0.5) / 1e3,
             "p99_us": percentile(lat, 0.99) / 1e3,
             "mean_us": statistics.fmean(lat) / 1e3 if lat else float("nan"),
@@ -1105,6 +1128,7 @@ def measure_member_count(
                     _, p, case, chunks = item
                     cell = cells.setdefault((p.name, case, chunks), Cell())
                     prompts = cases[(p.name, chunks)][case]
+                    cell.servers_asked = statistics.fmean(map(p.servers_asked, prompts))
                     latency_block(p, latency_groups[p.name], prompts, args.block, cell)
                 else:
                     _, p, c = item
@@ -1502,6 +1526,7 @@ def plot(results: dict, out_png: Path) -> None:
                     xs, ys, styles[case], marker="o", color=colors.get(path), label=f"{path} {case}"
                 )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("members N")
     ax.set_ylabel(f"lookup p50 (us), {chunks}-chunk prompt")
     ax.set_title("lookup latency vs N")
@@ -1540,7 +1565,8 @@ def plot(results: dict, out_png: Path) -> None:
             "waiting": "v",
         }
         lane_colors = ["tab:red", "tab:orange", "tab:blue", "tab:green"]
-        for lane, color in zip(failure["lanes"], lane_colors, strict=False):
+        sizes = [40, 14, 14, 14]  # the first lane drawn large, so the second cannot hide it
+        for lane, color, size in zip(failure["lanes"], lane_colors, sizes, strict=False):
             for outcome, marker in markers.items():
                 events = [e for e in lane["events"] if e["outcome"] == outcome]
                 if events:
@@ -1549,7 +1575,8 @@ def plot(results: dict, out_png: Path) -> None:
                         [max(e["latency_ms"], 1e-3) for e in events],
                         marker=marker,
                         color=color,
-                        s=14,
+                        s=size,
+                        alpha=0.6,
                         label=f"{lane['label']}: {outcome}",
                     )
         ax.axvline(0, color="black", lw=1)
@@ -1653,7 +1680,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command")
     echo = sub.add_parser("echo-server", help="(internal) the echo floor's server")
     echo.add_argument("--port", type=int, required=True)
-    sub.add_parser("mesh-member", help="(internal) one meshkv member process")
+    member = sub.add_parser("mesh-member", help="(internal) one meshkv member process")
+    member.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--no-meshkv", action="store_true", help="LMCache and echo only")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="LMCache venv (made once)")
@@ -1699,8 +1727,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         echo_server(args.port)
         return
     if args.command == "mesh-member":
-        mesh_member()
+        mesh_member(args.spec)
         return
+    # SIGTERM unwinds like Ctrl-C, so every child is stopped by the finally blocks
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     results = bench(args)
     out_json = args.out / "lookup.json"
     out_json.write_text(json.dumps(results, indent=1))
