@@ -106,8 +106,11 @@ def test_lookup_reports_each_holder_instance_and_its_matched_tokens(shim, nodes)
     tokens = _tokens(3, extra_tokens=5)  # a trailing partial chunk is never counted
     keys = _keys(tokens)
     assert producer.put(keys, [_chunk(k) for k in keys]) == 3
-    wait_until("pushed to the homes", lambda: all(n.pusher.idle() for n in nodes))
     ring = HashRing(["inst1/0", "inst2/0"], producer.config.mesh_vnodes)
+    by_name = {node.name: node for node in nodes}
+    wait_until(
+        "every chunk at its home", lambda: all(by_name[ring.home(k)].store.lookup(k) for k in keys)
+    )
     expected = matched_tokens([ring.home(k) for k in keys], CHUNK_TOKENS)
     status, body = shim.post("/lookup", {"tokens": tokens})
     assert status == 200 and body["event_id"].startswith("Lookup")
