@@ -333,22 +333,25 @@ class NixlChannel:
         self, peer: _Peer, local: Sequence[Region], remote: Sequence[SlotAddress]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Descriptor rows (address, length, device) cut into posts of <= max_post_bytes."""
-        local_rows = np.empty((len(local), 3), np.uint64)
-        remote_rows = np.empty((len(local), 3), np.uint64)
+        local_rows: list[tuple[int, int, int]] = []
+        remote_rows: list[tuple[int, int, int]] = []
         cuts = [0]
         group_bytes = 0
-        for i, (region, dest) in enumerate(zip(local, remote, strict=True)):
+        for region, dest in zip(local, remote, strict=True):
             seg = peer.segments.get(dest.segment)
-            if seg is None or dest.offset < 0 or dest.offset + region.nbytes > seg[1]:
+            nbytes = region.nbytes
+            if seg is None or dest.offset < 0 or dest.offset + nbytes > seg[1]:
                 raise ProtocolError("bad_region", f"{dest.segment}:{dest.offset} at {peer.name}")
-            local_rows[i] = (self._pool.address(region), region.nbytes, 0)
-            remote_rows[i] = (seg[0] + dest.offset, region.nbytes, 0)
-            if group_bytes and group_bytes + region.nbytes > self._max_post_bytes:
-                cuts.append(i)
+            local_rows.append((self._pool.address(region), nbytes, 0))
+            remote_rows.append((seg[0] + dest.offset, nbytes, 0))
+            if group_bytes and group_bytes + nbytes > self._max_post_bytes:
+                cuts.append(len(local_rows) - 1)
                 group_bytes = 0
-            group_bytes += region.nbytes
-        cuts.append(len(local))
-        return [(local_rows[a:b], remote_rows[a:b]) for a, b in itertools.pairwise(cuts)]
+            group_bytes += nbytes
+        cuts.append(len(local_rows))
+        local_array = np.array(local_rows, np.uint64)
+        remote_array = np.array(remote_rows, np.uint64)
+        return [(local_array[a:b], remote_array[a:b]) for a, b in itertools.pairwise(cuts)]
 
     def _advance(self, transfer: _NixlTransfer) -> None:
         """Posts the next group if there is room; marks the transfer done when all completed."""
