@@ -7,13 +7,15 @@ runs of:
 
 - ``memcpy``: the same chunks copied chunk by chunk into another local buffer (the ceiling);
 - ``nixl_raw``: the stock ``nixl_agent`` API, one ``initialize_xfer`` + ``transfer`` and a busy
-  ``check_xfer_state`` loop (the stock agent's progress thread spins, as shipped);
+  ``check_xfer_state`` loop (no progress thread: the shipped one spins a core);
 - ``channel``: ``NixlChannel.write`` (pieces of <= 32 MiB, adaptive sleeping poll, 1 ms
   event-driven progress thread).
 
-Memory on both sides is touched before timing, so page faults are not measured. A measure is a
-function in `MEASURES` returning seconds for one batch; the data-plane ``get`` of a running
-member (lookup + get + checksum check) becomes one more entry there once the service exists.
+Memory on both sides is touched before timing, so page faults are not measured. The measures
+take turns within each repeat (a load burst on a shared host hits all alike) and each row also
+keeps the median per-repeat ratio channel / nixl_raw. A measure is an entry of the ``measures``
+table in `bench_transport` (seconds for one batch): the data-plane ``get`` of a running member
+(lookup + get + checksum check) becomes one more entry there once the service exists.
 
 Writes DIR/transfer.json and DIR/transfer.png and prints a table (GB/s = 1e9 bytes/s).
 
@@ -49,7 +51,7 @@ BATCHES = (1, 4, 16, 64)
 MAX_BATCH_BYTES = 512 * MIB
 """Combinations above this are skipped (both processes hold this much, plus the memcpy copy)."""
 SEGMENT_BYTES = 64 * MIB
-REPEATS = 5
+REPEATS = 7
 TARGET_START_S = 120.0
 WRITE_DEADLINE_S = 60.0
 
@@ -156,13 +158,17 @@ class Bench:
 
 
 class StockAgent:
-    """The stock nixl_agent (progress thread as shipped), used only while it is measured."""
+    """The stock nixl_agent API without a progress thread (the shipped one busy-polls a core,
+    which would slow every other measure on a small host); ``check_xfer_state`` progresses."""
 
     def __init__(self, bench: Bench) -> None:
         from nixl._api import nixl_agent, nixl_agent_config
 
         def make() -> None:
-            self.agent = nixl_agent(f"bench-raw-{secrets.randbits(64):016x}", nixl_agent_config())
+            self.agent = nixl_agent(
+                f"bench-raw-{secrets.randbits(64):016x}",
+                nixl_agent_config(enable_prog_thread=False),
+            )
 
         with_env(ucx_env(bench.transport), make)
         rows = [(s.address, s.nbytes, 0, "") for s in bench.pool.segments]
@@ -214,13 +220,6 @@ def with_env(env: dict[str, str], make: Callable[[], None]) -> None:
         os.environ.update(saved)
 
 
-def median_seconds(
-    measure: Callable[[list[Region]], float], regions: list[Region], repeats: int
-) -> float:
-    measure(regions)  # warm-up
-    return statistics.median(measure(regions) for _ in range(repeats))
-
-
 def combinations(
     sizes: list[int], batches: list[int], max_batch_bytes: int
 ) -> list[tuple[int, int]]:
@@ -228,38 +227,39 @@ def combinations(
 
 
 def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
+    """Times every measure on every combination; the measures take turns within each repeat,
+    so that a burst of load on the shared machine hits all of them alike."""
     combos = combinations(args.sizes, args.batches, args.max_batch_bytes)
     pool_bytes = max(s * b for s, b in combos)
     pool_bytes = -(-pool_bytes // SEGMENT_BYTES) * SEGMENT_BYTES
     bench = Bench(transport, pool_bytes)
+    stock = StockAgent(bench)
+    measures: dict[str, Callable[[list[Region]], float]] = {
+        "memcpy": bench.memcpy,
+        "nixl_raw": stock.write,
+        "channel": bench.channel_write,
+    }
     rows = []
     try:
-        measures: dict[str, Callable[[list[Region]], float]] = {
-            "memcpy": bench.memcpy,
-            "channel": bench.channel_write,
-        }
-        times = {name: {} for name in [*measures, "nixl_raw"]}
         for chunk_bytes, batch in combos:
             regions = layout(chunk_bytes, batch)
-            for name, measure in measures.items():
-                times[name][chunk_bytes, batch] = median_seconds(measure, regions, args.repeats)
-        stock = StockAgent(bench)  # its progress thread spins: measured last, then dropped
-        try:
-            for chunk_bytes, batch in combos:
-                regions = layout(chunk_bytes, batch)
-                times["nixl_raw"][chunk_bytes, batch] = median_seconds(
-                    stock.write, regions, args.repeats
-                )
-        finally:
-            stock.close()
-        for chunk_bytes, batch in combos:
+            for measure in measures.values():
+                measure(regions)  # warm-up
+            runs: dict[str, list[float]] = {name: [] for name in measures}
+            for _ in range(args.repeats):
+                for name, measure in measures.items():
+                    runs[name].append(measure(regions))
             row: dict = {"transport": transport, "chunk_bytes": chunk_bytes, "batch": batch}
-            for name, by_combo in times.items():
-                seconds = by_combo[chunk_bytes, batch]
-                row[f"{name}_ms"] = seconds * 1e3
-                row[f"{name}_gbps"] = chunk_bytes * batch / seconds / 1e9
+            for name, seconds in runs.items():
+                median_s = statistics.median(seconds)
+                row[f"{name}_ms"] = median_s * 1e3
+                row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
+            row["channel_over_raw"] = statistics.median(
+                c / r for c, r in zip(runs["channel"], runs["nixl_raw"], strict=True)
+            )
             rows.append(row)
     finally:
+        stock.close()
         bench.close()
     return rows
 
@@ -333,12 +333,13 @@ def main() -> None:
     }
     (args.out / "transfer.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "transfer.png")
-    header = ("transport", "chunk", "batch", "memcpy", "nixl_raw", "channel")
-    print("{:9} {:>8} {:>5} {:>8} {:>9} {:>8}  (GB/s)".format(*header))
+    header = ("transport", "chunk", "batch", "memcpy", "nixl_raw", "channel", "chan/raw")
+    print("{:9} {:>8} {:>5} {:>8} {:>9} {:>8} {:>9}  (GB/s; time ratio)".format(*header))
     for r in rows:
         print(
             f"{r['transport']:9} {r['chunk_bytes'] // KIB:>6}Ki {r['batch']:>5} "
-            f"{r['memcpy_gbps']:8.2f} {r['nixl_raw_gbps']:9.2f} {r['channel_gbps']:8.2f}"
+            f"{r['memcpy_gbps']:8.2f} {r['nixl_raw_gbps']:9.2f} {r['channel_gbps']:8.2f} "
+            f"{r['channel_over_raw']:9.2f}"
         )
 
 
