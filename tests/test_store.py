@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
-from meshkv.errors import UsageError
-from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+from meshkv.store import (
+    DEFAULT_SEGMENT_BYTES,
+    ChunkStore,
+    Refusal,
+    Slot,
+    chunk_checksum,
+    segment_bytes_for,
+    segment_sizes,
+)
+from meshkv.store.segments import MAX_SEGMENTS
 from meshkv.store.slots import PAGE_BYTES
 
 MIB = 1 << 20
@@ -34,8 +40,13 @@ def test_refusals_say_why() -> None:
     assert store.reserve(key(2), MIB, owner="y", deadline_s=1) is Refusal.IN_FLIGHT
     store.pin([key(1)], owner="reader", deadline_s=1)
     assert store.reserve(key(3), MIB, owner="y", deadline_s=1) is Refusal.NO_ROOM
-    with pytest.raises(UsageError):
-        store.reserve(key(4), 2 * MIB, owner="y", deadline_s=1)
+    assert store.reserve(key(4), 2 * MIB, owner="y", deadline_s=1) is Refusal.TOO_LARGE
+
+
+def test_large_budgets_get_larger_segments() -> None:
+    assert segment_bytes_for(1 << 30) == DEFAULT_SEGMENT_BYTES
+    assert len(segment_sizes(4 << 40)) <= MAX_SEGMENTS
+    assert sum(segment_sizes(4 << 40)) == 4 << 40
 
 
 def test_slots_are_page_aligned_and_sized_by_class() -> None:

@@ -1,7 +1,13 @@
 """The local chunk store: a byte budget of registered segments, slab slots, LRU, pins."""
 
 from meshkv.store.chunk_store import CHECKSUM_BYTES, ChunkStore, chunk_checksum
-from meshkv.store.segments import DEFAULT_SEGMENT_BYTES, Segment, SegmentPool, segment_sizes
+from meshkv.store.segments import (
+    DEFAULT_SEGMENT_BYTES,
+    Segment,
+    SegmentPool,
+    segment_bytes_for,
+    segment_sizes,
+)
 from meshkv.store.slots import Expired, Refusal, Region, Slot, SlotState, SlotTable, StoreStats
 
 __all__ = [
@@ -18,5 +24,6 @@ __all__ = [
     "SlotTable",
     "StoreStats",
     "chunk_checksum",
+    "segment_bytes_for",
     "segment_sizes",
 ]

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import mmh3
 import numpy as np
 
-from meshkv.store.segments import DEFAULT_SEGMENT_BYTES, SegmentPool, segment_sizes
+from meshkv.store.segments import SegmentPool, segment_sizes
 from meshkv.store.slots import Expired, Refusal, Slot, SlotTable, StoreStats
 
 CHECKSUM_BYTES = 16
@@ -55,18 +55,23 @@ class ChunkStore:
         cls,
         budget_bytes: int,
         *,
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_bytes: int | None = None,
         populate: bool = False,
     ) -> ChunkStore:
-        """A store of ``budget_bytes`` (e.g. ``int(max_local_cpu_size * 2**30)``)."""
+        """A store of ``budget_bytes`` (e.g. ``int(max_local_cpu_size * 2**30)``).
+
+        Segments are `DEFAULT_SEGMENT_BYTES` unless given (or unless the budget needs larger
+        ones); a chunk larger than a segment is refused (`Refusal.TOO_LARGE`).
+        """
         return cls(SegmentPool(segment_sizes(budget_bytes, segment_bytes), populate=populate))
 
     def reserve(self, key: bytes, nbytes: int, *, owner: str, deadline_s: float) -> Slot | Refusal:
         """A RESERVED slot of ``nbytes`` for ``owner`` to fill before ``deadline_s``.
 
         Evicts least recently used unpinned chunks to make room. Returns a `Refusal` when the
-        key is present already (PRESENT), being written by someone else (IN_FLIGHT), or when
-        everything evictable is pinned or reserved (NO_ROOM).
+        key is present already (PRESENT), being written by someone else (IN_FLIGHT), when
+        everything evictable is pinned or reserved (NO_ROOM), or when no segment is large
+        enough (TOO_LARGE).
         """
         with self._lock:
             return self._table.reserve(key, nbytes, owner=owner, deadline_s=deadline_s)

@@ -20,15 +20,27 @@ import numpy as np
 from meshkv.errors import UsageError
 from meshkv.store.slots import PAGE_BYTES, Region
 
-DEFAULT_SEGMENT_BYTES = 64 << 20
-"""64 MiB: large enough that registration and metadata stay small (one descriptor per
-segment), small enough that a slab class grows and shrinks in useful steps."""
+DEFAULT_SEGMENT_BYTES = 256 << 20
+"""256 MiB: holds a whole chunk of the largest common models (256 tokens of a 405B model at TP 1
+is ~126 MiB), keeps registration and handshake metadata small (one descriptor per segment:
+~17 KB for 100 GiB), and is still a useful step for a slab class to grow or shrink by."""
 MAX_SEGMENTS = 4096
 """Upper bound on segments per store (the data-plane handshake carries one entry each)."""
 
 
-def segment_sizes(budget_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> list[int]:
-    """Splits a byte budget into segment sizes: whole segments, then a page-rounded remainder."""
+def segment_bytes_for(budget_bytes: int) -> int:
+    """`DEFAULT_SEGMENT_BYTES`, or larger for a budget that would need over `MAX_SEGMENTS`."""
+    fewest = -(-budget_bytes // MAX_SEGMENTS)
+    return max(DEFAULT_SEGMENT_BYTES, -(-fewest // PAGE_BYTES) * PAGE_BYTES)
+
+
+def segment_sizes(budget_bytes: int, segment_bytes: int | None = None) -> list[int]:
+    """Splits a byte budget into segment sizes: whole segments, then a page-rounded remainder.
+
+    ``segment_bytes`` defaults to `segment_bytes_for` the budget.
+    """
+    if segment_bytes is None:
+        segment_bytes = segment_bytes_for(budget_bytes)
     if segment_bytes < PAGE_BYTES or segment_bytes % PAGE_BYTES:
         raise UsageError(f"segment_bytes must be a positive multiple of {PAGE_BYTES}")
     if budget_bytes < PAGE_BYTES:

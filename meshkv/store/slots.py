@@ -42,6 +42,7 @@ class Refusal(Enum):
     PRESENT = "present"  # a committed copy of the key is here already
     IN_FLIGHT = "in_flight"  # another owner holds a reservation for the key
     NO_ROOM = "no_room"  # every slot that could hold it is reserved or pinned
+    TOO_LARGE = "too_large"  # larger than any segment: the store needs larger segments
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,7 +209,7 @@ class SlotTable:
         """A slot for ``owner`` to write ``key`` into until ``deadline_s``, or why there is none.
 
         Makes room by evicting least recently used unpinned chunks (of this size first, then
-        whole segments of other sizes). Raises UsageError if no segment could ever hold it.
+        whole segments of other sizes).
         """
         if not key or nbytes <= 0:
             raise UsageError("reserve needs a non-empty key and a positive size")
@@ -218,7 +219,7 @@ class SlotTable:
             return Refusal.IN_FLIGHT
         slot_bytes = slot_bytes_for(nbytes)
         if slot_bytes > max(self._segment_bytes, default=0):
-            raise UsageError(f"a chunk of {nbytes} bytes does not fit any store segment")
+            return Refusal.TOO_LARGE
         slot_id = self._take_free_slot(slot_bytes)
         if slot_id is None:
             return Refusal.NO_ROOM
