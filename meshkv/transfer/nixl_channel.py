@@ -19,7 +19,10 @@ Facts this driver is built on (nixl 1.5.1, measured on the CPU-only hosts; platf
 - A transfer that failed or is abandoned in flight is ended by ``invalidateRemoteMD`` (every
   handle to that agent then fails at once) before its handles are released; the peer's metadata
   is loaded again right away, so the next write reconnects without a new handshake.
-- Agent names carry the member's boot nonce: NIXL refuses a second agent under a name it knows.
+- Agent names must be unique per boot (e.g. member name + boot nonce): NIXL refuses metadata
+  under an agent name it still knows.
+- ``import nixl`` imports torch to pick a CUDA build (~3 s on a CPU host; free inside vLLM,
+  where torch is loaded already).
 
 This module knows the store's segments and regions; nothing of messages, rings or vLLM.
 """
@@ -66,15 +69,13 @@ POLL_SLEEP_MAX_S = 1e-3
 
 
 def _bindings() -> Any:
-    """NIXL's pybind11 module (importing ``nixl`` selects the installed wheel's build)."""
+    """NIXL's pybind11 module (importing ``nixl`` selects the installed wheel's build).
+
+    We use the bindings, not ``nixl_agent``, because only they let us set ``pthrDelay``.
+    """
     import nixl._bindings
 
     return nixl._bindings
-
-
-def agent_name_for(member_name: str, boot_nonce: int) -> str:
-    """The NIXL agent name of one boot of a member (unique per boot, as NIXL requires)."""
-    return f"{member_name}-{boot_nonce:016x}"
 
 
 @dataclass(slots=True)
