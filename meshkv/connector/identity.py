@@ -25,9 +25,15 @@ if TYPE_CHECKING:
     from meshkv.config import MeshConfig
 
 
+_NOT_SHAPING_KV = ("_name_or_path", "_commit_hash", "transformers_version")
+"""Config entries that say where the model was loaded from or by which library version; the
+digest leaves them out so that copies of one model in different places agree."""
+
+
 def _config_digest(hf_config: Any) -> str:
     as_dict = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
-    as_dict.pop("transformers_version", None)  # the library version does not shape KV
+    for where_or_which in _NOT_SHAPING_KV:
+        as_dict.pop(where_or_which, None)
     canonical = json.dumps(as_dict, sort_keys=True, default=str).encode()
     return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
