@@ -7,8 +7,9 @@ peer never blocks the others. A resolve (from this member's own vLLM scheduler) 
 to other members, so it runs on a small worker pool and its answer is queued back to the loop.
 
 A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
-is refused ("stale_epoch"). Held-at pointers are hints and taken whatever the epoch. Reads are answered whatever the epoch: their bytes are
-checked against the chunk checksum on arrival, so a stale view can only cost a miss.
+is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
+answered whatever the epoch: bytes are checked against the chunk checksum on arrival, so a
+stale view can only cost a miss.
 
 Every malformed frame is dropped and counted; nothing a peer sends can stop the loop.
 """

@@ -29,6 +29,10 @@ from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 
 log = logging.getLogger("vllm.meshkv.node.fetch")
 
+FETCH_BATCH_BYTES = 16 << 20
+"""Chunk bytes per get request; a longer run goes as several requests in parallel (bounded
+frames on the tcp channel, and the holder's transfers interleave fairly)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Located:
@@ -130,7 +134,12 @@ def fetch(
     the slots reserved here.
     """
     me = membership.me.name
-    runs = _runs(holders, me)
+    per_request = max(1, FETCH_BATCH_BYTES // chunk_bytes)
+    runs = [
+        (start, min(start + per_request, end))
+        for run_start, end in _runs(holders, me)
+        for start in range(run_start, end, per_request)
+    ]
     reserved: dict[int, Slot] = {}
     requests: list[tuple[str, m.Get]] = []
     run_of_request: list[tuple[int, int]] = []

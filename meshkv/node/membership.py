@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState, MemberView
+from meshkv.ring.hashring import HashRing
 from meshkv.ring.view import RingView
 
 ANY_NAMESPACE = "*"
@@ -76,7 +77,7 @@ class Membership:
         *,
         me: Peer,
         vnodes: int,
-        on_peer_gone: Callable[[str], None] = lambda name: None,
+        on_peer_gone: Callable[[str, bool], None] = lambda name, lost_state: None,
         on_peer_joined: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.me = me
@@ -118,33 +119,51 @@ class Membership:
         if view.name == self.me.name:
             return
         gone: str | None = None
+        lost_state = False  # the peer left or restarted: whatever it held is gone
         joined: str | None = None
         with self._lock:
             known = self._live.get(view.name)
             if event.kind in (EventKind.DEAD, EventKind.LEFT):
                 if self._live.pop(view.name, None) is not None:
                     gone = view.name
+                    lost_state = event.kind is EventKind.LEFT
             else:
                 peer = peer_of(view)
                 if peer is not None and view.state in _ON_RING:
                     if known is not None and known.nonce != peer.nonce:
-                        gone = view.name  # restarted: its old transfer state is void
+                        gone, lost_state = view.name, True  # restarted: its state is void
                     if known is None or known.nonce != peer.nonce:
                         joined = view.name
                     self._live[view.name] = peer
             self._view.update(self._ring_members())
         if gone is not None:
-            self._on_peer_gone(gone)
+            self._on_peer_gone(gone, lost_state)
         if joined is not None:
             self._on_peer_joined(joined)
+
+    def ring_of(self, namespace: str) -> HashRing:
+        """The ring another namespace's members compute (a storage-only member serves them
+        all, and needs their ring to tell a newcomer which chunks it is home for)."""
+        with self._lock:
+            if namespace == self.me.namespace:
+                return self._view.current
+            peers = list(self._live.values())
+        names = [p.name for p in peers if _serves(p, namespace)]
+        if self._on_ring and _serves(self.me, namespace):
+            names.append(self.me.name)
+        return HashRing(names, self._view.current.vnodes, probes=self._view.current.probes)
 
     def _ring_members(self) -> list[str]:
         names = [self.me.name] if self._on_ring else []
         for peer in self._live.values():
-            if peer.role == ROLE_SEED:
-                continue
-            if peer.namespace in (self.me.namespace, ANY_NAMESPACE) or (
-                self.me.namespace == ANY_NAMESPACE and peer.role == ROLE_STORAGE
-            ):
+            if self.me.namespace == ANY_NAMESPACE:
+                if peer.role == ROLE_STORAGE:
+                    names.append(peer.name)
+            elif _serves(peer, self.me.namespace):
                 names.append(peer.name)
         return names
+
+
+def _serves(peer: Peer, namespace: str) -> bool:
+    """True if ``peer`` is on the ring of ``namespace``."""
+    return peer.role != ROLE_SEED and peer.namespace in (namespace, ANY_NAMESPACE)

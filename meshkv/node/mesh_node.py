@@ -395,12 +395,17 @@ class MeshNode:
             self._handshakes[peer_name] = peer.nonce
         return True
 
-    def _peer_gone(self, name: str) -> None:
-        """A peer died, left or restarted: drop its transfer state so nothing waits on it."""
+    def _peer_gone(self, name: str, lost_state: bool) -> None:
+        """A peer died, left or restarted: drop its transfer state so nothing waits on it.
+
+        Pointers to it are kept if it merely died (it may be frozen, and come back holding
+        everything; lookups skip holders that are not alive), dropped if it left or restarted.
+        """
         with self._handshake_lock:
             self._handshakes.pop(name, None)
         self.server.forget_peer(name)
-        self.directory.forget_holder(name)
+        if lost_state:
+            self.directory.forget_holder(name)
         log.info("%s: peer %s is gone; its transfer state is dropped", self.name, name)
 
 

@@ -34,7 +34,9 @@ PUSH_QUEUE_MAX = 64
 """Push jobs (one per put call) waiting; past this, chunks are announced with HELD_AT."""
 NOTICE_QUEUE_MAX = 1024
 PUSH_DEADLINE_S = 5.0
-"""Budget of one push job to one home (reserve + transfer + commit)."""
+"""Budget of one push batch to one home (reserve + transfer + commit)."""
+PUSH_BATCH_BYTES = 16 << 20
+"""Chunk bytes per push request: bounded frames on the tcp channel, bounded posts on NIXL."""
 POLL_INTERVAL_S = 0.0005
 
 
@@ -167,8 +169,10 @@ class Pusher:
 
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
-        ring = self._membership.ring().current
-        if peer is None or newcomer not in ring.members:
+        if peer is None:
+            return
+        ring = self._membership.ring_of(peer.namespace)
+        if newcomer not in ring.members:
             return
         mine = [k for k in self._store.keys() if ring.home(k) == newcomer]  # noqa: SIM118 (not a dict)
         me, epoch = self._membership.me.name, self._membership.ring().epoch
@@ -181,54 +185,70 @@ class Pusher:
 
     def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
         for home, home_keys in self._targets(keys, leaving=leaving).items():
-            deadline_s = time.monotonic() + PUSH_DEADLINE_S
-            stored = self._push_to(client, home, home_keys, deadline_s)
+            stored = 0
+            for batch in _batches(home_keys, self._batch_keys(home_keys[0])):
+                stored += self._push_to(client, home, batch, time.monotonic() + PUSH_DEADLINE_S)
             self.stats["pushed"] += stored
             self.stats["push_skipped"] += len(home_keys) - stored
+
+    def _batch_keys(self, key: bytes) -> int:
+        """Keys per push request, so one request carries about `PUSH_BATCH_BYTES`."""
+        slots = self._store.pin([key], owner="push:size", deadline_s=time.monotonic() + 1)
+        self._store.unpin(slots, owner="push:size")
+        chunk_bytes = slots[0].region.nbytes if slots else PUSH_BATCH_BYTES
+        return max(1, PUSH_BATCH_BYTES // chunk_bytes)
 
     def _push_to(
         self, client: RequestClient, home: str, keys: list[bytes], deadline_s: float
     ) -> int:
+        """One batch to one home: reserve, write (or send inline), commit; returns stored."""
         peer = self._membership.peer(home)
         if peer is None or not self._handshake(client, home, deadline_s):
             return 0
         owner = f"push:{home}:{client.next_id()}"
-        slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s)
+        slots = [  # each key on its own: these keys are a set, not a prefix chain
+            slot
+            for key in keys
+            for slot in self._store.pin([key], owner=owner, deadline_s=deadline_s)
+        ]
         if not slots:
             return 0
         try:
-            keys = keys[: len(slots)]
-            epoch = self._membership.ring().epoch
-            chunk_bytes = slots[0].region.nbytes
-            if self._channel.kind == "tcp":
-                put = m.Put(
-                    req=client.next_id(),
-                    epoch=epoch,
-                    keys=keys,
-                    chunk_bytes=chunk_bytes,
-                    checksums=[s.checksum for s in slots],
-                    payloads=[bytes(self._store.view(s)) for s in slots],
-                )
-                reply = client.call(peer.data_address, put, deadline_s)
-                return reply.stored if isinstance(reply, m.PutReply) else 0
-            put = m.Put(req=client.next_id(), epoch=epoch, keys=keys, chunk_bytes=chunk_bytes)
-            reply = client.call(peer.data_address, put, deadline_s)
-            if not isinstance(reply, m.PutReply):
-                return 0
-            chosen = [(s, ref) for s, ref in zip(slots, reply.slots, strict=False) if ref]
-            if not chosen:
-                return 0
-            if not self._write(home, chosen, deadline_s):
-                return 0
-            commit = m.Commit(
-                req=client.next_id(),
-                keys=[s.key for s, _ in chosen],
-                checksums=[s.checksum for s, _ in chosen],
-            )
-            done = client.call(peer.data_address, commit, deadline_s)
-            return done.stored if isinstance(done, m.CommitReply) else 0
+            return self._send_batch(client, peer.data_address, home, slots, deadline_s)
         finally:
             self._store.unpin(slots, owner=owner)
+
+    def _send_batch(
+        self, client: RequestClient, address: str, home: str, slots: list, deadline_s: float
+    ) -> int:
+        keys = [slot.key for slot in slots]
+        epoch = self._membership.ring().epoch
+        chunk_bytes = slots[0].region.nbytes
+        if self._channel.kind == "tcp":
+            put = m.Put(
+                req=client.next_id(),
+                epoch=epoch,
+                keys=keys,
+                chunk_bytes=chunk_bytes,
+                checksums=[s.checksum for s in slots],
+                payloads=[bytes(self._store.view(s)) for s in slots],
+            )
+            reply = client.call(address, put, deadline_s)
+            return reply.stored if isinstance(reply, m.PutReply) else 0
+        put = m.Put(req=client.next_id(), epoch=epoch, keys=keys, chunk_bytes=chunk_bytes)
+        reply = client.call(address, put, deadline_s)
+        if not isinstance(reply, m.PutReply):
+            return 0
+        chosen = [(s, ref) for s, ref in zip(slots, reply.slots, strict=False) if ref]
+        if not chosen or not self._write(home, chosen, deadline_s):
+            return 0
+        commit = m.Commit(
+            req=client.next_id(),
+            keys=[s.key for s, _ in chosen],
+            checksums=[s.checksum for s, _ in chosen],
+        )
+        done = client.call(address, commit, deadline_s)
+        return done.stored if isinstance(done, m.CommitReply) else 0
 
     def _write(self, home: str, chosen: list, deadline_s: float) -> bool:
         try:
@@ -249,3 +269,7 @@ class Pusher:
         finally:
             self._channel.release(handle, failed=not ok)
         return ok
+
+
+def _batches(keys: list[bytes], size: int) -> list[list[bytes]]:
+    return [keys[i : i + size] for i in range(0, len(keys), size)]

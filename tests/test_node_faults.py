@@ -1,0 +1,218 @@
+"""Data-plane faults with a real holder process: kill -9, SIGSTOP, restart, and bad input.
+
+The holder is a `meshkv join --capacity` process (a storage-only member). A producer node in
+this process puts chunks and leaves gracefully, handing every chunk to the holder; a reader
+node then gets them while the holder is killed or frozen. Whatever happens, a get returns the
+leading chunks that arrived intact (or none) within its deadline, never raises, never returns
+wrong bytes, and later gets work once a holder is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from meshkv.dataplane import messages as m
+from meshkv.node import MeshNode
+from meshkv.wire import MAGIC
+from tests.test_node import NAMESPACE, chunk, keys_for, make_config, wait_for
+
+pytestmark = pytest.mark.processes
+CHUNK_BYTES = 4 << 20  # 4 MiB
+CHUNKS = 24  # 96 MiB: long enough a transfer to be in flight when the holder dies
+GET_TIMEOUT_S = 3.0
+SLACK_S = 1.0  # thread scheduling on a loaded 2-core machine, not a protocol allowance
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Holder:
+    """A `meshkv join --capacity` process on fixed ports (so a restart comes back the same)."""
+
+    def __init__(self, tmp: Path, channel: str) -> None:
+        self.gossip_port, self.data_port = free_port(), free_port()
+        self.config = tmp / "holder.yaml"
+        self.config.write_text(
+            f"transfer_channel: {channel}\np2p_host: 127.0.0.1\nmesh_gossip_profile: test\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gossip_port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "UCX_NET_DEVICES": "lo"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshkv", "join", "--config", str(self.config),
+             "--id", "holder", "--port", str(self.gossip_port),
+             "--data-port", str(self.data_port), "--capacity", "0.25"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
+def channel(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def holder(tmp_path: Path, channel: str) -> Iterator[Holder]:
+    holder = Holder(tmp_path, channel)
+    holder.start()
+    try:
+        yield holder
+    finally:
+        holder.signal(signal.SIGCONT) if holder.proc and holder.proc.poll() is None else None
+        holder.stop()
+
+
+def node(name: str, channel: str, holder: Holder) -> MeshNode:
+    config = make_config(
+        channel, [holder.address], lmcache_instance_id=name, max_local_cpu_size=0.25
+    )
+    member = MeshNode(config, namespace=NAMESPACE)
+    member.start()
+    wait_for(lambda: member.membership.is_alive("holder/0"), timeout_s=30)
+    return member
+
+
+def hand_chunks_to(holder: Holder, channel: str, count: int = CHUNKS) -> list[bytes]:
+    """Puts chunks from a producer that then leaves, so only the holder has them."""
+    producer = node("producer", channel, holder)
+    keys = keys_for(count, salt=str(time.monotonic_ns()))
+    producer.put(keys, [chunk(k, CHUNK_BYTES) for k in keys])
+    wait_for(producer.pusher.idle, timeout_s=30)
+    producer.stop()  # graceful: its chunks go to the holder first
+    return keys
+
+
+def timed_get(reader: MeshNode, keys: list[bytes], during: callable) -> tuple[int, float, list]:
+    """Runs a get while ``during`` acts; returns (count, seconds, errors)."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            with reader.get(keys, CHUNK_BYTES, timeout_s=GET_TIMEOUT_S) as lease:
+                result["count"] = lease.count
+                result["intact"] = all(
+                    np.array_equal(v, chunk(k, CHUNK_BYTES))
+                    for k, v in zip(keys, lease.views, strict=False)
+                )
+        except Exception as exc:  # the assertion below reports it
+            result["error"] = exc
+        result["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    during()
+    thread.join(GET_TIMEOUT_S + 10)
+    assert not thread.is_alive(), "get hung past its deadline"
+    assert "error" not in result, f"get raised {result.get('error')!r}"
+    assert result["intact"], "a get returned wrong bytes"
+    return int(result["count"]), float(result["elapsed"]), []
+
+
+def test_holder_killed_during_a_large_get(holder: Holder, channel: str) -> None:
+    keys = hand_chunks_to(holder, channel)
+    reader = node("reader", channel, holder)
+    try:
+        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=30)  # pointers must arrive
+        count, elapsed, _ = timed_get(
+            reader, keys, lambda: (time.sleep(0.05), holder.signal(signal.SIGKILL))
+        )
+        assert count <= CHUNKS and elapsed <= GET_TIMEOUT_S + SLACK_S
+        holder.proc.wait(10)
+        holder.start()  # the same instance id, a new boot
+        wait_for(lambda: reader.membership.peer("holder/0") is not None, timeout_s=30)
+        again = hand_chunks_to(holder, channel, count=4)
+        wait_for(lambda: reader.lookup(again) == 4, timeout_s=10)
+        with reader.get(again, CHUNK_BYTES) as lease:
+            assert lease.count == 4
+    finally:
+        reader.stop(leave=False)
+
+
+def test_holder_frozen_during_a_get_then_resumed(holder: Holder, channel: str) -> None:
+    keys = hand_chunks_to(holder, channel)
+    reader = node("reader", channel, holder)
+    try:
+        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=30)
+        count, elapsed, _ = timed_get(
+            reader, keys, lambda: (time.sleep(0.05), holder.signal(signal.SIGSTOP))
+        )
+        assert count <= CHUNKS and elapsed <= GET_TIMEOUT_S + SLACK_S
+        holder.signal(signal.SIGCONT)
+        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=40)
+        with reader.get(keys, CHUNK_BYTES, timeout_s=15) as lease:
+            assert lease.count == CHUNKS
+    finally:
+        reader.stop(leave=False)
+
+
+def test_bad_input_on_the_data_port_is_refused_and_counted(holder: Holder, channel: str) -> None:
+    member = node("victim", channel, holder)
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{member.data_address}")
+    codec = m.make_codec(1 << 20)
+    key = keys_for(1)[0]
+    try:
+        refusals = [
+            m.Put(req=2, epoch=12345, keys=[key], chunk_bytes=64),  # stale epoch
+            m.Commit(req=3, keys=[key], checksums=[b"x" * 16]),  # nothing reserved
+            m.Get(req=4, epoch=0, sender="nobody/0", keys=[key], dest=[], budget_ms=100),
+        ]
+        for request in refusals:
+            sock.send(m.encode(codec, request))
+        replies = [m.decode(codec, sock.recv()) for _ in refusals if sock.poll(10_000)]
+        assert [type(r).__name__ for r in replies] == ["Error", "CommitReply", "GetReply"]
+        assert replies[1].stored == 0 and replies[2].checksums == []  # nothing held: a miss
+        assert member.server.stats["refused_stale_epoch"] == 1
+        bad_frames = [
+            os.urandom(64),  # garbage
+            MAGIC,  # truncated
+            MAGIC + bytes([2, 9, 0]) + msgpack.packb([3, {}]),  # wrong protocol version
+            m.encode(codec, m.Lookup(req=1, epoch=0, keys=[key]))[:-3],  # cut short
+            codec.encode(3, {"req": 1, "epoch": 0, "keys": [b"short"]}),  # bad key length
+            codec.encode(99, {"req": 1}),  # unknown type
+            b"\0" * (300 << 20),  # oversized: ZMQ drops the connection
+        ]
+        for frame in bad_frames:
+            sock.send(frame)
+        wait_for(lambda: sum(v for k, v in member.server.stats.items() if "drop" in k) >= 6)
+        # the member keeps serving: a real put and lookup still work
+        member.put([key], [chunk(key, 4096)])
+        assert member.lookup([key]) == 1
+        assert member.store.stats().reserved == 0, "no slot may leak"
+        assert member.gossip.running
+    finally:
+        sock.close(linger=0)
+        member.stop(leave=False)
