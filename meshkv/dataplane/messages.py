@@ -1,4 +1,4 @@
-"""Data-plane wire messages: handshake, lookup, get, put, commit, held-at, resolve, error.
+"""Data-plane wire messages: handshake, lookup, get, put, commit, held-at, error.
 
 Requests travel DEALER -> ROUTER and carry a request id (``req``) that the reply echoes, so a
 requester may have many requests in flight on one connection (no lock-step, no head-of-line
@@ -51,9 +51,7 @@ class DataType(IntEnum):
     COMMIT = 9
     COMMIT_REPLY = 10
     HELD_AT = 11
-    RESOLVE = 12
-    RESOLVE_REPLY = 13
-    ERROR = 14
+    ERROR = 12
 
 
 def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCodec:
@@ -393,37 +391,6 @@ class HeldAt:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Resolve:
-    """From a local vLLM scheduler: how many leading keys can the mesh give this rank?"""
-
-    TYPE: ClassVar[DataType] = DataType.RESOLVE
-    req: int
-    keys: list[bytes]
-    budget_ms: int
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Resolve:
-        return cls(req=_uint(f, "req"), keys=_keys(f), budget_ms=_uint(f, "budget_ms", 32))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResolveReply:
-    TYPE: ClassVar[DataType] = DataType.RESOLVE_REPLY
-    req: int
-    count: int
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> ResolveReply:
-        return cls(req=_uint(f, "req"), count=_uint(f, "count", 32))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
     """The request ``req`` was refused; ``reason`` is a short label (e.g. "not_home")."""
 
@@ -454,8 +421,6 @@ Message = (
     | Commit
     | CommitReply
     | HeldAt
-    | Resolve
-    | ResolveReply
     | Error
 )
 _PARSERS: dict[int, Any] = {
@@ -472,8 +437,6 @@ _PARSERS: dict[int, Any] = {
         Commit,
         CommitReply,
         HeldAt,
-        Resolve,
-        ResolveReply,
         Error,
     )
 }

@@ -3,8 +3,7 @@
 Fast requests (hello, lookup, put reservations, commits, held-at) are answered inline. A get
 pins the chunks, starts one batched NIXL WRITE into the requester's slots, and is answered when
 the transfer completes or its budget runs out: transfers are polled in the same loop, so a slow
-peer never blocks the others. A resolve (from this member's own vLLM scheduler) needs requests
-to other members, so it runs on a small worker pool and its answer is queued back to the loop.
+peer never blocks the others.
 
 A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
 is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
@@ -18,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zmq
@@ -43,14 +40,11 @@ POLL_IDLE_MS = 200
 POLL_BUSY_MS = 1
 """Loop period while transfers are in flight (their completion is polled, not signalled)."""
 INBOUND_HWM = 4096
-RESOLVE_WORKERS = 2
 PUT_RESERVATION_S = 10.0
 """How long a producer may take between a put's reply and its commit."""
 EXPIRE_INTERVAL_S = 0.1
 RESERVED_MAX = 65536
 """Reservations awaiting a commit; past this, puts are refused until some complete or expire."""
-RESOLVE_QUEUE_MAX = 256
-"""Resolves waiting for a worker; past this they are answered 0 at once (a miss)."""
 
 
 @dataclass(slots=True)
@@ -64,7 +58,7 @@ class _InFlightGet:
 
 
 class DataServer:
-    """Serves lookup/get/put/commit/held-at/resolve for one member."""
+    """Serves lookup/get/put/commit/held-at for one member."""
 
     def __init__(
         self,
@@ -78,7 +72,6 @@ class DataServer:
         ring: Callable[[], RingView],
         directory: HolderDirectory,
         holder_alive: Callable[[str], bool],
-        resolve: Callable[[list[bytes], float], int],
         accept_any_epoch: bool = False,
     ) -> None:
         self._context = context
@@ -91,7 +84,6 @@ class DataServer:
         self._ring = ring
         self._directory = directory
         self._holder_alive = holder_alive
-        self._resolve = resolve
         self._router = context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, INBOUND_HWM)
@@ -107,10 +99,7 @@ class DataServer:
         wake_address = f"inproc://meshkv-data-wake-{id(self)}"
         self._wake_in.bind(wake_address)
         self._wake_out.connect(wake_address)
-        self._replies: queue.SimpleQueue[tuple[bytes, m.Message]] = queue.SimpleQueue()
-        self._pool = ThreadPoolExecutor(RESOLVE_WORKERS, thread_name_prefix="meshkv-resolve")
-        self._pending_resolves = 0
-        self._wake_lock = threading.Lock()  # guards _wake_out and _pending_resolves
+        self._wake_lock = threading.Lock()  # guards _wake_out
         self._in_flight: list[_InFlightGet] = []
         self._reserved: dict[tuple[str, bytes], Slot] = {}  # (owner, key) -> reserved slot
         self._next_expire_s = 0.0
@@ -135,7 +124,6 @@ class DataServer:
         self._running.clear()
         self._wake()
         self._thread.join(timeout_s)
-        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._wake_lock:
             self._wake_out.close(linger=0)
 
@@ -158,7 +146,6 @@ class DataServer:
                         self._wake_in.recv()
                 if self._router in ready:
                     self._receive_batch()
-                self._send_queued_replies()
                 self._poll_transfers()
                 if time.monotonic() >= self._next_expire_s:
                     self._expire()
@@ -199,14 +186,6 @@ class DataServer:
         except zmq.Again:
             self.stats["reply_dropped"] += 1
 
-    def _send_queued_replies(self) -> None:
-        while True:
-            try:
-                identity, reply = self._replies.get_nowait()
-            except queue.Empty:
-                return
-            self._reply(identity, reply)
-
     # --- handlers --------------------------------------------------------------------------
 
     def _handle(self, identity: bytes, request: m.Message) -> m.Message | None:
@@ -227,8 +206,6 @@ class DataServer:
             case m.HeldAt():  # a hint: whoever follows it checks the bytes, so any epoch
                 self._directory.record(request.keys, request.holder)
                 return None
-            case m.Resolve():
-                return self._start_resolve(identity, request)
         raise ProtocolError("unexpected_type", request.TYPE.name)
 
     def _hello(self, hello: m.Hello) -> m.Message:
@@ -380,25 +357,3 @@ class DataServer:
     def _require_epoch(self, epoch: int) -> None:
         if not self._accept_any_epoch and not self._ring().accepts_epoch(epoch):
             raise ProtocolError("stale_epoch", str(epoch))
-
-    def _start_resolve(self, identity: bytes, request: m.Resolve) -> m.Message | None:
-        if self._pending_resolves >= RESOLVE_QUEUE_MAX:
-            self.stats["resolve_overflow"] += 1
-            return m.ResolveReply(req=request.req, count=0)
-        with self._wake_lock:
-            self._pending_resolves += 1
-        deadline_s = time.monotonic() + request.budget_ms / 1000
-
-        def work() -> None:
-            try:
-                count = self._resolve(request.keys, deadline_s)
-            except Exception:  # a resolve failure is a miss, never a crash of the loop
-                log.exception("resolve failed")
-                count = 0
-            self._replies.put((identity, m.ResolveReply(req=request.req, count=count)))
-            with self._wake_lock:
-                self._pending_resolves -= 1
-            self._wake()
-
-        self._pool.submit(work)
-        return None

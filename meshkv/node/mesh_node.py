@@ -136,7 +136,6 @@ class MeshNode:
             ring=lambda: self.membership.ring(),
             directory=self.directory,
             holder_alive=lambda holder: self.membership.is_alive(holder),
-            resolve=self._resolve,
             accept_any_epoch=namespace == "*",
         )
         self.data_address = f"{config.p2p_host}:{self.server.port}"
@@ -226,7 +225,7 @@ class MeshNode:
 
     def lookup(self, keys: Sequence[bytes], timeout_s: float | None = None) -> int:
         """How many leading ``keys`` some live member holds (0 on any failure)."""
-        return self._resolve(list(keys), self._deadline(timeout_s))
+        return self._count_held(list(keys), self._deadline(timeout_s))
 
     def get(
         self, keys: Sequence[bytes], chunk_bytes: int, timeout_s: float | None = None
@@ -345,7 +344,7 @@ class MeshNode:
     def _deadline(self, timeout_s: float | None) -> float:
         return time.monotonic() + (self._timeout_s if timeout_s is None else timeout_s)
 
-    def _resolve(self, keys: list[bytes], deadline_s: float) -> int:
+    def _count_held(self, keys: list[bytes], deadline_s: float) -> int:
         located = locate(
             keys,
             membership=self.membership,
