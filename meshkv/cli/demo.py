@@ -27,6 +27,9 @@ from meshkv.errors import TransportError
 from meshkv.models.tiny_llama import DEFAULT_MODEL_DIR, make_tiny_llama
 
 START_TIMEOUT_S = 600.0
+LOGPROB_ATOL = 0.02
+"""Loaded KV is bit-exact, but the rest of the prompt is computed in a different split of steps,
+which moves bf16 logits by about one ulp (2**-7 near 1): logprobs agree to this, tokens exactly."""
 RETRIEVED = re.compile(r"Retrieved \d+ out of total \d+ tokens\..*GB/s")
 SEED_PROMPT = 20240601
 
@@ -43,7 +46,6 @@ def write_mesh_config(path: Path, **values: object) -> Path:
         "max_local_cpu_size": 0.5,
         "enable_p2p": True,
         "p2p_host": "127.0.0.1",
-        "mesh_gossip_profile": "local",
         **values,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -98,12 +100,14 @@ def run_demo(
         with console.status("stopping the engines..."):
             two.stop()
             one.stop()
-    same = computed == loaded
+    gap = computed.logprob_gap(loaded)
+    same = gap <= LOGPROB_ATOL
     console.print(f"prompt: {prompt_tokens} tokens, greedy, 16 tokens out")
     console.print(f"engine one computed it:       time to first token {ttft_one * 1000:7.1f} ms")
     console.print(f"engine two loaded it (mesh):  time to first token {ttft_two * 1000:7.1f} ms")
     console.print(f"engine two log: {retrieved[0] if retrieved else '(no Retrieved line)'}")
-    console.print(f"same tokens and logprobs: {'yes' if same else 'NO'}  text: {loaded.text!r}")
+    verdict = f"yes (logprobs within {gap:.4f})" if same else f"NO (gap {gap})"
+    console.print(f"same answer: {verdict}; text: {loaded.text!r}")
     return bool(retrieved) and same
 
 

@@ -101,6 +101,14 @@ class Completion:
         self.tokens += logprobs.get("tokens") or []
         self.token_logprobs += logprobs.get("token_logprobs") or []
 
+    def logprob_gap(self, other: Completion) -> float:
+        """The largest difference between the two completions' token logprobs (inf if their
+        tokens differ)."""
+        if self.tokens != other.tokens or self.text != other.text:
+            return float("inf")
+        pairs = zip(self.token_logprobs, other.token_logprobs, strict=True)
+        return max((abs(a - b) for a, b in pairs), default=0.0)
+
 
 def completion_of(reply: dict[str, Any]) -> Completion:
     """The first choice of a non-streamed reply as a `Completion`."""
