@@ -13,7 +13,7 @@ import logging
 
 import typer
 
-from meshkv.cli import controller, join, members, ring
+from meshkv.cli import controller, demo, join, members, ring
 
 app = typer.Typer(
     name="meshkv",
@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = (join, members, ring, controller)
+_COMMAND_MODULES = (join, members, ring, controller, demo)
 for _module in _COMMAND_MODULES:
     _module.register(app)
 
