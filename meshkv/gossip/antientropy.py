@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import Alive, Dead, MemberRecord, Suspect, Update, trusted, wire_bytes
+from meshkv.gossip.messages import Dead, MemberRecord, Suspect, Update, trusted
 
 _SCALE_THRESHOLD_MEMBERS = 32
 
@@ -33,7 +33,7 @@ def split_records(records: Iterable[MemberRecord], budget_bytes: int) -> list[li
     parts: list[list[MemberRecord]] = [[]]
     used = 0
     for record in records:
-        size = wire_bytes(record.to_wire())
+        size = record.wire_size()
         if parts[-1] and used + size > budget_bytes:
             parts.append([])
             used = 0
@@ -45,13 +45,11 @@ def split_records(records: Iterable[MemberRecord], budget_bytes: int) -> list[li
 def updates_from_record(record: MemberRecord, source: str) -> list[Update]:
     """The updates that merge a remote ``record`` (sent by validated ``source``) locally."""
     name, nonce, incarnation = record.name, record.nonce, record.incarnation
-    if record.state is MemberState.ALIVE or record.state is MemberState.SUSPECT:
-        alive = trusted(Alive, name=name, nonce=nonce, incarnation=incarnation,
-                        address=record.address, meta=record.meta)  # fmt: skip
-        if record.state is MemberState.ALIVE:
-            return [alive]
+    if record.state is MemberState.ALIVE:
+        return [record.alive()]
+    if record.state is MemberState.SUSPECT:
         suspect = trusted(Suspect, name=name, nonce=nonce, incarnation=incarnation, source=source)
-        return [alive, suspect]
+        return [record.alive(), suspect]
     if record.state is MemberState.DEAD:
         return [trusted(Suspect, name=name, nonce=nonce, incarnation=incarnation, source=source)]
     left = trusted(Dead, name=name, nonce=nonce, incarnation=incarnation, source=source, left=True)

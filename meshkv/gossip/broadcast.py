@@ -22,10 +22,14 @@ from typing import Any
 _MAX_MISSES = 16
 
 
-def retransmit_limit(retransmit_mult: int, n_members: int) -> int:
-    """How many times each member sends an update: ``lambda * ceil(log10(N + 1))``, as in
-    memberlist; a member missed by all of them is left with probability about e^-limit."""
-    return retransmit_mult * math.ceil(math.log10(n_members + 1))
+def retransmit_limit(retransmit_mult: float, n_members: int) -> int:
+    """How many times each member sends an update: ``ceil(lambda * ln(N + 1))``.
+
+    Every member that learns an update sends it this many times to random members, so a given
+    member is missed by all N * limit sends with probability about e^-limit: with lambda = 3,
+    about 1e-4 of updates miss anyone at all in a mesh of 64 (anti-entropy repairs those).
+    """
+    return math.ceil(retransmit_mult * math.log(n_members + 1))
 
 
 class _Queued:
@@ -74,37 +78,40 @@ class BroadcastQueue:
         picked: list[_Queued] = []
         skipped: list[tuple[int, _Queued]] = []
         remaining = budget_bytes
+        wanted = max_items
         misses = 0
-        buckets, by_key = self._buckets, self._by_key
+        buckets = self._buckets
         for sent, bucket in enumerate(buckets):
-            if len(picked) >= max_items or misses >= _MAX_MISSES:
+            if wanted <= 0 or misses >= _MAX_MISSES:
                 break
             if sent >= limit:
                 self._drop_bucket(bucket)
                 continue
-            while bucket and len(picked) < max_items:
-                entry = bucket.pop()
+            pop = bucket.pop
+            while bucket and wanted > 0:
+                entry = pop()
                 if entry.stale:
                     self._stale -= 1
-                    continue
-                if entry.size_bytes > remaining:
+                elif entry.size_bytes <= remaining:
+                    picked.append(entry)
+                    remaining -= entry.size_bytes
+                    wanted -= 1
+                else:
                     skipped.append((sent, entry))
                     misses += 1
                     if misses >= _MAX_MISSES:
                         break
-                    continue
-                picked.append(entry)
-                remaining -= entry.size_bytes
         for sent, entry in reversed(skipped):  # back where they were, in order
             buckets[sent].append(entry)
-        for entry in reversed(picked):  # oldest first, so newest stays rightmost
-            entry.sent += 1
-            if entry.sent >= limit:
+        by_key = self._by_key
+        for entry in reversed(picked):  # oldest first, so that the newest stays rightmost
+            sent = entry.sent = entry.sent + 1
+            if sent >= limit:
                 del by_key[entry.key]
-                continue
-            if entry.sent == len(buckets):
-                buckets.append(deque())
-            buckets[entry.sent].append(entry)
+            elif sent < len(buckets):
+                buckets[sent].append(entry)
+            else:
+                buckets.append(deque((entry,)))
         return [entry.item for entry in picked]
 
     def _drop_bucket(self, bucket: deque[_Queued]) -> None:

@@ -16,6 +16,7 @@ This module knows nothing of timers, sockets or what a receiver does with a mess
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,19 @@ class UpdateCache:
         self.max_entries = max_entries
         self._entries: dict[bytes, Update] = {}
 
+    def build(self, blob: object) -> Update:
+        """The update for ``blob``; raises UsageError on any defect."""
+        update = self._entries.get(blob) if type(blob) is bytes else None  # type: ignore[arg-type]
+        if update is None:
+            update = update_from_packed(blob)
+            self._remember(blob, update)  # type: ignore[arg-type]
+        return update
+
+    def _remember(self, blob: bytes, update: Update) -> None:
+        if len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[blob] = update
+
     def build_all(self, blobs: list[Any]) -> tuple[Update, ...]:
         """The updates for ``blobs``; raises UsageError on any defect."""
         entries = self._entries
@@ -216,9 +230,7 @@ class UpdateCache:
             update = entries.get(blob) if type(blob) is bytes else None
             if update is None:
                 update = update_from_packed(blob)
-                if len(entries) >= self.max_entries:
-                    del entries[next(iter(entries))]
-                entries[blob] = update
+                self._remember(blob, update)
             updates.append(update)
         return tuple(updates)
 
@@ -227,11 +239,18 @@ def trusted(cls: type[_T], **fields: Any) -> _T:
     """Builds ``cls`` from fields that already passed the same checks (e.g. a validated record
     turned into an update), skipping the validation that would repeat them."""
     built = object.__new__(cls)
+    defaults = _NOT_INIT.get(cls)
+    if defaults is None:
+        specs = dataclasses.fields(cls)  # type: ignore[arg-type]
+        defaults = _NOT_INIT[cls] = [(f.name, f.default) for f in specs if not f.init]
+    for name, value in defaults:
+        object.__setattr__(built, name, value)
     for name, value in fields.items():
         object.__setattr__(built, name, value)
-    if hasattr(cls, "packed"):
-        object.__setattr__(built, "_packed", None)
     return built
+
+
+_NOT_INIT: dict[type, list[tuple[str, Any]]] = {}  # fields set outside __init__, by class
 
 
 def packed_bytes(update: Update) -> int:
@@ -249,7 +268,12 @@ _BIN_HEADER_BYTES = 3
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberRecord:
-    """One member's full record as a member holds it (push-pull and state replies)."""
+    """One member's full record as a member holds it (push-pull and state replies).
+
+    On the wire it is ``[state, incarnation, alive]``, where ``alive`` is the bytes of the
+    member's latest Alive update exactly as gossip relays them: a receiver that has seen that
+    update already recognises it (`UpdateCache`) instead of decoding and validating it again.
+    """
 
     name: str
     nonce: int
@@ -257,6 +281,7 @@ class MemberRecord:
     incarnation: int
     state: MemberState
     meta: Mapping[str, MetaValue]
+    _alive: Alive | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_identity(self.name, self.nonce, self.incarnation)
@@ -265,31 +290,41 @@ class MemberRecord:
             raise UsageError("state must be a MemberState")
         check_meta(self.meta if type(self.meta) is dict else dict(self.meta))
 
+    def alive(self) -> Alive:
+        """The Alive update that carries this member's address and metadata."""
+        if self._alive is None:
+            alive = Alive(name=self.name, nonce=self.nonce, incarnation=self.incarnation,
+                          address=self.address, meta=self.meta)  # fmt: skip
+            object.__setattr__(self, "_alive", alive)
+        return self._alive  # type: ignore[return-value]
+
     def to_wire(self) -> list[Any]:
-        return [
-            self.name,
-            self.nonce,
-            self.address,
-            self.incarnation,
-            int(self.state),
-            dict(self.meta),
-        ]
+        return [int(self.state), self.incarnation, self.alive().packed()]
+
+    def wire_size(self) -> int:
+        """Encoded size in a ``records`` list (at most)."""
+        return len(self.alive().packed()) + _RECORD_OVERHEAD_BYTES
 
     @classmethod
-    def from_wire(cls, item: object) -> MemberRecord:
-        if not isinstance(item, list) or len(item) != 6:
-            raise UsageError("member record is not an array of 6")
-        state = item[4]
-        if not isinstance(state, int) or isinstance(state, bool) or not 0 <= state <= 3:
+    def from_wire(cls, item: object, cache: UpdateCache | None = None) -> MemberRecord:
+        """Builds a record from its array form; raises UsageError on any defect."""
+        if type(item) is not list or len(item) != 3:
+            raise UsageError("member record is not an array of 3")
+        state, incarnation, blob = item
+        if type(state) is not int or not 0 <= state <= 3:
             raise UsageError(f"member state {state!r} is unknown")
-        return cls(
-            name=item[0],
-            nonce=item[1],
-            address=item[2],
-            incarnation=item[3],
-            state=MemberState(state),
-            meta=item[5],
-        )
+        check_int("incarnation", incarnation, MAX_INCARNATION)
+        alive = cache.build(blob) if cache is not None else update_from_packed(blob)
+        if not isinstance(alive, Alive) or alive.incarnation > incarnation:
+            raise UsageError("a member record must carry an Alive no newer than the record")
+        if state == MemberState.ALIVE and alive.incarnation != incarnation:
+            raise UsageError("an alive record must carry the Alive of its incarnation")
+        return trusted(cls, name=alive.name, nonce=alive.nonce, address=alive.address,
+                       incarnation=incarnation, state=MemberState(state), meta=alive.meta,
+                       _alive=alive)  # fmt: skip
+
+
+_RECORD_OVERHEAD_BYTES = 16  # array header, state, incarnation, bin header
 
 
 def _check_identity(name: object, nonce: object, incarnation: object) -> None:
@@ -314,11 +349,11 @@ def _updates_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[Up
     return cache.build_all(raw)
 
 
-def _records_from(fields: dict[str, Any]) -> tuple[MemberRecord, ...]:
+def _records_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[MemberRecord, ...]:
     raw = require(fields, "records", list)
     if len(raw) > MAX_RECORDS_PER_FRAME:
         raise ProtocolError("too_many", f"{len(raw)} records")
-    return tuple(MemberRecord.from_wire(item) for item in raw)
+    return tuple(MemberRecord.from_wire(item, cache) for item in raw)
 
 
 # --------------------------------------------------------------------------------- messages
@@ -510,7 +545,7 @@ class PushPull:
             source=require(fields, "src", str),
             source_address=require(fields, "src_addr", str),
             reply_wanted=require(fields, "reply", bool),
-            records=_records_from(fields),
+            records=_records_from(fields, cache),
         )
 
 
@@ -566,7 +601,7 @@ class StateReply:
             query_id=require(fields, "query_id", int),
             part=require(fields, "part", int),
             parts=require(fields, "parts", int),
-            records=_records_from(fields),
+            records=_records_from(fields, cache),
         )
 
 

@@ -103,6 +103,7 @@ class SimNet:
         self.counters = {"sent": 0, "delivered": 0, "lost": 0, "cut": 0, "to_down": 0}
         self._by_address: dict[str, SimMember] = {}
         self._groups: dict[str, int] = {}
+        self._cut_links: set[frozenset[str]] = set()
         self._heap: list[tuple[float, int, int, object, object]] = []
         self._pushed = 0
         self._replies: dict[int, list[bytes]] = {}
@@ -164,8 +165,14 @@ class SimNet:
         """Members in different groups cannot reach each other; ungrouped reach everyone."""
         self._groups = {name: index for index, group in enumerate(groups) for name in group}
 
+    def cut_link(self, a: str, b: str) -> None:
+        """``a`` and ``b`` cannot reach each other (both may still reach everyone else)."""
+        self._cut_links.add(frozenset((a, b)))
+
     def heal(self) -> None:
+        """Ends every partition and cut link."""
         self._groups = {}
+        self._cut_links = set()
 
     def at(self, at_s: float, action: Callable[[], None]) -> None:
         """Runs ``action`` at virtual time ``at_s``."""
@@ -299,11 +306,9 @@ class SimNet:
             self.counters["sent"] += 1
             member.sent += 1
             target = self._by_address.get(out.address)
-            if group is not None and target is not None:
-                other = self._groups.get(target.name)
-                if other is not None and other != group:
-                    self.counters["cut"] += 1
-                    continue
+            if target is not None and self._is_cut(member.name, group, target.name):
+                self.counters["cut"] += 1
+                continue
             copies = 2 if faults.duplicate and rng.random() < faults.duplicate else 1
             for _ in range(copies):
                 if faults.loss and rng.random() < faults.loss:
@@ -325,6 +330,13 @@ class SimNet:
                 member.ticks_at_instant = 0
             member.tick_at_s = deadline_s
             self._push(deadline_s, _TICK, member, None)
+
+    def _is_cut(self, sender: str, group: int | None, receiver: str) -> bool:
+        if group is not None:
+            other = self._groups.get(receiver)
+            if other is not None and other != group:
+                return True
+        return bool(self._cut_links) and frozenset((sender, receiver)) in self._cut_links
 
     def _observe(self, member: SimMember, event: MemberEvent) -> None:
         if not member.up:

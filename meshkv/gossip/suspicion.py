@@ -6,8 +6,14 @@ logarithmically toward ``min_s`` as up to ``k`` distinct confirmers report it:
 
     timeout(n) = max(min_s, max_s - (max_s - min_s) * log(n + 1) / log(k + 1))
 
-The timing math is pure functions; `Suspicion` holds one member's suspicion (start time and
-confirmers). This module knows nothing of messages, the network or member tables.
+When the timeout runs out, the holder pings the suspect directly once more (carrying the
+suspicion, so that a live suspect answers with its refutation) and declares it dead only if
+nothing refutes it by ``verify_by_s``: a holder that missed a refutation (every gossip send
+can miss a member, more so under loss) does not turn a false suspicion into a false death.
+
+The timing math is pure functions; `Suspicion` holds one member's suspicion (start time,
+confirmers, verification deadline). This module knows nothing of messages, the network or
+member tables.
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ class Suspicion:
     k: int
     first_source: str
     confirmers: set[str] = field(default_factory=set)
+    verify_by_s: float | None = None  # set when the timeout ran out and a last ping went out
 
     @property
     def deadline_s(self) -> float:
+        if self.verify_by_s is not None:
+            return self.verify_by_s
         return self.start_s + suspicion_timeout_s(
             len(self.confirmers), self.k, self.min_s, self.max_s
         )

@@ -71,6 +71,7 @@ log = logging.getLogger("vllm.meshkv.gossip.swim")
 
 _INF = float("inf")
 _LEAVE_FANOUT = 8  # members told at once of a graceful leave
+_VERIFY_PINGS = 2  # direct pings to a suspect before it is declared dead (each may be lost)
 _LIST_HEADER_BYTES = 5  # msgpack array header of an updates or records list, worst case
 _INT_GROWTH_BYTES = 16  # room for integer fields that encode longer than the size probe's
 _LATE_PROBE_INTERVALS = 1.0  # passing a probe's end by this many intervals means we stalled
@@ -116,7 +117,9 @@ class Swim:
             state=MemberState.ALIVE,
             meta=MappingProxyType(dict(me.meta)),
             state_since_s=now_s,
-        )
+            alive=Alive(name=me.name, nonce=me.nonce, incarnation=incarnation_start,
+                        address=me.address, meta=me.meta),
+        )  # fmt: skip
         self._table = MemberTable(config, me.name, rng)
         self._queue = BroadcastQueue(config.max_broadcast_queue)
         self._awareness = Awareness(config.awareness_max_multiplier)
@@ -130,16 +133,19 @@ class Swim:
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
         self._next_join_s = _INF
-        self._enqueue(self._me.alive_update())
+        self._enqueue(self._me.fresh_alive())
 
     # ------------------------------------------------------------------ driver interface
 
     def join(self, seeds: Sequence[str], now_s: float) -> None:
-        """Exchanges tables with every seed ("host:port"), retried until some member is known
-        or ``join_max_attempts`` is spent; later, seeds are retried while no member is known."""
+        """Exchanges tables with a seed ("host:port"), one seed per attempt in shuffled order,
+        every ``join_retry_interval_s`` until some member is known or ``join_max_attempts``
+        is spent; afterwards seeds are retried at the push-pull interval while none is known.
+        (One seed at a time: each answer is a whole table, and one is enough.)"""
         self._now = max(self._now, now_s)
         wanted = [s for s in dict.fromkeys(seeds) if s != self._me.address]
         self._seeds = wanted[: self.config.max_seeds]
+        self._rng.shuffle(self._seeds)
         self._join_attempts = 0
         self._join_attempt()
 
@@ -160,8 +166,12 @@ class Swim:
         self._now = now = max(self._now, now_s)
         for relay in self._relays.pop_expired(now):
             self._send(relay.origin_address, Nack(seq=relay.origin_seq, source=self._me.name))
-        for dead in self._table.expire(now):
+        verify_s = self._awareness.scale(self.config.probe_timeout_s)
+        deaths, suspects = self._table.expire(now, verify_s)
+        for dead in deaths:
             self._enqueue(dead)
+        for suspect in suspects:
+            self._verify(suspect)
         if self._me.state is MemberState.ALIVE:
             self._run_probe(now)
             if now >= self._next_push_pull_s:
@@ -191,12 +201,12 @@ class Swim:
         me = self._me
         me.state = MemberState.LEFT
         self._probe = None
-        self._enqueue(
-            Dead(
-                name=me.name, nonce=me.nonce, incarnation=me.incarnation, source=me.name, left=True
-            )
+        left = Dead(
+            name=me.name, nonce=me.nonce, incarnation=me.incarnation, source=me.name, left=True
         )
-        self._gossip(_LEAVE_FANOUT)
+        self._enqueue(left)
+        for member in self._table.pick(_LEAVE_FANOUT, alive_only=False):
+            self._send(member.address, Gossip(source=me.name, updates=(left,)))
 
     def update_meta(self, meta: dict[str, MetaValue], now_s: float) -> None:
         """Replaces this member's metadata and gossips it under a new incarnation."""
@@ -208,7 +218,7 @@ class Swim:
             raise UsageError("update_meta after leave")
         self._me.meta = MappingProxyType(dict(meta))
         self._me.incarnation += 1
-        self._enqueue(self._me.alive_update())
+        self._enqueue(self._me.fresh_alive())
 
     def take_outgoing(self) -> list[Outgoing]:
         out, self._outgoing = self._outgoing, []
@@ -233,16 +243,19 @@ class Swim:
             case Ping():
                 self._on_ping(message)
             case Ack():
-                self._merge(message.updates)
+                if self._merge(message.updates):
+                    self._correct(message.source)
                 self._on_ack(message)
             case PingReq():
-                self._merge(message.updates)
+                if self._merge(message.updates):
+                    self._correct(message.source)
                 self._on_ping_req(message)
             case Nack():
                 if self._probe is not None and message.seq == self._probe.seq:
                     self._probe.nacks += 1
             case Gossip():
-                self._merge(message.updates)
+                if self._merge(message.updates):
+                    self._correct(message.source)
             case PushPull():
                 self._on_push_pull(message)
             case StateQuery():
@@ -254,8 +267,9 @@ class Swim:
         if ping.target != self._me.name:
             self.stats["drop_wrong_target"] += 1
             return
-        self._merge(ping.updates)
-        self._send_with_updates(ping.source_address, Ack(seq=ping.seq, source=self._me.name))
+        stale = self._merge(ping.updates)  # then the ack carries our refutation
+        ack = Ack(seq=ping.seq, source=self._me.name)
+        self._send_with_updates(ping.source_address, ack, self._me.alive if stale else None)
 
     def _on_ack(self, ack: Ack) -> None:
         if self._probe is not None and ack.seq == self._probe.seq:
@@ -286,6 +300,8 @@ class Swim:
             self._merge(antientropy.updates_from_record(record, message.source))
         if message.reply_wanted:
             self._send_table(message.source_address, reply_wanted=False)
+        elif self._next_push_pull_s < _INF:  # an answer: tables were just exchanged
+            self._next_push_pull_s = max(self._next_push_pull_s, self._push_pull_due(self._now))
 
     def _on_state_query(self, query: StateQuery, reply_to: object | None) -> None:
         if reply_to is None:
@@ -299,35 +315,48 @@ class Swim:
             )
             self._emit(Outgoing(None, encode_message(self._codec, reply), reply_to), reply)
 
-    def _merge(self, updates: Sequence[Update]) -> None:
-        """Applies ``updates``; whatever is news is gossiped on."""
+    def _merge(self, updates: Sequence[Update]) -> bool:
+        """Applies ``updates`` (whatever is news is gossiped on); True if one of them was a
+        stale suspicion or death of this member (its sender missed our refutation)."""
         table, me, now = self._table, self._me.name, self._now
+        stale = False
         for update in updates:
             if update.name == me:
-                self._refute_if_needed(update)
+                stale |= self._refute_if_needed(update)
             elif table.apply(update, now):
                 self._enqueue(update)
+        return stale
         if self._table.full_drops:
             self.stats["drop_members_full"] += self._table.full_drops
             self._table.full_drops = 0
 
-    def _refute_if_needed(self, update: Update) -> None:
-        """Outranks any claim about this member that would otherwise win (Lifeguard refute)."""
+    def _refute_if_needed(self, update: Update) -> bool:
+        """Outranks any claim about this member that would otherwise win (Lifeguard refute);
+        True if ``update`` is a suspicion or death this member already refuted."""
         me = self._me
         if me.state is MemberState.LEFT:
-            return
+            return False
         if isinstance(update, Alive) and update.nonce == me.nonce:
             if update.incarnation <= me.incarnation:
-                return
+                return False
         elif update.incarnation < me.incarnation:
-            return  # an older claim, or one about an older boot: our Alive outranks it
+            # an older claim, or one about an older boot: our Alive outranks it
+            return update.nonce == me.nonce and not isinstance(update, Alive)
         if update.nonce != me.nonce:
             self.stats["name_conflict"] += 1
             log.warning("another boot of %s is gossiped (nonce %x)", me.name, update.nonce)
         self.stats["refute"] += 1
         me.incarnation = update.incarnation + 1
         self._awareness.apply(awareness.REFUTE_DELTA)
-        self._enqueue(me.alive_update())
+        self._enqueue(me.fresh_alive())
+        return False
+
+    def _correct(self, source: str) -> None:
+        """Sends our current Alive to ``source``, which just told us a refuted suspicion."""
+        member = self._table.get(source)
+        if member is not None and member.state in LIVE:
+            self.stats["correct_stale"] += 1
+            self._send(member.address, Gossip(source=self._me.name, updates=(self._me.alive,)))
 
     # ------------------------------------------------------------------ probing
 
@@ -407,6 +436,19 @@ class Swim:
         if self._table.apply(suspect, self._now):
             self._enqueue(suspect)
 
+    def _verify(self, suspect: Member) -> None:
+        """Last direct pings to a suspect whose suspicion ran out; they carry the suspicion,
+        so a live suspect acks with its refutation. Unanswered, it is declared dead later."""
+        me = self._me
+        claim = Suspect(
+            name=suspect.name, nonce=suspect.nonce, incarnation=suspect.incarnation, source=me.name
+        )
+        self.stats["verify"] += 1
+        for _ in range(_VERIFY_PINGS):
+            ping = Ping(seq=self._next_seq(), target=suspect.name, source=me.name,
+                        source_address=me.address)  # fmt: skip
+            self._send_with_updates(suspect.address, ping, claim)
+
     # ------------------------------------------------------------------ dissemination
 
     def _gossip(self, fanout: int) -> None:
@@ -421,7 +463,7 @@ class Swim:
         if peers:
             self._send_table(peers[0].address, reply_wanted=True)
         elif self._seeds:
-            self._send_join()
+            self._send_join(self._rng.choice(self._seeds))
         dead = self._table.pick_dead()
         if dead is not None:  # if it answers, it learns we hold it dead and refutes
             me = self._me
@@ -449,19 +491,16 @@ class Swim:
             return
         self._join_attempts += 1
         self.stats["join_attempt"] += 1
-        self._send_join()
+        if self._seeds:
+            self._send_join(self._seeds[(self._join_attempts - 1) % len(self._seeds)])
         self._next_join_s = self._now + self.config.join_retry_interval_s if self._seeds else _INF
 
-    def _send_join(self) -> None:
+    def _send_join(self, seed: str) -> None:
         me = self._me
-        for seed in self._seeds:
-            join = PushPull(
-                source=me.name,
-                source_address=me.address,
-                reply_wanted=True,
-                records=(me.record(),),
-            )
-            self._send(seed, join)
+        join = PushPull(
+            source=me.name, source_address=me.address, reply_wanted=True, records=(me.record(),)
+        )
+        self._send(seed, join)
 
     # ------------------------------------------------------------------ outbound
 

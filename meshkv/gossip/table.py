@@ -48,6 +48,7 @@ class Member:
     state: MemberState
     meta: MappingProxyType[str, MetaValue]
     state_since_s: float
+    alive: Alive  # the latest Alive applied: address and metadata as gossip carries them
     suspicion: Suspicion | None = None
     last_update: Update | None = None  # the last update applied: receiving it again is no news
 
@@ -70,16 +71,19 @@ class Member:
             incarnation=self.incarnation,
             state=self.state,
             meta=self.meta,
+            _alive=self.alive,
         )
 
-    def alive_update(self) -> Alive:
-        return Alive(
+    def fresh_alive(self) -> Alive:
+        """A new Alive for the current incarnation and metadata (for this member itself)."""
+        self.alive = Alive(
             name=self.name,
             nonce=self.nonce,
             incarnation=self.incarnation,
             address=self.address,
             meta=self.meta,
         )
+        return self.alive
 
 
 class MemberTable:
@@ -174,6 +178,7 @@ class MemberTable:
             state=MemberState.ALIVE,
             meta=MappingProxyType(dict(update.meta)),
             state_since_s=now_s,
+            alive=update,
         )
         self._members[member.name] = member
         self._slot[member.name] = len(self._names)
@@ -191,6 +196,7 @@ class MemberTable:
         held.incarnation = update.incarnation
         held.address = update.address
         held.meta = MappingProxyType(dict(update.meta))
+        held.alive = update
         self._set_state(held, MemberState.ALIVE, now_s)
         if was not in LIVE:
             self.order.add(held.name)
@@ -273,15 +279,25 @@ class MemberTable:
         forget_s = self._forget[0][0] if self._forget else _INF
         return min(suspicion_s, forget_s)
 
-    def expire(self, now_s: float) -> list[Dead]:
-        """Declares dead every member whose suspicion ran out; returns the deaths to gossip."""
-        deaths = []
+    def expire(self, now_s: float, verify_s: float) -> tuple[list[Dead], list[Member]]:
+        """Runs out suspicions: a suspicion whose timeout passed is verified first (returned,
+        for the caller to ping the suspect, with ``verify_s`` to answer); one whose
+        verification passed unanswered becomes a death (returned, to gossip)."""
+        deaths: list[Dead] = []
+        verify: list[Member] = []
         heap = self._suspicions
         while heap and heap[0][0] <= now_s:
             entry = heapq.heappop(heap)
             if not self._current(entry):
                 continue
             member = self._members[entry[2]]
+            suspicion = member.suspicion
+            assert suspicion is not None
+            if suspicion.verify_by_s is None:
+                suspicion.verify_by_s = now_s + verify_s
+                self._schedule(member.name, suspicion)
+                verify.append(member)
+                continue
             dead = Dead(
                 name=member.name,
                 nonce=member.nonce,
@@ -291,7 +307,7 @@ class MemberTable:
             self.apply(dead, now_s)
             deaths.append(dead)
         self._forget_expired(now_s)
-        return deaths
+        return deaths, verify
 
     def _forget_expired(self, now_s: float) -> None:
         retention_s = self.config.dead_retention_s

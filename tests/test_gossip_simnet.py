@@ -1,0 +1,159 @@
+"""Whole-mesh scenarios in the deterministic simulated network.
+
+Every run is driven by one seed (shown in every failure message: replay it with the same seed).
+The simulated network checks its invariants on every member event (incarnations never go back,
+transitions make sense, nobody gets events about itself) and records deaths of members that were
+up and reachable; each scenario then asks for convergence (one member list again).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.member import MemberState
+from meshkv.gossip.simnet import NetworkFaults, SimNet
+
+LAN = GossipConfig.lan()
+TEST = GossipConfig.test()
+
+
+def _boot(sim: SimNet, n: int, *, seeds: int = 3, spread_s: float = 0.0) -> None:
+    """Starts ``n`` members: the first ``seeds`` are seeds, every other one joins them."""
+    names = [f"inst{i}/0" for i in range(n)]
+    seed_names = names[:seeds]
+    for i, name in enumerate(names):
+        joins = [s for s in seed_names if s != name]
+        if spread_s:
+            sim.at(
+                i * spread_s / n, lambda name=name, joins=joins: sim.add_member(name, seeds=joins)
+            )
+        else:
+            sim.add_member(name, seeds=joins)
+    sim.run_for(spread_s)
+
+
+def _converge(sim: SimNet, timeout_s: float) -> float:
+    took = sim.run_until_true(sim.converged, timeout_s=timeout_s, step_s=0.25)
+    sim.check(took is not None, f"no single member list after {timeout_s} s")
+    assert took is not None
+    return took
+
+
+def _check_tables_match_events(sim: SimNet, sample: int = 10) -> None:
+    """What members() says agrees with what the event stream said, and everyone is alive
+    in its own table."""
+    for name in sim.up_names()[:sample]:
+        member = sim.members[name]
+        views = {v.name: v for v in member.swim.members()}
+        sim.check(views[name].state is MemberState.ALIVE, f"{name} is not alive to itself")
+        for other, (nonce, state, incarnation) in sim.views[name].items():
+            view = views.get(other)
+            if view is None:
+                sim.check(state in (MemberState.DEAD, MemberState.LEFT), f"{other} vanished")
+                continue
+            # a bare incarnation bump (a refutation seen only as Alive) raises no event
+            sim.check(
+                (view.nonce, view.state) == (nonce, state) and view.incarnation >= incarnation,
+                f"{name}: events and table disagree about {other}",
+            )
+
+
+def test_thousand_members_converge_from_joins_via_seeds() -> None:
+    # fewer sends per update than the default (still ~1e-2 missed pairs expected in all), and
+    # no anti-entropy round during the run: the run measures gossip, and stays affordable
+    config = TEST.replace(retransmit_mult=2.5, push_pull_interval_s=60.0)
+    sim = SimNet(seed=1000, config=config)
+    _boot(sim, 1000, seeds=3, spread_s=2.0)
+    took = _converge(sim, timeout_s=30)
+    print(f"1000 members converged {took:.1f} s after the last join; {sim!r}")
+    assert sim.false_deaths == [], sim
+    _check_tables_match_events(sim)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_crash_is_seen_by_every_member(seed: int) -> None:
+    sim = SimNet(seed=seed, config=LAN)
+    _boot(sim, 64)
+    _converge(sim, timeout_s=10)
+    sim.run_for(2)
+    for victim in ("inst10/0", "inst40/0"):
+        sim.crash(victim)
+        took = sim.run_until_true(
+            lambda v=victim: all(sim.state_seen(o, v) is MemberState.DEAD for o in sim.up_names()),
+            timeout_s=10,
+            step_s=0.05,
+        )
+        sim.check(took is not None and took <= 3.0, f"crash of {victim} seen by all in {took} s")
+    assert sim.false_deaths == [], sim
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_loss_and_a_stall_declare_no_healthy_member_dead(seed: int) -> None:
+    faults = NetworkFaults(loss=0.05, duplicate=0.01, jitter_s=0.005)
+    sim = SimNet(seed=seed, config=LAN, faults=faults)
+    _boot(sim, 64)
+    _converge(sim, timeout_s=15)
+    for round_, name in enumerate(("inst5/0", "inst20/0", "inst33/0", "inst50/0")):
+        sim.at(sim.now_s + 1 + round_ * 5, lambda name=name: sim.stall(name, 1.0))
+    sim.run_for(25)
+    assert sim.false_deaths == [], sim
+    refuted = sum(m.swim.stats["refute"] for m in sim.members.values())
+    assert refuted > 0  # the stalls were noticed, and answered
+    _converge(sim, timeout_s=5)
+    _check_tables_match_events(sim)
+
+
+def test_partition_heals_into_one_member_list() -> None:
+    sim = SimNet(seed=5, config=TEST)
+    _boot(sim, 40)
+    _converge(sim, timeout_s=10)
+    left = [f"inst{i}/0" for i in range(20)]
+    right = [f"inst{i}/0" for i in range(20, 40)]
+    sim.partition(left, right)
+    gone = sim.run_until_true(
+        lambda: all(sim.state_seen("inst0/0", r) is MemberState.DEAD for r in right), timeout_s=10
+    )
+    sim.check(gone is not None, "the partition was never noticed")
+    sim.heal()
+    took = _converge(sim, timeout_s=30)
+    print(f"partition healed {took:.1f} s after it ended; {sim!r}")
+    _check_tables_match_events(sim)
+
+
+def test_restarted_member_is_alive_again_everywhere() -> None:
+    sim = SimNet(seed=6, config=TEST)
+    _boot(sim, 64)
+    _converge(sim, timeout_s=10)
+    old_nonce = sim.members["inst9/0"].nonce
+    sim.crash("inst9/0")
+    dead = sim.run_until_true(
+        lambda: all(sim.state_seen(o, "inst9/0") is MemberState.DEAD for o in sim.up_names()),
+        timeout_s=10,
+    )
+    sim.check(dead is not None, "the crash was not seen")
+    sim.restart("inst9/0", seeds=["inst0/0"])
+    _converge(sim, timeout_s=5)
+    new_nonce = sim.members["inst9/0"].nonce
+    assert new_nonce != old_nonce
+    assert all(sim.views[o]["inst9/0"][0] == new_nonce for o in sim.up_names() if o != "inst9/0")
+    _check_tables_match_events(sim)
+
+
+def test_graceful_leave_is_seen_as_left() -> None:
+    sim = SimNet(seed=7, config=LAN)
+    _boot(sim, 64)
+    _converge(sim, timeout_s=10)
+    leaver = sim.members["inst30/0"]
+    leaver.swim.leave(sim.now_s)
+    sim._flush(leaver)
+    took = sim.run_until_true(
+        lambda: all(sim.state_seen(o, "inst30/0") is MemberState.LEFT
+                    for o in sim.up_names() if o != "inst30/0"),
+        timeout_s=5,
+        step_s=0.05,
+    )  # fmt: skip
+    sim.check(took is not None and took <= 1.0, f"leave seen by all in {took} s")
+    sim.crash("inst30/0")  # the process exits after leaving: it stays LEFT, never DEAD
+    sim.run_for(5)
+    assert all(sim.state_seen(o, "inst30/0") is MemberState.LEFT for o in sim.up_names())
