@@ -62,6 +62,10 @@ RETRIEVED = re.compile(
     r"(?: \(from \d+ total tokens\))?\. size: [\d.]+ gb, cost [\d.]+ ms, throughput: [\d.]+ GB/s"
 )
 PROMPT_TOKENS = 1000
+SHARED_SEED, AFTER_KILL_SEED = 11, 12
+SEEDS = (SHARED_SEED, AFTER_KILL_SEED)
+MAX_BATCHED_TOKENS = 512
+"""As tests/e2e's other engines: prefill in several steps, the same in every engine."""
 FULL_CHUNKS_TOKENS = 768  # three chunks of 256; the rest of the prompt is computed
 START_TIMEOUT_S = 600.0
 RESTART_DEADLINE_S = 5.0
@@ -119,9 +123,10 @@ class Controller:
 @dataclass
 class Setup:
     controller: Controller
-    baseline: EngineProcess
     engine1: EngineProcess
     engine2: EngineProcess
+    reference: dict[int, tuple[str, list[str], list[float]]]
+    """Answers of an engine without any cache, by prompt seed."""
 
 
 def _free(port: int) -> bool:
@@ -175,7 +180,12 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     assert not busy, f"the documented setup needs these ports, which are in use: {busy}"
     work = tmp_path_factory.mktemp("lmcache_workflow")
     model = make_tiny_llama(REPO / ".models" / "tiny-llama")
-    common = {"model": model, "inductor_cache": REPO / ".models" / "inductor-cache"}
+    common = {
+        "model": model,
+        "inductor_cache": REPO / ".models" / "inductor-cache",
+        "max_num_batched_tokens": MAX_BATCHED_TOKENS,
+    }
+    reference = _reference_answers(work, common)
     yamls = []
     for n, (init, lookup, worker) in enumerate(((8200, 8201, 8500), (8202, 8203, 8501)), 1):
         path = work / f"example{n}.yaml"
@@ -184,8 +194,6 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     controller = Controller(work)
     controller.start()
     specs = [
-        EngineSpec(name="baseline", port=_free_port(), core=0,
-                   log_path=work / "baseline.log", **common),
         LMCacheStyleEngine(name="engine1", port=_free_port(), core=0,
                            log_path=work / "engine1.log", mesh_config=yamls[0], **common),
         LMCacheStyleEngine(name="engine2", port=_free_port(), core=1,
@@ -195,11 +203,26 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
     try:
         for engine in running:
             engine.wait_ready(START_TIMEOUT_S)
-        yield Setup(controller, *running)
+        yield Setup(controller, *running, reference=reference)
     finally:
         for engine in running:
             engine.stop()
         controller.stop()
+
+
+def _reference_answers(
+    work: Path, common: dict[str, Any]
+) -> dict[int, tuple[str, list[str], list[float]]]:
+    """Answers of an engine with no connector, computed first so that it does not compete
+    for the two cores with the engines under test."""
+    spec = EngineSpec(name="baseline", port=_free_port(), core=0,
+                      log_path=work / "baseline.log", **common)  # fmt: skip
+    baseline = EngineProcess(spec).start()
+    try:
+        baseline.wait_ready(START_TIMEOUT_S)
+        return {seed: answer(baseline.complete(prompt(seed), max_tokens=8)) for seed in SEEDS}
+    finally:
+        baseline.stop()
 
 
 def prompt(seed: int) -> list[int]:
@@ -223,14 +246,14 @@ def retrieved_since(engine: EngineProcess, offset: int) -> list[tuple[int, int]]
         time.sleep(0.2)
 
 
-def shared(setup: Setup, tokens: list[int]) -> None:
-    """Engine 1 computes ``tokens``, engine 2 loads them; both answer like the baseline."""
+def shared(setup: Setup, seed: int) -> None:
+    """Engine 1 computes a prompt, engine 2 loads it; both answer like an engine with no cache."""
+    tokens = prompt(seed)
     offset = setup.engine2.log_size()
     computed = answer(setup.engine1.complete(tokens, max_tokens=8))
     loaded = answer(setup.engine2.complete(tokens, max_tokens=8))
-    reference = answer(setup.baseline.complete(tokens, max_tokens=8))
     assert retrieved_since(setup.engine2, offset) == [(FULL_CHUNKS_TOKENS, PROMPT_TOKENS)]
-    assert loaded == computed == reference
+    assert loaded == computed == setup.reference[seed]
 
 
 def test_engines_find_each_other_through_the_shim(setup):
@@ -246,11 +269,11 @@ def test_engines_find_each_other_through_the_shim(setup):
 
 
 def test_engine_2_loads_what_engine_1_computed(setup):
-    shared(setup, prompt(seed=11))
+    shared(setup, SHARED_SEED)
 
 
 def test_lookup_reports_the_instance_and_matched_tokens(setup):
-    status, body = call("POST", "/lookup", {"tokens": prompt(seed=11)})
+    status, body = call("POST", "/lookup", {"tokens": prompt(SHARED_SEED)})
     assert status == 200, body
     layout = body["layout_info"]
     assert layout and set(layout) <= set(INSTANCES)
@@ -262,7 +285,7 @@ def test_lookup_reports_the_instance_and_matched_tokens(setup):
 
 def test_sharing_goes_on_with_the_shim_killed(setup):
     setup.controller.kill()
-    shared(setup, prompt(seed=12))
+    shared(setup, AFTER_KILL_SEED)
 
 
 def test_a_restarted_shim_lists_both_engines_within_5_s(setup):
