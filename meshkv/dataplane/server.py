@@ -212,11 +212,8 @@ class DataServer:
         if hello.channel != self._channel.kind:
             raise ProtocolError("channel_mismatch", f"{hello.channel} != {self._channel.kind}")
         if self._peers.get(hello.sender) != hello.nonce:
-            try:
-                self._channel.add_peer(hello.sender, hello.agent, hello.segments)
-            except TransportError as exc:
-                log.warning("handshake from %s failed: %s", hello.sender, exc)
-                raise ProtocolError("bad_handshake") from None
+            if not self._channel.add_peer(hello.sender, hello.agent, hello.segments):
+                raise ProtocolError("bad_handshake", hello.sender)
             self._peers[hello.sender] = hello.nonce
         return m.HelloReply(
             req=hello.req,
@@ -259,7 +256,7 @@ class DataServer:
             handle = self._channel.post_write(
                 sender, [s.region for s in slots], get.dest[: len(slots)]
             )
-        except TransportError as exc:
+        except (TransportError, ProtocolError) as exc:  # ProtocolError: a slot out of bounds
             self.stats["get_transfer_failed"] += 1
             log.info("get from %s: transfer not started: %s", sender, exc)
             self._store.unpin(slots, owner=owner)

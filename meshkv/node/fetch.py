@@ -171,8 +171,12 @@ def fetch(
         run_of_request.append((start, end))
     replies = client.call_many(requests, deadline_s) if requests else []
     fetched: set[int] = set()
+    unanswered: set[int] = set()
     for (start, end), reply in zip(run_of_request, replies, strict=True):
         if not isinstance(reply, m.GetReply):
+            # no answer: the holder may still be writing into these slots until its budget
+            # ends, so they are left to expire (deadline + 1 s) rather than reused now
+            unanswered.update(range(start, end))
             continue
         for offset, checksum in enumerate(reply.checksums[: end - start]):
             i = start + offset
@@ -191,7 +195,8 @@ def fetch(
             if store.commit(keys[i], checksum, owner=owner) is not None:
                 fetched.add(i)
     for i in reserved:
-        store.abort(keys[i], owner=owner)
+        if i not in unanswered:
+            store.abort(keys[i], owner=owner)
     return fetched
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
-from meshkv.errors import TransportError
 from meshkv.node.membership import Membership
 from meshkv.store import ChunkStore
 from meshkv.transfer import Channel
@@ -37,7 +36,6 @@ PUSH_DEADLINE_S = 5.0
 """Budget of one push batch to one home (reserve + transfer + commit)."""
 PUSH_BATCH_BYTES = 16 << 20
 """Chunk bytes per push request: bounded frames on the tcp channel, bounded posts on NIXL."""
-POLL_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,24 +249,9 @@ class Pusher:
         return done.stored if isinstance(done, m.CommitReply) else 0
 
     def _write(self, home: str, chosen: list, deadline_s: float) -> bool:
-        try:
-            handle = self._channel.post_write(
-                home, [s.region for s, _ in chosen], [ref for _, ref in chosen]
-            )
-        except TransportError as exc:
-            log.info("push to %s not started: %s", home, exc)
-            return False
-        ok = False
-        try:
-            while time.monotonic() < deadline_s:
-                state = self._channel.poll(handle)
-                if state != "pending":
-                    ok = state == "done"
-                    break
-                time.sleep(POLL_INTERVAL_S)
-        finally:
-            self._channel.release(handle, failed=not ok)
-        return ok
+        return self._channel.write(
+            home, [s.region for s, _ in chosen], [ref for _, ref in chosen], deadline_s
+        )
 
 
 def _batches(keys: list[bytes], size: int) -> list[list[bytes]]:
