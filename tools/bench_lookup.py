@@ -1676,6 +1676,7 @@ def bench(args: argparse.Namespace) -> dict:
             holdings = make_holdings(n, args.keys, args.seed + n)
             try:
                 results["runs"].append(measure_member_count(paths, holdings, args, args.seed + n))
+                (args.out / "lookup.partial.json").write_text(json.dumps(results, indent=1))
             finally:
                 for p in paths:
                     if p.name != "echo":
