@@ -15,16 +15,14 @@ import typer
 
 from meshkv.config import MeshConfig, load_config
 from meshkv.errors import ConfigError, TransportError
-from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberView
 from meshkv.gossip.messages import gossip_codec
 from meshkv.gossip.runner import query_members
+from meshkv.node.mesh_node import gossip_profile
 from meshkv.wire import AuthPolicy, FrameCodec
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-_PROFILES = {"lan": GossipConfig.lan, "local": GossipConfig.local, "test": GossipConfig.test}
 
 ConfigOption = typer.Option(
     None,
@@ -53,16 +51,12 @@ def load_or_exit(path: Path | None, overrides: Mapping[str, Any]) -> MeshConfig:
         fail(f"config error: {exc}", EXIT_CONFIG)
 
 
-def gossip_config_of(config: MeshConfig) -> GossipConfig:
-    return _PROFILES[config.mesh_gossip_profile]()
-
-
 def auth_of(config: MeshConfig) -> AuthPolicy:
     return AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
 
 
 def codec_of(config: MeshConfig) -> FrameCodec:
-    return gossip_codec(gossip_config_of(config), auth_of(config))
+    return gossip_codec(gossip_profile(config), auth_of(config))
 
 
 def query_any_seed(config: MeshConfig, timeout_s: float) -> list[MemberView]:

@@ -33,7 +33,6 @@ from meshkv.cli.common import (
     SeedsOption,
     auth_of,
     fail,
-    gossip_config_of,
     load_or_exit,
 )
 from meshkv.cli.member_table import member_table, namespace_of, status_of
@@ -43,6 +42,7 @@ from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
 from meshkv.node import MeshNode
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
+from meshkv.node.mesh_node import gossip_profile
 
 REFRESH_S = 0.5
 """How often the live table (or the plain event log) is brought up to date."""
@@ -101,7 +101,7 @@ def start_member(config: MeshConfig, *, storage: bool) -> tuple[GossipRunner, Ca
         print(f"storage member {node.name}: data plane at {node.data_address}", flush=True)
         return node.gossip, lambda: node.stop(leave=True)
     runner = GossipRunner(
-        config=gossip_config_of(config),
+        config=gossip_profile(config),
         name=f"{config.instance_id}/0",
         host=config.p2p_host,
         port=config.ports_for_rank(0, 1).gossip,
