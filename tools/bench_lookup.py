@@ -752,6 +752,7 @@ class MeshkvPath(LookupPath):
         self._asker = None
         self._asker_name = f"{MESH_ASKER_ID}/0"
         self._homes: dict[bytes, str] = {}
+        self._ring = None
         self.seed_kind = ""
 
     def _spawn(self, spec: dict, log_name: str) -> subprocess.Popen:
@@ -774,7 +775,7 @@ class MeshkvPath(LookupPath):
         n = holdings.members
         t0 = time.monotonic()
         ids = [MESH_ASKER_ID] + [f"bench-mesh-{i:03d}" for i in range(1, n)]
-        ring = HashRing([f"{i}/0" for i in ids], MeshConfig().mesh_vnodes)
+        ring = self._ring = HashRing([f"{i}/0" for i in ids], MeshConfig().mesh_vnodes)
         every_key = [k for keys in holdings.member_keys for k in keys]
         by_home: dict[str, list[str]] = {f"{i}/0": [] for i in ids}
         self._homes = {}
@@ -879,7 +880,7 @@ class MeshkvPath(LookupPath):
     def servers_asked(self, prompt: Prompt) -> int:
         """Distinct homes other than the asker among the prompt's keys: MeshNode.lookup asks
         them all at once (past the asker's leading local chunks)."""
-        return len({self._homes.get(k) for k in prompt.keys} - {self._asker_name, None})
+        return len({self._ring.home(k) for k in prompt.keys} - {self._asker_name})
 
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
