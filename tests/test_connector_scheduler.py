@@ -9,7 +9,6 @@ computes, which blocks it asks the workers to load and save.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -169,7 +168,7 @@ def test_a_hit_waits_for_the_lookup_then_loads_the_chunks(tiny_model):
     assert intro.req_id == "a" and intro.cache_salt == "tenant-1"
     assert intro.token_ids.tolist() == prompt(512)
     (fetch,) = orders.fetches
-    assert (fetch.num_chunks, fetch.stage) == (2, True)
+    assert (fetch.first_chunk, fetch.num_chunks, fetch.stage) == (0, 2, True)
 
     out, orders = engine.step()
     assert out.num_scheduled_tokens == {"a": 600 - 512}
@@ -252,13 +251,27 @@ def test_the_engine_prefix_cache_is_not_reloaded(tiny_model):
     assert "a" not in engine.scheduler.requests  # finished and freed: its blocks are cached
     # b shares a's first 384 tokens = 3 blocks held by vLLM's own prefix cache
     engine.add("b", shared[:384] + prompt(400, start=900))
-    engine.step({0: 3})
+    _, orders = engine.step({0: 2})
+    (fetch,) = orders.fetches
+    assert (fetch.first_chunk, fetch.num_chunks) == (1, 2)  # chunk 0 is in vLLM's own cache
     out, orders = engine.step()
     (load,) = orders.loads
     blocks = engine.scheduler.kv_cache_manager.get_block_ids("b")[0]
     assert (load.first_chunk, load.num_chunks, load.skip_blocks) == (1, 2, 1)
     assert load.block_ids == tuple(blocks[3:6])
     assert out.num_scheduled_tokens == {"b": 784 - 768}
+
+
+def test_a_prompt_the_engine_holds_already_is_not_looked_up(tiny_model):
+    engine = Engine(tiny_model)
+    engine.add("a", prompt(600))
+    engine.step({0: 0})
+    for _ in range(4):
+        engine.step()
+    engine.add("again", prompt(600))  # 512 tokens in vLLM's prefix cache: nothing to gain
+    out, orders = engine.step()
+    assert out.num_scheduled_tokens == {"again": 600 - 512}
+    assert not orders.fetches and not orders.loads and not orders.saves
 
 
 def test_async_loading_admits_after_the_lookup_and_waits_for_the_load(tiny_model):
@@ -299,13 +312,13 @@ def test_an_aborted_lookup_is_forgotten(tiny_model):
 
 
 def test_a_preempted_request_looks_up_again(tiny_model):
+    """After a preemption vLLM asks again (its blocks were freed; here its prefix cache no longer
+    holds them either, so it passes 0 computed tokens): a new lookup starts."""
     engine = Engine(tiny_model)
     request = engine.add("a", prompt(600))
     engine.step({0: 0})
     engine.step()
-    engine.scheduler.running.remove(request)
-    engine.scheduler._preempt_request(request, time.monotonic())
-    engine.scheduler.waiting.prepend_request(request)
-    _, orders = engine.step({0: 2})
-    assert [f.num_chunks for f in orders.fetches] == [2]
+    assert engine.mesh.match(request, 0) == (None, False)
+    orders = engine.scheduler.schedule().kv_connector_metadata
+    assert [(f.first_chunk, f.num_chunks) for f in orders.fetches] == [(0, 2)]
     assert not orders.intros  # the workers still hold its chunks' tokens

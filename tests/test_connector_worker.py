@@ -143,7 +143,12 @@ def found_in_mesh(worker: MeshWorker, req_id: str, num_chunks: int, *, stage: bo
     deadline = time.monotonic() + WAIT_S
     for fetch_id in range(1000, 1100):
         fetch = Fetch(
-            fetch_id=fetch_id, req_id=req_id, num_chunks=num_chunks, stage=stage, timeout_ms=2000
+            fetch_id=fetch_id,
+            req_id=req_id,
+            first_chunk=0,
+            num_chunks=num_chunks,
+            stage=stage,
+            timeout_ms=2000,
         )
         step(worker, MeshStepOrders(fetches=[fetch]))
         found = report_of(worker, fetch_id)

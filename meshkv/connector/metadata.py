@@ -41,9 +41,11 @@ class RequestIntro:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fetch:
-    """Find the request's leading chunks 0..num_chunks-1 in the mesh.
+    """Find the request's chunks first_chunk..first_chunk+num_chunks-1 in the mesh.
 
-    ``stage`` true: copy them into worker-held staging buffers and keep them for a later
+    ``first_chunk`` skips the chunks vLLM's own prefix cache holds already.
+
+    ``stage`` true: fetch remote ones into the local store and keep them all pinned for a later
     `Load` (or `unstage`); false: only look them up (an async load fetches them later).
     Each rank answers with the count of leading chunks found, in a `MeshWorkerReport`.
     """
@@ -51,6 +53,7 @@ class Fetch:
     fetch_id: int
     """Unique per scheduler; reports name it, so a late answer is never taken for a newer one."""
     req_id: str
+    first_chunk: int
     num_chunks: int
     stage: bool
     timeout_ms: int
@@ -109,7 +112,8 @@ class MeshStepOrders(KVConnectorMetadata):
 
 @dataclass(slots=True, kw_only=True)
 class MeshWorkerReport(KVConnectorWorkerMetadata):
-    """Fetch results: rank -> fetch id -> leading chunks found (staged when staging)."""
+    """Fetch results: rank -> fetch id -> chunks found from the fetch's first chunk on, without
+    a gap (staged when staging)."""
 
     found: dict[int, dict[str, int]] = field(default_factory=dict)
 

@@ -4,10 +4,11 @@ It runs inside vLLM's engine core, on the scheduler thread, so it never blocks a
 I/O: everything the mesh knows reaches it through the workers' step reports. A request's life:
 
 1. `match` (vLLM's get_num_new_matched_tokens) first queues a `Fetch` of the prompt's full
-   chunks to every TP rank and answers None ("ask again next step"). Each rank's worker looks
-   them up (and, for synchronous loading, stages them in local buffers) and reports how many
-   leading chunks it found. Once every rank answered - or ``lookup_timeout_ms`` passed, which
-   counts as 0 - the hit is the minimum over ranks, capped to leave at least one token to compute.
+   chunks beyond those vLLM's own prefix cache holds (none at all if it holds every useful one)
+   to every TP rank and answers None ("ask again next step"). Each rank's worker looks them up
+   (and, for synchronous loading, pins them in its store) and reports how many it found without
+   a gap. Once every rank answered - or ``lookup_timeout_ms`` passed, which counts as 0 - the
+   hit is the minimum over ranks, capped to leave at least one token to compute.
 2. `allocated` (update_state_after_alloc) turns a hit into a `Load` of the chunks not already in
    the engine's own prefix cache, into the blocks vLLM just allocated.
 3. `orders` (build_connector_meta) also adds a `Save` of every prompt chunk whose tokens became
@@ -77,6 +78,7 @@ class RequestState:
     phase: Phase
     lookup_deadline_s: float = 0.0
     fetch_id: int = -1
+    fetch_first_chunk: int = 0
     rank_found: dict[int, int] = field(default_factory=dict)
     hit_chunks: int = 0
     local_tokens: int = 0
@@ -106,7 +108,7 @@ class MeshScheduler:
         p = self.policy
         state = self._requests.get(request.request_id)
         if state is None or state.phase is Phase.ADMITTED:
-            state = self._start(request, state)
+            state = self._start(request, state, num_computed_tokens)
         if state.phase is Phase.LOOKING:
             if len(state.rank_found) < p.tp_world_size:
                 if self.clock() < state.lookup_deadline_s:
@@ -119,13 +121,17 @@ class MeshScheduler:
                 state.rank_found = {}
             self._resolve(state)
         state.local_tokens = num_computed_tokens
+        if num_computed_tokens < state.fetch_first_chunk * p.chunk_size:
+            return 0, False  # the engine's cache shrank below where the fetch started: a gap
         hit_tokens = min(state.hit_chunks * p.chunk_size, request.num_tokens - 1)
         new_tokens = hit_tokens - num_computed_tokens
         if new_tokens <= 0:
             return 0, False
         return new_tokens, p.async_loading
 
-    def _start(self, request: Request, previous: RequestState | None) -> RequestState:
+    def _start(
+        self, request: Request, previous: RequestState | None, num_computed_tokens: int
+    ) -> RequestState:
         p = self.policy
         prompt = request.prompt_token_ids
         cacheable = prompt is not None and not request.mm_features and request.lora_request is None
@@ -142,18 +148,23 @@ class MeshScheduler:
         if full_chunks == 0:
             return state
         self._introduce(state, request)
-        if p.may_load:
+        first_chunk = num_computed_tokens // p.chunk_size
+        state.next_save_chunk = max(state.next_save_chunk, first_chunk)
+        useful_tokens = min(full_chunks * p.chunk_size, request.num_tokens - 1)
+        if p.may_load and num_computed_tokens < useful_tokens:
             state.phase = Phase.LOOKING
             state.staged = not p.async_loading
             state.lookup_deadline_s = self.clock() + p.lookup_timeout_ms / 1000
             state.fetch_id = self._next_fetch_id
+            state.fetch_first_chunk = first_chunk
             self._next_fetch_id += 1
             self._fetch_owner[state.fetch_id] = state.req_id
             self._pending.fetches.append(
                 Fetch(
                     fetch_id=state.fetch_id,
                     req_id=state.req_id,
-                    num_chunks=full_chunks,
+                    first_chunk=first_chunk,
+                    num_chunks=full_chunks - first_chunk,
                     stage=state.staged,
                     timeout_ms=p.lookup_timeout_ms,
                 )
@@ -175,7 +186,7 @@ class MeshScheduler:
     def _resolve(self, state: RequestState) -> None:
         self._fetch_owner.pop(state.fetch_id, None)
         found = min(state.rank_found.values(), default=0)
-        state.hit_chunks = min(found, state.full_chunks)
+        state.hit_chunks = min(state.fetch_first_chunk + found, state.full_chunks) if found else 0
         state.phase = Phase.MATCHED
         if state.staged and state.hit_chunks == 0:
             self._unstage(state)

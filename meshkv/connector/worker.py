@@ -215,7 +215,8 @@ class MeshWorker:
 
     # -- fetches -------------------------------------------------------------------------------
     def _queue_fetch(self, fetch: Fetch) -> None:
-        keys = self._keys.get(fetch.req_id, [])[: fetch.num_chunks]
+        first = fetch.first_chunk
+        keys = self._keys.get(fetch.req_id, [])[first : first + fetch.num_chunks]
         ready = self._node is not None and keys
         if ready and fetch.stage:
             with self._lock:
