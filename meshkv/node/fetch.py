@@ -25,6 +25,7 @@ from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.membership import Membership
+from meshkv.ring.hashring import HashRing, positions_of
 from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 
 log = logging.getLogger("vllm.meshkv.node.fetch")
@@ -64,7 +65,7 @@ def locate(
         _ask_homes, me=me, membership=membership, directory=directory, client=client
     )
     if remote:
-        answers.update(ask(remote, view.current.home, deadline_s=deadline_s))
+        answers.update(ask(remote, view.current, deadline_s=deadline_s))
     holders: list[str] = []
     fallbacks = 0
     for index, key in enumerate(keys):
@@ -72,7 +73,7 @@ def locate(
         previous = view.previous
         if holder is None and previous and previous.home(key) != view.current.home(key):
             later = [k for k in keys[index:] if k not in answers]
-            answers.update(ask(later, previous.home, deadline_s=deadline_s))
+            answers.update(ask(later, previous, deadline_s=deadline_s))
             holder = answers.get(key)
             fallbacks += holder is not None
         if holder is None:
@@ -83,7 +84,7 @@ def locate(
 
 def _ask_homes(
     keys: list[bytes],
-    home_of: Callable[[bytes], str],
+    ring: HashRing,
     *,
     me: str,
     membership: Membership,
@@ -91,11 +92,12 @@ def _ask_homes(
     client: RequestClient,
     deadline_s: float,
 ) -> dict[bytes, str]:
-    """One round trip to every home of ``keys`` (none for keys homed here)."""
+    """One round trip to every home of ``keys`` in ``ring`` (none for keys homed here)."""
     answers: dict[bytes, str] = {}
     by_home: dict[str, list[bytes]] = {}
-    for key in keys:
-        home = home_of(key)
+    homes = ring.homes(positions_of(keys))  # batched: one vectorised search for the prompt
+    for key, index in zip(keys, homes.tolist(), strict=True):
+        home = ring.members[index]
         if home == me:
             holder = directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
