@@ -88,9 +88,10 @@ def run_demo(
             f"engines up: one on :{one.spec.port} ({one.startup_s:.0f} s), "
             f"two on :{two.spec.port} ({two.startup_s:.0f} s); logs in {workdir}"
         )
-        with console.status("warming up (the first logprobs request compiles a kernel)..."):
-            for engine, seed in ((one, 1), (two, 2)):
-                engine.complete(_tokens(seed, 8), max_tokens=2)
+        with console.status("warming up (a kernel compiles; the engines' first transfer)..."):
+            warm_up = _tokens(1, 300)  # one chunk: two fetches it from one, as below
+            one.complete(warm_up, max_tokens=2)
+            two.complete(warm_up, max_tokens=2)
         prompt = _tokens(SEED_PROMPT, prompt_tokens)
         computed, ttft_one = one.complete_streaming(prompt, max_tokens=16)
         offset = two.log_size()
