@@ -5,7 +5,8 @@ to one CPU core (``VLLM_CPU_OMP_THREADS_BIND``) with a bounded KV cache
 (``VLLM_CPU_KVCACHE_SPACE``), offline (``HF_HUB_OFFLINE``), optionally with MeshKVConnector
 selected by name and a meshkv YAML (``MESHKV_CONFIG_FILE``). It starts in its own session so that
 `stop` ends exactly the processes it started (the API server and the engine and worker
-processes it spawns), by process-group id. Its output goes to a log file the caller names.
+processes it spawns), by process-group id, and it is SIGTERMed by Linux if the process that
+started it dies first. Its output goes to a log file the caller names.
 
 This module knows how to launch and talk to vLLM over HTTP; it knows nothing of the mesh.
 """
@@ -13,6 +14,7 @@ This module knows how to launch and talk to vLLM over HTTP; it knows nothing of 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -31,6 +33,15 @@ READY_POLL_S = 0.5
 STOP_GRACE_S = 20.0
 HTTP_TIMEOUT_S = 300.0
 LOG_TAIL_CHARS = 4000
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the starting process dies, so a
+    killed demo, benchmark or test run never leaves engines behind (the server then stops its
+    own engine and worker processes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +152,7 @@ class EngineProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         log.close()
         return self
