@@ -64,14 +64,14 @@ def locate(
     ask = functools.partial(
         _ask_homes, me=me, membership=membership, directory=directory, client=client
     )
-    if remote:
-        answers.update(ask(remote, view.current, deadline_s=deadline_s))
+    current, previous = view.current, view.previous
+    if remote and current.members:
+        answers.update(ask(remote, current, deadline_s=deadline_s))
     holders: list[str] = []
     fallbacks = 0
     for index, key in enumerate(keys):
         holder = answers.get(key)
-        previous = view.previous
-        if holder is None and previous and previous.home(key) != view.current.home(key):
+        if holder is None and _home_moved(key, previous, current):
             later = [k for k in keys[index:] if k not in answers]
             answers.update(ask(later, previous, deadline_s=deadline_s))
             holder = answers.get(key)
@@ -80,6 +80,13 @@ def locate(
             break
         holders.append(holder)
     return Located(holders, fallbacks)
+
+
+def _home_moved(key: bytes, previous: HashRing | None, current: HashRing) -> bool:
+    """True if the last membership change moved ``key`` to another home (empty rings: none)."""
+    if previous is None or not previous.members:
+        return False
+    return not current.members or previous.home(key) != current.home(key)
 
 
 def _ask_homes(
