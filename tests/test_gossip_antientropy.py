@@ -8,7 +8,8 @@ import pytest
 
 from meshkv.gossip.antientropy import push_pull_interval_s, split_records, updates_from_record
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import Alive, Dead, MemberRecord, Suspect, wire_bytes
+from meshkv.gossip.messages import MemberRecord, wire_bytes
+from meshkv.gossip.updates import Alive, Dead, Suspect
 
 
 @pytest.mark.parametrize(

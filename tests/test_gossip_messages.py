@@ -17,8 +17,6 @@ from meshkv.gossip.messages import (
     MAX_UPDATES_PER_FRAME,
     VERSION,
     Ack,
-    Alive,
-    Dead,
     Gossip,
     MemberRecord,
     MessageType,
@@ -28,13 +26,12 @@ from meshkv.gossip.messages import (
     PushPull,
     StateQuery,
     StateReply,
-    Suspect,
-    UpdateCache,
     decode_message,
     encode_message,
     gossip_codec,
 )
 from meshkv.gossip.swim import Swim
+from meshkv.gossip.updates import Alive, Dead, Suspect, UpdateCache
 from meshkv.wire import AuthPolicy, FrameCodec, Protocol
 
 CONFIG = GossipConfig.test()
@@ -71,11 +68,22 @@ def test_cache_returns_the_validated_update_for_equal_bytes() -> None:
     cache = UpdateCache(max_entries=2)
     frame = encode_message(CODEC, Gossip(source="x/0", updates=(ALIVE, SUSPECT)))
     first = decode_message(CODEC, frame, cache)
-    second = decode_message(CODEC, frame, cache)
+    second = decode_message(CODEC, frame, UpdateCache(max_entries=2))  # shared per process
     assert isinstance(first, Gossip) and isinstance(second, Gossip)
     assert first.updates[0] is second.updates[0]
-    decode_message(CODEC, encode_message(CODEC, Gossip(source="x/0", updates=(LEFT,))), cache)
-    assert len(cache._entries) == 2  # bounded
+
+
+def test_settled_updates_are_left_out_and_bounded() -> None:
+    cache = UpdateCache(max_entries=2)
+    frame = encode_message(CODEC, Gossip(source="x/0", updates=(ALIVE, SUSPECT, LEFT)))
+    cache.settle(ALIVE)
+    message = decode_message(CODEC, frame, cache)
+    assert isinstance(message, Gossip) and message.updates == (SUSPECT, LEFT)
+    cache.settle(SUSPECT)
+    cache.settle(LEFT)  # the oldest (ALIVE) is forgotten
+    message = decode_message(CODEC, frame, cache)
+    assert isinstance(message, Gossip) and message.updates == (ALIVE,)
+    assert decode_message(CODEC, frame) == Gossip(source="x/0", updates=(ALIVE, SUSPECT, LEFT))
 
 
 names = st.text(

@@ -10,16 +10,10 @@ from meshkv.errors import UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind
 from meshkv.gossip.member import MemberInfo, MemberState
-from meshkv.gossip.messages import (
-    Ack,
-    Ping,
-    Suspect,
-    decode_message,
-    encode_message,
-    gossip_codec,
-)
+from meshkv.gossip.messages import Ack, Gossip, Ping, decode_message, encode_message, gossip_codec
 from meshkv.gossip.simnet import SimNet
 from meshkv.gossip.swim import Swim
+from meshkv.gossip.updates import Alive, Suspect
 from meshkv.wire import FrameCodec, Protocol
 
 CONFIG = GossipConfig.test()
@@ -216,3 +210,28 @@ def test_same_seed_same_run() -> None:
 
     assert run(11) == run(11)
     assert run(11) != run(12)
+
+
+def test_a_stalled_member_comes_back_without_accusing_anyone() -> None:
+    sim = _cluster(6, seed=10, config=GossipConfig.lan())  # LAN timing tolerates 1 s stalls
+    sim.stall("m2/0", 1.0)
+    sim.run_for(1.5)
+    others = [name for name in sim.up_names() if name != "m2/0"]
+    assert all(sim.state_seen("m2/0", other) is MemberState.ALIVE for other in others)
+    assert all(sim.state_seen(other, "m2/0") is MemberState.ALIVE for other in others)
+    assert sim.members["m2/0"].swim.stats["refute"] >= 1  # it was suspected meanwhile
+    assert sim.false_deaths == []
+
+
+def test_a_probe_overdue_by_an_interval_gives_no_verdict() -> None:
+    swim = _swim()
+    peer = Alive(name="p/0", nonce=2, incarnation=1, address="127.0.0.1:7002", meta={})
+    gossip = Gossip(source="p/0", updates=(peer,))
+    swim.receive(encode_message(gossip_codec(CONFIG), gossip), 0.0)
+    now = 0.0
+    while not swim.stats["probe"]:
+        now = swim.next_deadline_s()
+        swim.tick(now)
+    swim.tick(now + 5 * CONFIG.probe_interval_s)  # no ack came: but we were the ones away
+    assert swim.stats["probe_late"] == 1 and swim.stats["probe_failed"] == 0
+    assert [v.state for v in swim.members() if v.name == "p/0"] == [MemberState.ALIVE]

@@ -9,8 +9,8 @@ import pytest
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import Alive, Dead, Suspect
 from meshkv.gossip.table import MemberTable
+from meshkv.gossip.updates import Alive, Dead, Suspect
 
 CONFIG = GossipConfig.test()
 

@@ -14,7 +14,8 @@ import math
 from collections.abc import Iterable
 
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import Dead, MemberRecord, Suspect, Update, trusted
+from meshkv.gossip.messages import MemberRecord
+from meshkv.gossip.updates import Dead, Suspect, Update, trusted
 
 _SCALE_THRESHOLD_MEMBERS = 32
 

@@ -18,8 +18,11 @@ import math
 from collections import deque
 from typing import Any
 
-# A packet stops looking for updates that fit after this many did not.
-_MAX_MISSES = 16
+# A packet stops looking for updates that fit after this many did not, or when less room is
+# left than the smallest update takes.
+_MAX_MISSES = 4
+_MIN_UPDATE_BYTES = 24
+_STALE_SLACK = 16  # replaced entries tolerated beyond the live ones before a compaction
 
 
 def retransmit_limit(retransmit_mult: float, n_members: int) -> int:
@@ -62,7 +65,7 @@ class BroadcastQueue:
         if old is not None:
             old.stale = True
             self._stale += 1
-            if self._stale > len(self._by_key) + _MAX_MISSES:
+            if self._stale > len(self._by_key) + _STALE_SLACK:
                 self._compact()
         elif len(self._by_key) >= self.max_entries:
             self._evict_most_sent()
@@ -99,7 +102,8 @@ class BroadcastQueue:
                 else:
                     skipped.append((sent, entry))
                     misses += 1
-                    if misses >= _MAX_MISSES:
+                    if misses >= _MAX_MISSES or remaining < _MIN_UPDATE_BYTES:
+                        misses = _MAX_MISSES
                         break
         for sent, entry in reversed(skipped):  # back where they were, in order
             buckets[sent].append(entry)

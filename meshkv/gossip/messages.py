@@ -5,22 +5,19 @@ Frames go through `meshkv.wire.FrameCodec` (protocol GOSSIP, `VERSION`); `decode
 turns any defect (unknown type, missing or mistyped field, out-of-range value, too many items)
 into `ProtocolError`, whose ``reason`` the receiver counts before dropping the frame.
 
-A member update (Alive, Suspect, Dead) is encoded once, by the member that first states it, as a
-msgpack array in a bin blob; every member relays those bytes verbatim in the ``updates`` list of
-its probes and gossip (as memberlist relays its encoded broadcasts). Receivers therefore
-recognise an update they have already validated by its bytes (`UpdateCache`). Full member
-records travel as plain arrays in ``records`` lists (push-pull, state replies).
+Member updates (see `updates`) travel as the encoded blobs their first sender made, in the
+``updates`` lists of probes and gossip. Full member records travel in ``records`` lists
+(push-pull, state replies), each carrying the member's latest Alive blob.
 
 This module knows nothing of timers, sockets or what a receiver does with a message.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -28,14 +25,22 @@ from meshkv.errors import ProtocolError, UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import (
     MAX_INCARNATION,
-    MAX_NONCE,
     MemberState,
     MetaValue,
-    UpdateKind,
     check_address,
     check_int,
     check_meta,
     check_name,
+)
+from meshkv.gossip.updates import (
+    Alive,
+    Dead,
+    Suspect,
+    Update,
+    UpdateCache,
+    check_identity,
+    trusted,
+    update_from_packed,
 )
 from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require
 
@@ -44,13 +49,10 @@ VERSION = 1
 #   1: Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; each update a bin
 #      blob holding its msgpack array.
 
-_T = TypeVar("_T")
-
 MAX_SEQ = 2**32 - 1
 MAX_UPDATES_PER_FRAME = 256
 MAX_RECORDS_PER_FRAME = 1024
 MAX_STATE_PARTS = 4096
-UPDATE_CACHE_ENTRIES = 4096  # validated updates a member remembers (see UpdateCache)
 
 
 class MessageType(enum.IntEnum):
@@ -71,199 +73,9 @@ def gossip_codec(config: GossipConfig, auth: AuthPolicy | None = None) -> FrameC
     return FrameCodec(Protocol.GOSSIP, VERSION, max_frame_bytes=config.max_packet_bytes, auth=auth)
 
 
-# ---------------------------------------------------------------------------------- updates
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Alive:
-    """Member ``name`` (boot ``nonce``) is alive at ``incarnation``, at ``address``, with meta."""
-
-    name: str
-    nonce: int
-    incarnation: int
-    address: str
-    meta: Mapping[str, MetaValue]
-    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
-
-    kind: ClassVar[UpdateKind] = UpdateKind.ALIVE
-
-    def __post_init__(self) -> None:
-        _check_identity(self.name, self.nonce, self.incarnation)
-        check_address(self.address)
-        check_meta(self.meta if type(self.meta) is dict else dict(self.meta))
-
-    def to_wire(self) -> list[Any]:
-        return [0, self.name, self.nonce, self.incarnation, self.address, dict(self.meta)]
-
-    def packed(self) -> bytes:
-        """The encoded update, made once and relayed verbatim by every member."""
-        return self._packed or _pack_once(self)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Suspect:
-    """Member ``source`` suspects ``name`` (boot ``nonce``) at ``incarnation``."""
-
-    name: str
-    nonce: int
-    incarnation: int
-    source: str
-    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
-
-    kind: ClassVar[UpdateKind] = UpdateKind.SUSPECT
-
-    def __post_init__(self) -> None:
-        _check_identity(self.name, self.nonce, self.incarnation)
-        check_name(self.source)
-
-    def to_wire(self) -> list[Any]:
-        return [1, self.name, self.nonce, self.incarnation, self.source]
-
-    def packed(self) -> bytes:
-        """The encoded update, made once and relayed verbatim by every member."""
-        return self._packed or _pack_once(self)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Dead:
-    """Member ``source`` declares ``name`` dead at ``incarnation``; ``left``: it left gracefully."""
-
-    name: str
-    nonce: int
-    incarnation: int
-    source: str
-    left: bool = False
-    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        _check_identity(self.name, self.nonce, self.incarnation)
-        check_name(self.source)
-        if not isinstance(self.left, bool):
-            raise UsageError("left must be a bool")
-
-    @property
-    def kind(self) -> UpdateKind:
-        return UpdateKind.LEFT if self.left else UpdateKind.DEAD
-
-    def to_wire(self) -> list[Any]:
-        return [int(self.kind), self.name, self.nonce, self.incarnation, self.source]
-
-    def packed(self) -> bytes:
-        """The encoded update, made once and relayed verbatim by every member."""
-        return self._packed or _pack_once(self)
-
-
-Update = Alive | Suspect | Dead
-
-
-def _pack_once(update: Update) -> bytes:
-    packed = msgpack.packb(update.to_wire(), use_bin_type=True)
-    object.__setattr__(update, "_packed", packed)
-    return packed
-
-
-def update_from_wire(item: object) -> Update:
-    """Builds an update from its array form; raises UsageError on any defect."""
-    if not isinstance(item, list) or not item or type(item[0]) is not int:
-        raise UsageError("update is not an array starting with its kind")
-    kind = item[0]
-    if kind == UpdateKind.ALIVE and len(item) == 6:
-        return Alive(
-            name=item[1], nonce=item[2], incarnation=item[3], address=item[4], meta=item[5]
-        )
-    if kind == UpdateKind.SUSPECT and len(item) == 5:
-        return Suspect(name=item[1], nonce=item[2], incarnation=item[3], source=item[4])
-    if kind in (UpdateKind.DEAD, UpdateKind.LEFT) and len(item) == 5:
-        return Dead(
-            name=item[1],
-            nonce=item[2],
-            incarnation=item[3],
-            source=item[4],
-            left=kind == UpdateKind.LEFT,
-        )
-    raise UsageError(f"unknown update kind {kind} or wrong length {len(item)}")
-
-
-def update_from_packed(blob: object) -> Update:
-    """Builds an update from its encoded form; raises UsageError on any defect."""
-    if type(blob) is not bytes:
-        raise UsageError("an update must be encoded as bytes")
-    try:
-        item = msgpack.unpackb(blob, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise UsageError(f"update does not decode: {type(exc).__name__}") from None
-    update = update_from_wire(item)
-    object.__setattr__(update, "_packed", blob)
-    return update
-
-
-class UpdateCache:
-    """Updates already validated, by their encoded bytes.
-
-    A member receives each update once from every neighbour that relays it (about
-    ``retransmit_limit`` times); decoding and validating it each time would dominate its CPU
-    time. Updates are relayed verbatim, so equal bytes mean an equal, already valid update.
-    """
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._entries: dict[bytes, Update] = {}
-
-    def build(self, blob: object) -> Update:
-        """The update for ``blob``; raises UsageError on any defect."""
-        update = self._entries.get(blob) if type(blob) is bytes else None  # type: ignore[arg-type]
-        if update is None:
-            update = update_from_packed(blob)
-            self._remember(blob, update)  # type: ignore[arg-type]
-        return update
-
-    def _remember(self, blob: bytes, update: Update) -> None:
-        if len(self._entries) >= self.max_entries:
-            del self._entries[next(iter(self._entries))]
-        self._entries[blob] = update
-
-    def build_all(self, blobs: list[Any]) -> tuple[Update, ...]:
-        """The updates for ``blobs``; raises UsageError on any defect."""
-        entries = self._entries
-        updates = []
-        for blob in blobs:
-            update = entries.get(blob) if type(blob) is bytes else None
-            if update is None:
-                update = update_from_packed(blob)
-                self._remember(blob, update)
-            updates.append(update)
-        return tuple(updates)
-
-
-def trusted(cls: type[_T], **fields: Any) -> _T:
-    """Builds ``cls`` from fields that already passed the same checks (e.g. a validated record
-    turned into an update), skipping the validation that would repeat them."""
-    built = object.__new__(cls)
-    defaults = _NOT_INIT.get(cls)
-    if defaults is None:
-        specs = dataclasses.fields(cls)  # type: ignore[arg-type]
-        defaults = _NOT_INIT[cls] = [(f.name, f.default) for f in specs if not f.init]
-    for name, value in defaults:
-        object.__setattr__(built, name, value)
-    for name, value in fields.items():
-        object.__setattr__(built, name, value)
-    return built
-
-
-_NOT_INIT: dict[type, list[tuple[str, Any]]] = {}  # fields set outside __init__, by class
-
-
-def packed_bytes(update: Update) -> int:
-    """Bytes one update adds to a frame's ``updates`` list (the blob and its bin header)."""
-    return len(update.packed()) + _BIN_HEADER_BYTES
-
-
 def wire_bytes(item: list[Any]) -> int:
     """Encoded size of one record array."""
     return len(msgpack.packb(item, use_bin_type=True))
-
-
-_BIN_HEADER_BYTES = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,7 +96,7 @@ class MemberRecord:
     _alive: Alive | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_identity(self.name, self.nonce, self.incarnation)
+        check_identity(self.name, self.nonce, self.incarnation)
         check_address(self.address)
         if not isinstance(self.state, MemberState):
             raise UsageError("state must be a MemberState")
@@ -327,12 +139,6 @@ class MemberRecord:
 _RECORD_OVERHEAD_BYTES = 16  # array header, state, incarnation, bin header
 
 
-def _check_identity(name: object, nonce: object, incarnation: object) -> None:
-    check_name(name)
-    check_int("nonce", nonce, MAX_NONCE)
-    check_int("incarnation", incarnation, MAX_INCARNATION)
-
-
 def _check_items(what: str, items: object, kind: type | tuple[type, ...], bound: int) -> None:
     if not isinstance(items, tuple) or len(items) > bound:
         raise UsageError(f"{what} must be a tuple of <= {bound} items")
@@ -344,6 +150,7 @@ def _updates_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[Up
     raw = require(fields, "updates", list)
     if len(raw) > MAX_UPDATES_PER_FRAME:
         raise ProtocolError("too_many", f"{len(raw)} updates")
+
     if cache is None:
         return tuple(update_from_packed(blob) for blob in raw)
     return cache.build_all(raw)
@@ -620,7 +427,7 @@ def encode_message(codec: FrameCodec, message: Message) -> bytes:
 def decode_message(codec: FrameCodec, frame: bytes, cache: UpdateCache | None = None) -> Message:
     """The message in ``frame``; ProtocolError (with a counter reason) on any defect.
 
-    ``cache`` (optional) remembers validated updates across calls."""
+    ``cache`` (optional) is the receiver's memory of validated updates (see `UpdateCache`)."""
     message_type, fields = codec.decode(frame)
     cls = _BY_TYPE.get(message_type)
     if cls is None:

@@ -26,7 +26,8 @@ class ProbeOrder:
 
     def add(self, name: str) -> None:
         """Puts a new member at a random place among those not yet probed this round."""
-        self._order.insert(self._rng.randint(self._next, len(self._order)), name)
+        places = len(self._order) - self._next + 1
+        self._order.insert(self._next + int(self._rng.random() * places), name)
 
     def next(
         self, names: Callable[[], Iterable[str]], eligible: Callable[[str], bool]

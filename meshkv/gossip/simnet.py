@@ -96,6 +96,7 @@ class SimNet:
         self.rng = random.Random(seed)
         self.members: dict[str, SimMember] = {}
         self.views: dict[str, dict[str, tuple[int, MemberState, int]]] = {}
+        self._alive_counts: dict[str, int] = {}  # per observer: members it holds ALIVE
         self.false_deaths: list[FalseDeath] = []
         self.event_log: list[tuple[float, str, MemberEvent]] = []
         self.keep_event_log = False
@@ -136,6 +137,7 @@ class SimNet:
         self.members[name] = member
         self._by_address[address] = member
         self.views[name] = {}
+        self._alive_counts[name] = 0
         seed_addresses = [self.members[s].address for s in seeds if s in self.members]
         if seed_addresses:
             swim.join(seed_addresses, self.now_s)
@@ -242,6 +244,9 @@ class SimNet:
     def converged(self) -> bool:
         """Every up member sees every other up member (current boot) ALIVE, and no one else."""
         up = {name: m.nonce for name, m in self.members.items() if m.up}
+        alive_counts = self._alive_counts
+        if any(alive_counts[observer] != len(up) - 1 for observer in up):
+            return False  # the cheap test first: it fails during most of a run
         for observer in up:
             view = self.views[observer]
             alive = 0
@@ -343,7 +348,12 @@ class SimNet:
             return
         self._check_event(member.name, event)
         subject = event.member
-        self.views[member.name][subject.name] = (subject.nonce, subject.state, subject.incarnation)
+        view = self.views[member.name]
+        before = view.get(subject.name)
+        alive_now = subject.state is MemberState.ALIVE
+        alive_before = before is not None and before[1] is MemberState.ALIVE
+        self._alive_counts[member.name] += alive_now - alive_before
+        view[subject.name] = (subject.nonce, subject.state, subject.incarnation)
         if self.keep_event_log:
             self.event_log.append((self.now_s, member.name, event))
         for listener in self.listeners:
@@ -351,12 +361,15 @@ class SimNet:
 
     def _check_event(self, observer: str, event: MemberEvent) -> None:
         subject = event.member
+        held = self.views[observer].get(subject.name)
+        first_sight = held is None and event.kind is EventKind.JOINED
+        if first_sight and subject.name != observer and subject.state is MemberState.ALIVE:
+            return  # the common case: nothing else to check
         self.check(subject.name != observer, f"{observer} got an event about itself")
         self.check(
             subject.state is _STATE_OF_EVENT[event.kind],
             f"{observer}: {event.kind.name} event carries state {subject.state.name}",
         )
-        held = self.views[observer].get(subject.name)
         if held is not None and held[0] == subject.nonce:
             _, state, incarnation = held
             self.check(

@@ -2,13 +2,14 @@
 
 One `Swim` is one member. Its driver feeds it received frames (`receive`) and the time (`tick`,
 no later than `next_deadline_s`), sends what `take_outgoing` returns and publishes what
-`take_events` returns. Each probe interval this member pings one other (shuffled round robin),
-asks ``indirect_checks`` others to ping it if no ack comes within the probe timeout, and
-suspects it if no ack comes by the end of the interval. A suspicion becomes a death after a
-Lifeguard timeout that shrinks with independent confirmations (see `table`); a suspected member
-refutes by raising its incarnation. Updates piggyback on every packet, least-sent first, and are
-fanned out while any are queued; a periodic push-pull exchanges whole tables with a random
-member and pokes one member held dead, which is how partitions heal.
+`take_events` returns. The parts, one mechanism each:
+
+- `prober.Prober`: pings one member per interval, indirect pings, relays, verification pings;
+- `table.MemberTable`: merges updates by precedence, suspicions (Lifeguard), events, forgetting;
+- `outbox.Outbox`: frames out, with the least-sent queued updates piggybacked on each;
+- here: inbound dispatch, refuting claims about this member, gossip fan-out while updates are
+  queued, push-pull anti-entropy with a random member and with one held dead (so partitions
+  heal), joining through seeds, leaving.
 
 No sockets, threads or clocks here: time is the ``now_s`` the driver passes (any monotonic
 seconds), randomness comes only from ``rng``. With an authenticating codec, the codec itself
@@ -26,8 +27,6 @@ from types import MappingProxyType
 
 from meshkv.errors import ProtocolError, UsageError
 from meshkv.gossip import antientropy, awareness
-from meshkv.gossip.awareness import Awareness
-from meshkv.gossip.broadcast import BroadcastQueue, retransmit_limit
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import MemberEvent, Outgoing
 from meshkv.gossip.member import (
@@ -39,12 +38,8 @@ from meshkv.gossip.member import (
     meta_bytes,
 )
 from meshkv.gossip.messages import (
-    MAX_SEQ,
-    UPDATE_CACHE_ENTRIES,
     VERSION,
     Ack,
-    Alive,
-    Dead,
     Gossip,
     Message,
     MessageType,
@@ -54,32 +49,21 @@ from meshkv.gossip.messages import (
     PushPull,
     StateQuery,
     StateReply,
-    Suspect,
-    Update,
-    UpdateCache,
     decode_message,
-    encode_message,
     gossip_codec,
-    packed_bytes,
-    wire_bytes,
 )
-from meshkv.gossip.probe import ProbeRound, Relay, RelayTable
+from meshkv.gossip.outbox import Outbox, Piggybacked
+from meshkv.gossip.prober import Prober
 from meshkv.gossip.table import LIVE, Member, MemberTable
-from meshkv.wire import AUTH_TRAILER_BYTES, FrameCodec, Protocol
+from meshkv.gossip.updates import UPDATE_CACHE_ENTRIES, Alive, Dead, Update, UpdateCache
+from meshkv.wire import FrameCodec, Protocol
 
 log = logging.getLogger("vllm.meshkv.gossip.swim")
 
 _INF = float("inf")
 _LEAVE_FANOUT = 8  # members told at once of a graceful leave
-_VERIFY_PINGS = 2  # direct pings to a suspect before it is declared dead (each may be lost)
-_LIST_HEADER_BYTES = 5  # msgpack array header of an updates or records list, worst case
-_INT_GROWTH_BYTES = 16  # room for integer fields that encode longer than the size probe's
-_LATE_PROBE_INTERVALS = 1.0  # passing a probe's end by this many intervals means we stalled
 
 _RX_KEYS = {kind: f"rx_{kind.name.lower()}" for kind in MessageType}
-_TX_KEYS = {kind: f"tx_{kind.name.lower()}" for kind in MessageType}
-
-Piggybacked = Ping | Ack | PingReq | Gossip
 
 
 class Swim:
@@ -108,7 +92,6 @@ class Swim:
         self._cache = UpdateCache(UPDATE_CACHE_ENTRIES)
         self._rng = rng
         self._now = now_s
-        self._frame_overhead = 5 + (AUTH_TRAILER_BYTES if codec.auth.enabled else 0)
         self._me = Member(
             name=me.name,
             nonce=me.nonce,
@@ -121,15 +104,11 @@ class Swim:
                         address=me.address, meta=me.meta),
         )  # fmt: skip
         self._table = MemberTable(config, me.name, rng)
-        self._queue = BroadcastQueue(config.max_broadcast_queue)
-        self._awareness = Awareness(config.awareness_max_multiplier)
-        self._probe: ProbeRound | None = None
-        self._relays = RelayTable(config.max_pending_relays)
-        self._seq = rng.getrandbits(32)
-        self._outgoing: list[Outgoing] = []
+        self._out = Outbox(config, codec, self.stats)
+        self._prober = Prober(config=config, me=self._me, table=self._table, out=self._out,
+                              rng=rng, stats=self.stats, now_s=now_s)  # fmt: skip
         self._seeds: list[str] = []
         self._join_attempts = 0
-        self._next_probe_s = now_s + rng.random() * config.probe_interval_s
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
         self._next_join_s = _INF
@@ -164,31 +143,29 @@ class Swim:
     def tick(self, now_s: float) -> None:
         """Runs every timer that is due: relays, suspicions, probes, push-pull, joins, gossip."""
         self._now = now = max(self._now, now_s)
-        for relay in self._relays.pop_expired(now):
-            self._send(relay.origin_address, Nack(seq=relay.origin_seq, source=self._me.name))
-        verify_s = self._awareness.scale(self.config.probe_timeout_s)
-        deaths, suspects = self._table.expire(now, verify_s)
+        deaths, suspects = self._table.expire(now, self._prober.verify_timeout_s())
         for dead in deaths:
             self._enqueue(dead)
         for suspect in suspects:
-            self._verify(suspect)
-        if self._me.state is MemberState.ALIVE:
-            self._run_probe(now)
+            self._prober.verify(suspect)
+        alive = self._me.state is MemberState.ALIVE
+        self._prober.tick(now, probing=alive)
+        if alive:
             if now >= self._next_push_pull_s:
                 self._push_pull(now)
             if now >= self._next_join_s:
                 self._join_attempt()
-        if now >= self._next_gossip_s and len(self._queue) and self.config.gossip_fanout:
+        if now >= self._next_gossip_s and len(self._out.queue) and self.config.gossip_fanout:
             self._gossip(self.config.gossip_fanout)
             self._next_gossip_s = now + (self.config.gossip_interval_s or _INF)
 
     def next_deadline_s(self) -> float:
         """The earliest time `tick` must run again (inf when nothing is scheduled)."""
-        deadline = min(self._relays.next_deadline_s(), self._table.next_deadline_s())
-        if self._me.state is MemberState.ALIVE:
-            probe_s = self._probe.next_deadline_s() if self._probe else self._next_probe_s
-            deadline = min(deadline, probe_s, self._next_push_pull_s, self._next_join_s)
-        if len(self._queue) and self.config.gossip_fanout:
+        alive = self._me.state is MemberState.ALIVE
+        deadline = min(self._prober.next_deadline_s(probing=alive), self._table.next_deadline_s())
+        if alive:
+            deadline = min(deadline, self._next_push_pull_s, self._next_join_s)
+        if len(self._out.queue) and self.config.gossip_fanout:
             deadline = min(deadline, self._next_gossip_s)
         return deadline
 
@@ -200,7 +177,6 @@ class Swim:
             return
         me = self._me
         me.state = MemberState.LEFT
-        self._probe = None
         left = Dead(
             name=me.name, nonce=me.nonce, incarnation=me.incarnation, source=me.name, left=True
         )
@@ -221,8 +197,8 @@ class Swim:
         self._enqueue(self._me.fresh_alive())
 
     def take_outgoing(self) -> list[Outgoing]:
-        out, self._outgoing = self._outgoing, []
-        return out
+        """Frames to send since the last call (see `Outgoing`)."""
+        return self._out.take()
 
     def take_events(self) -> list[MemberEvent]:
         """Changes in other members since the last call (never about this member)."""
@@ -245,14 +221,13 @@ class Swim:
             case Ack():
                 if self._merge(message.updates):
                     self._correct(message.source)
-                self._on_ack(message)
+                self._prober.on_ack(message)
             case PingReq():
                 if self._merge(message.updates):
                     self._correct(message.source)
-                self._on_ping_req(message)
+                self._prober.on_ping_req(message, self._now)
             case Nack():
-                if self._probe is not None and message.seq == self._probe.seq:
-                    self._probe.nacks += 1
+                self._prober.on_nack(message)
             case Gossip():
                 if self._merge(message.updates):
                     self._correct(message.source)
@@ -271,30 +246,6 @@ class Swim:
         ack = Ack(seq=ping.seq, source=self._me.name)
         self._send_with_updates(ping.source_address, ack, self._me.alive if stale else None)
 
-    def _on_ack(self, ack: Ack) -> None:
-        if self._probe is not None and ack.seq == self._probe.seq:
-            self._probe = None
-            self._awareness.apply(awareness.PROBE_OK_DELTA)
-            self.stats["probe_ok"] += 1
-            return
-        relay = self._relays.pop(ack.seq)
-        if relay is None:
-            self.stats["ack_unmatched"] += 1
-            return
-        forwarded = Ack(seq=relay.origin_seq, source=self._me.name)
-        self._send_with_updates(relay.origin_address, forwarded)
-
-    def _on_ping_req(self, req: PingReq) -> None:
-        if req.target == self._me.name or self._relays.full():
-            self.stats["drop_relay_refused"] += 1
-            return
-        seq = self._next_seq()
-        timeout_s = self._awareness.scale(self.config.probe_timeout_s)
-        self._relays.add(seq, Relay(req.source_address, req.seq, self._now + timeout_s))
-        me = self._me
-        ping = Ping(seq=seq, target=req.target, source=me.name, source_address=me.address)
-        self._send_with_updates(req.target_address, ping)
-
     def _on_push_pull(self, message: PushPull) -> None:
         for record in message.records:
             self._merge(antientropy.updates_from_record(record, message.source))
@@ -307,13 +258,7 @@ class Swim:
         if reply_to is None:
             self.stats["drop_no_reply_to"] += 1
             return
-        records = [self._me.record(), *self._table.records()]
-        parts = antientropy.split_records(records, self._records_budget(StateReply))
-        for index, part in enumerate(parts):
-            reply = StateReply(
-                query_id=query.query_id, part=index, parts=len(parts), records=tuple(part)
-            )
-            self._emit(Outgoing(None, encode_message(self._codec, reply), reply_to), reply)
+        self._out.send_state(reply_to, query.query_id, self._records())
 
     def _merge(self, updates: Sequence[Update]) -> bool:
         """Applies ``updates`` (whatever is news is gossiped on); True if one of them was a
@@ -323,12 +268,15 @@ class Swim:
         for update in updates:
             if update.name == me:
                 stale |= self._refute_if_needed(update)
-            elif table.apply(update, now):
+                continue
+            if table.apply(update, now):
                 self._enqueue(update)
+            if table.get(update.name) is not None:  # states only rise: it is spent here
+                self._cache.settle(update)
+        if table.full_drops:
+            self.stats["drop_members_full"] += table.full_drops
+            table.full_drops = 0
         return stale
-        if self._table.full_drops:
-            self.stats["drop_members_full"] += self._table.full_drops
-            self._table.full_drops = 0
 
     def _refute_if_needed(self, update: Update) -> bool:
         """Outranks any claim about this member that would otherwise win (Lifeguard refute);
@@ -347,7 +295,7 @@ class Swim:
             log.warning("another boot of %s is gossiped (nonce %x)", me.name, update.nonce)
         self.stats["refute"] += 1
         me.incarnation = update.incarnation + 1
-        self._awareness.apply(awareness.REFUTE_DELTA)
+        self._prober.health.apply(awareness.REFUTE_DELTA)
         self._enqueue(me.fresh_alive())
         return False
 
@@ -357,97 +305,6 @@ class Swim:
         if member is not None and member.state in LIVE:
             self.stats["correct_stale"] += 1
             self._send(member.address, Gossip(source=self._me.name, updates=(self._me.alive,)))
-
-    # ------------------------------------------------------------------ probing
-
-    def _run_probe(self, now: float) -> None:
-        probe = self._probe
-        if probe is not None and not probe.indirect_sent and now >= probe.direct_deadline_s:
-            self._probe_indirectly(probe)
-        if probe is not None and now >= probe.end_s:
-            self._probe = None
-            if now - probe.end_s > self.config.probe_interval_s * _LATE_PROBE_INTERVALS:
-                self.stats["probe_late"] += 1  # we were stalled ourselves: no verdict
-                self._awareness.apply(awareness.MISSED_NACK_DELTA)
-                self._next_probe_s = now
-            else:
-                self._probe_failed(probe)
-        if self._probe is None and now >= self._next_probe_s:
-            self._start_probe(now)
-
-    def _start_probe(self, now: float) -> None:
-        interval_s = self._awareness.scale(self.config.probe_interval_s)
-        self._next_probe_s = now + interval_s
-        table = self._table
-        name = table.order.next(table.names, table.is_live)
-        if name is None:
-            return
-        target = table.get(name)
-        assert target is not None
-        timeout_s = self._awareness.scale(self.config.probe_timeout_s)
-        self._probe = ProbeRound(
-            target=name,
-            nonce=target.nonce,
-            seq=self._next_seq(),
-            direct_deadline_s=now + timeout_s,
-            end_s=now + interval_s,
-        )
-        self.stats["probe"] += 1
-        me = self._me
-        ping = Ping(seq=self._probe.seq, target=name, source=me.name, source_address=me.address)
-        first = None
-        if target.state is MemberState.SUSPECT:  # tell it, so that it can refute
-            first = Suspect(
-                name=name, nonce=target.nonce, incarnation=target.incarnation, source=me.name
-            )
-        self._send_with_updates(target.address, ping, first)
-
-    def _probe_indirectly(self, probe: ProbeRound) -> None:
-        probe.indirect_sent = True
-        target = self._table.get(probe.target)
-        if target is None or target.nonce != probe.nonce:
-            return
-        relays = self._table.pick(self.config.indirect_checks, exclude=target.name, alive_only=True)
-        probe.expected_nacks = len(relays)
-        me = self._me
-        for relay in relays:
-            req = PingReq(
-                seq=probe.seq,
-                target=target.name,
-                target_address=target.address,
-                source=me.name,
-                source_address=me.address,
-            )
-            self._send_with_updates(relay.address, req)
-
-    def _probe_failed(self, probe: ProbeRound) -> None:
-        self.stats["probe_failed"] += 1
-        missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
-        self._awareness.apply(missed * awareness.MISSED_NACK_DELTA)
-        target = self._table.get(probe.target)
-        if target is None or target.nonce != probe.nonce or target.state not in LIVE:
-            return
-        suspect = Suspect(
-            name=target.name,
-            nonce=target.nonce,
-            incarnation=target.incarnation,
-            source=self._me.name,
-        )
-        if self._table.apply(suspect, self._now):
-            self._enqueue(suspect)
-
-    def _verify(self, suspect: Member) -> None:
-        """Last direct pings to a suspect whose suspicion ran out; they carry the suspicion,
-        so a live suspect acks with its refutation. Unanswered, it is declared dead later."""
-        me = self._me
-        claim = Suspect(
-            name=suspect.name, nonce=suspect.nonce, incarnation=suspect.incarnation, source=me.name
-        )
-        self.stats["verify"] += 1
-        for _ in range(_VERIFY_PINGS):
-            ping = Ping(seq=self._next_seq(), target=suspect.name, source=me.name,
-                        source_address=me.address)  # fmt: skip
-            self._send_with_updates(suspect.address, ping, claim)
 
     # ------------------------------------------------------------------ dissemination
 
@@ -504,6 +361,9 @@ class Swim:
 
     # ------------------------------------------------------------------ outbound
 
+    def _send(self, address: str, message: Message) -> None:
+        self._out.send(address, message)
+
     def _send_with_updates(
         self,
         address: str,
@@ -512,68 +372,18 @@ class Swim:
         *,
         require_updates: bool = False,
     ) -> bool:
-        """Sends ``message`` with as many queued updates as fit; False if none did and
-        ``require_updates``."""
-        fields = message.to_fields()  # validated once, without updates
-        base = wire_bytes([int(message.TYPE), fields]) + self._frame_overhead
-        budget = self.config.max_packet_bytes - base - _LIST_HEADER_BYTES
-        updates: list[Update] = [] if first is None else [first]
-        if first is not None:
-            budget -= packed_bytes(first)
-        limit = retransmit_limit(self.config.retransmit_mult, self._table.live_count + 1)
-        wanted = self.config.max_piggyback - len(updates)
-        if wanted > 0 and budget > 0:
-            updates += self._queue.take(budget, wanted, limit)
-        if require_updates and not updates:
-            return False
-        fields["updates"] = [update.packed() for update in updates]
-        self._outgoing.append(Outgoing(address, self._codec.encode(message.TYPE, fields)))
-        self._count_tx(message.TYPE)
-        return True
+        n_members = self._table.live_count + 1
+        return self._out.send_with_updates(
+            address, message, first, n_members=n_members, require_updates=require_updates
+        )
 
     def _send_table(self, address: str, *, reply_wanted: bool) -> None:
         me = self._me
-        records = [me.record(), *self._table.records()]
-        parts = antientropy.split_records(records, self._records_budget(PushPull))
-        for index, part in enumerate(parts):
-            wants = reply_wanted and index == len(parts) - 1
-            self._send(
-                address,
-                PushPull(
-                    source=me.name,
-                    source_address=me.address,
-                    reply_wanted=wants,
-                    records=tuple(part),
-                ),
-            )
+        self._out.send_table(address, self._records(), source=me.name,
+                             source_address=me.address, reply_wanted=reply_wanted)  # fmt: skip
 
-    def _records_budget(self, kind: type[PushPull] | type[StateReply]) -> int:
-        """Bytes left for records in one frame of ``kind``."""
-        empty: PushPull | StateReply
-        if kind is PushPull:
-            me = self._me
-            empty = PushPull(
-                source=me.name, source_address=me.address, reply_wanted=True, records=()
-            )
-        else:
-            empty = StateReply(query_id=MAX_SEQ, part=0, parts=1, records=())
-        base = wire_bytes([int(empty.TYPE), empty.to_fields()]) + self._frame_overhead
-        return self.config.max_packet_bytes - base - _LIST_HEADER_BYTES - _INT_GROWTH_BYTES
-
-    def _send(self, address: str, message: Message) -> None:
-        self._emit(Outgoing(address, encode_message(self._codec, message)), message)
-
-    def _emit(self, outgoing: Outgoing, message: Message) -> None:
-        self._outgoing.append(outgoing)
-        self._count_tx(message.TYPE)
-
-    def _count_tx(self, message_type: MessageType) -> None:
-        self.stats["tx"] += 1
-        self.stats[_TX_KEYS[message_type]] += 1
+    def _records(self) -> list:
+        return [self._me.record(), *self._table.records()]
 
     def _enqueue(self, update: Update) -> None:
-        self._queue.put(update.name, update, packed_bytes(update))
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & MAX_SEQ
-        return self._seq
+        self._out.enqueue(update)

@@ -21,9 +21,10 @@ from types import MappingProxyType
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState, MemberView, MetaValue, Order, next_state, order_of
-from meshkv.gossip.messages import Alive, Dead, MemberRecord, Suspect, Update, trusted
+from meshkv.gossip.messages import MemberRecord
 from meshkv.gossip.probe import ProbeOrder
 from meshkv.gossip.suspicion import Suspicion, expected_confirmations, suspicion_min_timeout_s
+from meshkv.gossip.updates import Alive, Dead, Suspect, Update, trusted
 
 log = logging.getLogger("vllm.meshkv.gossip.table")
 
@@ -338,8 +339,9 @@ class MemberTable:
         names, members = self._names, self._members
         picked: list[Member] = []
         seen: set[str] = set()
+        draw, size = self._rng.random, len(names)
         for _ in range(_RANDOM_TRIES_PER_PICK * count + 8):  # cheap while most are live
-            member = members[names[self._rng.randrange(len(names))]]
+            member = members[names[int(draw() * size)]]
             if member.name not in seen and member.name != exclude and member.state in wanted:
                 seen.add(member.name)
                 picked.append(member)
