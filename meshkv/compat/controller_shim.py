@@ -26,11 +26,10 @@ from meshkv.compat.controller_settings import ControllerSettings
 from meshkv.compat.http_api import ControllerApi, HttpServer
 from meshkv.compat.mesh_lookup import MeshLookup
 from meshkv.compat.remembered_seeds import RememberedSeeds
-from meshkv.compat.worker_table import WorkerTable
+from meshkv.compat.worker_table import LISTED_STATES, WorkerTable
 from meshkv.config import MeshConfig
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.member import MemberState
 from meshkv.gossip.runner import GossipRunner
 from meshkv.node.membership import ROLE_SEED, peer_of
 from meshkv.wire import AuthPolicy
@@ -157,7 +156,7 @@ class ControllerShim:
             self.remembered.save(
                 v.address
                 for v in views
-                if v.state is MemberState.ALIVE and v.name not in own and peer_of(v) is not None
+                if v.state in LISTED_STATES and v.name not in own and peer_of(v) is not None
             )
 
     def _log_start(self, outside_seeds: list[str]) -> None:
