@@ -23,7 +23,8 @@ import threading
 
 from meshkv import __version__
 from meshkv.compat.controller_settings import ControllerSettings
-from meshkv.compat.http_api import ControllerApi, HttpServer
+from meshkv.compat.http_api import ControllerApi
+from meshkv.compat.http_server import HttpServer
 from meshkv.compat.mesh_lookup import MeshLookup
 from meshkv.compat.remembered_seeds import RememberedSeeds
 from meshkv.compat.worker_table import LISTED_STATES, WorkerTable

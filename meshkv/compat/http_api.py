@@ -1,7 +1,7 @@
 """LMCache's controller HTTP API, answered from the gossip member table and the homes.
 
-`ControllerApi.handle` turns one request (method, target, body) into a `Reply`; `HttpServer`
-is the thin stdlib server around it (a thread per request, a bound on requests in flight).
+`ControllerApi.handle` turns one request (method, target, body) into a `Reply`;
+`meshkv.compat.http_server` is the thin stdlib server around it.
 Bodies are JSON; errors have FastAPI's shape ``{"detail": "..."}`` as LMCache's do: 400 for a
 body that is not JSON, 422 for a field of the wrong type, 404 for what does not exist, 501 for
 a call meshkv cannot honour (with the reason), 503 when the shim cannot answer now.
@@ -19,7 +19,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,12 +32,6 @@ from meshkv.gossip.member import MemberView
 
 log = logging.getLogger("vllm.meshkv.compat.http")
 
-MAX_BODY_BYTES = 32 << 20
-"""Largest request body (a million tokens as JSON is about 7 MB)."""
-REQUESTS_IN_FLIGHT_MAX = 32
-"""HTTP requests served at once; more are answered 503 at once."""
-SOCKET_TIMEOUT_S = 10.0
-"""How long a connection may take to send its request."""
 EVENTS_KEPT_MAX = 4096
 """Event ids remembered for ``/check_finish``."""
 MAX_TOKEN_ID = 0xFFFFFFFF
@@ -68,7 +61,7 @@ class HttpError(Exception):
         self.detail = detail
 
 
-def _json(status: int, value: Any) -> Reply:
+def json_reply(status: int, value: Any) -> Reply:
     return Reply(status, json.dumps(value).encode())
 
 
@@ -110,12 +103,12 @@ class ControllerApi:
         try:
             reply = self._route(method, path, parse_qs(parts.query), body)
         except HttpError as exc:
-            reply = _json(exc.status, {"detail": exc.detail})
+            reply = json_reply(exc.status, {"detail": exc.detail})
         except TransportError as exc:
-            reply = _json(503, {"detail": f"the controller cannot answer now: {exc}"})
+            reply = json_reply(503, {"detail": f"the controller cannot answer now: {exc}"})
         except Exception:  # a bug here must not kill the server thread silently
             log.exception("%s %s failed", method, path)
-            reply = _json(500, {"detail": "internal error in the meshkv controller shim"})
+            reply = json_reply(500, {"detail": "internal error in the meshkv controller shim"})
         known = path in self._posts or path in self._gets or path in UNSUPPORTED
         self.metrics.requests.labels(path if known else "other", str(reply.status)).inc()
         return reply
@@ -128,7 +121,7 @@ class ControllerApi:
             request = _parse_body(body)
             if post is None:
                 raise HttpError(501, f"{path} is not supported by meshkv: {UNSUPPORTED[path]}")
-            return _json(200, post(request))
+            return json_reply(200, post(request))
         get = self._gets.get(path)
         if get is not None:
             if method != "GET":
@@ -211,13 +204,13 @@ class ControllerApi:
             match = [w for w in workers if (w.instance_id, w.worker_id) == (instance_id, worker_id)]
             if not match:
                 raise HttpError(404, f"Worker ({instance_id}, {raw_worker}) not found")
-            return _json(200, _worker_view(match[0]))
+            return json_reply(200, _worker_view(match[0]))
         if instance_id is not None:
             workers = [w for w in workers if w.instance_id == instance_id]
             if not workers:
                 raise HttpError(404, f"No workers found for instance {instance_id}")
         views = [_worker_view(w) for w in workers]
-        return _json(200, {"workers": views, "total_count": len(views)})
+        return json_reply(200, {"workers": views, "total_count": len(views)})
 
     def _get_key_stats(self, _query: dict[str, list[str]]) -> Reply:
         by_instance: dict[str, list[Worker]] = {}
@@ -231,7 +224,7 @@ class ControllerApi:
             }
             for instance_id, workers in by_instance.items()
         ]
-        return _json(
+        return json_reply(
             200,
             {
                 "total_key_count": _sum_known(i["key_count"] for i in instances),
@@ -280,80 +273,3 @@ def _field(request: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise HttpError(422, f"{name}: must be a {kind.__name__}, got {type(value).__name__}")
     return value
-
-
-# -- the server --------------------------------------------------------------------------------
-
-
-class HttpServer:
-    """Serves a `ControllerApi` on ``host:port`` from a background thread."""
-
-    def __init__(self, api: ControllerApi, host: str, port: int) -> None:
-        in_flight = threading.BoundedSemaphore(REQUESTS_IN_FLIGHT_MAX)
-
-        class Handler(_Handler):
-            pass
-
-        Handler.api = api
-        Handler.in_flight = in_flight
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = False  # stop() waits for requests in flight
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="meshkv-controller-http", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stops accepting, then waits for the requests in flight (each bounded by deadlines)."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: ControllerApi
-    in_flight: threading.BoundedSemaphore
-    timeout = SOCKET_TIMEOUT_S
-    server_version = "meshkv-lmcache-controller"
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
-        if not self.in_flight.acquire(blocking=False):
-            self._send(_json(503, {"detail": "too many requests in flight"}))
-            return
-        try:
-            length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():
-                self._send(_json(400, {"detail": "Content-Length is not a number"}))
-                return
-            if int(length) > MAX_BODY_BYTES:
-                self._send(_json(413, {"detail": f"body over {MAX_BODY_BYTES} bytes"}))
-                return
-            body = self.rfile.read(int(length)) if int(length) else b""
-            self._send(self.api.handle(method, self.path, body))
-        finally:
-            self.in_flight.release()
-
-    def _send(self, reply: Reply) -> None:
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        self.wfile.write(reply.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
