@@ -135,7 +135,7 @@ class MeshWorker:
         self._root_digest = namespace.digest()
         node = MeshNode(
             self._config,
-            namespace=namespace.label(),
+            namespace=namespace.digest().hex(),  # the shim derives chunk keys from it
             rank=self._rank,
             world_size=namespace.tp_world_size,
         )
