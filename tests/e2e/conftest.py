@@ -47,7 +47,7 @@ def mesh_yaml(path: Path, **values: object) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped before the other tests run beside them
 def engines(tmp_path_factory) -> Iterator[dict[str, EngineProcess]]:
     pytest.importorskip("vllm")
     work = tmp_path_factory.mktemp("engines")
