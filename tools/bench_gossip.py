@@ -50,8 +50,24 @@ def boot(n: int, seed: int, config: GossipConfig, faults: NetworkFaults | None =
     sim.run_for(spread_s)
     if sim.run_until_true(sim.converged, timeout_s=120, step_s=0.5) is None:
         raise RuntimeError(f"{n} members did not converge ({sim!r})")
-    sim.run_for(2.0)
+    quiet_down(sim)
     return sim
+
+
+def quiet_down(sim: SimNet, limit_s: float = 120.0) -> None:
+    """Runs until a whole second passes without any gossip fan-out: the boot's news is spent."""
+
+    def gossip_sent() -> int:
+        return sum(m.swim.stats["tx_gossip"] for m in sim.members.values() if m.up)
+
+    start_s, before = sim.now_s, gossip_sent()
+    while sim.now_s - start_s < limit_s:
+        sim.run_for(1.0)
+        after = gossip_sent()
+        if after == before:
+            return
+        before = after
+    raise RuntimeError(f"gossip never went quiet ({sim!r})")
 
 
 def time_until(sim: SimNet, done: Callable[[], bool]) -> float:
@@ -124,7 +140,7 @@ def measure_size(n: int, seeds: list[int], crashes: int, joins: int, config: Gos
 def measure_false_deaths(n: int, seed: int, duration_s: float, config: GossipConfig) -> dict:
     faults = NetworkFaults(loss=0.05, jitter_s=0.005)
     sim = boot(n, seed, config, faults)
-    stalled = [f"inst{5 + 11 * k}/0" for k in range(int(duration_s // 5))]
+    stalled = [f"inst{(5 + 11 * k) % n}/0" for k in range(int(duration_s // 5))]
     for k, name in enumerate(stalled):
         sim.at(sim.now_s + 1 + 5 * k, lambda name=name: sim.stall(name, 1.0))
     sent_before = sim.counters["sent"]

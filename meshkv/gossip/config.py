@@ -41,8 +41,10 @@ class GossipConfig:
 
     suspicion_mult: float = 2.5
     """Scales the shortest suspicion timeout: ``min = suspicion_mult * max(1, log10(N)) *
-    probe_interval_s``, default 2.5 (1.1 s at 64 members). The suspicion must outlast a stall and
-    the refutation's spread; shorter declares crashes dead sooner but risks false deaths."""
+    probe_interval_s``, default 2.5 (1.1 s at 64 members); when it runs out, the suspect gets
+    one more direct ping (``probe_timeout_s``) before it is declared dead. The suspicion must
+    outlast a stall and the refutation's spread; shorter declares crashes dead sooner but risks
+    false deaths."""
 
     suspicion_max_timeout_mult: float = 3.0
     """The longest suspicion timeout as a multiple of the shortest, default 3. A suspicion starts

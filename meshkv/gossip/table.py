@@ -15,6 +15,7 @@ import collections
 import heapq
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -52,6 +53,8 @@ class Member:
     alive: Alive  # the latest Alive applied: address and metadata as gossip carries them
     suspicion: Suspicion | None = None
     last_update: Update | None = None  # the last update applied: receiving it again is no news
+    _record: MemberRecord | None = None
+    _record_key: tuple[object, ...] | None = None
 
     def view(self) -> MemberView:
         return MemberView(
@@ -64,16 +67,21 @@ class Member:
         )
 
     def record(self) -> MemberRecord:
-        return trusted(
-            MemberRecord,
-            name=self.name,
-            nonce=self.nonce,
-            address=self.address,
-            incarnation=self.incarnation,
-            state=self.state,
-            meta=self.meta,
-            _alive=self.alive,
-        )
+        """This member's record (made again only after the member changed)."""
+        key = (self.nonce, self.incarnation, self.state, self.alive)
+        if self._record_key != key:
+            self._record = trusted(
+                MemberRecord,
+                name=self.name,
+                nonce=self.nonce,
+                address=self.address,
+                incarnation=self.incarnation,
+                state=self.state,
+                meta=self.meta,
+                _alive=self.alive,
+            )
+            self._record_key = key
+        return self._record  # type: ignore[return-value]
 
     def fresh_alive(self) -> Alive:
         """A new Alive for the current incarnation and metadata (for this member itself)."""
@@ -85,6 +93,11 @@ class Member:
             meta=self.meta,
         )
         return self.alive
+
+
+def _read_only(meta: Mapping[str, MetaValue]) -> MappingProxyType[str, MetaValue]:
+    """A read-only view of an update's metadata (updates are immutable and never edited)."""
+    return meta if isinstance(meta, MappingProxyType) else MappingProxyType(meta)  # type: ignore[arg-type]
 
 
 class MemberTable:
@@ -177,7 +190,7 @@ class MemberTable:
             address=update.address,
             incarnation=update.incarnation,
             state=MemberState.ALIVE,
-            meta=MappingProxyType(dict(update.meta)),
+            meta=_read_only(update.meta),
             state_since_s=now_s,
             alive=update,
         )
@@ -196,7 +209,7 @@ class MemberTable:
         held.nonce = update.nonce
         held.incarnation = update.incarnation
         held.address = update.address
-        held.meta = MappingProxyType(dict(update.meta))
+        held.meta = _read_only(update.meta)
         held.alive = update
         self._set_state(held, MemberState.ALIVE, now_s)
         if was not in LIVE:
