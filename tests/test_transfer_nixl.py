@@ -33,17 +33,15 @@ from meshkv.transfer import SegmentInfo
 pytestmark = [
     pytest.mark.nixl,
     pytest.mark.processes,
-    # Known issue at the end of session 1: run as a whole file, the shared peer process answers
-    # Refusal.NO_ROOM after the store's default segment grew to 256 MiB (f6d685b), and the tests
-    # after it fail with the peer gone; each passes alone. The same NIXL paths (batches, kill,
-    # freeze, restart) pass through MeshNode in tests/test_node*.py. Fix the peer's pool size.
-    pytest.mark.xfail(strict=False, reason="shared peer runs out of slots (see comment)"),
 ]
 nixl_channel = pytest.importorskip("meshkv.transfer.nixl_channel", exc_type=ImportError)
 NixlChannel = nixl_channel.NixlChannel
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
+PEER_SEGMENT_BYTES = 16 * MIB
+"""Small segments, so the peer's budget is shared by the chunk sizes the tests use (one store
+segment serves one slot size at a time; a 160 MiB budget in default segments is one segment)."""
 PEER_START_S = 60.0
 REPLY_S = 30.0
 SLACK_S = 0.5
@@ -290,7 +288,7 @@ def test_an_idle_agent_does_not_spin_a_core(shared: Peer) -> None:
 
 def _peer_main(budget_mib: int) -> None:
     """The peer process: a store and a NIXL channel, driven by JSON lines on stdin."""
-    store = ChunkStore.with_budget(budget_mib * MIB)
+    store = ChunkStore.with_budget(budget_mib * MIB, segment_bytes=PEER_SEGMENT_BYTES)
     channel = NixlChannel(f"peer-{secrets.randbits(64):016x}", store.pool)
     segments = [[s.segment, s.address, s.nbytes] for s in channel.segments()]
     print(json.dumps({"metadata": channel.metadata().hex(), "segments": segments}), flush=True)
