@@ -33,3 +33,17 @@ def test_kv_connector_module_path_finds_it_too():
         kv_role="kv_both",
     )
     assert KVConnectorFactory.get_connector_class(config) is MeshKVConnector
+
+
+def test_load_failures_are_recomputed_whatever_the_policy():
+    """A chunk lost between lookup and load is a miss: vLLM's default "fail" would fail the
+    request, so the scheduler side switches it (the e2e engines run with the default)."""
+    from meshkv.connector.connector import recompute_load_failures
+
+    for policy in ("fail", "recompute"):
+        config = KVTransferConfig(
+            kv_connector="MeshKVConnector", kv_role="kv_both", kv_load_failure_policy=policy
+        )
+        recompute_load_failures(config)
+        assert config.kv_load_failure_policy == "recompute"
+    assert KVTransferConfig(kv_connector="X", kv_role="kv_both").kv_load_failure_policy == "fail"

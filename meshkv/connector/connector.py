@@ -33,7 +33,7 @@ from meshkv.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from vllm.config import VllmConfig
+    from vllm.config import KVTransferConfig, VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -64,6 +64,25 @@ def contained(fallback: Callable[[], Any]) -> Callable[[Callable[..., _Result]],
         return guarded
 
     return wrap
+
+
+def recompute_load_failures(transfer: KVTransferConfig) -> None:
+    """Makes vLLM recompute blocks meshkv could not load, whatever ``kv_load_failure_policy``.
+
+    A chunk can vanish between the lookup and the load (its holder dies, its bytes fail their
+    checksum, an async load times out); meshkv then reports its blocks as failed. Under vLLM's
+    default policy, "fail", that would fail the request with an error: a cache miss must never
+    do that, so the scheduler side switches the policy to "recompute". vLLM reads the policy
+    right after constructing the scheduler-side connector (vllm/v1/core/sched/scheduler.py), and
+    cannot tell its default from an explicit "fail", so both are switched, with one log line.
+    """
+    if transfer.kv_load_failure_policy != "recompute":
+        logger.info(
+            "kv_load_failure_policy %r -> 'recompute': a chunk that cannot be loaded from the "
+            "mesh is a cache miss, recomputed, never a failed request",
+            transfer.kv_load_failure_policy,
+        )
+        transfer.kv_load_failure_policy = "recompute"
 
 
 class MeshKVConnector(KVConnectorBase_V1):
@@ -101,12 +120,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                     may_save=transfer.is_kv_producer,
                 )
             )
-            if self._config.enable_async_loading and transfer.kv_load_failure_policy == "fail":
-                logger.warning(
-                    "enable_async_loading with kv_load_failure_policy 'fail': a chunk lost in "
-                    'flight fails its request; add "kv_load_failure_policy":"recompute" to '
-                    "--kv-transfer-config to recompute it instead"
-                )
+            recompute_load_failures(transfer)
         else:
             from meshkv.connector.worker import MeshWorker
 
