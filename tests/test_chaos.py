@@ -1,0 +1,82 @@
+"""The chaos harness in CI: 4 real members on 127.0.0.1, readers and writers, >= 60 s of seeded
+kill -9 / SIGSTOP+SIGCONT / restart faults (>= 10 of them), then the report's invariants.
+
+The harness (`tools/chaos.py`) checks every read against ground-truth digests and times every
+call against its deadline; this test asserts what it counted. The mesh must also be one ring
+again after every fault, and no member may grow past its byte budget + a fixed overhead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.processes
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load_chaos():
+    spec = importlib.util.spec_from_file_location("meshkv_chaos", TOOLS / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["meshkv_chaos"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+chaos = _load_chaos()
+
+
+def test_schedule_is_seeded_and_covers_every_kind() -> None:
+    settings = chaos.Settings(members=4, seed=11)
+    first = [f for f, _ in zip(chaos.schedule(settings), range(30), strict=False)]
+    again = [f for f, _ in zip(chaos.schedule(settings), range(30), strict=False)]
+    assert first == again
+    assert {f.kind for f in first[:3]} == set(chaos.FAULT_KINDS)
+    assert {f.member for f in first} == {0, 1, 2, 3}
+    other = [f for f, _ in zip(chaos.schedule(chaos.Settings(seed=12)), range(30), strict=False)]
+    assert other != first
+
+
+def test_the_ground_truth_check_catches_wrong_bytes() -> None:
+    ledger, tally = chaos.Ledger(), chaos.Tally()
+    keys = chaos.prompt_keys(chaos.random.Random(1), "s", 3, min_chunks=3)
+    chunks = [chaos.chunk_content(k, 4096) for k in keys]
+    ledger.record(keys, [chaos.digest(c) for c in chunks])
+    assert chaos.check_read(keys, chunks[:2], ledger, tally) == 0  # a short read is a miss
+    flipped = chunks[1].copy()
+    flipped[100] ^= 1
+    assert chaos.check_read(keys, [chunks[0], flipped], ledger, tally) == 1
+    assert tally.counts["wrong_chunks"] == 1 and tally.counts["chunks_missed"] == 2
+
+
+def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_calls(
+    tmp_path: Path,
+) -> None:
+    settings = chaos.Settings(
+        members=4,
+        duration_s=60.0,
+        min_faults=10,
+        seed=20261128,
+        freeze_s=(0.5, 2.0),
+        down_s=(0.2, 1.0),
+        gap_s=(0.2, 0.6),
+    )
+    report = chaos.run(settings, progress=print)
+    (tmp_path / "chaos.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("requests", "faults", "reconvergence_s")}))
+    assert report["ran_s"] >= 60.0
+    assert report["faults"]["total"] >= 10
+    assert all(report["faults"][kind] >= 1 for kind in chaos.FAULT_KINDS)
+    assert report["requests"]["get"] > 100 and report["requests"]["put"] > 50
+    assert report["chunks"]["chunks_hit"] > 0, "no read ever found a chunk: nothing was tested"
+    assert report["wrong_bytes"] == 0, report["wrong_examples"]
+    assert report["deadline_overruns"] == 0, report["overrun_examples"]
+    assert report["errors"] == 0, report["error_examples"]
+    assert report["reconvergence_s"]["not_reconverged"] == 0, report["fault_log"]
+    for name, rss in report["peak_rss"].items():
+        assert rss["ok"], f"{name} peaked at {rss['peak_bytes']} bytes > {rss['limit_bytes']}"

@@ -1,0 +1,769 @@
+"""Chaos harness: real member processes, bounded-rate readers and writers, seeded faults.
+
+N storage members (``python -m meshkv join --capacity``) run on 127.0.0.1 with real NIXL where
+the ``nixl`` package imports (else the tcp channel). This process holds the clients: writer and
+reader `MeshNode`s (engine members of one namespace) driven at bounded rates. For a set time a
+seeded schedule kills (``-9``, then a restart under the same instance id), freezes
+(``SIGSTOP``, later ``SIGCONT``) and restarts (``SIGTERM``: graceful leave, then a new boot)
+one member at a time, and waits for the mesh to be one ring again before the next fault.
+
+Every chunk's bytes are a pure function of its key, and the writers record a digest per key
+(the ground truth). Every read is checked against it: a get may return fewer leading chunks (a
+miss: fine) but never wrong bytes. The report (JSON) gives the requests, the faults injected
+by kind, wrong bytes (must be 0), calls past their deadline + 100 ms (must be 0), each member's
+peak RSS against its byte budget + a fixed overhead, and the time to reconverge after each
+fault (from the fault's repair until every member and client lists the same live members).
+
+    python tools/chaos.py --members 4 --duration 600 --seed 7 --out bench-results/chaos.json
+
+``python tools/chaos.py client ...`` runs one client as a JSON-lines driver on stdin/stdout (the
+partition test runs it inside network namespaces, where this process cannot reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshkv.config import MeshConfig
+from meshkv.errors import TransportError
+from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.member import MemberState
+from meshkv.gossip.messages import gossip_codec
+from meshkv.gossip.runner import query_members
+from meshkv.keys import chunk_keys, root_key
+from meshkv.node import MeshNode
+from meshkv.wire import AuthPolicy
+
+NAMESPACE = "c4" * 16
+"""The clients' namespace label (storage members serve every namespace)."""
+GIB, MIB = 1 << 30, 1 << 20
+TOKENS_PER_CHUNK = 16
+DEADLINE_SLACK_S = 0.1
+"""A call ending later than its deadline + this counts as an overrun."""
+START_TIMEOUT_S = 60.0
+"""Longest a member process may take to import meshkv and bind (a busy 2-core machine)."""
+STOP_TIMEOUT_S = 15.0
+"""Longest a graceful leave may take (hand-off is bounded at 10 s) before -9."""
+QUERY_TIMEOUT_S = 0.5
+CONVERGE_POLL_S = 0.1
+RSS_POLL_S = 0.25
+PROMPTS_KEPT_MAX = 4096
+"""Recent prompts the readers choose from (older ones are forgotten, not their digests)."""
+WRONG_EXAMPLES_MAX = 20
+FAULT_KINDS = ("kill", "freeze", "restart")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """One chaos run. Rates are per client thread; times in seconds."""
+
+    members: int = 4
+    duration_s: float = 60.0
+    seed: int = 1
+    channel: str = "auto"  # "nixl", "tcp" or "auto" (nixl where it imports)
+    capacity_gib: float = 0.0625  # each member's store budget (64 MiB)
+    client_capacity_gib: float = 0.03125  # each client's store (32 MiB: reads must travel)
+    chunk_bytes: int = 64 * 1024
+    max_chunks_per_prompt: int = 4
+    writers: int = 1
+    readers: int = 2
+    write_rate_hz: float = 8.0  # prompts per second per writer
+    read_rate_hz: float = 15.0  # calls per second per reader
+    lookup_share: float = 0.2  # of reader calls that are lookups (the rest are gets)
+    call_timeout_s: float = 1.0
+    freeze_s: tuple[float, float] = (0.5, 3.0)
+    down_s: tuple[float, float] = (0.2, 1.5)
+    gap_s: tuple[float, float] = (0.3, 1.5)  # between reconvergence and the next fault
+    converge_timeout_s: float = 30.0
+    min_faults: int = 0  # chaos goes on past duration_s until this many faults (up to 2x)
+    overhead_mib: int = 512  # fixed RSS allowance per member beyond its byte budget
+    profile: str = "local"
+    secret: bool = True  # authenticate every frame (HMAC) during the run
+
+
+# --- ground truth ---------------------------------------------------------------------------
+
+
+def chunk_content(key: bytes, nbytes: int) -> np.ndarray:
+    """The bytes of the chunk named ``key``: a pure function of the key."""
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def digest(data: np.ndarray | bytes) -> bytes:
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).digest()
+
+
+def prompt_keys(rng: random.Random, salt: str, max_chunks: int, min_chunks: int = 1) -> list[bytes]:
+    """A prompt of min..max chunks; a third share their first chunk with other prompts."""
+    chunks = rng.randint(min_chunks, max_chunks)
+    head = rng.randrange(8) if rng.random() < 0.33 else rng.getrandbits(31)
+    tokens = [head] * TOKENS_PER_CHUNK + [rng.getrandbits(31) for _ in range(TOKENS_PER_CHUNK)]
+    tokens += [rng.getrandbits(31) for _ in range(TOKENS_PER_CHUNK * (chunks - 2))]
+    return chunk_keys(root_key(bytes.fromhex(NAMESPACE), salt), tokens, TOKENS_PER_CHUNK)[:chunks]
+
+
+class Ledger:
+    """The ground truth: a digest per key written, and the recent prompts to read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digests: dict[bytes, bytes] = {}
+        self._prompts: deque[list[bytes]] = deque(maxlen=PROMPTS_KEPT_MAX)
+
+    def record(self, keys: list[bytes], digests: list[bytes]) -> None:
+        with self._lock:
+            for key, d in zip(keys, digests, strict=True):
+                self._digests.setdefault(key, d)
+            self._prompts.append(keys)
+
+    def pick(self, rng: random.Random) -> list[bytes] | None:
+        with self._lock:
+            return rng.choice(self._prompts) if self._prompts else None
+
+    def truth(self, key: bytes) -> bytes | None:
+        with self._lock:
+            return self._digests.get(key)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._digests)
+
+
+# --- what happened --------------------------------------------------------------------------
+
+
+class Tally:
+    """Counters and latencies from every client thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.latencies: dict[str, list[float]] = {"put": [], "get": [], "lookup": []}
+        self.overruns: list[dict[str, Any]] = []
+        self.wrong: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            self.counts.update(counts)
+
+    def timed(self, op: str, elapsed_s: float, timeout_s: float | None) -> None:
+        with self._lock:
+            self.counts[op] += 1
+            self.latencies[op].append(elapsed_s)
+            if timeout_s is not None and elapsed_s > timeout_s + DEADLINE_SLACK_S:
+                self.overruns.append({"op": op, "elapsed_s": round(elapsed_s, 4)})
+
+    def wrong_bytes(self, key: bytes, index: int) -> None:
+        with self._lock:
+            self.counts["wrong_chunks"] += 1
+            if len(self.wrong) < WRONG_EXAMPLES_MAX:
+                self.wrong.append({"key": key.hex(), "index": index})
+
+    def error(self, what: str) -> None:
+        with self._lock:
+            self.counts["errors"] += 1
+            if len(self.errors) < WRONG_EXAMPLES_MAX:
+                self.errors.append(what)
+
+
+def check_read(
+    keys: Sequence[bytes], views: Sequence[np.ndarray | bytes], ledger: Ledger, tally: Tally
+) -> int:
+    """Compares the chunks a get returned with the ground truth; returns how many were wrong."""
+    wrong = 0
+    for i, (key, view) in enumerate(zip(keys, views, strict=False)):
+        truth = ledger.truth(key)
+        if truth is None or digest(view) != truth:
+            tally.wrong_bytes(key, i)
+            wrong += 1
+    tally.add(chunks_hit=len(views) - wrong, chunks_missed=len(keys) - len(views))
+    return wrong
+
+
+# --- member processes -----------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class Member:
+    """One ``meshkv join --capacity`` process on fixed ports, so a restart comes back the same.
+
+    ``prefix`` runs it elsewhere (e.g. ``ip netns exec NAME``: exec keeps the PID)."""
+
+    index: int
+    host: str
+    gossip_port: int
+    data_port: int
+    config_path: Path
+    log_path: Path
+    capacity_gib: float
+    seeds: list[str]
+    prefix: list[str] = field(default_factory=list)
+    name_prefix: str = "m"
+    proc: subprocess.Popen[bytes] | None = None
+    boots: int = 0
+    peak_rss_bytes: int = 0
+    frozen: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.name_prefix}{self.index}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.gossip_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        seeds = [a for s in self.seeds if s != self.address for a in ("--seed", s)]
+        self.boots += 1
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "meshkv", "join",
+                 "--config", str(self.config_path), "--id", f"{self.name_prefix}{self.index}",
+                 "--host", self.host, "--port", str(self.gossip_port),
+                 "--data-port", str(self.data_port), "--capacity", str(self.capacity_gib),
+                 *seeds],
+                stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+
+    def listening(self) -> bool:
+        """True once this boot has bound its ports (its log line for this boot is out)."""
+        line = f"member {self.name} listening on {self.address}"
+        return self.log_path.read_text(errors="replace").count(line) >= self.boots
+
+    def wait_listening(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.running:
+            if self.listening():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def send(self, sig: int) -> None:
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                self.frozen = True
+            elif sig == signal.SIGCONT:
+                self.frozen = False
+
+    def kill(self) -> None:
+        """-9 and reap (bounded); safe to call at any time."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT_S)
+        self.frozen = False
+
+    def leave(self) -> None:
+        """SIGTERM (graceful leave with hand-off), -9 if it takes longer than allowed."""
+        if self.running:
+            assert self.proc is not None
+            if self.frozen:
+                self.send(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def sample_rss(self) -> None:
+        """Keeps the highest VmHWM (peak resident set) any boot reached."""
+        if self.proc is None:
+            return
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_bytes = max(self.peak_rss_bytes, int(line.split()[1]) * 1024)
+
+
+def write_member_config(path: Path, *, channel: str, host: str, profile: str, secret: str | None,
+                        timeout_ms: int) -> None:  # fmt: skip
+    lines = [f"transfer_channel: {channel}", f"p2p_host: {host}",
+             f"mesh_gossip_profile: {profile}", f"mesh_transfer_timeout_ms: {timeout_ms}",
+             "enable_p2p: true"]  # fmt: skip
+    if secret:
+        lines.append(f"mesh_secret: {secret}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def pick_channel(channel: str) -> str:
+    if channel != "auto":
+        return channel
+    return "nixl" if importlib.util.find_spec("nixl") is not None else "tcp"
+
+
+# --- convergence ----------------------------------------------------------------------------
+
+LiveSet = dict[str, int]
+"""Member name -> boot nonce of the members an observer holds alive."""
+
+
+def live_set_of(address: str, codec: Any) -> LiveSet | None:
+    """The members a member process lists ALIVE, or None if it does not answer in time."""
+    try:
+        views = query_members(address, timeout_s=QUERY_TIMEOUT_S, codec=codec)
+    except TransportError:
+        return None
+    return {v.name: v.nonce for v in views if v.state is MemberState.ALIVE}
+
+
+def client_live_set(node: MeshNode) -> LiveSet:
+    return {p.name: p.nonce for p in node.members()}
+
+
+def one_ring(views: Sequence[LiveSet | None], names: set[str]) -> bool:
+    """True when every observer answered and all list exactly ``names``, with the same boots."""
+    if not views or any(v is None for v in views):
+        return False
+    first = views[0]
+    return set(first) == names and all(v == first for v in views)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    member: int
+    kind: str
+    hold_s: float  # freeze length, or time down before a killed member restarts
+    gap_s: float  # pause after reconvergence before this fault
+
+
+def schedule(settings: Settings) -> Iterator[Fault]:
+    """The seeded fault sequence; each kind in turn, in a shuffled order per round."""
+    rng = random.Random(settings.seed)
+    while True:
+        kinds = list(FAULT_KINDS)
+        rng.shuffle(kinds)
+        for kind in kinds:
+            span = settings.freeze_s if kind == "freeze" else settings.down_s
+            yield Fault(
+                member=rng.randrange(settings.members),
+                kind=kind,
+                hold_s=round(rng.uniform(*span), 3),
+                gap_s=round(rng.uniform(*settings.gap_s), 3),
+            )
+
+
+class Chaos:
+    """One run: members, clients, workload threads, the fault loop, the report."""
+
+    def __init__(self, settings: Settings, workdir: Path, progress: Callable[[str], None]) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.progress = progress
+        self.channel = pick_channel(settings.channel)
+        self.secret = secrets.token_hex(16) if settings.secret else None
+        self.ledger = Ledger()
+        self.tally = Tally()
+        self.stop = threading.Event()
+        self.members: list[Member] = []
+        self.clients: list[MeshNode] = []
+        self.faults: list[dict[str, Any]] = []
+        self.threads: list[threading.Thread] = []
+        profile = {"lan": GossipConfig.lan, "local": GossipConfig.local, "test": GossipConfig.test}
+        self.codec = gossip_codec(
+            profile[settings.profile](), AuthPolicy.from_strings(self.secret, None)
+        )
+
+    # -- set up and tear down --
+
+    def start_members(self) -> None:
+        config = self.workdir / "member.yaml"
+        write_member_config(config, channel=self.channel, host="127.0.0.1",
+                            profile=self.s.profile, secret=self.secret,
+                            timeout_ms=int(self.s.call_timeout_s * 1000))  # fmt: skip
+        ports = free_ports(2 * self.s.members)
+        seeds = [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[2]}"][: self.s.members]
+        for i in range(self.s.members):
+            member = Member(index=i, host="127.0.0.1", gossip_port=ports[2 * i],
+                            data_port=ports[2 * i + 1], config_path=config,
+                            log_path=self.workdir / f"m{i}.log",
+                            capacity_gib=self.s.capacity_gib, seeds=seeds)  # fmt: skip
+            self.members.append(member)
+            member.start()
+        for member in self.members:
+            if not member.wait_listening():
+                raise RuntimeError(f"{member.name} did not start: see {member.log_path}")
+
+    def start_clients(self) -> None:
+        seeds = [m.address for m in self.members]
+        for role, count in (("writer", self.s.writers), ("reader", self.s.readers)):
+            for i in range(count):
+                config = MeshConfig(
+                    enable_p2p=True, transfer_channel=self.channel, p2p_host="127.0.0.1",
+                    mesh_seeds=seeds, mesh_gossip_profile=self.s.profile,
+                    max_local_cpu_size=self.s.client_capacity_gib,
+                    mesh_transfer_timeout_ms=int(self.s.call_timeout_s * 1000),
+                    lmcache_instance_id=f"{role}{i}", mesh_secret=self.secret,
+                )  # fmt: skip
+                node = MeshNode(config, namespace=NAMESPACE)
+                node.start()
+                self.clients.append(node)
+
+    def names(self) -> set[str]:
+        return {m.name for m in self.members} | {c.name for c in self.clients}
+
+    def converged(self) -> bool:
+        views = [live_set_of(m.address, self.codec) for m in self.members]
+        views += [client_live_set(c) for c in self.clients]
+        return one_ring(views, self.names())
+
+    def wait_converged(self, timeout_s: float) -> float | None:
+        """Seconds until one ring, or None past ``timeout_s``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s and not self.stop.is_set():
+            if self.converged():
+                return time.monotonic() - started
+            time.sleep(CONVERGE_POLL_S)
+        return None
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(self.s.call_timeout_s + 10)
+        for client in self.clients:
+            try:
+                client.stop(leave=False)
+            except Exception as exc:  # keep stopping the rest; report it
+                self.tally.error(f"stopping {client.name}: {exc!r}")
+        for member in self.members:
+            member.send(signal.SIGCONT)
+            member.kill()
+
+    # -- workload --
+
+    def paced(self, rate_hz: float, body: Callable[[], None]) -> None:
+        period = 1.0 / rate_hz
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                body()
+            except Exception as exc:  # the API promises misses, never exceptions: count it
+                self.tally.error(repr(exc))
+            next_at = max(next_at + period, time.monotonic())
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def writer(self, node: MeshNode, rng: random.Random) -> Callable[[], None]:
+        salt = f"w{rng.getrandbits(32)}"
+
+        def write_one() -> None:
+            keys = prompt_keys(rng, salt, self.s.max_chunks_per_prompt)
+            chunks = [chunk_content(k, self.s.chunk_bytes) for k in keys]
+            started = time.monotonic()
+            stored = node.put(keys, chunks)
+            self.tally.timed("put", time.monotonic() - started, None)
+            self.tally.add(chunks_written=stored)
+            if stored == len(keys):
+                self.ledger.record(keys, [digest(c) for c in chunks])
+
+        return write_one
+
+    def reader(self, node: MeshNode, rng: random.Random) -> Callable[[], None]:
+        timeout_s = self.s.call_timeout_s
+
+        def read_one() -> None:
+            keys = self.ledger.pick(rng)
+            if keys is None:
+                return
+            started = time.monotonic()
+            if rng.random() < self.s.lookup_share:
+                held = node.lookup(keys, timeout_s=timeout_s)
+                self.tally.timed("lookup", time.monotonic() - started, timeout_s)
+                if not 0 <= held <= len(keys):
+                    self.tally.error(f"lookup said {held} of {len(keys)}")
+                return
+            with node.get(keys, self.s.chunk_bytes, timeout_s=timeout_s) as lease:
+                elapsed = time.monotonic() - started
+                check_read(keys, lease.views, self.ledger, self.tally)
+            self.tally.timed("get", elapsed, timeout_s)
+
+        return read_one
+
+    def start_workload(self) -> None:
+        rng = random.Random(self.s.seed ^ 0x5EED)
+        for node in self.clients:
+            thread_rng = random.Random(rng.getrandbits(64))
+            if node.name.startswith("writer"):
+                body, rate = self.writer(node, thread_rng), self.s.write_rate_hz
+            else:
+                body, rate = self.reader(node, thread_rng), self.s.read_rate_hz
+            thread = threading.Thread(target=self.paced, args=(rate, body), name=node.name,
+                                      daemon=True)  # fmt: skip
+            thread.start()
+            self.threads.append(thread)
+        sampler = threading.Thread(target=self.sample_rss, name="rss", daemon=True)
+        sampler.start()
+        self.threads.append(sampler)
+
+    def sample_rss(self) -> None:
+        while not self.stop.wait(RSS_POLL_S):
+            for member in self.members:
+                member.sample_rss()
+
+    # -- faults --
+
+    def inject(self, fault: Fault) -> float | None:
+        """Applies one fault and repairs it; returns seconds from repair to one ring."""
+        member = self.members[fault.member]
+        if fault.kind == "freeze":
+            member.send(signal.SIGSTOP)
+            self.stop.wait(fault.hold_s)
+            member.send(signal.SIGCONT)
+        else:
+            member.sample_rss()
+            if fault.kind == "kill":
+                member.kill()
+                self.stop.wait(fault.hold_s)
+            else:
+                member.leave()
+            member.start()
+            if not member.wait_listening():
+                self.tally.error(f"{member.name} did not restart")
+                return None
+        return self.wait_converged(self.s.converge_timeout_s)
+
+    def run_faults(self, until_s: float, hard_until_s: float) -> None:
+        """Injects faults until ``until_s`` and `Settings.min_faults`, never past the hard end."""
+        started = time.monotonic()
+        for fault in schedule(self.s):
+            if self.stop.wait(fault.gap_s):
+                return
+            now = time.monotonic()
+            if now >= hard_until_s or (now >= until_s and len(self.faults) >= self.s.min_faults):
+                return
+            at_s = time.monotonic() - started
+            self.progress(f"{at_s:6.1f}s {fault.kind:7s} {self.members[fault.member].name}")
+            reconverge_s = self.inject(fault)
+            rounded = None if reconverge_s is None else round(reconverge_s, 3)
+            self.faults.append({**asdict(fault), "at_s": round(at_s, 3), "reconverge_s": rounded})
+            if reconverge_s is None:
+                self.progress(f"        not one ring within {self.s.converge_timeout_s}s")
+
+    # -- report --
+
+    def report(self, ran_s: float, setup_s: float) -> dict[str, Any]:
+        counts = self.tally.counts
+        budget = int(self.s.capacity_gib * GIB)
+        limit = budget + self.s.overhead_mib * MIB
+        rss = {
+            m.name: {"peak_bytes": m.peak_rss_bytes, "budget_bytes": budget,
+                     "limit_bytes": limit, "ok": m.peak_rss_bytes <= limit, "boots": m.boots}
+            for m in self.members
+        }  # fmt: skip
+        times = [f["reconverge_s"] for f in self.faults if f["reconverge_s"] is not None]
+        kinds = Counter(f["kind"] for f in self.faults)
+        report = {
+            "settings": {**asdict(self.s), "channel": self.channel},
+            "setup_s": round(setup_s, 2),
+            "ran_s": round(ran_s, 2),
+            "requests": {op: counts[op] for op in ("put", "get", "lookup")}
+            | {"total": counts["put"] + counts["get"] + counts["lookup"]},
+            "chunks": {k: counts[k] for k in ("chunks_written", "chunks_hit", "chunks_missed")},
+            "keys_in_ground_truth": len(self.ledger),
+            "faults": {k: kinds[k] for k in FAULT_KINDS} | {"total": len(self.faults)},
+            "wrong_bytes": counts["wrong_chunks"],
+            "wrong_examples": self.tally.wrong,
+            "deadline_overruns": len(self.tally.overruns),
+            "overrun_examples": self.tally.overruns[:WRONG_EXAMPLES_MAX],
+            "errors": counts["errors"],
+            "error_examples": self.tally.errors,
+            "latency_s": {op: percentiles(v) for op, v in self.tally.latencies.items()},
+            "peak_rss": rss,
+            "reconvergence_s": percentiles(times)
+            | {"not_reconverged": len(self.faults) - len(times)},
+            "fault_log": self.faults,
+        }
+        report["ok"] = (
+            report["wrong_bytes"] == 0
+            and report["deadline_overruns"] == 0
+            and report["errors"] == 0
+            and all(r["ok"] for r in rss.values())
+            and report["reconvergence_s"]["not_reconverged"] == 0
+        )
+        return report
+
+
+def percentiles(values: Sequence[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {"count": len(ordered), "p50": round(statistics.median(ordered), 4),
+            "p99": round(p99, 4), "max": round(ordered[-1], 4)}  # fmt: skip
+
+
+def run(settings: Settings, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Runs one chaos run and returns its report; every process it starts is stopped."""
+    with tempfile.TemporaryDirectory(prefix="meshkv-chaos-") as tmp:
+        chaos = Chaos(settings, Path(tmp), progress)
+        started = time.monotonic()
+        try:
+            chaos.start_members()
+            chaos.start_clients()
+            if chaos.wait_converged(settings.converge_timeout_s) is None:
+                raise RuntimeError("the mesh never formed one ring: see the member logs")
+            setup_s = time.monotonic() - started
+            progress(
+                f"one ring of {len(chaos.names())} after {setup_s:.1f}s "
+                f"({chaos.channel} channel); chaos for {settings.duration_s:.0f}s"
+            )
+            chaos.start_workload()
+            began = time.monotonic()
+            chaos.run_faults(began + settings.duration_s, began + 2 * settings.duration_s)
+            chaos.stop.wait(max(0.0, began + settings.duration_s - time.monotonic()))
+            ran_s = time.monotonic() - began
+        finally:
+            chaos.close()
+        return chaos.report(ran_s, setup_s)
+
+
+# --- a client as a JSON-lines driver (for members this process cannot reach) ------------------
+
+
+def client_main(args: argparse.Namespace) -> int:
+    """Reads one JSON command per line on stdin, answers one JSON line on stdout.
+
+    Commands: ``put {salt, prompts, chunks}`` -> ``{prompts: [[key hex...]], digests}``;
+    ``get {keys, timeout_s}`` -> ``{count, digests, elapsed_s}``; ``views {addresses}`` ->
+    ``{self, queried}`` (live sets); ``settle {timeout_s}``; ``quit``.
+    """
+    config = MeshConfig(
+        enable_p2p=True, transfer_channel=args.channel, p2p_host=args.host,
+        p2p_init_ports=args.port, p2p_lookup_ports=args.port + 1, mesh_seeds=args.seed,
+        mesh_gossip_profile=args.profile, max_local_cpu_size=args.capacity,
+        mesh_transfer_timeout_ms=int(args.timeout * 1000), lmcache_instance_id=args.name,
+        mesh_secret=args.secret,
+    )  # fmt: skip
+    node = MeshNode(config, namespace=NAMESPACE)
+    node.start()
+    codec = gossip_codec(
+        GossipConfig.local() if args.profile == "local" else GossipConfig.test(),
+        AuthPolicy.from_strings(args.secret, None),
+    )
+    print(json.dumps({"ready": node.name, "nonce": node.nonce}), flush=True)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            op = request["op"]
+            if op == "quit":
+                break
+            if op == "put":
+                rng = random.Random(request["seed"])
+                prompts, digests = [], []
+                for _ in range(request["prompts"]):
+                    keys = prompt_keys(rng, request["salt"], request["chunks"])
+                    chunks = [chunk_content(k, args.chunk_bytes) for k in keys]
+                    node.put(keys, chunks)
+                    prompts.append([k.hex() for k in keys])
+                    digests.append([digest(c).hex() for c in chunks])
+                answer: dict[str, Any] = {"prompts": prompts, "digests": digests}
+            elif op == "get":
+                keys = [bytes.fromhex(k) for k in request["keys"]]
+                started = time.monotonic()
+                with node.get(keys, args.chunk_bytes, timeout_s=request["timeout_s"]) as lease:
+                    elapsed = time.monotonic() - started
+                    found = [digest(v).hex() for v in lease.views]
+                answer = {"count": len(found), "digests": found, "elapsed_s": elapsed}
+            elif op == "views":
+                queried = {a: live_set_of(a, codec) for a in request["addresses"]}
+                answer = {"self": client_live_set(node), "queried": queried}
+            elif op == "settle":
+                deadline = time.monotonic() + request["timeout_s"]
+                while not node.pusher.idle() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                answer = {"idle": node.pusher.idle()}
+            else:
+                answer = {"error": f"unknown op {op!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        node.stop(leave=False)
+    return 0
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        parser = argparse.ArgumentParser(prog="chaos.py client")
+        parser.add_argument("--name", required=True)
+        parser.add_argument("--host", required=True)
+        parser.add_argument("--port", type=int, required=True, help="gossip; data is port + 1")
+        parser.add_argument("--seed", action="append", default=[])
+        parser.add_argument("--channel", default="tcp")
+        parser.add_argument("--profile", default="local")
+        parser.add_argument("--capacity", type=float, default=0.03125)
+        parser.add_argument("--chunk-bytes", type=int, default=64 * 1024)
+        parser.add_argument("--timeout", type=float, default=1.0)
+        parser.add_argument("--secret", default=None)
+        return client_main(parser.parse_args(argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of chaos")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--channel", default="auto", choices=["auto", "nixl", "tcp"])
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    settings = Settings(members=args.members, duration_s=args.duration, seed=args.seed,
+                        channel=args.channel)  # fmt: skip
+    report = run(settings, progress=lambda line: print(line, flush=True))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    summary = {k: report[k] for k in ("requests", "faults", "wrong_bytes", "deadline_overruns",
+                                      "errors", "reconvergence_s", "ok")}  # fmt: skip
+    summary["peak_rss_mib"] = {n: r["peak_bytes"] >> 20 for n, r in report["peak_rss"].items()}
+    print(json.dumps(summary, indent=2))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
