@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import types
@@ -97,6 +98,11 @@ IGNORED_LMCACHE_KEYS = frozenset(
         "min_retrieve_tokens",
     }
 )
+
+TIMEOUT_MS_MAX = 86_400_000
+"""Longest timeout accepted (a day): larger values are typos, and huge ones overflow a float."""
+STORE_BYTES_MIN = 4096
+"""Smallest store budget: one page (a member's store cannot be smaller)."""
 
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {
     "lookup_backoff_time": 0.01,
@@ -287,8 +293,14 @@ def _check(ok: bool, key: str, problem: str) -> None:
 def _validate(c: MeshConfig) -> None:
     _check(c.chunk_size > 0, "chunk_size", f"must be positive, got {c.chunk_size}")
     _check(c.local_cpu, "local_cpu", "meshkv keeps chunks in CPU memory; False is not supported")
-    _check(c.max_local_cpu_size >= 0, "max_local_cpu_size", "must be >= 0 GiB")
-    _check(c.lookup_timeout_ms > 0, "lookup_timeout_ms", "must be positive")
+    _check(
+        math.isfinite(c.max_local_cpu_size) and c.max_local_cpu_size * 2**30 >= STORE_BYTES_MIN,
+        "max_local_cpu_size",
+        f"must be a finite number of GiB, at least one 4 KiB page, got {c.max_local_cpu_size}",
+    )
+    for key in ("lookup_timeout_ms", "mesh_transfer_timeout_ms"):
+        value = getattr(c, key)
+        _check(0 < value <= TIMEOUT_MS_MAX, key, f"must be in 1..{TIMEOUT_MS_MAX}, got {value}")
     _check(
         c.transfer_channel in ("nixl", "tcp"),
         "transfer_channel",
@@ -327,7 +339,6 @@ def _validate(c: MeshConfig) -> None:
         "mesh_gossip_profile",
         f'must be "lan", "local" or "test", got {c.mesh_gossip_profile!r}',
     )
-    _check(c.mesh_transfer_timeout_ms > 0, "mesh_transfer_timeout_ms", "must be positive")
     backoff = c.extra_config.get("lookup_backoff_time", 0.01)
     _check(
         isinstance(backoff, int | float) and not isinstance(backoff, bool) and backoff >= 0,
@@ -339,10 +350,15 @@ def _validate(c: MeshConfig) -> None:
 def _check_address(key: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
     _check(
-        bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+        bool(sep and host and _is_number(port) and 0 < int(port) < 65536),
         key,
         f'{value!r} is not "host:port"',
     )
+
+
+def _is_number(text: str) -> bool:
+    """Plain ASCII digits (``str.isdigit`` also accepts "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -385,15 +401,20 @@ def config_from_vllm_extra(extra: Mapping[str, Any], path: str | None = None) ->
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("config file", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config file", f"{path} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ConfigError("config file", f"{path} is not valid YAML{line}") from None
+    except (RecursionError, ValueError) as exc:  # nested too deep, an over-long integer, a bad date
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else "a value out of range"
+        raise ConfigError("config file", f"{path} is not valid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -406,7 +427,7 @@ def _parse_env(var: str, name: str, raw: str) -> Any:
     if name == "extra_config":
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an over-long integer, too deep
             raise ConfigError(var, "must be a JSON object") from None
     if kind is bool:
         lowered = raw.strip().lower()
@@ -426,7 +447,7 @@ def _parse_env(var: str, name: str, raw: str) -> Any:
             ) from None
     if kind == PortSpec:
         parts = [p.strip() for p in raw.split(",") if p.strip()]
-        if not all(p.isdigit() for p in parts) or not parts:
+        if not all(_is_number(p) for p in parts) or not parts:
             raise ConfigError(var, f"{raw!r} is not a port or a comma-separated list of ports")
         ports = [int(p) for p in parts]
         return ports[0] if len(ports) == 1 else ports
@@ -442,7 +463,8 @@ def _build(values: dict[str, Any]) -> MeshConfig:
             logger.info("config key %s is an LMCache setting meshkv does not use; ignored", key)
             continue
         if key not in _FIELDS:
-            raise ConfigError(key, "unknown key")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+            raise ConfigError(shown, "unknown key")
         accepted[key] = _coerce(key, value)
     if "extra_config" in accepted:
         accepted["extra_config"] = {**EXTRA_CONFIG_DEFAULTS, **accepted["extra_config"]}
@@ -469,7 +491,10 @@ def _coerce(key: str, value: Any) -> Any:
             key,
             f"must be a number, got {value!r}",
         )
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(key, "must be a number, got an integer too large for one") from None
     elif kind == PortSpec:
         if isinstance(value, str):
             value = _parse_env(key, key, value)
@@ -487,11 +512,21 @@ def _coerce(key: str, value: Any) -> Any:
             key,
             f"must be a list of strings, got {value!r}",
         )
+        _check(all(_is_text(v) for v in value), key, "must be UTF-8 text")
     elif kind == dict[str, Any]:
         _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
     else:  # str or str | None
         _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        _check(_is_text(value), key, "must be UTF-8 text")  # e.g. undecodable bytes in the env
     return value
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # lone surrogates: from "\ud800" in JSON or bad bytes in env
+        return False
+    return True
 
 
 def _allows_none(kind: Any) -> bool:
