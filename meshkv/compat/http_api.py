@@ -98,9 +98,13 @@ class ControllerApi:
 
     def handle(self, method: str, target: str, body: bytes) -> Reply:
         """One request to one reply; never raises."""
-        parts = urlsplit(target)
-        path = parts.path.rstrip("/") or "/"
+        path = "other"
         try:
+            try:
+                parts = urlsplit(target)
+            except ValueError:  # e.g. "//[": an invalid IPv6 host
+                raise HttpError(400, "the request target is not a valid URL") from None
+            path = parts.path.rstrip("/") or "/"
             reply = self._route(method, path, parse_qs(parts.query), body)
         except HttpError as exc:
             reply = json_reply(exc.status, {"detail": exc.detail})
@@ -198,7 +202,7 @@ class ControllerApi:
         raw_worker = query.get("worker_id", [None])[0]
         workers = self._all_workers()
         if instance_id is not None and raw_worker is not None:
-            if not raw_worker.isdigit():
+            if not (raw_worker.isascii() and raw_worker.isdigit()):  # "²" is a digit to isdigit
                 raise HttpError(422, "worker_id: must be an integer")
             worker_id = int(raw_worker)
             match = [w for w in workers if (w.instance_id, w.worker_id) == (instance_id, worker_id)]
@@ -261,6 +265,10 @@ def _parse_body(body: bytes) -> dict[str, Any]:
         raise HttpError(400, f"the request body is not valid JSON ({where})") from None
     except UnicodeDecodeError:
         raise HttpError(400, "the request body is not valid JSON (not UTF-8)") from None
+    except ValueError:  # an integer longer than Python's int_max_str_digits
+        raise HttpError(400, "the request body is not valid JSON (a number too long)") from None
+    except RecursionError:
+        raise HttpError(400, "the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(request, dict):
         raise HttpError(400, "the request body must be a JSON object")
     return request

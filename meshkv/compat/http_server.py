@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):  # "²" is a digit to isdigit
                 self._send(json_reply(400, {"detail": "Content-Length is not a number"}))
                 return
             if int(length) > MAX_BODY_BYTES:
