@@ -9,18 +9,27 @@ runs of:
 - ``nixl_raw``: the stock ``nixl_agent`` API, one ``initialize_xfer`` + ``transfer`` and a busy
   ``check_xfer_state`` loop (no progress thread: the shipped one spins a core);
 - ``channel``: ``NixlChannel.write`` (pieces of <= 32 MiB, adaptive sleeping poll, 1 ms
-  event-driven progress thread).
+  event-driven progress thread);
+- ``meshkv_get``: ``MeshNode.get`` of a reader member in this process from a storage member
+  (a ``--holder`` process, the same UCX transport) that holds the chunks: the lookup round trip
+  to the home, the get request, the holder's WRITE into the reader's reserved slots, the
+  checksum check of every chunk on arrival and the pins: everything an engine's load waits for.
+  Every repeat reads fresh keys (the holder stores them untimed first), so nothing is local;
+- ``rtt``: one data-plane round trip, a one-key ``MeshNode.lookup`` at the holder (for the
+  latency target: a one-chunk get within raw transfer time + 2 round trips).
+
+Transport ``zmq`` is meshkv's own ``tcp`` channel (bytes inside ZMQ replies, for hosts without
+NIXL): it has the memcpy, meshkv_get and rtt measures only.
 
 Memory on both sides is touched before timing, so page faults are not measured. The measures
 take turns within each repeat (a load burst on a shared host hits all alike) and each row also
-keeps the median per-repeat ratio channel / nixl_raw. A measure is an entry of the ``measures``
-table in `bench_transport` (seconds for one batch): the data-plane ``get`` of a running member
-(lookup + get + checksum check) becomes one more entry there once the service exists.
+keeps the median per-repeat ratios channel / nixl_raw and meshkv_get / nixl_raw. A measure is an
+entry of the ``measures`` table in `bench_transport` (seconds for one batch).
 
 Writes DIR/transfer.json and DIR/transfer.png and prints a table (GB/s = 1e9 bytes/s).
 
     python tools/bench_transfer.py --out bench-results/
-    python tools/bench_transfer.py --out bench-results/ --transports tcp --repeats 3
+    python tools/bench_transfer.py --out bench-results/ --transports tcp,zmq --repeats 3
 """
 
 from __future__ import annotations
@@ -41,7 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
+from meshkv.config import MeshConfig
+from meshkv.node import MeshNode
+from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
 from meshkv.store import Region, SegmentPool, segment_sizes
+from meshkv.store import Slot as StoreSlot
 from meshkv.transfer import SegmentInfo
 from meshkv.transfer.nixl_channel import NixlChannel
 
@@ -54,6 +67,9 @@ SEGMENT_BYTES = 64 * MIB
 REPEATS = 7
 TARGET_START_S = 120.0
 WRITE_DEADLINE_S = 60.0
+GIB = 1 << 30
+NIXL_TRANSPORTS = ("cma", "tcp")
+"""UCX transports under the NIXL channel; ``zmq`` (meshkv's tcp channel) is the other choice."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +138,131 @@ def run_target(pool_bytes: int) -> None:
     channel.close()
 
 
+def member_config(channel: str, budget_bytes: int, seeds: list[str]) -> MeshConfig:
+    return MeshConfig(
+        enable_p2p=True,
+        p2p_host="127.0.0.1",
+        transfer_channel=channel,
+        max_local_cpu_size=budget_bytes / GIB,
+        mesh_seeds=seeds,
+        mesh_gossip_profile="local",
+        mesh_transfer_timeout_ms=int(WRITE_DEADLINE_S * 1000),
+    )
+
+
+def run_holder(channel: str, budget_bytes: int) -> None:
+    """The holder process: a storage member that stores fresh chunks when told (JSON lines:
+    ``[chunk_bytes, count]`` in, the new keys out), straight into its store: nothing is pushed."""
+    node = MeshNode(member_config(channel, budget_bytes, []), namespace=ANY_NAMESPACE,
+                    role=ROLE_STORAGE, name="holder/0")  # fmt: skip
+    node.start()
+    source = np.random.default_rng(1).integers(0, 256, 64 * MIB + 4096, dtype=np.uint8)
+    print(json.dumps({"gossip": node.gossip_address}), flush=True)
+    for line in sys.stdin:
+        chunk_bytes, count = json.loads(line)
+        keys = [secrets.token_bytes(16) for _ in range(count)]
+        for key in keys:
+            slot = node.store.reserve(
+                key, chunk_bytes, owner="bench", deadline_s=time.monotonic() + 60
+            )
+            assert isinstance(slot, StoreSlot), slot
+            view, shift = node.store.view(slot), secrets.randbelow(4096)
+            for at in range(0, chunk_bytes, 64 * MIB):  # distinct bytes per chunk, cheaply
+                piece = min(64 * MIB, chunk_bytes - at)
+                view[at : at + piece] = source[shift : shift + piece]
+            view[:16] = np.frombuffer(key, np.uint8)
+            assert node.store.commit(key, node.store.checksum(slot), owner="bench") is not None
+        print(json.dumps([k.hex() for k in keys]), flush=True)
+    node.stop(leave=False)
+
+
+class Holder:
+    """A storage member process holding the chunks that `Reader` gets."""
+
+    def __init__(self, transport: str, budget_bytes: int) -> None:
+        channel = "tcp" if transport == "zmq" else "nixl"
+        env = ucx_env("cma" if transport == "zmq" else transport)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--holder", f"{channel}:{budget_bytes}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        self.address = self._read(TARGET_START_S)["gossip"]
+
+    def _read(self, timeout_s: float) -> object:
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], timeout_s)[0]:
+            self.close()
+            raise TimeoutError("the holder process did not answer")
+        return json.loads(self.proc.stdout.readline())
+
+    def fill(self, chunk_bytes: int, count: int) -> list[bytes]:
+        """Stores ``count`` fresh chunks at the holder and returns their keys."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps([chunk_bytes, count]) + "\n").encode())
+        self.proc.stdin.flush()
+        return [bytes.fromhex(k) for k in self._read(WRITE_DEADLINE_S)]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+class Reader:
+    """A member in this process that gets the holder's chunks. It takes no share of the ring
+    (a seed's role), so the holder is home to every key and each get crosses the network."""
+
+    def __init__(self, transport: str, budget_bytes: int) -> None:
+        self.holder = Holder(transport, budget_bytes)
+        channel = "tcp" if transport == "zmq" else "nixl"
+        config = member_config(channel, budget_bytes, [self.holder.address])
+
+        def make() -> None:
+            self.node = MeshNode(config, namespace="bench", role=ROLE_SEED, name="reader/0")
+
+        with_env(ucx_env("cma" if transport == "zmq" else transport), make)
+        for segment in self.node.store.pool.segments:  # a warm store, as in a running engine:
+            segment.buffer[:] = 0  # page faults are not measured (as for the other measures)
+        self.node.start()
+        deadline = time.monotonic() + TARGET_START_S
+        while not self.node.membership.is_alive("holder/0"):
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError("the reader never saw the holder join")
+            time.sleep(0.05)
+        self._next: list[bytes] = []
+        self._probe = b""
+
+    def prepare(self, chunk_bytes: int, count: int) -> None:
+        """Untimed: fresh keys at the holder for the next get, and one more for `rtt` (never
+        fetched, so its lookup has to ask the holder)."""
+        *self._next, self._probe = self.holder.fill(chunk_bytes, count + 1)
+
+    def get(self, regions: list[Region]) -> float:
+        keys, chunk_bytes = self._next, regions[0].nbytes
+        started = time.perf_counter()
+        with self.node.get(keys, chunk_bytes, timeout_s=WRITE_DEADLINE_S) as lease:
+            elapsed = time.perf_counter() - started
+            if lease.count != len(keys):
+                raise RuntimeError(f"meshkv get returned {lease.count} of {len(keys)} chunks")
+            if any(bytes(v[:16]) != k for k, v in zip(keys, lease.views, strict=True)):
+                raise RuntimeError("meshkv get returned a chunk under the wrong key")
+        return elapsed
+
+    def rtt(self, regions: list[Region]) -> float:
+        started = time.perf_counter()
+        if self.node.lookup([self._probe], timeout_s=WRITE_DEADLINE_S) != 1:
+            raise RuntimeError("the holder did not answer a lookup")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.node.stop(leave=False)
+        self.holder.close()
+
+
 class Bench:
-    """This process's side under one transport: source pool, memcpy target, two NIXL agents."""
+    """This process's side under one transport: source pool, memcpy target and, under a NIXL
+    transport, a channel to a `Target` process."""
 
     def __init__(self, transport: str, pool_bytes: int) -> None:
         self.transport = transport
@@ -132,12 +271,16 @@ class Bench:
         for segment in self.pool.segments:
             segment.buffer[:] = rng.integers(0, 256, segment.nbytes, dtype=np.uint8)
         self.copy_pool = SegmentPool(segment_sizes(pool_bytes, SEGMENT_BYTES), populate=True)
-        self.target = Target(transport, pool_bytes)
-        with_env(ucx_env(transport), self._make_channel)
-        self.channel.add_peer("target", self.target.metadata, self.target.segments)
+        self.target: Target | None = None
+        self.channel: NixlChannel | None = None
+        if transport in NIXL_TRANSPORTS:
+            self.target = Target(transport, pool_bytes)
+            with_env(ucx_env(transport), self._make_channel)
 
     def _make_channel(self) -> None:
+        assert self.target is not None
         self.channel = NixlChannel(f"bench-{secrets.randbits(64):016x}", self.pool)
+        self.channel.add_peer("target", self.target.metadata, self.target.segments)
 
     def memcpy(self, regions: list[Region]) -> float:
         started = time.perf_counter()
@@ -146,6 +289,7 @@ class Bench:
         return time.perf_counter() - started
 
     def channel_write(self, regions: list[Region]) -> float:
+        assert self.channel is not None
         dest = [Slot(r.segment_id, r.offset) for r in regions]
         started = time.perf_counter()
         if not self.channel.write("target", regions, dest, time.monotonic() + WRITE_DEADLINE_S):
@@ -153,8 +297,10 @@ class Bench:
         return time.perf_counter() - started
 
     def close(self) -> None:
-        self.channel.close()
-        self.target.close()
+        if self.channel is not None:
+            self.channel.close()
+        if self.target is not None:
+            self.target.close()
 
 
 class StockAgent:
@@ -171,6 +317,8 @@ class StockAgent:
             )
 
         with_env(ucx_env(bench.transport), make)
+        assert bench.target is not None
+        self.target = bench.target
         rows = [(s.address, s.nbytes, 0, "") for s in bench.pool.segments]
         self.agent.register_memory(rows, "DRAM")
         self.remote = self.agent.add_remote_agent(bench.target.metadata)
@@ -180,10 +328,7 @@ class StockAgent:
     def write(self, regions: list[Region]) -> float:
         local = np.array([(self.bench.pool.address(r), r.nbytes, 0) for r in regions], np.uint64)
         remote = np.array(
-            [
-                (self.bench.target.address(Slot(r.segment_id, r.offset)), r.nbytes, 0)
-                for r in regions
-            ],
+            [(self.target.address(Slot(r.segment_id, r.offset)), r.nbytes, 0) for r in regions],
             np.uint64,
         )
         agent = self.agent
@@ -233,35 +378,45 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     pool_bytes = max(s * b for s, b in combos)
     pool_bytes = -(-pool_bytes // SEGMENT_BYTES) * SEGMENT_BYTES
     bench = Bench(transport, pool_bytes)
-    stock = StockAgent(bench)
-    measures: dict[str, Callable[[list[Region]], float]] = {
-        "memcpy": bench.memcpy,
-        "nixl_raw": stock.write,
-        "channel": bench.channel_write,
-    }
+    stock = StockAgent(bench) if transport in NIXL_TRANSPORTS else None
+    reader = Reader(transport, 2 * pool_bytes)  # fresh keys each repeat: LRU makes room
+    measures: dict[str, Callable[[list[Region]], float]] = {"memcpy": bench.memcpy}
+    if stock is not None:
+        measures |= {"nixl_raw": stock.write, "channel": bench.channel_write}
+    measures |= {"meshkv_get": reader.get, "rtt": reader.rtt}
     rows = []
     try:
         for chunk_bytes, batch in combos:
             regions = layout(chunk_bytes, batch)
+            reader.prepare(chunk_bytes, batch)
             for measure in measures.values():
-                measure(regions)  # warm-up
+                measure(regions)  # warm-up (and the first handshake)
             runs: dict[str, list[float]] = {name: [] for name in measures}
             for _ in range(args.repeats):
+                reader.prepare(chunk_bytes, batch)
                 for name, measure in measures.items():
                     runs[name].append(measure(regions))
             row: dict = {"transport": transport, "chunk_bytes": chunk_bytes, "batch": batch}
             for name, seconds in runs.items():
                 median_s = statistics.median(seconds)
                 row[f"{name}_ms"] = median_s * 1e3
-                row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
-            row["channel_over_raw"] = statistics.median(
-                c / r for c, r in zip(runs["channel"], runs["nixl_raw"], strict=True)
-            )
+                if name != "rtt":
+                    row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
+            for name in ("channel", "meshkv_get"):
+                if "nixl_raw" in runs:
+                    row[f"{name}_over_raw"] = statistics.median(
+                        c / r for c, r in zip(runs[name], runs["nixl_raw"], strict=True)
+                    )
             rows.append(row)
     finally:
-        stock.close()
+        reader.close()
+        if stock is not None:
+            stock.close()
         bench.close()
     return rows
+
+
+STYLES = {"memcpy": "k--", "nixl_raw": "C0-o", "channel": "C1-s", "meshkv_get": "C2-^"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -282,18 +437,19 @@ def plot(rows: list[dict], path: Path) -> None:
                 (r for r in rows if r["transport"] == transport and r["chunk_bytes"] == size),
                 key=lambda r: r["batch"],
             )
-            for name, style in (("memcpy", "k--"), ("nixl_raw", "C0-o"), ("channel", "C1-s")):
-                ax.plot(
-                    [r["batch"] for r in mine], [r[f"{name}_gbps"] for r in mine], style, label=name
-                )
+            for name, style in STYLES.items():
+                if mine and f"{name}_gbps" in mine[0]:
+                    batches, gbps = [r["batch"] for r in mine], [r[f"{name}_gbps"] for r in mine]
+                    ax.plot(batches, gbps, style, label=name)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{transport}, {size // KIB} KiB chunks", fontsize=9)
             ax.set_xlabel("chunks per batch")
             if j == 0:
                 ax.set_ylabel("GB/s")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Writing a batch of chunks into another process (median)")
+    for row_axes in axes:
+        row_axes[0].legend(fontsize=8)
+    fig.suptitle("Moving a batch of chunks between two processes (median)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -306,7 +462,7 @@ def parse_sizes(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--transports", default="cma,tcp")
+    parser.add_argument("--transports", default="cma,tcp,zmq")
     parser.add_argument("--sizes", type=parse_sizes, default=list(CHUNK_SIZES), help="e.g. 256K,1M")
     parser.add_argument(
         "--batches", type=lambda t: [int(b) for b in t.split(",")], default=list(BATCHES)
@@ -314,9 +470,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--max-batch-bytes", type=int, default=MAX_BATCH_BYTES)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)  # internal: run the target
+    parser.add_argument("--holder", help=argparse.SUPPRESS)  # internal: CHANNEL:BUDGET_BYTES
     args = parser.parse_args()
     if args.target:
         run_target(args.target)
+        return
+    if args.holder:
+        channel, budget = args.holder.split(":")
+        run_holder(channel, int(budget))
         return
     rows = []
     for transport in args.transports.split(","):
@@ -333,14 +494,30 @@ def main() -> None:
     }
     (args.out / "transfer.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "transfer.png")
-    header = ("transport", "chunk", "batch", "memcpy", "nixl_raw", "channel", "chan/raw")
-    print("{:9} {:>8} {:>5} {:>8} {:>9} {:>8} {:>9}  (GB/s; time ratio)".format(*header))
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """GB/s per measure, the one-chunk round trip, and the time ratios to raw NIXL."""
+    names = ("memcpy", "nixl_raw", "channel", "meshkv_get")
+    lines = [
+        f"{'transport':9} {'chunk':>8} {'batch':>5} "
+        + " ".join(f"{n:>10}" for n in names)
+        + f" {'rtt_ms':>7} {'chan/raw':>8} {'get/raw':>8}   (GB/s; time ratios)"
+    ]
     for r in rows:
-        print(
+        cells = [f"{r[f'{n}_gbps']:10.2f}" if f"{n}_gbps" in r else f"{'-':>10}" for n in names]
+        ratios = [
+            f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
+            for k in ("channel_over_raw", "meshkv_get_over_raw")
+        ]
+        lines.append(
             f"{r['transport']:9} {r['chunk_bytes'] // KIB:>6}Ki {r['batch']:>5} "
-            f"{r['memcpy_gbps']:8.2f} {r['nixl_raw_gbps']:9.2f} {r['channel_gbps']:8.2f} "
-            f"{r['channel_over_raw']:9.2f}"
+            + " ".join(cells)
+            + f" {r['rtt_ms']:7.2f} "
+            + " ".join(ratios)
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 A `RequestClient` belongs to one thread (ZMQ sockets are not thread-safe). `call_many` sends
 every request first and then waits for all replies together, so a fan-out to k homes costs one
-round trip, not k. Replies are matched by request id; late replies to requests that already
-gave up are dropped. Nothing here can wait past the caller's deadline: a peer that is dead,
-frozen or slow yields `None` for its request, which callers treat as a miss.
+round trip, not k; `as_answered` does the same but hands each reply over as it arrives, so the
+caller can work on one (check a fetched batch) while the others are still in flight.
+
+Replies are matched by request id; late replies to requests that already gave up are dropped.
+Nothing here can wait past the caller's deadline: a peer that is dead, frozen or slow yields no
+reply (`None` in `call_many`), which callers treat as a miss.
 
 This module knows the wire codec and sockets, not what a lookup or a get means.
 """
@@ -15,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import zmq
 
@@ -54,6 +57,15 @@ class RequestClient:
     ) -> list[m.Message | None]:
         """Sends all requests, then waits until every reply is in or the deadline passes."""
         replies: list[m.Message | None] = [None] * len(requests)
+        for index, reply in self.as_answered(requests, deadline_s):
+            replies[index] = reply
+        return replies
+
+    def as_answered(
+        self, requests: Sequence[tuple[str, m.Message]], deadline_s: float
+    ) -> Iterator[tuple[int, m.Message]]:
+        """Sends all requests, then yields (index in ``requests``, reply) as replies arrive,
+        until every reply is in or the deadline passes; unanswered requests yield nothing."""
         waiting: dict[int, int] = {}
         for index, (address, request) in enumerate(requests):
             if self._send(address, request):
@@ -62,10 +74,9 @@ class RequestClient:
             remaining_ms = int((deadline_s - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 self.stats["timeout"] += len(waiting)
-                break
+                return
             for sock, _ in self._poller.poll(remaining_ms):
-                self._drain(sock, waiting, replies)
-        return replies
+                yield from self._drain(sock, waiting)
 
     def send_only(self, address: str, message: m.Message) -> bool:
         """Sends a one-way message (no reply expected); False if it could not be queued."""
@@ -91,9 +102,7 @@ class RequestClient:
         self.stats["sent"] += 1
         return True
 
-    def _drain(
-        self, sock: zmq.Socket, waiting: dict[int, int], replies: list[m.Message | None]
-    ) -> None:
+    def _drain(self, sock: zmq.Socket, waiting: dict[int, int]) -> Iterator[tuple[int, m.Message]]:
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
@@ -108,7 +117,7 @@ class RequestClient:
             if index is None:
                 self.stats["late_reply"] += 1
                 continue
-            replies[index] = reply
+            yield index, reply
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)

@@ -178,35 +178,55 @@ def fetch(
         )
         requests.append((peer.data_address, get))
         run_of_request.append((start, end))
-    replies = client.call_many(requests, deadline_s) if requests else []
     fetched: set[int] = set()
-    unanswered: set[int] = set()
-    for (start, end), reply in zip(run_of_request, replies, strict=True):
-        if not isinstance(reply, m.GetReply):
-            # no answer: the holder may still be writing into these slots until its budget
-            # ends, so they are left to expire (deadline + 1 s) rather than reused now
-            unanswered.update(range(start, end))
-            continue
-        for offset, checksum in enumerate(reply.checksums[: end - start]):
-            i = start + offset
-            slot = reserved.pop(i)
-            view = store.view(slot)
-            if reply.payloads:
-                payload = reply.payloads[offset]
-                if len(payload) != view.nbytes:
-                    store.abort(keys[i], owner=owner)
-                    break
-                view[:] = memoryview(payload)
-            if chunk_checksum(view) != checksum:
-                log.warning("chunk %s from %s failed its checksum", keys[i].hex(), holders[i])
-                store.abort(keys[i], owner=owner)
-                break
-            if store.commit(keys[i], checksum, owner=owner) is not None:
-                fetched.add(i)
+    answered: set[int] = set()
+    for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
+        answered.add(index)
+        start, end = run_of_request[index]
+        if isinstance(reply, m.GetReply):
+            fetched |= _take(reply, keys, start, end, holders, reserved, store, owner)
+    # No answer: the holder may still be writing into those slots until its budget ends, so
+    # they are left to expire (deadline + 1 s) rather than reused now.
+    unanswered = {
+        i for index, (start, end) in enumerate(run_of_request) if index not in answered
+        for i in range(start, end)
+    }  # fmt: skip
     for i in reserved:
         if i not in unanswered:
             store.abort(keys[i], owner=owner)
     return fetched
+
+
+def _take(
+    reply: m.GetReply,
+    keys: Sequence[bytes],
+    start: int,
+    end: int,
+    holders: Sequence[str],
+    reserved: dict[int, Slot],
+    store: ChunkStore,
+    owner: str,
+) -> set[int]:
+    """Commits the chunks of one answered run that arrived intact (a leading part of it);
+    returns their indexes. Chunks after the first bad one are left for the caller to abort."""
+    committed: set[int] = set()
+    for offset, checksum in enumerate(reply.checksums[: end - start]):
+        i = start + offset
+        slot = reserved.pop(i)
+        view = store.view(slot)
+        if reply.payloads:
+            payload = reply.payloads[offset]
+            if len(payload) != view.nbytes:
+                store.abort(keys[i], owner=owner)
+                break
+            view[:] = memoryview(payload)
+        if chunk_checksum(view) != checksum:
+            log.warning("chunk %s from %s failed its checksum", keys[i].hex(), holders[i])
+            store.abort(keys[i], owner=owner)
+            break
+        if store.commit(keys[i], checksum, owner=owner) is not None:
+            committed.add(i)
+    return committed
 
 
 def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:
