@@ -110,6 +110,19 @@ def test_partial_prefix_hit_stops_at_first_miss(mesh: Mesh) -> None:
         assert lease.count == 5
 
 
+def test_a_get_of_chunks_at_their_homes_asks_no_lookup_first(mesh: Mesh) -> None:
+    a, b, c = mesh.add("a"), mesh.add("b"), mesh.add("c")
+    keys = keys_for(16)
+    a.put(keys, [chunk(k) for k in keys])
+    mesh.settle()
+    lookups_before = sum(n.server.stats["rx_lookup"] for n in (a, b))
+    with c.get(keys, CHUNK_BYTES) as lease:
+        assert lease.count == 16
+        assert all(np.array_equal(v, chunk(k)) for k, v in zip(keys, lease.views, strict=True))
+    assert sum(n.server.stats["rx_lookup"] for n in (a, b)) == lookups_before
+    assert sum(n.server.stats["rx_get"] for n in (a, b)) >= 1
+
+
 def test_fetched_chunks_stay_local(mesh: Mesh) -> None:
     a, b = mesh.add("a"), mesh.add("b")
     keys = keys_for(4)

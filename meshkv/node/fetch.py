@@ -1,5 +1,10 @@
 """Finding and fetching chunks held by other members, with deadlines (the requester's side).
 
+`presume` guesses who holds each key with no round trip at all: this member for a local copy,
+else the key's home (or, for a key homed here, the holder its directory names). A get first
+fetches straight from those guesses, so a load of chunks that sit at their homes costs one
+round trip; only the keys the guess missed go through `locate`.
+
 `locate` answers "who holds each of these keys?" for a prefix chain: keys homed here are
 answered from the local store and directory with no round trip; the rest are asked of their
 homes, all homes at once (one round trip). A miss at a home that changed with the last
@@ -41,6 +46,29 @@ class Located:
 
     holders: list[str]
     fallbacks: int  # keys found only through the previous epoch's home (to repair)
+
+
+def presume(
+    keys: Sequence[bytes], *, membership: Membership, store: ChunkStore, directory: HolderDirectory
+) -> list[str]:
+    """The likely holder of each leading key (see the module docstring); stops at the first key
+    with none (homed here, not held here, no live holder known)."""
+    me = membership.me.name
+    ring = membership.ring().current
+    homes = ring.homes(positions_of(keys)).tolist() if ring.members and keys else []
+    guesses: list[str] = []
+    for index, key in enumerate(keys):
+        if store.lookup(key):
+            guesses.append(me)
+            continue
+        home = ring.members[homes[index]] if homes else me
+        if home == me:
+            holder = directory.holder_of(key)
+            if holder is None or not membership.is_alive(holder):
+                break
+            home = holder
+        guesses.append(home)
+    return guesses
 
 
 def locate(

@@ -38,7 +38,7 @@ from meshkv.dataplane.server import DataServer
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
-from meshkv.node.fetch import fetch, locate
+from meshkv.node.fetch import fetch, locate, presume
 from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
 from meshkv.node.push import Pusher
 from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
@@ -234,28 +234,23 @@ class MeshNode:
         deadline_s = self._deadline(timeout_s)
         owner = f"get:{threading.get_ident()}:{time.monotonic_ns()}"
         client = self._client()
-        located = locate(
-            keys,
-            membership=self.membership,
-            store=self.store,
-            directory=self.directory,
-            client=client,
-            deadline_s=deadline_s,
-        )
-        fetched: set[int] = set()
-        if located.holders:
-            fetched = fetch(
-                keys[: len(located.holders)],
-                located.holders,
-                chunk_bytes=chunk_bytes,
+        guesses = presume(keys, membership=self.membership, store=self.store,
+                          directory=self.directory)  # fmt: skip
+        fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        held = self._leading_held(keys, guesses, fetched)
+        fallbacks = 0
+        if held < len(keys):  # the guesses missed: ask the homes (and previous homes)
+            located = locate(
+                keys[held:],
                 membership=self.membership,
                 store=self.store,
+                directory=self.directory,
                 client=client,
-                handshake=lambda peer, d: self._handshake(client, peer, d),
-                inline=self.channel.kind == "tcp",
-                owner=owner,
                 deadline_s=deadline_s,
             )
+            fallbacks = located.fallbacks
+            fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
+                                   deadline_s)  # fmt: skip
         slots = self._verified(
             self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0), fetched, owner
         )
@@ -265,9 +260,43 @@ class MeshNode:
         self.metrics.chunks_fetched.inc(len(fetched_here))
         self.metrics.bytes_fetched.inc(sum(slot.region.nbytes for slot in fetched_here))
         self.metrics.chunks_missed.inc(len(keys) - len(slots))
-        if located.fallbacks:
+        if fallbacks:
             self.pusher.submit([s.key for s in slots])  # read repair at the new homes
         return ChunkLease([self.store.view(s) for s in slots], self.store, slots, owner)
+
+    def _fetch(
+        self,
+        keys: Sequence[bytes],
+        holders: Sequence[str],
+        start: int,
+        chunk_bytes: int,
+        client: RequestClient,
+        owner: str,
+        deadline_s: float,
+    ) -> set[int]:
+        """Fetches keys[start + i] from holders[i]; the indexes (into ``keys``) committed."""
+        if all(holder == self.name for holder in holders):
+            return set()
+        fetched = fetch(
+            keys[start : start + len(holders)],
+            holders,
+            chunk_bytes=chunk_bytes,
+            membership=self.membership,
+            store=self.store,
+            client=client,
+            handshake=lambda peer, d: self._handshake(client, peer, d),
+            inline=self.channel.kind == "tcp",
+            owner=owner,
+            deadline_s=deadline_s,
+        )
+        return {start + i for i in fetched}
+
+    def _leading_held(self, keys: Sequence[bytes], guesses: list[str], fetched: set[int]) -> int:
+        """How many leading keys are here now: local copies and chunks just fetched."""
+        for i in range(len(keys)):
+            if i not in fetched and not (i < len(guesses) and guesses[i] == self.name):
+                return i
+        return len(keys)
 
     def _verified(self, slots: list[Slot], fetched: set[int], owner: str) -> list[Slot]:
         """Cuts the lease at the first chunk whose bytes no longer match their checksum (memory
