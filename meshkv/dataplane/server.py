@@ -37,8 +37,11 @@ log = logging.getLogger("vllm.meshkv.dataplane.server")
 
 POLL_IDLE_MS = 200
 """Longest the loop sleeps with nothing in flight (stop requests wake it at once)."""
-POLL_BUSY_MS = 1
-"""Loop period while transfers are in flight (their completion is polled, not signalled)."""
+BUSY_SLEEP_MIN_S = 50e-6
+BUSY_SLEEP_MAX_S = 1e-3
+"""While transfers are in flight (their completion is polled, not signalled) the loop sleeps
+between rounds, from MIN doubling to MAX while nothing happens: a small transfer is answered
+within tens of microseconds of its end, a long one costs at most a wake-up per millisecond."""
 INBOUND_HWM = 4096
 PUT_RESERVATION_S = 10.0
 """How long a producer may take between a put's reply and its commit."""
@@ -137,16 +140,22 @@ class DataServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
+        busy_sleep_s = BUSY_SLEEP_MIN_S
         try:
             while self._running.is_set():
-                timeout_ms = POLL_BUSY_MS if self._in_flight else POLL_IDLE_MS
-                ready = dict(poller.poll(timeout_ms))
+                ready = dict(poller.poll(0 if self._in_flight else POLL_IDLE_MS))
                 if self._wake_in in ready:
                     while self._wake_in.poll(0):
                         self._wake_in.recv()
                 if self._router in ready:
                     self._receive_batch()
+                in_flight = len(self._in_flight)
                 self._poll_transfers()
+                if ready or len(self._in_flight) < in_flight:
+                    busy_sleep_s = BUSY_SLEEP_MIN_S
+                elif self._in_flight:
+                    time.sleep(busy_sleep_s)
+                    busy_sleep_s = min(2 * busy_sleep_s, BUSY_SLEEP_MAX_S)
                 if time.monotonic() >= self._next_expire_s:
                     self._expire()
                     self._next_expire_s = time.monotonic() + EXPIRE_INTERVAL_S
