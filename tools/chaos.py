@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import queue
 import random
 import secrets
 import signal
@@ -320,11 +321,13 @@ class Member:
                 self.peak_rss_bytes = max(self.peak_rss_bytes, int(line.split()[1]) * 1024)
 
 
-def write_member_config(path: Path, *, channel: str, host: str, profile: str, secret: str | None,
-                        timeout_ms: int) -> None:  # fmt: skip
-    lines = [f"transfer_channel: {channel}", f"p2p_host: {host}",
-             f"mesh_gossip_profile: {profile}", f"mesh_transfer_timeout_ms: {timeout_ms}",
-             "enable_p2p: true"]  # fmt: skip
+def write_member_config(path: Path, *, channel: str, host: str | None, profile: str,
+                        secret: str | None, timeout_ms: int) -> None:  # fmt: skip
+    """The members' YAML file (``host`` None: each member's ``--host`` gives it)."""
+    lines = [f"transfer_channel: {channel}", f"mesh_gossip_profile: {profile}",
+             f"mesh_transfer_timeout_ms: {timeout_ms}", "enable_p2p: true"]  # fmt: skip
+    if host:
+        lines.append(f"p2p_host: {host}")
     if secret:
         lines.append(f"mesh_secret: {secret}")
     path.write_text("\n".join(lines) + "\n")
@@ -724,6 +727,61 @@ def client_main(args: argparse.Namespace) -> int:
     finally:
         node.stop(leave=False)
     return 0
+
+
+class ClientProcess:
+    """The driving side of `client_main`: starts ``chaos.py client`` (under ``prefix``, e.g.
+    ``ip netns exec NS``) and sends it one command at a time, each answer bounded in time."""
+
+    def __init__(self, args: Sequence[str], *, prefix: Sequence[str], log_path: Path) -> None:
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, str(Path(__file__).resolve()), "client", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, name="client-stdout", daemon=True).start()
+        self.ready: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(b"")  # end of output: the process exited
+
+    def _answer(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"client gave no answer within {timeout_s}s") from None
+        if not line:
+            raise RuntimeError(f"client exited with {self.proc.poll()}")
+        return json.loads(line)
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> dict[str, Any]:
+        self.ready = self._answer(timeout_s)
+        return self.ready
+
+    def call(self, answer_within_s: float, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._answer(answer_within_s)
+
+    def stop(self) -> None:
+        """Asks it to quit, then -9 if it has not within a few seconds; always reaps it."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b'{"op": "quit"}\n')
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT_S)
+        self._log.close()
 
 
 # --- command line ---------------------------------------------------------------------------
