@@ -1,9 +1,11 @@
 """The chaos harness in CI: 4 real members on 127.0.0.1, readers and writers, >= 60 s of seeded
-kill -9 / SIGSTOP+SIGCONT / restart faults (>= 10 of them), then the report's invariants.
+kill -9 / SIGSTOP+SIGCONT / restart faults (>= 10 of them) and a stream of bad frames, then the
+report's invariants.
 
 The harness (`tools/chaos.py`) checks every read against ground-truth digests and times every
 call against its deadline; this test asserts what it counted. The mesh must also be one ring
-again after every fault, and no member may grow past its byte budget + a fixed overhead.
+again after every fault, no member may crash on the bad frames (each is dropped and counted),
+and none may grow past its byte budget + a fixed overhead.
 """
 
 from __future__ import annotations
@@ -78,5 +80,9 @@ def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_cal
     assert report["deadline_overruns"] == 0, report["overrun_examples"]
     assert report["errors"] == 0, report["error_examples"]
     assert report["reconvergence_s"]["not_reconverged"] == 0, report["fault_log"]
+    assert report["crashes"] == {}, report["crashes"]
+    bad = report["bad_inputs"]
+    assert bad["sent"] > 100 and len(bad["by_kind"]) == len(chaos.BAD_KINDS), bad
+    assert bad["dropped_counted"] > 0, "no member counted a dropped frame"
     for name, rss in report["peak_rss"].items():
         assert rss["ok"], f"{name} peaked at {rss['peak_bytes']} bytes > {rss['limit_bytes']}"

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,16 +47,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zmq
 
 from meshkv.config import MeshConfig
+from meshkv.dataplane import messages as dm
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState
-from meshkv.gossip.messages import gossip_codec
+from meshkv.gossip.messages import Ping, encode_message, gossip_codec
 from meshkv.gossip.runner import query_members
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
-from meshkv.wire import AuthPolicy
+from meshkv.wire import MAGIC, AuthPolicy
 
 NAMESPACE = "c4" * 16
 """The clients' namespace label (storage members serve every namespace)."""
@@ -70,6 +73,7 @@ STOP_TIMEOUT_S = 15.0
 QUERY_TIMEOUT_S = 0.5
 CONVERGE_POLL_S = 0.1
 RSS_POLL_S = 0.25
+SCRAPE_S = 1.0
 PROMPTS_KEPT_MAX = 4096
 """Recent prompts the readers choose from (older ones are forgotten, not their digests)."""
 WRONG_EXAMPLES_MAX = 20
@@ -88,8 +92,8 @@ class Settings:
     client_capacity_gib: float = 0.03125  # each client's store (32 MiB: reads must travel)
     chunk_bytes: int = 64 * 1024
     max_chunks_per_prompt: int = 4
-    writers: int = 1
-    readers: int = 2
+    writers: int = 1  # threads of the writer client
+    readers: int = 2  # threads of the reader client
     write_rate_hz: float = 8.0  # prompts per second per writer
     read_rate_hz: float = 15.0  # calls per second per reader
     lookup_share: float = 0.2  # of reader calls that are lookups (the rest are gets)
@@ -102,6 +106,7 @@ class Settings:
     overhead_mib: int = 512  # fixed RSS allowance per member beyond its byte budget
     profile: str = "local"
     secret: bool = True  # authenticate every frame (HMAC) during the run
+    bad_input_rate_hz: float = 10.0  # malformed/unauthenticated/replayed frames sent per second
 
 
 # --- ground truth ---------------------------------------------------------------------------
@@ -235,10 +240,14 @@ class Member:
     seeds: list[str]
     prefix: list[str] = field(default_factory=list)
     name_prefix: str = "m"
+    admin_port: int | None = None  # Prometheus /metrics (set in its config), for drop counts
     proc: subprocess.Popen[bytes] | None = None
     boots: int = 0
     peak_rss_bytes: int = 0
     frozen: bool = False
+    stopped_on_purpose: bool = False
+    crashes: list[str] = field(default_factory=list)
+    dropped_by_boot: dict[int, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -255,6 +264,7 @@ class Member:
     def start(self) -> None:
         seeds = [a for s in self.seeds if s != self.address for a in ("--seed", s)]
         self.boots += 1
+        self.stopped_on_purpose = False
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "meshkv", "join",
@@ -290,6 +300,7 @@ class Member:
 
     def kill(self) -> None:
         """-9 and reap (bounded); safe to call at any time."""
+        self.stopped_on_purpose = True
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -298,6 +309,7 @@ class Member:
 
     def leave(self) -> None:
         """SIGTERM (graceful leave with hand-off), -9 if it takes longer than allowed."""
+        self.stopped_on_purpose = True
         if self.running:
             assert self.proc is not None
             if self.frozen:
@@ -307,6 +319,28 @@ class Member:
                 self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def check_alive(self) -> None:
+        """Records a crash: the process ended though nobody stopped it."""
+        if self.proc is not None and not self.stopped_on_purpose and self.proc.poll() is not None:
+            self.crashes.append(f"boot {self.boots} exited with {self.proc.returncode}")
+            self.stopped_on_purpose = True  # recorded once
+
+    def scrape_dropped(self) -> None:
+        """Keeps this boot's count of dropped frames (``meshkv_frames_dropped`` on /metrics)."""
+        if self.admin_port is None or not self.running or self.frozen:
+            return
+        url = f"http://{self.host}:{self.admin_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_S) as response:
+                text = response.read().decode()
+        except (OSError, ValueError):
+            return
+        for line in text.splitlines():
+            if line.startswith("meshkv_frames_dropped{"):
+                value = int(float(line.rsplit(" ", 1)[1]))
+                seen = self.dropped_by_boot.get(self.boots, 0)
+                self.dropped_by_boot[self.boots] = max(seen, value)
 
     def sample_rss(self) -> None:
         """Keeps the highest VmHWM (peak resident set) any boot reached."""
@@ -322,12 +356,15 @@ class Member:
 
 
 def write_member_config(path: Path, *, channel: str, host: str | None, profile: str,
-                        secret: str | None, timeout_ms: int) -> None:  # fmt: skip
+                        secret: str | None, timeout_ms: int,
+                        admin_port: int | None = None) -> None:  # fmt: skip
     """The members' YAML file (``host`` None: each member's ``--host`` gives it)."""
     lines = [f"transfer_channel: {channel}", f"mesh_gossip_profile: {profile}",
              f"mesh_transfer_timeout_ms: {timeout_ms}", "enable_p2p: true"]  # fmt: skip
     if host:
         lines.append(f"p2p_host: {host}")
+    if admin_port:
+        lines.append(f"lmcache_worker_ports: {admin_port}")
     if secret:
         lines.append(f"mesh_secret: {secret}")
     path.write_text("\n".join(lines) + "\n")
@@ -337,6 +374,101 @@ def pick_channel(channel: str) -> str:
     if channel != "auto":
         return channel
     return "nixl" if importlib.util.find_spec("nixl") is not None else "tcp"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+BAD_KINDS = ("random", "magic_garbage", "unsigned", "wrong_secret", "tampered", "replayed",
+             "truncated", "overlong")  # fmt: skip
+
+
+class Intruder:
+    """Sends bad frames to the members' gossip and data ports: garbage, frames unsigned or
+    signed with another secret, tampered, truncated, oversized, and replays of a frame signed
+    with the mesh's own secret. A member must drop and count them all and keep running."""
+
+    def __init__(self, secret: str | None, profile: GossipConfig) -> None:
+        self.context = zmq.Context()
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.secret = secret
+        self.auth = AuthPolicy.from_strings(secret, None)
+        self.gossip_codecs = {
+            "unsigned": gossip_codec(profile, AuthPolicy()),
+            "wrong_secret": gossip_codec(profile, AuthPolicy.from_strings("x" * 32, None)),
+            "signed": gossip_codec(profile, self.auth),
+        }
+        self.data_codecs = {
+            "unsigned": dm.make_codec(1 << 20, AuthPolicy()),
+            "wrong_secret": dm.make_codec(1 << 20, AuthPolicy.from_strings("x" * 32, None)),
+            "signed": dm.make_codec(1 << 20, self.auth),
+        }
+        self.sent: Counter[str] = Counter()
+
+    def _socket(self, address: str) -> zmq.Socket:
+        sock = self.sockets.get(address)
+        if sock is None:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 64)
+            sock.connect(f"tcp://{address}")
+            self.sockets[address] = sock
+        while sock.poll(0):  # answers to the replayed frame's first copy: read and drop
+            sock.recv(zmq.NOBLOCK)
+        return sock
+
+    def frames(self, rng: random.Random, kind: str, plane: str) -> list[bytes]:
+        if plane == "gossip":
+            codecs = self.gossip_codecs
+            message = Ping(seq=rng.getrandbits(31), target="m0/0", source="intruder/0",
+                           source_address="127.0.0.1:9")  # fmt: skip
+
+            def encode(codec: Any) -> bytes:
+                return encode_message(codec, message)
+        else:
+            codecs = self.data_codecs
+            lookup = dm.Lookup(req=rng.getrandbits(31), epoch=0, keys=[os.urandom(16)])
+
+            def encode(codec: Any) -> bytes:
+                return dm.encode(codec, lookup)
+
+        if kind == "random":
+            return [rng.randbytes(rng.randrange(1, 512))]
+        if kind == "magic_garbage":
+            return [MAGIC + rng.randbytes(rng.randrange(0, 256))]
+        if kind in ("unsigned", "wrong_secret"):
+            return [encode(codecs[kind])]
+        signed = encode(codecs["signed"])
+        if kind == "tampered":
+            flipped = bytearray(signed)
+            flipped[rng.randrange(len(MAGIC), len(flipped))] ^= 1 << rng.randrange(8)
+            return [bytes(flipped)]
+        if kind == "truncated":
+            return [signed[: rng.randrange(1, len(signed))]]
+        if kind == "overlong":  # 2 MiB: past the gossip frame bound; lying lengths on data
+            return [signed[: len(MAGIC) + 3] + b"\xc6" + b"x" * (2 << 20)]
+        if plane == "gossip" or self.secret is None:  # a valid gossip frame would be obeyed
+            return []
+        return [signed, signed]  # replayed: the first copy is a legitimate lookup
+
+    def send(self, rng: random.Random, members: Sequence[Member]) -> None:
+        member = rng.choice(members)
+        plane = rng.choice(("gossip", "data"))
+        port = member.gossip_port if plane == "gossip" else member.data_port
+        kind = rng.choice(BAD_KINDS)
+        frames = self.frames(rng, kind, plane)
+        sock = self._socket(f"{member.host}:{port}")
+        for frame in frames:
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:  # the member is frozen or down and the queue is full
+                return
+        if frames:
+            self.sent[kind] += 1
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.context.term()
 
 
 # --- convergence ----------------------------------------------------------------------------
@@ -413,21 +545,25 @@ class Chaos:
         self.codec = gossip_codec(
             profile[settings.profile](), AuthPolicy.from_strings(self.secret, None)
         )
+        self.intruder = Intruder(self.secret, profile[settings.profile]())
+        self.lateness: list[float] = []  # how late this process's sampler woke: host load
 
     # -- set up and tear down --
 
     def start_members(self) -> None:
-        config = self.workdir / "member.yaml"
-        write_member_config(config, channel=self.channel, host="127.0.0.1",
-                            profile=self.s.profile, secret=self.secret,
-                            timeout_ms=int(self.s.call_timeout_s * 1000))  # fmt: skip
-        ports = free_ports(2 * self.s.members)
-        seeds = [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[2]}"][: self.s.members]
+        ports = free_ports(3 * self.s.members)
+        seeds = [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[3]}"][: self.s.members]
         for i in range(self.s.members):
-            member = Member(index=i, host="127.0.0.1", gossip_port=ports[2 * i],
-                            data_port=ports[2 * i + 1], config_path=config,
-                            log_path=self.workdir / f"m{i}.log",
-                            capacity_gib=self.s.capacity_gib, seeds=seeds)  # fmt: skip
+            gossip_port, data_port, admin_port = ports[3 * i : 3 * i + 3]
+            config = self.workdir / f"m{i}.yaml"
+            write_member_config(config, channel=self.channel, host="127.0.0.1",
+                                profile=self.s.profile, secret=self.secret,
+                                timeout_ms=int(self.s.call_timeout_s * 1000),
+                                admin_port=admin_port)  # fmt: skip
+            member = Member(index=i, host="127.0.0.1", gossip_port=gossip_port,
+                            data_port=data_port, config_path=config,
+                            log_path=self.workdir / f"m{i}.log", capacity_gib=self.s.capacity_gib,
+                            seeds=seeds, admin_port=admin_port)  # fmt: skip
             self.members.append(member)
             member.start()
         for member in self.members:
@@ -435,19 +571,20 @@ class Chaos:
                 raise RuntimeError(f"{member.name} did not start: see {member.log_path}")
 
     def start_clients(self) -> None:
+        """Two client members: a writer and a reader (each of their threads has its own
+        sockets; fewer nodes in this process leave more of its GIL to the timed calls)."""
         seeds = [m.address for m in self.members]
-        for role, count in (("writer", self.s.writers), ("reader", self.s.readers)):
-            for i in range(count):
-                config = MeshConfig(
-                    enable_p2p=True, transfer_channel=self.channel, p2p_host="127.0.0.1",
-                    mesh_seeds=seeds, mesh_gossip_profile=self.s.profile,
-                    max_local_cpu_size=self.s.client_capacity_gib,
-                    mesh_transfer_timeout_ms=int(self.s.call_timeout_s * 1000),
-                    lmcache_instance_id=f"{role}{i}", mesh_secret=self.secret,
-                )  # fmt: skip
-                node = MeshNode(config, namespace=NAMESPACE)
-                node.start()
-                self.clients.append(node)
+        for role in ("writer", "reader"):
+            config = MeshConfig(
+                enable_p2p=True, transfer_channel=self.channel, p2p_host="127.0.0.1",
+                mesh_seeds=seeds, mesh_gossip_profile=self.s.profile,
+                max_local_cpu_size=self.s.client_capacity_gib,
+                mesh_transfer_timeout_ms=int(self.s.call_timeout_s * 1000),
+                lmcache_instance_id=role, mesh_secret=self.secret,
+            )  # fmt: skip
+            node = MeshNode(config, namespace=NAMESPACE)
+            node.start()
+            self.clients.append(node)
 
     def names(self) -> set[str]:
         return {m.name for m in self.members} | {c.name for c in self.clients}
@@ -470,6 +607,13 @@ class Chaos:
         self.stop.set()
         for thread in self.threads:
             thread.join(self.s.call_timeout_s + 10)
+        self.intruder.close()
+        for member in self.members:
+            member.check_alive()
+            member.send(signal.SIGCONT)
+        time.sleep(SCRAPE_S)  # the last bad frames are counted before the last scrape
+        for member in self.members:
+            member.scrape_dropped()
         for client in self.clients:
             try:
                 client.stop(leave=False)
@@ -530,24 +674,45 @@ class Chaos:
 
     def start_workload(self) -> None:
         rng = random.Random(self.s.seed ^ 0x5EED)
-        for node in self.clients:
-            thread_rng = random.Random(rng.getrandbits(64))
-            if node.name.startswith("writer"):
-                body, rate = self.writer(node, thread_rng), self.s.write_rate_hz
-            else:
-                body, rate = self.reader(node, thread_rng), self.s.read_rate_hz
-            thread = threading.Thread(target=self.paced, args=(rate, body), name=node.name,
+        writer, reader = self.clients
+        bodies = [(self.writer(writer, random.Random(rng.getrandbits(64))), self.s.write_rate_hz)
+                  for _ in range(self.s.writers)]  # fmt: skip
+        bodies += [(self.reader(reader, random.Random(rng.getrandbits(64))), self.s.read_rate_hz)
+                   for _ in range(self.s.readers)]  # fmt: skip
+        for i, (body, rate) in enumerate(bodies):
+            thread = threading.Thread(target=self.paced, args=(rate, body), name=f"client{i}",
                                       daemon=True)  # fmt: skip
             thread.start()
             self.threads.append(thread)
-        sampler = threading.Thread(target=self.sample_rss, name="rss", daemon=True)
+        sampler = threading.Thread(target=self.sample, name="sampler", daemon=True)
         sampler.start()
         self.threads.append(sampler)
+        if self.s.bad_input_rate_hz > 0:
+            bad_rng = random.Random(rng.getrandbits(64))
+            intruder = threading.Thread(
+                target=self.paced,
+                args=(self.s.bad_input_rate_hz, lambda: self.intruder.send(bad_rng, self.members)),
+                name="intruder",
+                daemon=True,
+            )
+            intruder.start()
+            self.threads.append(intruder)
 
-    def sample_rss(self) -> None:
-        while not self.stop.wait(RSS_POLL_S):
+    def sample(self) -> None:
+        """Peak RSS and crashes every `RSS_POLL_S`, drop counters every `SCRAPE_S`."""
+        scraped_at = 0.0
+        while True:
+            asleep_at = time.monotonic()
+            if self.stop.wait(RSS_POLL_S):
+                return
+            self.lateness.append(time.monotonic() - asleep_at - RSS_POLL_S)
             for member in self.members:
                 member.sample_rss()
+                member.check_alive()
+            if time.monotonic() - scraped_at >= SCRAPE_S:
+                scraped_at = time.monotonic()
+                for member in self.members:
+                    member.scrape_dropped()
 
     # -- faults --
 
@@ -617,9 +782,18 @@ class Chaos:
             "errors": counts["errors"],
             "error_examples": self.tally.errors,
             "latency_s": {op: percentiles(v) for op, v in self.tally.latencies.items()},
+            "wakeup_lateness_s": percentiles(self.lateness),
             "peak_rss": rss,
             "reconvergence_s": percentiles(times)
             | {"not_reconverged": len(self.faults) - len(times)},
+            "bad_inputs": {
+                "sent": sum(self.intruder.sent.values()),
+                "by_kind": dict(sorted(self.intruder.sent.items())),
+                "dropped_counted": sum(sum(m.dropped_by_boot.values()) for m in self.members),
+                "note": "dropped_counted: members' meshkv_frames_dropped, scraped each second; "
+                "frames sent to a member just before it was killed are lost uncounted",
+            },
+            "crashes": {m.name: m.crashes for m in self.members if m.crashes},
             "fault_log": self.faults,
         }
         report["ok"] = (
@@ -628,6 +802,7 @@ class Chaos:
             and report["errors"] == 0
             and all(r["ok"] for r in rss.values())
             and report["reconvergence_s"]["not_reconverged"] == 0
+            and not report["crashes"]
         )
         return report
 
@@ -817,7 +992,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     summary = {k: report[k] for k in ("requests", "faults", "wrong_bytes", "deadline_overruns",
-                                      "errors", "reconvergence_s", "ok")}  # fmt: skip
+                                      "errors", "crashes", "reconvergence_s", "ok")}  # fmt: skip
+    summary["bad_inputs"] = {k: report["bad_inputs"][k] for k in ("sent", "dropped_counted")}
     summary["peak_rss_mib"] = {n: r["peak_bytes"] >> 20 for n, r in report["peak_rss"].items()}
     print(json.dumps(summary, indent=2))
     return 0 if report["ok"] else 1
