@@ -7,10 +7,16 @@ any of them compute disjoint keys and can never load each other's KV.
 
     h_0 = H(namespace digest ‖ cache_salt)
     h_i = H(h_{i-1} ‖ token ids of chunk i as little-endian uint32)
+    key_i = h_a[:8] ‖ h_i[8:]      where a = G·⌊i/G⌋, G = HOME_GROUP_CHUNKS
 
 H is BLAKE2b with a 16-byte digest: deterministic in every process and on every machine (no
-PYTHONHASHSEED), and collision-resistant, so a tenant cannot craft a prompt whose key collides
-with another tenant's. A chunk's ring position is the first 8 bytes of its key, big-endian.
+PYTHONHASHSEED). A chunk's ring position is the first 8 bytes of its key, big-endian, so the G
+consecutive chunks of a group share one position, and one home: a prompt of n chunks has at
+most ⌈n/G⌉ homes, and asking "who holds this prompt" is that many requests, not n. The key still
+names its whole prefix: the last 8 bytes come from h_i, the first 8 from the group's first chunk.
+Two different chunks share a key only if both halves collide (a 64-bit match between chunks of
+one group, about n·G/2^65 for n chunks in all); a tenant cannot aim at another tenant's key,
+whose chain starts from another salt, with less than a 2^64 search.
 
 This module knows nothing of rings, peers or vLLM.
 """
@@ -27,6 +33,10 @@ import numpy as np
 from meshkv.errors import UsageError
 
 KEY_BYTES = 16
+HOME_GROUP_CHUNKS = 16
+"""G: consecutive chunks that share a ring position (16 chunks of 256 tokens: 4,096 tokens a
+home). Part of the key scheme, so every member must agree: changing it renames every chunk."""
+_ROUTE_BYTES = 8
 _PERSON_ROOT = b"meshkv-root"
 _PERSON_CHUNK = b"meshkv-chunk"
 
@@ -98,12 +108,14 @@ def chunk_keys(root: bytes, token_ids: Sequence[int] | np.ndarray, chunk_size: i
     data = tokens.astype("<u4").tobytes()
     step = chunk_size * 4
     keys: list[bytes] = []
-    previous = root
-    for start in range(0, (len(tokens) // chunk_size) * step, step):
+    previous, route = root, b""
+    for index, start in enumerate(range(0, (len(tokens) // chunk_size) * step, step)):
         h = hashlib.blake2b(previous, digest_size=KEY_BYTES, person=_PERSON_CHUNK)
         h.update(data[start : start + step])
         previous = h.digest()
-        keys.append(previous)
+        if index % HOME_GROUP_CHUNKS == 0:
+            route = previous[:_ROUTE_BYTES]
+        keys.append(route + previous[_ROUTE_BYTES:])
     return keys
 
 

@@ -7,7 +7,14 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshkv.keys import KEY_BYTES, Namespace, chunk_keys, ring_position, root_key
+from meshkv.keys import (
+    HOME_GROUP_CHUNKS,
+    KEY_BYTES,
+    Namespace,
+    chunk_keys,
+    ring_position,
+    root_key,
+)
 
 NS = Namespace(
     model_id="tiny-llama@abc123",
@@ -35,6 +42,17 @@ def test_keys_depend_on_the_whole_prefix(a: list[int], b: list[int]) -> None:
     ka, kb = chunk_keys(root, a, 64), chunk_keys(root, b, 64)
     for i, (x, y) in enumerate(zip(ka, kb, strict=False)):
         assert (x == y) == (a[: (i + 1) * 64] == b[: (i + 1) * 64])
+
+
+@given(tokens)
+def test_each_group_of_chunks_shares_one_ring_position(ids: list[int]) -> None:
+    keys = chunk_keys(root_key(NS.digest()), ids, 16)
+    for i, key in enumerate(keys):
+        anchor = keys[i - i % HOME_GROUP_CHUNKS]
+        assert ring_position(key) == ring_position(anchor)
+    anchors = keys[::HOME_GROUP_CHUNKS]
+    assert len({ring_position(k) for k in anchors}) == len(anchors)
+    assert len(set(keys)) == len(keys)
 
 
 def test_salt_and_namespace_isolate() -> None:

@@ -112,12 +112,13 @@ def test_partial_prefix_hit_stops_at_first_miss(mesh: Mesh) -> None:
 
 def test_a_get_of_chunks_at_their_homes_asks_no_lookup_first(mesh: Mesh) -> None:
     a, b, c = mesh.add("a"), mesh.add("b"), mesh.add("c")
-    keys = keys_for(16)
+    keys = keys_for(64)  # 4 groups of chunks, so 4 homes at most
+    assert {c.membership.ring().current.home(k) for k in keys} - {"c/0"}, "all homed at c"
     a.put(keys, [chunk(k) for k in keys])
     mesh.settle()
     lookups_before = sum(n.server.stats["rx_lookup"] for n in (a, b))
     with c.get(keys, CHUNK_BYTES) as lease:
-        assert lease.count == 16
+        assert lease.count == 64
         assert all(np.array_equal(v, chunk(k)) for k, v in zip(keys, lease.views, strict=True))
     assert sum(n.server.stats["rx_lookup"] for n in (a, b)) == lookups_before
     assert sum(n.server.stats["rx_get"] for n in (a, b)) >= 1
