@@ -68,7 +68,7 @@ class Worker:
 def split_name(name: str) -> tuple[str, int] | None:
     """``"instance/rank"`` -> (instance, rank); None for names of another form."""
     instance, sep, rank = name.rpartition("/")
-    if not sep or not instance or not rank.isdigit():
+    if not sep or not instance or not (rank.isascii() and rank.isdigit()):  # isdigit: "²" too
         return None
     return instance, int(rank)
 
@@ -128,7 +128,7 @@ class WorkerTable:
             instance_id=instance_id,
             worker_id=rank,
             ip=host,
-            port=int(port) if port.isdigit() else 0,
+            port=int(port) if port.isascii() and port.isdigit() else 0,
             peer_init_url=view.address,
             registration_time=first_seen,
             last_heartbeat_time=alive_until,

@@ -89,7 +89,7 @@ def _checked_address(address: str) -> str:
     if not 0 < len(address.encode()) <= MAX_ADDRESS_BYTES:
         raise UsageError(f"address must be a non-empty str of <= {MAX_ADDRESS_BYTES} bytes")
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"address {address!r} is not 'host:port'")
     return address
 
