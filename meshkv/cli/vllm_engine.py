@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshkv.errors import TransportError
+from meshkv.errors import TransportError, UsageError
 
 READY_POLL_S = 0.5
 STOP_GRACE_S = 20.0
@@ -143,8 +143,11 @@ class EngineProcess:
         return self._process.pid if self._process else None
 
     def start(self) -> EngineProcess:
+        """Launch the server (again, after `stop` or `kill`); its log is appended to."""
+        if self._process is not None and self._process.poll() is None:
+            raise UsageError(f"{self.spec.name} is already running (pid {self._process.pid})")
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.spec.log_path.open("wb")
+        log = self.spec.log_path.open("ab")  # a restarted server appends: offsets stay valid
         self._started_at = time.monotonic()
         self._process = subprocess.Popen(
             self.spec.command(),
@@ -259,6 +262,16 @@ class EngineProcess:
         """Send ``signum`` to every process of this server (its own process group)."""
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the server at once (a crash: nothing runs its shutdown) and
+        reap it; `start` may then run the same spec again."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
     def stop(self) -> None:
         """SIGTERM the server's process group, then SIGKILL it after a grace period."""
