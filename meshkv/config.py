@@ -447,7 +447,7 @@ def _parse_env(var: str, name: str, raw: str) -> Any:
             ) from None
     if kind == PortSpec:
         parts = [p.strip() for p in raw.split(",") if p.strip()]
-        if not all(_is_number(p) for p in parts) or not parts:
+        if not all(_is_number(p) and len(p) < 20 for p in parts) or not parts:  # int() caps digits
             raise ConfigError(var, f"{raw!r} is not a port or a comma-separated list of ports")
         ports = [int(p) for p in parts]
         return ports[0] if len(ports) == 1 else ports

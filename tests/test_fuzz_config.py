@@ -128,6 +128,7 @@ def test_any_file_content_loads_or_is_one_clear_line(tmp_path_factory, data: byt
 @FUZZ
 @given(st.sampled_from(["LMCACHE_", "MESHKV_"]), st.sampled_from(FIELDS), env_text)
 @example("MESHKV_", "p2p_init_ports", "²")
+@example("MESHKV_", "p2p_lookup_ports", "7" * 5000)  # over int()'s 4300-digit limit
 @example("MESHKV_", "max_local_cpu_size", "1e400")
 @example("MESHKV_", "extra_config", "[" * 3000)
 @example("MESHKV_", "mesh_seeds", "h:²")

@@ -40,6 +40,8 @@ DEFAULT_PULL_PORT = 8300
 DEFAULT_REPLY_PORT = 8400
 DEFAULT_HEALTH_CHECK_INTERVAL_S = -1
 DEFAULT_WORKER_TIMEOUT_S = 300
+INTEGER_DIGITS_MAX = 300
+"""Longest run of digits read as a number from a key=value or an environment value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,8 @@ def parse_monitor_ports(value: object, key: str = "--monitor-ports") -> MonitorP
                 f"is not JSON ({exc.msg} at column {exc.colno}); "
                 f"expected e.g. '{MONITOR_PORTS_EXAMPLE}'",
             ) from None
+        except (ValueError, RecursionError):  # an over-long integer, nesting too deep
+            raise ConfigError(key, f"is not JSON like '{MONITOR_PORTS_EXAMPLE}'") from None
     if not isinstance(value, dict):
         raise ConfigError(key, f"must be a JSON object like '{MONITOR_PORTS_EXAMPLE}'")
     unknown = sorted(str(k) for k in value if k not in MONITOR_PORT_NAMES)
@@ -132,7 +136,7 @@ def parse_monitor_ports(value: object, key: str = "--monitor-ports") -> MonitorP
 def _port(key: str, name: str, raw: object) -> int | None:
     if raw is None:
         return None
-    if isinstance(raw, str) and raw.isdigit():
+    if isinstance(raw, str) and _is_number(raw) and len(raw) < 20:
         raw = int(raw)
     if not isinstance(raw, int) or isinstance(raw, bool) or not 0 < raw < 65536:
         raise ConfigError(key, f'"{name}" must be a port number in 1..65535, got {raw!r}')
@@ -147,24 +151,38 @@ def parse_key_values(args: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = arg.partition("=")
         key = key.lstrip("-")
         if not sep or not key:
-            raise ConfigError(arg, "is neither a flag of lmcache_controller nor a key=value")
-        params[key] = _scalar(key, raw)
+            raise ConfigError(
+                _shown(arg), "is neither a flag of lmcache_controller nor a key=value"
+            )
+        params[key] = _scalar(_shown(key), raw)
     return params
 
 
 def _scalar(key: str, raw: str) -> Any:
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
-    if raw.isdigit():
+    if _is_number(raw) and len(raw) <= INTEGER_DIGITS_MAX:
         return int(raw)
-    if raw.replace(".", "", 1).isdigit():
+    if _is_number(raw.replace(".", "", 1)) and len(raw) <= INTEGER_DIGITS_MAX:
         return float(raw)
     if raw.startswith(("{", "[")):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ConfigError(key, f"value is not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError):  # an over-long integer, nesting too deep
+            raise ConfigError(key, "value is not valid JSON") from None
     return raw
+
+
+def _shown(key: str) -> str:
+    """A key as an error names it: as is, or quoted if it holds a newline or the like."""
+    return key if key.isprintable() else repr(key)
+
+
+def _is_number(text: str) -> bool:
+    """Plain ASCII digits (``str.isdigit`` also accepts "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def load_settings(
@@ -192,17 +210,19 @@ def load_settings(
     mine = {k: values.pop(k) for k in _CONTROLLER_KEYS if k in values}
     unknown = sorted(k for k in values if k not in _MESH_KEYS)
     if unknown:
-        raise ConfigError(unknown[0], "is neither a controller key nor a meshkv config key")
+        raise ConfigError(_shown(unknown[0]), "is neither a controller key nor a meshkv config key")
     settings = _settings(mine, command_line.monitor_port, env)
     return settings, load_config(None, overrides=values, environ=env)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError:
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
+    except (yaml.YAMLError, ValueError, RecursionError):  # also: over-long integers, deep nesting
         raise ConfigError("--config", f"{path} is not valid YAML") from None
     if data is None:
         return {}
@@ -252,7 +272,7 @@ def _settings(
 
 
 def _integer(key: str, value: object) -> int:
-    if isinstance(value, str) and value.lstrip("-").isdigit():
+    if isinstance(value, str) and _is_number(value.lstrip("-")) and len(value) < 20:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(key, f"must be an integer, got {value!r}")
