@@ -2,7 +2,9 @@
 
 - ``baseline``: no connector (the reference outputs);
 - ``one``: MeshKVConnector, synchronous loading, the first mesh member (a seed for ``two``);
-- ``two``: MeshKVConnector, asynchronous loading (kv_load_failure_policy recompute).
+- ``two``: MeshKVConnector, asynchronous loading, joined through ``one``'s gossip port
+  (`seed_port`). Both run the documented ``--kv-transfer-config`` as is, so with vLLM's default
+  kv_load_failure_policy ("fail"): the connector makes a failed load a recompute.
 
 Each is pinned to one core with one OMP thread, so outputs compare bit for bit. The servers share
 the tiny Llama generated under ``.models/`` and a kept TorchInductor cache there (the first
@@ -24,6 +26,7 @@ from meshkv.models.tiny_llama import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
+LOOKUP_TIMEOUT_MS = 3000
 MAX_BATCHED_TOKENS = 512
 """Small enough that the tests' prompts take several chunked-prefill steps."""
 
@@ -41,19 +44,24 @@ def mesh_yaml(path: Path, **values: object) -> Path:
         "enable_p2p": True,
         "p2p_host": "127.0.0.1",
         "mesh_gossip_profile": "local",
-        "lookup_timeout_ms": 3000,
+        "lookup_timeout_ms": LOOKUP_TIMEOUT_MS,
     }
     path.write_text(yaml.safe_dump({**base, **values}))
     return path
 
 
+@pytest.fixture(scope="package")
+def seed_port() -> int:
+    """Gossip port of engine ``one``, the mesh's seed (any member joins through it)."""
+    return free_port()
+
+
 @pytest.fixture(scope="package")  # stopped before the other tests run beside them
-def engines(tmp_path_factory) -> Iterator[dict[str, EngineProcess]]:
+def engines(tmp_path_factory, seed_port: int) -> Iterator[dict[str, EngineProcess]]:
     pytest.importorskip("vllm")
     work = tmp_path_factory.mktemp("engines")
     model = make_tiny_llama(REPO / ".models" / "tiny-llama")
     inductor = REPO / ".models" / "inductor-cache"
-    seed_port = free_port()
     one_yaml = mesh_yaml(work / "one.yaml", lmcache_instance_id="one", p2p_init_ports=seed_port)
     two_yaml = mesh_yaml(
         work / "two.yaml",
@@ -72,8 +80,7 @@ def engines(tmp_path_factory) -> Iterator[dict[str, EngineProcess]]:
         EngineSpec(name="one", port=free_port(), core=0, log_path=work / "one.log",
                    mesh_config=one_yaml, **common),
         EngineSpec(name="two", port=free_port(), core=1, log_path=work / "two.log",
-                   mesh_config=two_yaml,
-                   kv_transfer_extra={"kv_load_failure_policy": "recompute"}, **common),
+                   mesh_config=two_yaml, **common),
     ]  # fmt: skip
     running = {spec.name: EngineProcess(spec).start() for spec in specs}
     try:

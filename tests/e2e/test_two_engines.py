@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 import re
-import signal
 import time
 
 import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.processes, pytest.mark.timeout(1500)]
 
+CHUNK = 256
 RETRIEVED = re.compile(
     r"Retrieved (\d+) out of total (\d+) tokens\. size: [\d.]+ gb, cost [\d.]+ ms, "
     r"throughput: [\d.]+ GB/s"
@@ -97,20 +97,21 @@ def test_cache_salt_keeps_tenants_apart(engines):
     assert_same(other, same)
 
 
-def test_a_frozen_peer_costs_a_miss_not_a_hang(engines):
-    """Runs last: engine one is stopped (SIGSTOP) while two serves a prompt one computed."""
-    tokens = prompt(seed=5, length=900)
-    engines["one"].complete(tokens, max_tokens=4)
-    reference = answer(engines["baseline"].complete(tokens, max_tokens=4))
-    fresh = prompt(seed=6, length=900)
-    engines["one"].signal(signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        served = answer(engines["two"].complete(fresh, max_tokens=4, timeout_s=60))
-        elapsed_s = time.monotonic() - started
-        assert_same(answer(engines["baseline"].complete(fresh, max_tokens=4)), served)
-        assert elapsed_s < 15, f"a request waited {elapsed_s:.1f} s on a frozen peer"
-        again = answer(engines["two"].complete(tokens, max_tokens=4, timeout_s=60))
-        assert_same(reference, again)
-    finally:
-        engines["one"].signal(signal.SIGCONT)
+@pytest.mark.parametrize(
+    ("producer", "consumer", "shared_chunks"), [("one", "two", 2), ("two", "one", 1)]
+)
+def test_a_partly_shared_prefix_loads_only_the_shared_chunks(
+    engines, producer, consumer, shared_chunks
+):
+    """The consumer's prompt shares the producer's first ``shared_chunks`` full chunks and 100
+    more tokens, then goes its own way: only the shared chunks are loaded."""
+    original = prompt(seed=10 + shared_chunks, length=1000)
+    split = shared_chunks * CHUNK + 100
+    tail = prompt(seed=20 + shared_chunks, length=300)
+    assert tail[0] != original[split]  # the chunk holding the split differs
+    diverged = original[:split] + tail
+    engines[producer].complete(original, max_tokens=2)
+    offset = engines[consumer].log_size()
+    loaded = answer(engines[consumer].complete(diverged, max_tokens=8))
+    assert retrieved_since(engines[consumer], offset) == [(shared_chunks * CHUNK, len(diverged))]
+    assert_same(answer(engines["baseline"].complete(diverged, max_tokens=8)), loaded)
