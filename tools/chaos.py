@@ -103,6 +103,7 @@ class Settings:
     gap_s: tuple[float, float] = (0.3, 1.5)  # between reconvergence and the next fault
     converge_timeout_s: float = 30.0
     min_faults: int = 0  # chaos goes on past duration_s until this many faults (up to 2x)
+    fault_kinds: tuple[str, ...] = FAULT_KINDS  # one round, shuffled; repeat a kind to weight it
     overhead_mib: int = 512  # fixed RSS allowance per member beyond its byte budget
     profile: str = "local"
     secret: bool = True  # authenticate every frame (HMAC) during the run
@@ -510,10 +511,10 @@ class Fault:
 
 
 def schedule(settings: Settings) -> Iterator[Fault]:
-    """The seeded fault sequence; each kind in turn, in a shuffled order per round."""
+    """The seeded fault sequence: rounds of `Settings.fault_kinds`, each round shuffled."""
     rng = random.Random(settings.seed)
     while True:
-        kinds = list(FAULT_KINDS)
+        kinds = list(settings.fault_kinds)
         rng.shuffle(kinds)
         for kind in kinds:
             span = settings.freeze_s if kind == "freeze" else settings.down_s
