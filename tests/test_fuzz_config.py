@@ -27,6 +27,13 @@ from meshkv.store import segment_sizes
 FIELDS = sorted(MeshConfig.__dataclass_fields__)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
+
+@pytest.fixture(scope="module")
+def scratch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One file rewritten by every example (a directory per example is slow)."""
+    return tmp_path_factory.mktemp("fuzz") / "config.yaml"
+
+
 scalars = (
     st.none()
     | st.booleans()
@@ -93,8 +100,8 @@ def check_outcome(load: Any, named: set[str]) -> None:
 @example({"controller_pull_url": "h:²"})
 @example({"p2p_init_ports": "²"})
 @example({"extra_config": {"lookup_backoff_time": math.nan}})
-def test_yaml_mappings_load_or_name_the_key(tmp_path_factory, mapping: dict[Any, Any]) -> None:
-    path = tmp_path_factory.mktemp("cfg") / "config.yaml"
+def test_yaml_mappings_load_or_name_the_key(scratch_file: Path, mapping: dict[Any, Any]) -> None:
+    path = scratch_file
     path.write_text(yaml.safe_dump(mapping))
     check_outcome(
         lambda: load_config(path, environ={}), {str(k) for k in mapping} | {"config file"}
@@ -110,8 +117,8 @@ def test_yaml_mappings_load_or_name_the_key(tmp_path_factory, mapping: dict[Any,
 @example(b"a: &x [*x]\n")
 @example(b"? [1, 2]\n: 3\n")
 @example(b"chunk_size: !!python/object:os.system ls\n")
-def test_any_file_content_loads_or_is_one_clear_line(tmp_path_factory, data: bytes) -> None:
-    path = tmp_path_factory.mktemp("cfg") / "config.yaml"
+def test_any_file_content_loads_or_is_one_clear_line(scratch_file: Path, data: bytes) -> None:
+    path = scratch_file
     path.write_bytes(data)
 
     def load() -> MeshConfig:

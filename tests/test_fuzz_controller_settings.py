@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,14 @@ from meshkv.compat.controller_settings import CommandLine, load_settings, parse_
 from meshkv.errors import ConfigError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def scratch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One file rewritten by every example (a directory per example is slow)."""
+    return tmp_path_factory.mktemp("fuzz") / "controller.yaml"
+
+
 CONTROLLER_KEYS = ["controller_host", "controller_port", "controller_monitor_ports",
                    "health_check_interval", "lmcache_worker_timeout", "extra_config",
                    "mesh_state_file"]  # fmt: skip
@@ -81,7 +90,7 @@ def test_monitor_ports_parse_or_name_the_flag(text: str) -> None:
 @example(b"\xff\xfe")
 @example(b"[" * 5000)
 @example(b"controller_port: " + b"7" * 5000)
-def test_controller_files_load_or_name_the_key(tmp_path_factory: Any, data: bytes) -> None:
-    path: Path = tmp_path_factory.mktemp("shim") / "controller.yaml"
+def test_controller_files_load_or_name_the_key(scratch_file: Path, data: bytes) -> None:
+    path = scratch_file
     path.write_bytes(data)
     check(lambda: load_settings(CommandLine(config_path=str(path)), environ={}))

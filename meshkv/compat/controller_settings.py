@@ -208,7 +208,7 @@ def load_settings(
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(parse_key_values(command_line.extra))
     mine = {k: values.pop(k) for k in _CONTROLLER_KEYS if k in values}
-    unknown = sorted(k for k in values if k not in _MESH_KEYS)
+    unknown = sorted(str(k) for k in values if k not in _MESH_KEYS)  # YAML keys: any type
     if unknown:
         raise ConfigError(_shown(unknown[0]), "is neither a controller key nor a meshkv config key")
     settings = _settings(mine, command_line.monitor_port, env)
