@@ -85,6 +85,20 @@ def test_a_new_slot_size_takes_over_the_least_recently_used_segment() -> None:
     assert store.stats().used_bytes <= 2 * MIB
 
 
+def test_a_full_class_grows_into_another_class_s_stale_segment() -> None:
+    store = ChunkStore.with_budget(4 * MIB, segment_bytes=2 * MIB)
+    for i in range(4):  # segment 0: four 512 KiB chunks, then left alone
+        put(store, key(i), MIB // 2)
+    for i in range(10, 12):  # segment 1: two 1 MiB chunks, the class now full
+        put(store, key(i), MIB)
+    put(store, key(12), MIB)  # takes over segment 0, whose chunks are all older than 10
+    assert [store.lookup(key(i)) for i in (10, 11, 12)] == [True, True, True]
+    assert not any(store.lookup(key(i)) for i in range(4))
+    put(store, key(13), MIB)
+    put(store, key(14), MIB)  # no stale segment left: its own oldest chunk goes
+    assert [store.lookup(key(i)) for i in (10, 11, 12, 13, 14)] == [False, True, True, True, True]
+
+
 def test_expired_reservations_and_pins_are_reclaimed() -> None:
     store = ChunkStore.with_budget(MIB, segment_bytes=MIB)
     slot = store.reserve(key(1), MIB, owner="w", deadline_s=5.0)

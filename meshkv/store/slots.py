@@ -156,6 +156,7 @@ class SlotTable:
         self._segment_slots: dict[int, list[int]] = {}
         self._segment_live: dict[int, int] = {}  # non-FREE slots per carved segment
         self._segment_busy: dict[int, int] = {}  # RESERVED or pinned slots per carved segment
+        self._segment_newest: dict[int, int] = {}  # latest use of a slot in the segment
         self._classes: dict[int, _SlabClass] = {}
         self._records: dict[int, _SlotRecord] = {}
         self._index: dict[bytes, int] = {}  # key -> READY slot
@@ -328,7 +329,7 @@ class SlotTable:
 
     def _touch(self, rec: _SlotRecord) -> None:
         self._tick += 1
-        rec.last_use = self._tick
+        rec.last_use = self._segment_newest[rec.segment_id] = self._tick
 
     def _release_pins(self, rec: _SlotRecord) -> None:
         """The last pin is gone: the chunk becomes the most recently used evictable one."""
@@ -363,8 +364,13 @@ class SlotTable:
             segment = self._idle_segment(slot_bytes)
             if segment is not None:
                 self._carve(segment, cls)
-            elif cls.lru:
-                self._evict(self._records[next(iter(cls.lru))])
+            elif cls.lru:  # a whole segment of older data elsewhere, else our own oldest chunk
+                victim = self._records[next(iter(cls.lru))]
+                segment = self._reclaim_segment(slot_bytes, older_than=victim.last_use)
+                if segment is None:
+                    self._evict(victim)
+                else:
+                    self._carve(segment, cls)
             else:
                 segment = self._reclaim_segment(slot_bytes)
                 if segment is None:
@@ -394,17 +400,22 @@ class SlotTable:
         self._unassigned.discard(segment)
         return segment
 
-    def _reclaim_segment(self, slot_bytes: int) -> int | None:
+    def _reclaim_segment(self, slot_bytes: int, older_than: int | None = None) -> int | None:
         """Empties a segment of another class with nothing reserved or pinned (fewest chunks,
-        then least recently used), evicting its chunks; None if there is no such segment."""
+        then least recently used), evicting its chunks; None if there is no such segment.
+        With ``older_than``, only a segment whose every chunk was last used before that tick
+        qualifies: a class that is full grows into stale memory rather than evict its own
+        newer chunks, so no size class keeps memory the others need more (LRU across classes).
+        """
         best: tuple[int, int, int] | None = None
         for segment, busy in self._segment_busy.items():
             if busy or self._segment_class[segment] == slot_bytes:
                 continue
             if self._segment_bytes[segment] < slot_bytes:
                 continue
-            slots = [self._records[s] for s in self._segment_slots[segment]]
-            newest = max((r.last_use for r in slots if r.state is SlotState.READY), default=0)
+            newest = self._segment_newest[segment]
+            if older_than is not None and newest >= older_than:
+                continue
             rank = (self._segment_live[segment], newest, segment)
             if best is None or rank < best:
                 best = rank
@@ -436,6 +447,7 @@ class SlotTable:
         self._segment_slots[segment] = ids
         self._segment_live[segment] = 0
         self._segment_busy[segment] = 0
+        self._segment_newest[segment] = 0
         self._idle.add(segment)
 
     def _uncarve(self, segment: int) -> None:
@@ -445,6 +457,7 @@ class SlotTable:
             del cls.free[slot_id]
             del self._records[slot_id]
         del self._segment_live[segment], self._segment_busy[segment]
+        del self._segment_newest[segment]
         self._idle.discard(segment)
         cls.segments.discard(segment)
         if not cls.segments:
