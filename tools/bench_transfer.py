@@ -244,7 +244,10 @@ class Reader:
         with self.node.get(keys, chunk_bytes, timeout_s=WRITE_DEADLINE_S) as lease:
             elapsed = time.perf_counter() - started
             if lease.count != len(keys):
-                raise RuntimeError(f"meshkv get returned {lease.count} of {len(keys)} chunks")
+                raise RuntimeError(
+                    f"meshkv get returned {lease.count} of {len(keys)} chunks of {chunk_bytes} "
+                    f"bytes; reader store {self.node.store.stats()}"
+                )
             if any(bytes(v[:16]) != k for k, v in zip(keys, lease.views, strict=True)):
                 raise RuntimeError("meshkv get returned a chunk under the wrong key")
         return elapsed
