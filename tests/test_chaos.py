@@ -56,6 +56,35 @@ def test_the_ground_truth_check_catches_wrong_bytes() -> None:
     assert tally.counts["wrong_chunks"] == 1 and tally.counts["chunks_missed"] == 2
 
 
+def test_ledger_keeps_digests_only_for_prompts_it_keeps() -> None:
+    ledger = chaos.Ledger(prompts_max=2)
+    rng = chaos.random.Random(3)
+    prompts = [chaos.prompt_keys(rng, "s", 3, min_chunks=3) for _ in range(3)]
+    for keys in prompts:
+        ledger.record(keys, [chaos.digest(chaos.chunk_content(k, 64)) for k in keys])
+    assert all(ledger.truth(k) is None for k in prompts[0] if k not in prompts[1] + prompts[2])
+    assert all(ledger.truth(k) is not None for k in prompts[1] + prompts[2])
+    assert len(ledger) == len(set(prompts[1] + prompts[2])) and ledger.recorded == 3
+
+
+def test_calls_past_deadline_and_slack_are_overruns() -> None:
+    tally = chaos.Tally()
+    tally.timed("get", 1.0 + chaos.DEADLINE_SLACK_S - 0.001, 1.0)
+    tally.timed("get", 1.0 + chaos.DEADLINE_SLACK_S + 0.001, 1.0)
+    tally.timed("put", 5.0, None)  # a put has no deadline
+    assert [o["op"] for o in tally.overruns] == ["get"] and tally.counts["get"] == 2
+
+
+def test_one_ring_needs_every_observer_to_agree_on_names_and_boots() -> None:
+    names = {"a/0", "b/0"}
+    same = {"a/0": 1, "b/0": 2}
+    assert chaos.one_ring([same, dict(same)], names)
+    assert not chaos.one_ring([same, None], names)  # an observer did not answer
+    assert not chaos.one_ring([same, {"a/0": 1, "b/0": 3}], names)  # b's old boot
+    assert not chaos.one_ring([same, {**same, "c/0": 4}], names)  # c is not gone for all
+    assert not chaos.one_ring([{"a/0": 1}, {"a/0": 1}], names)  # b missing everywhere
+
+
 def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_calls(
     tmp_path: Path,
 ) -> None:

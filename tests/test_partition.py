@@ -210,6 +210,13 @@ class Mesh:
             member.kill()
 
 
+def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert why_not_available() == "network namespaces need root (ip netns add)"
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "iptables" in (why_no_loss() or "")
+
+
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
     reason = skip_reason()

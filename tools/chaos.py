@@ -78,6 +78,8 @@ PROMPTS_KEPT_MAX = 4096
 """Recent prompts the readers choose from (older ones are forgotten, not their digests)."""
 WRONG_EXAMPLES_MAX = 20
 FAULT_KINDS = ("kill", "freeze", "restart")
+REPLIES_DRAINED_MAX = 64
+"""Replies to the intruder's replayed lookups read (and dropped) per bad frame sent."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,18 +135,31 @@ def prompt_keys(rng: random.Random, salt: str, max_chunks: int, min_chunks: int 
 
 
 class Ledger:
-    """The ground truth: a digest per key written, and the recent prompts to read."""
+    """The ground truth: the recent prompts to read, and a digest for each of their keys.
 
-    def __init__(self) -> None:
+    Bounded: a digest is kept while a kept prompt names its key (prompts share first chunks).
+    """
+
+    def __init__(self, prompts_max: int = PROMPTS_KEPT_MAX) -> None:
         self._lock = threading.Lock()
         self._digests: dict[bytes, bytes] = {}
-        self._prompts: deque[list[bytes]] = deque(maxlen=PROMPTS_KEPT_MAX)
+        self._refs: Counter[bytes] = Counter()
+        self._prompts: deque[list[bytes]] = deque()
+        self._prompts_max = prompts_max
+        self.recorded = 0
 
     def record(self, keys: list[bytes], digests: list[bytes]) -> None:
         with self._lock:
             for key, d in zip(keys, digests, strict=True):
                 self._digests.setdefault(key, d)
+                self._refs[key] += 1
             self._prompts.append(keys)
+            self.recorded += 1
+            if len(self._prompts) > self._prompts_max:
+                for key in self._prompts.popleft():
+                    self._refs[key] -= 1
+                    if self._refs[key] == 0:
+                        del self._refs[key], self._digests[key]
 
     def pick(self, rng: random.Random) -> list[bytes] | None:
         with self._lock:
@@ -413,7 +428,9 @@ class Intruder:
             sock.setsockopt(zmq.SNDHWM, 64)
             sock.connect(f"tcp://{address}")
             self.sockets[address] = sock
-        while sock.poll(0):  # answers to the replayed frame's first copy: read and drop
+        for _ in range(REPLIES_DRAINED_MAX):  # answers to replayed frames' first copies: drop
+            if not sock.poll(0):
+                break
             sock.recv(zmq.NOBLOCK)
         return sock
 
@@ -774,7 +791,7 @@ class Chaos:
             "requests": {op: counts[op] for op in ("put", "get", "lookup")}
             | {"total": counts["put"] + counts["get"] + counts["lookup"]},
             "chunks": {k: counts[k] for k in ("chunks_written", "chunks_hit", "chunks_missed")},
-            "keys_in_ground_truth": len(self.ledger),
+            "prompts_recorded": self.ledger.recorded,
             "faults": {k: kinds[k] for k in FAULT_KINDS} | {"total": len(self.faults)},
             "wrong_bytes": counts["wrong_chunks"],
             "wrong_examples": self.tally.wrong,
