@@ -996,15 +996,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--secret", default=None)
         return client_main(parser.parse_args(argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--members", type=int, default=4, help="member processes")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of chaos")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--channel", default="auto", choices=["auto", "nixl", "tcp"])
+    parser.add_argument("--seed", type=int, default=1, help="drives the faults and the load")
+    parser.add_argument("--channel", default="auto", choices=["auto", "nixl", "tcp"],
+                        help="transfer channel (auto: nixl where it imports)")  # fmt: skip
+    parser.add_argument("--min-faults", type=int, default=0,
+                        help="go on past --duration to this many faults (at most 2x)")  # fmt: skip
+    parser.add_argument("--bad-input-rate", type=float, default=10.0,
+                        help="bad frames sent per second (0: none)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     settings = Settings(members=args.members, duration_s=args.duration, seed=args.seed,
-                        channel=args.channel)  # fmt: skip
-    report = run(settings, progress=lambda line: print(line, flush=True))
+                        channel=args.channel, min_faults=args.min_faults,
+                        bad_input_rate_hz=args.bad_input_rate)  # fmt: skip
+    with _progress(settings.duration_s) as progress:
+        report = run(settings, progress=progress)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1015,6 +1022,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["peak_rss_mib"] = {n: r["peak_bytes"] >> 20 for n, r in report["peak_rss"].items()}
     print(json.dumps(summary, indent=2))
     return 0 if report["ok"] else 1
+
+
+@contextlib.contextmanager
+def _progress(duration_s: float) -> Iterator[Callable[[str], None]]:
+    """Fault lines above a rich progress bar on a terminal; plain lines otherwise."""
+    if not sys.stdout.isatty():
+        yield lambda line: print(line, flush=True)
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("chaos"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[faults]} faults"),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("chaos", total=duration_s, faults=0)
+        started: list[float] = []
+        faults = 0
+
+        def show(line: str) -> None:
+            nonlocal faults
+            bar.console.print(line)
+            if line.startswith("one ring"):
+                started.append(time.monotonic())
+            elif started and not line.startswith(" " * 8):
+                faults += 1
+            if started:
+                bar.update(task, completed=min(duration_s, time.monotonic() - started[0]),
+                           faults=faults)  # fmt: skip
+
+        yield show
 
 
 if __name__ == "__main__":
