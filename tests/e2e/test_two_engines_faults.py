@@ -122,6 +122,9 @@ def flip_bytes(node: MeshNode, key: bytes) -> None:
 def test_a_corrupted_chunk_is_never_loaded(
     engines, storage_member: MeshNode, seed_port: int, producer: str, consumer: str
 ):
+    """The consumer fetches a prompt's chunks from the storage member, one of them corrupted
+    there: the load stops at it (checksum), the rest is recomputed, no request fails (async:
+    the lookup counted the chunk, so vLLM is told its blocks failed), the answer is exact."""
     me = storage_member.name
     wait_for(
         "the engines and the storage member see each other",
