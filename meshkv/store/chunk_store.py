@@ -23,8 +23,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-import mmh3
 import numpy as np
+import xxhash
 
 from meshkv.store.segments import SegmentPool, segment_sizes
 from meshkv.store.slots import Expired, Refusal, Slot, SlotTable, StoreStats
@@ -33,13 +33,14 @@ CHECKSUM_BYTES = 16
 
 
 def chunk_checksum(data: np.ndarray | memoryview | bytes) -> bytes:
-    """A 128-bit MurmurHash3 (x64) of a chunk's bytes.
+    """XXH3-128 of a chunk's bytes (every member must use the same function: it is on the wire).
 
     It catches torn, misplaced and corrupted transfers; it is not a defence against a member
-    that lies (frame authentication is). Measured here at ~5.6 GB/s on 4 MiB, ten times
-    BLAKE2b (0.55 GB/s); xxhash is not installed.
+    that lies (frame authentication is). Every fetched chunk is hashed before use, so its speed
+    bounds a get's throughput: on 4 MiB here, XXH3-128 runs at ~37 GiB/s from cache and ~7 GiB/s
+    from memory, against 6.2 and 4.4 GiB/s for MurmurHash3 x64-128 (and 0.55 GB/s for BLAKE2b).
     """
-    return mmh3.mmh3_x64_128_digest(data)
+    return xxhash.xxh3_128_digest(data)
 
 
 class ChunkStore:
