@@ -260,6 +260,7 @@ class Member:
     proc: subprocess.Popen[bytes] | None = None
     boots: int = 0
     peak_rss_bytes: int = 0
+    started_rss_bytes: int = 0  # resident set of the first boot once listening (imports, no data)
     frozen: bool = False
     stopped_on_purpose: bool = False
     crashes: list[str] = field(default_factory=list)
@@ -369,6 +370,8 @@ class Member:
         for line in status.splitlines():
             if line.startswith("VmHWM:"):
                 self.peak_rss_bytes = max(self.peak_rss_bytes, int(line.split()[1]) * 1024)
+            elif line.startswith("VmRSS:") and not self.started_rss_bytes:
+                self.started_rss_bytes = int(line.split()[1]) * 1024
 
 
 def write_member_config(path: Path, *, channel: str, host: str | None, profile: str,
@@ -587,6 +590,7 @@ class Chaos:
         for member in self.members:
             if not member.wait_listening():
                 raise RuntimeError(f"{member.name} did not start: see {member.log_path}")
+            member.sample_rss()
 
     def start_clients(self) -> None:
         """Two client members: a writer and a reader (each of their threads has its own
@@ -779,7 +783,9 @@ class Chaos:
         limit = budget + self.s.overhead_mib * MIB
         rss = {
             m.name: {"peak_bytes": m.peak_rss_bytes, "budget_bytes": budget,
-                     "limit_bytes": limit, "ok": m.peak_rss_bytes <= limit, "boots": m.boots}
+                     "limit_bytes": limit, "ok": m.peak_rss_bytes <= limit, "boots": m.boots,
+                     "started_bytes": m.started_rss_bytes,
+                     "growth_bytes": m.peak_rss_bytes - m.started_rss_bytes}
             for m in self.members
         }  # fmt: skip
         times = [f["reconverge_s"] for f in self.faults if f["reconverge_s"] is not None]
