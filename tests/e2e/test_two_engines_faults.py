@@ -49,14 +49,16 @@ POLL_S = 0.2
 QUERY_CONFIG = MeshConfig(mesh_gossip_profile="local")
 
 
-def wait_for(what: str, check: Callable[[], object], timeout_s: float) -> object:
+def wait_for(
+    what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], object] = str
+) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
         time.sleep(POLL_S)
-    pytest.fail(f"not within {timeout_s:.0f} s: {what}")
+    pytest.fail(f"not within {timeout_s:.0f} s: {what} {explain()}")
 
 
 def table_of(address: str) -> dict[str, MemberView]:
@@ -153,6 +155,7 @@ def test_a_corrupted_chunk_is_never_loaded(
         "the producer's chunks reach this member",
         lambda: all(storage_member.store.lookup(key) for key in keys),
         PUSH_WAIT_S,
+        explain=lambda: f"(its data-plane counters: {dict(storage_member.server.stats)})",
     )
     flip_bytes(storage_member, keys[first_bad])
     try:
