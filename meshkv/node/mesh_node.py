@@ -239,7 +239,7 @@ class MeshNode:
         fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
         held = self._leading_held(keys, guesses, fetched)
         fallbacks = 0
-        if held < len(keys):  # the guesses missed: ask the homes (and previous homes)
+        if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
             located = locate(
                 keys[held:],
                 membership=self.membership,
