@@ -3,7 +3,7 @@
 import contextlib
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshkv.dataplane import messages as m
@@ -56,6 +56,7 @@ def test_bad_fields_are_refused(message_type: int, fields: dict, reason: str) ->
     assert info.value.reason == reason
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])  # a busy CI host draws slowly
 @given(st.integers(0, 20), st.dictionaries(st.sampled_from(["req", "epoch", "keys", "sender",
        "holders", "dest", "slots", "checksums", "payloads", "budget_ms", "reason"]),
        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20), st.text(max_size=5),
