@@ -36,7 +36,8 @@ KEY_BYTES = 16
 HOME_GROUP_CHUNKS = 16
 """G: consecutive chunks that share a ring position (16 chunks of 256 tokens: 4,096 tokens a
 home). Part of the key scheme, so every member must agree: changing it renames every chunk."""
-_ROUTE_BYTES = 8
+POSITION_BYTES = 8
+"""The leading bytes of a key that give its ring position (shared within a home group)."""
 _PERSON_ROOT = b"meshkv-root"
 _PERSON_CHUNK = b"meshkv-chunk"
 
@@ -114,11 +115,11 @@ def chunk_keys(root: bytes, token_ids: Sequence[int] | np.ndarray, chunk_size: i
         h.update(data[start : start + step])
         previous = h.digest()
         if index % HOME_GROUP_CHUNKS == 0:
-            route = previous[:_ROUTE_BYTES]
-        keys.append(route + previous[_ROUTE_BYTES:])
+            route = previous[:POSITION_BYTES]
+        keys.append(route + previous[POSITION_BYTES:])
     return keys
 
 
 def ring_position(key: bytes) -> int:
     """The key's position on the ring: its first 8 bytes as a big-endian uint64."""
-    return int.from_bytes(key[:8], "big")
+    return int.from_bytes(key[:POSITION_BYTES], "big")

@@ -18,7 +18,8 @@ SAMPLES = [
             segments=[SegmentInfo(segment=0, address=4096, nbytes=1 << 20)]),
     m.HelloReply(req=1, sender="b/0", nonce=8, channel="tcp", agent=b"", segments=[]),
     m.Lookup(req=2, epoch=3, keys=[KEY, KEY]),
-    m.LookupReply(req=2, epoch=3, holders=["a/0"]),
+    m.LookupReply(req=2, epoch=3, held=2, pointers=["a/0"]),
+    m.LookupReply(req=2, epoch=3, held=0),
     m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 4096)], budget_ms=100),
     m.GetReply(req=4, checksums=[b"c" * 16], payloads=[b"x" * 10]),
     m.Put(req=5, epoch=3, keys=[KEY], chunk_bytes=10, checksums=[b"c"], payloads=[b"x" * 10]),
@@ -35,17 +36,29 @@ def test_round_trip(message: m.Message) -> None:
     assert m.decode(CODEC, m.encode(CODEC, message)) == message
 
 
+def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_holds() -> None:
+    frame = m.encode(CODEC, m.Lookup(req=1, epoch=0, keys=[KEY, KEY[::-1]]))
+    assert KEY + KEY[::-1] in frame
+    reply = m.LookupReply(req=1, epoch=0, held=2, pointers=["c/0"])
+    assert reply.holders("b/0") == ["b/0", "b/0", "c/0"]
+
+
 @pytest.mark.parametrize(
     ("message_type", "fields", "reason"),
     [
-        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": [b"short"]}, "malformed"),
-        (m.DataType.LOOKUP, {"req": -1, "epoch": 0, "keys": []}, "malformed"),
-        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": [KEY] * (m.MAX_KEYS + 1)}, "too_many"),
-        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": [KEY],
+        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY + b"short"}, "malformed"),
+        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": [KEY]}, "malformed"),  # v1's list
+        (m.DataType.LOOKUP, {"req": -1, "epoch": 0, "keys": b""}, "malformed"),
+        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY * (m.MAX_KEYS + 1)}, "too_many"),
+        (m.DataType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": m.MAX_KEYS,
+                                   "pointers": ["a/0"]}, "too_many"),
+        (m.DataType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": [""]},
+         "malformed"),
+        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY,
                           "dest": [[0, 0], [0, 1]], "budget_ms": 1}, "malformed"),
         (m.DataType.HELLO, {"req": 1, "sender": "a", "nonce": 1, "channel": "rdma",
                             "agent": b"", "segments": []}, "malformed"),
-        (m.DataType.COMMIT, {"req": 1, "keys": [KEY], "checksums": []}, "malformed"),
+        (m.DataType.COMMIT, {"req": 1, "keys": KEY, "checksums": []}, "malformed"),
         (m.DataType.PUT_REPLY, {"req": 1, "epoch": 0, "slots": [[1]], "stored": 0}, "malformed"),
         (99, {"req": 1}, "unknown_type"),
     ],
@@ -58,7 +71,7 @@ def test_bad_fields_are_refused(message_type: int, fields: dict, reason: str) ->
 
 @settings(suppress_health_check=[HealthCheck.too_slow])  # a busy CI host draws slowly
 @given(st.integers(0, 20), st.dictionaries(st.sampled_from(["req", "epoch", "keys", "sender",
-       "holders", "dest", "slots", "checksums", "payloads", "budget_ms", "reason"]),
+       "held", "pointers", "dest", "slots", "checksums", "payloads", "budget_ms", "reason"]),
        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20), st.text(max_size=5),
                  st.lists(st.binary(max_size=17), max_size=3), st.none())))  # fmt: skip
 def test_random_fields_never_escape_as_anything_but_protocol_error(t: int, fields: dict) -> None:

@@ -167,6 +167,23 @@ def test_batched_lookup_equals_single_lookup(
     assert [ring.members[i] for i in batched.tolist()] == [ring.home(k) for k in keys]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    member_sets,
+    probe_counts,
+    st.lists(st.integers(0, MASK_64), min_size=0, max_size=6),
+    st.lists(st.tuples(st.integers(0, 5), tails), max_size=40),
+)
+def test_homes_of_keys_sharing_positions_equal_single_lookups(
+    members: set[str], probes: int, spots: list[int], picks: list[tuple[int, bytes]]
+) -> None:
+    """Keys of one home group share a position; homes_of computes each position once, in
+    plain ints for a few positions and vectorised for more: both must equal `home`."""
+    ring = HashRing(members, 32, probes=probes)
+    keys = [key_at(spots[i % len(spots)], tail) for i, tail in picks] if spots else []
+    assert ring.homes_of(keys) == [ring.home(k) for k in keys]
+
+
 @pytest.mark.parametrize("probes", [1, 4])
 def test_large_batches_equal_single_lookups(probes: int) -> None:
     ring = HashRing([f"engine-{i}/0" for i in range(20)], 64, probes=probes)

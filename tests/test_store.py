@@ -161,3 +161,11 @@ def test_threads_share_one_store() -> None:
     assert not errors
     stats = store.stats()
     assert stats.pinned == 0 and stats.reserved == 0 and stats.used_bytes <= 4 * MIB
+
+
+def test_held_among_names_committed_keys_only() -> None:
+    store = ChunkStore.with_budget(4 * MIB, segment_bytes=MIB)
+    put(store, key(1), 4096)
+    put(store, key(3), 4096)
+    assert isinstance(store.reserve(key(2), 4096, owner="x", deadline_s=100.0), Slot)
+    assert store.held_among([key(i) for i in range(5)]) == {key(1), key(3)}

@@ -24,9 +24,12 @@ from meshkv.keys import KEY_BYTES
 from meshkv.transfer.channel import SegmentInfo
 from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require, require_list
 
-VERSION = 1
+VERSION = 2
 """Data-plane protocol version. Bump on any incompatible change and list it here:
-1 - first version."""
+1 - first version;
+2 - ``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and a
+    lookup reply says how many leading keys the responder holds (``held``) plus ``pointers``
+    for the keys after those, instead of one holder name per key."""
 
 MAX_KEYS = 4096
 """Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
@@ -59,15 +62,22 @@ def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCod
 
 
 def _plain(message: Any) -> dict[str, Any]:
-    """A message's fields as a map, without copying the values (payloads can be large)."""
-    return {f.name: getattr(message, f.name) for f in fields(message)}
+    """A message's fields as a map, without copying the values (payloads can be large); a
+    ``keys`` list goes packed (see `_keys`)."""
+    out = {f.name: getattr(message, f.name) for f in fields(message)}
+    if "keys" in out:
+        out["keys"] = b"".join(out["keys"])
+    return out
 
 
 def _keys(fields: dict[str, Any], name: str = "keys") -> list[bytes]:
-    keys = require_list(fields, name, bytes, MAX_KEYS)
-    if any(len(k) != KEY_BYTES for k in keys):
-        raise ProtocolError("malformed", f"a key in {name!r} is not {KEY_BYTES} bytes")
-    return keys
+    """Keys travel as one bytes field, n x KEY_BYTES: one msgpack item to check, not n."""
+    packed = require(fields, name, bytes)
+    if len(packed) % KEY_BYTES:
+        raise ProtocolError("malformed", f"{name!r} is not a whole number of {KEY_BYTES}-byte keys")
+    if len(packed) > MAX_KEYS * KEY_BYTES:
+        raise ProtocolError("too_many", f"field {name!r} has {len(packed) // KEY_BYTES} keys")
+    return [packed[i : i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
 
 
 def _name(fields: dict[str, Any], name: str) -> str:
@@ -199,22 +209,31 @@ class Lookup:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LookupReply:
-    """``holders[i]`` names a member holding ``keys[i]``; the list stops at the first miss."""
+    """The responder holds the first ``held`` keys; ``pointers[i]`` names a member known to
+    hold key ``held + i``. The answer stops at the first key with neither."""
 
     TYPE: ClassVar[DataType] = DataType.LOOKUP_REPLY
     req: int
     epoch: int
-    holders: list[str]
+    held: int
+    pointers: list[str] = field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
         return _plain(self)
 
     @classmethod
     def parse(cls, f: dict[str, Any]) -> LookupReply:
-        holders = require_list(f, "holders", str, MAX_KEYS)
-        if any(not 0 < len(h) <= MAX_NAME_CHARS for h in holders):
+        pointers = require_list(f, "pointers", str, MAX_KEYS)
+        if any(not 0 < len(h) <= MAX_NAME_CHARS for h in pointers):
             raise ProtocolError("malformed", "bad holder name")
-        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), holders=holders)
+        held = _uint(f, "held", 32)
+        if held + len(pointers) > MAX_KEYS:
+            raise ProtocolError("too_many", "held and pointers name more keys than a request")
+        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), held=held, pointers=pointers)
+
+    def holders(self, responder: str) -> list[str]:
+        """The holder of each leading key, ``responder`` being the member that answered."""
+        return [responder] * self.held + self.pointers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,7 +253,7 @@ class Get:
             "req": self.req,
             "epoch": self.epoch,
             "sender": self.sender,
-            "keys": self.keys,
+            "keys": b"".join(self.keys),
             "dest": [d.wire() for d in self.dest],
             "budget_ms": self.budget_ms,
         }

@@ -167,6 +167,8 @@ class DataServer:
 
     def _receive_batch(self, max_frames: int = 256) -> None:
         for _ in range(max_frames):
+            if not self._router.get(zmq.EVENTS) & zmq.POLLIN:
+                return  # (asking is cheaper than the zmq.Again a recv would raise)
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -203,8 +205,12 @@ class DataServer:
             case m.Hello():
                 return self._hello(request)
             case m.Lookup():
+                held = self._store.lookup_prefix(request.keys)
                 return m.LookupReply(
-                    req=request.req, epoch=self._ring().epoch, holders=self._holders(request.keys)
+                    req=request.req,
+                    epoch=self._ring().epoch,
+                    held=held,
+                    pointers=self._pointers(request.keys[held:]),
                 )
             case m.Get():
                 return self._get(identity, request)
@@ -238,11 +244,10 @@ class DataServer:
         self._peers.pop(name, None)
         self._channel.remove_peer(name)
 
-    def _holders(self, keys: list[bytes]) -> list[str]:
+    def _pointers(self, keys: list[bytes]) -> list[str]:
+        """Live holders the directory knows for the leading ``keys`` (stops at the first gap)."""
         holders: list[str] = []
-        held_here = self._store.lookup_prefix(keys)
-        holders.extend([self._name] * held_here)
-        for key in keys[held_here:]:
+        for key in keys:
             holder = self._directory.holder_of(key)
             if holder is None or not self._holder_alive(holder):
                 break

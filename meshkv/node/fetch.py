@@ -30,7 +30,7 @@ from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.membership import Membership
-from meshkv.ring.hashring import HashRing, positions_of
+from meshkv.ring.hashring import HashRing
 from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 
 log = logging.getLogger("vllm.meshkv.node.fetch")
@@ -55,13 +55,13 @@ def presume(
     with none (homed here, not held here, no live holder known)."""
     me = membership.me.name
     ring = membership.ring().current
-    homes = ring.homes(positions_of(keys)).tolist() if ring.members and keys else []
+    homes = ring.homes_of(keys) if ring.members else [me] * len(keys)
+    local = store.held_among(keys)
     guesses: list[str] = []
-    for index, key in enumerate(keys):
-        if store.lookup(key):
+    for key, home in zip(keys, homes, strict=True):
+        if key in local:
             guesses.append(me)
             continue
-        home = ring.members[homes[index]] if homes else me
         if home == me:
             holder = directory.holder_of(key)
             if holder is None or not membership.is_alive(holder):
@@ -86,7 +86,7 @@ def locate(
     costs a round trip and is never fetched again.
     """
     me = membership.me.name
-    answers = {key: me for key in keys if store.lookup(key)}
+    answers = dict.fromkeys(store.held_among(keys), me)
     remote = [key for key in keys if key not in answers]
     view = membership.ring()
     ask = functools.partial(
@@ -130,24 +130,28 @@ def _ask_homes(
     """One round trip to every home of ``keys`` in ``ring`` (none for keys homed here)."""
     answers: dict[bytes, str] = {}
     by_home: dict[str, list[bytes]] = {}
-    homes = ring.homes(positions_of(keys))  # batched: one vectorised search for the prompt
-    for key, index in zip(keys, homes.tolist(), strict=True):
-        home = ring.members[index]
+    for key, home in zip(keys, ring.homes_of(keys), strict=True):
         if home == me:
             holder = directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
                 answers[key] = holder
         else:
             by_home.setdefault(home, []).append(key)
-    requests = []
+    asked: list[str] = []
+    requests: list[tuple[str, m.Message]] = []
+    epoch = membership.ring().epoch
     for home, home_keys in by_home.items():
         peer = membership.peer(home)
         if peer is not None:
-            lookup = m.Lookup(req=client.next_id(), epoch=membership.ring().epoch, keys=home_keys)
-            requests.append((peer.data_address, lookup))
-    for (_, lookup), reply in zip(requests, client.call_many(requests, deadline_s), strict=True):
+            asked.append(home)
+            requests.append(
+                (peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=home_keys))
+            )
+    for home, (_, lookup), reply in zip(
+        asked, requests, client.call_many(requests, deadline_s), strict=True
+    ):
         if isinstance(reply, m.LookupReply):
-            answers.update(zip(lookup.keys, reply.holders, strict=False))
+            answers.update(zip(lookup.keys, reply.holders(home), strict=False))
     return answers
 
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from meshkv.errors import UsageError
-from meshkv.keys import KEY_BYTES, ring_position
+from meshkv.keys import KEY_BYTES, POSITION_BYTES, ring_position
 from meshkv.ring.points import SortedPoints, member_points
 from meshkv.ring.probes import (
     MAX_PROBES,
@@ -50,6 +50,9 @@ DEFAULT_VNODES = 256
 DEFAULT_PROBES = 4
 MAX_VNODES = 4096  # as config.mesh_vnodes allows
 MAX_RING_POINTS = 1 << 24  # members x vnodes; 16M points is 192 MiB of ring arrays
+SCALAR_HOMES_MAX = 2
+"""`homes_of` computes up to this many distinct positions in plain ints (numpy's per-call
+overhead is larger than the work below this)."""
 PREFERENCE_WINDOW_MIN_POINTS = 64  # points scanned first for a preference list (then x4)
 
 _MASK_64 = (1 << 64) - 1
@@ -191,6 +194,21 @@ class HashRing:
         distance -= probed  # uint64 wraps around: the clockwise distance
         best = distance.argmin(axis=0)
         return self._wrapped_owners[found[best, np.arange(positions.shape[0])]]
+
+    def homes_of(self, keys: Sequence[bytes]) -> list[str]:
+        """Home of each chunk key, computed once per distinct ring position (the keys of one
+        home group share a position: `meshkv.keys`). Raises `UsageError` on an empty ring."""
+        first_key: dict[bytes, bytes] = {}
+        for key in keys:
+            first_key.setdefault(key[:POSITION_BYTES], key)
+        if len(first_key) <= SCALAR_HOMES_MAX:
+            home_at = {position: self.home(key) for position, key in first_key.items()}
+        else:
+            indexes = self.homes(positions_of(list(first_key.values()))).tolist()
+            home_at = {
+                position: self._members[i] for position, i in zip(first_key, indexes, strict=True)
+            }
+        return [home_at[key[:POSITION_BYTES]] for key in keys]
 
     def _home_point(self, key: bytes) -> int:
         """Index of the point that owns one key (plain ints: cheaper than numpy for one key)."""

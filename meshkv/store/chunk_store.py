@@ -100,6 +100,11 @@ class ChunkStore:
         with self._lock:
             return self._table.lookup(key)
 
+    def held_among(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which of ``keys`` have a committed copy here (one lock for the batch)."""
+        with self._lock:
+            return {key for key in keys if self._table.lookup(key)}
+
     def lookup_prefix(self, keys: Iterable[bytes]) -> int:
         """How many leading ``keys`` are here, stopping at the first miss."""
         with self._lock:
