@@ -12,11 +12,13 @@ import pytest
 from meshkv.config import MeshConfig
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
+from meshkv.node.fetch import FETCH_BATCH_BYTES
 from meshkv.store import Refusal
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 NAMESPACE = "ab" * 16
 CHUNK_BYTES = 64 * 1024
+MIB = 1 << 20
 
 
 def make_config(channel: str, seeds: list[str], **extra: object) -> MeshConfig:
@@ -122,6 +124,33 @@ def test_a_get_of_chunks_at_their_homes_asks_no_lookup_first(mesh: Mesh) -> None
         assert all(np.array_equal(v, chunk(k)) for k, v in zip(keys, lease.views, strict=True))
     assert sum(n.server.stats["rx_lookup"] for n in (a, b)) == lookups_before
     assert sum(n.server.stats["rx_get"] for n in (a, b)) >= 1
+
+
+@pytest.mark.nixl
+def test_a_requester_s_batches_are_written_one_after_another() -> None:
+    """A 32 MiB run from one holder goes as several gets sent at once; the holder queues each
+    behind the one before (the reader checks batch k while batch k+1 is written)."""
+    mesh = Mesh("nixl")
+    try:
+        a, b = mesh.add("a"), mesh.add("b")
+        ring = a.membership.ring().current
+        salt = next(f"s{i}" for i in range(200)
+                    if {ring.home(k) for k in keys_for(32, f"s{i}")} == {"a/0"})  # fmt: skip
+        keys = keys_for(32, salt)
+        assert a.put(keys, [chunk(k, MIB) for k in keys]) == 32
+        mesh.settle()
+        with b.get(keys, MIB) as lease:
+            assert lease.count == 32
+            assert all(np.array_equal(v, chunk(k, MIB)) for k, v in zip(keys, lease.views,
+                                                                         strict=True))  # fmt: skip
+        batches = 32 * MIB // FETCH_BATCH_BYTES
+        assert batches >= 2
+        assert a.server.stats["rx_get"] == batches
+        # all sent at once: all but the first wait, unless the first ended before the later
+        # ones were read (a very slow host), so at least one must have waited
+        assert 1 <= a.server.stats["get_queued"] <= batches - 1
+    finally:
+        mesh.stop()
 
 
 def test_fetched_chunks_stay_local(mesh: Mesh) -> None:

@@ -35,9 +35,14 @@ from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 
 log = logging.getLogger("vllm.meshkv.node.fetch")
 
-FETCH_BATCH_BYTES = 16 << 20
-"""Chunk bytes per get request; a longer run goes as several requests in parallel (bounded
-frames on the tcp channel, and the holder's transfers interleave fairly)."""
+FETCH_BATCH_BYTES = 4 << 20
+"""Chunk bytes per get request; a longer run goes as several requests sent at once (bounded
+frames on the tcp channel). A holder writes one requester's requests one after another, so
+each batch is checked here while the next is on the wire: only the last batch's check adds
+to the get's time."""
+FETCH_BATCHES_MAX = 16
+"""Requests per run at most (larger batches past that): well inside the socket's send queue
+(`meshkv.dataplane.client.SEND_HWM`), whose overflow would drop requests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +180,10 @@ def fetch(
     the slots reserved here.
     """
     me = membership.me.name
-    per_request = max(1, FETCH_BATCH_BYTES // chunk_bytes)
     runs = [
         (start, min(start + per_request, end))
         for run_start, end in _runs(holders, me)
+        for per_request in [_batch_chunks(end - run_start, chunk_bytes)]
         for start in range(run_start, end, per_request)
     ]
     reserved: dict[int, Slot] = {}
@@ -259,6 +264,12 @@ def _take(
         if store.commit(keys[i], checksum, owner=owner) is not None:
             committed.add(i)
     return committed
+
+
+def _batch_chunks(run_chunks: int, chunk_bytes: int) -> int:
+    """Chunks per get request for a run: FETCH_BATCH_BYTES' worth, in FETCH_BATCHES_MAX
+    requests at most."""
+    return max(1, FETCH_BATCH_BYTES // chunk_bytes, -(-run_chunks // FETCH_BATCHES_MAX))
 
 
 def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:
