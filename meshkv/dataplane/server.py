@@ -3,9 +3,10 @@
 Fast requests (hello, lookup, put reservations, commits, held-at) are answered inline. A get
 pins the chunks, starts one batched NIXL WRITE into the requester's slots, and is answered when
 the transfer completes or its budget runs out: transfers are polled in the same loop, so a slow
-peer never blocks the others. One requester's gets are written one after another, in the order
-they came: the requester checks each batch as its reply arrives, so it hashes batch k while
-batch k+1 is on the wire (posted together they would all finish at the end, together).
+peer never blocks the others. A transport that copies while it posts (UCX's cma) has finished
+when the post returns; such a get is answered at once, so a requester's batches are answered
+one by one as they are written (it checks batch k while k+1 is written) rather than together
+after the last.
 
 A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
 is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,19 +57,9 @@ RESERVED_MAX = 65536
 class _InFlightGet:
     identity: bytes
     request: m.Get
-    sender: str
     owner: str
     slots: list[Slot]
     handle: TransferHandle
-    deadline_s: float
-
-
-@dataclass(slots=True)
-class _QueuedGet:
-    """A get waiting for the same requester's earlier get to finish."""
-
-    identity: bytes
-    request: m.Get
     deadline_s: float
 
 
@@ -116,7 +107,6 @@ class DataServer:
         self._wake_out.connect(wake_address)
         self._wake_lock = threading.Lock()  # guards _wake_out
         self._in_flight: list[_InFlightGet] = []
-        self._queued: dict[str, deque[_QueuedGet]] = {}  # sender -> gets behind its in-flight one
         self._reserved: dict[tuple[str, bytes], Slot] = {}  # (owner, key) -> reserved slot
         self._next_expire_s = 0.0
         self._peers: dict[str, int] = {}  # member name -> nonce it said hello with
@@ -162,7 +152,9 @@ class DataServer:
                         self._wake_in.recv()
                 if self._router in ready:
                     self._receive_batch()
-                if self._poll_transfers() or ready:
+                in_flight = len(self._in_flight)
+                self._poll_transfers()
+                if ready or len(self._in_flight) < in_flight:
                     busy_sleep_s = BUSY_SLEEP_MIN_S
                 elif self._in_flight:
                     time.sleep(busy_sleep_s)
@@ -173,9 +165,6 @@ class DataServer:
         finally:
             for get in self._in_flight:
                 self._finish_get(get, ok=False)
-            for queue in self._queued.values():
-                for queued in queue:
-                    self._reply(queued.identity, m.GetReply(req=queued.request.req, checksums=[]))
             self._router.close(linger=0)
             self._wake_in.close(linger=0)
 
@@ -269,33 +258,11 @@ class DataServer:
         return holders
 
     def _get(self, identity: bytes, get: m.Get) -> m.Message | None:
+        owner = f"get:{identity.hex()}:{get.req}"
         deadline_s = time.monotonic() + get.budget_ms / 1000
         if self._channel.kind == "tcp":
-            return self._get_inline(get, deadline_s)
-        sender = self._sender_of(get)
-        queue = self._queued.get(sender)
-        if queue is not None:  # this requester has a get in flight: this one goes next
-            queue.append(_QueuedGet(identity, get, deadline_s))
-            self.stats["get_queued"] += 1
-            return None
-        self._queued[sender] = deque()
-        reply = self._start_get(identity, get, sender, deadline_s)
-        if reply is not None:  # nothing in flight after all
-            self._start_queued(sender)
-        return reply
-
-    def _get_inline(self, get: m.Get, deadline_s: float) -> m.Message:
-        owner = f"get:inline:{get.req}"
-        slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
-        payloads = [bytes(self._store.view(slot)) for slot in slots]
-        self._store.unpin(slots, owner=owner)
-        return m.GetReply(req=get.req, checksums=[s.checksum for s in slots], payloads=payloads)
-
-    def _start_get(
-        self, identity: bytes, get: m.Get, sender: str, deadline_s: float
-    ) -> m.Message | None:
-        """Pins the chunks and posts their WRITE; the reply now if nothing was posted."""
-        owner = f"get:{identity.hex()}:{get.req}"
+            return self._get_inline(get, owner, deadline_s)
+        sender = self._sender_of(get)  # before pinning anything: whose slots would we write?
         slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
         if not slots:
             return m.GetReply(req=get.req, checksums=[])
@@ -308,38 +275,30 @@ class DataServer:
             log.info("get from %s: transfer not started: %s", sender, exc)
             self._store.unpin(slots, owner=owner)
             return m.GetReply(req=get.req, checksums=[])
-        self._in_flight.append(
-            _InFlightGet(identity, get, sender, owner, slots, handle, deadline_s)
-        )
+        posted = _InFlightGet(identity, get, owner, slots, handle, deadline_s)
+        if self._channel.poll(handle) == "done":  # copied while posting: answer now
+            self._finish_get(posted, ok=True)
+        else:
+            self._in_flight.append(posted)
         return None
 
-    def _start_queued(self, sender: str) -> None:
-        """Starts the requester's next queued get (answering those that can't start)."""
-        queue = self._queued.get(sender)
-        while queue:
-            queued = queue.popleft()
-            if time.monotonic() >= queued.deadline_s:
-                self.stats["get_timeout"] += 1
-                reply: m.Message | None = m.GetReply(req=queued.request.req, checksums=[])
-            else:
-                reply = self._start_get(queued.identity, queued.request, sender, queued.deadline_s)
-            if reply is None:
-                return
-            self._reply(queued.identity, reply)
-        self._queued.pop(sender, None)
+    def _get_inline(self, get: m.Get, owner: str, deadline_s: float) -> m.Message:
+        """tcp channel: the bytes go in the reply."""
+        slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
+        payloads = [bytes(self._store.view(slot)) for slot in slots]
+        self._store.unpin(slots, owner=owner)
+        return m.GetReply(req=get.req, checksums=[s.checksum for s in slots], payloads=payloads)
 
     def _sender_of(self, get: m.Get) -> str:
         if get.sender not in self._peers:
             raise ProtocolError("no_handshake", get.sender)
         return get.sender
 
-    def _poll_transfers(self) -> bool:
-        """Answers the gets whose transfer ended or ran out of time; True if any did."""
+    def _poll_transfers(self) -> None:
         if not self._in_flight:
-            return False
+            return
         now = time.monotonic()
         still: list[_InFlightGet] = []
-        ended: list[_InFlightGet] = []
         for get in self._in_flight:
             state = self._channel.poll(get.handle)
             if state == "done":
@@ -349,12 +308,7 @@ class DataServer:
                 self._finish_get(get, ok=False)
             else:
                 still.append(get)
-                continue
-            ended.append(get)
         self._in_flight = still
-        for get in ended:
-            self._start_queued(get.sender)
-        return bool(ended)
 
     def _finish_get(self, get: _InFlightGet, *, ok: bool) -> None:
         self._channel.release(get.handle, failed=not ok)

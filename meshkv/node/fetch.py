@@ -35,11 +35,10 @@ from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 
 log = logging.getLogger("vllm.meshkv.node.fetch")
 
-FETCH_BATCH_BYTES = 4 << 20
+FETCH_BATCH_BYTES = 16 << 20
 """Chunk bytes per get request; a longer run goes as several requests sent at once (bounded
-frames on the tcp channel). A holder writes one requester's requests one after another, so
-each batch is checked here while the next is on the wire: only the last batch's check adds
-to the get's time."""
+frames on the tcp channel). Each batch is checked here as its reply arrives, while later ones
+are still being written, so only the last batch's check adds to the get's time."""
 FETCH_BATCHES_MAX = 16
 """Requests per run at most (larger batches past that): well inside the socket's send queue
 (`meshkv.dataplane.client.SEND_HWM`), whose overflow would drop requests."""
