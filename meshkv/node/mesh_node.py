@@ -249,8 +249,10 @@ class MeshNode:
                 deadline_s=deadline_s,
             )
             fallbacks = located.fallbacks
-            fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
-                                   deadline_s)  # fmt: skip
+            retry = located.holders[:1] != guesses[held : held + 1]  # not the holder just asked
+            if retry:  # (asking it again would refetch a chunk that failed its checksum)
+                fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
+                                       deadline_s)  # fmt: skip
         slots = self._verified(
             self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0), fetched, owner
         )
