@@ -6,6 +6,9 @@ batches of chunks into it and measures, per chunk size and batch size, the media
 runs of:
 
 - ``memcpy``: the same chunks copied chunk by chunk into another local buffer (the ceiling);
+- ``checksum``: meshkv's chunk checksum (XXH3-128) of the same chunks, what a reader computes
+  for every chunk it fetches before use. Row ratio ``(raw+sum)/raw`` is the get/raw a reader
+  would show if the check could not overlap the transfer at all;
 - ``nixl_raw``: the stock ``nixl_agent`` API, one ``initialize_xfer`` + ``transfer`` and a busy
   ``check_xfer_state`` loop (no progress thread: the shipped one spins a core);
 - ``channel``: ``NixlChannel.write`` (pieces of <= 32 MiB, adaptive sleeping poll, 1 ms
@@ -53,7 +56,7 @@ import numpy as np
 from meshkv.config import MeshConfig
 from meshkv.node import MeshNode
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
-from meshkv.store import Region, SegmentPool, segment_sizes
+from meshkv.store import Region, SegmentPool, chunk_checksum, segment_sizes
 from meshkv.store import Slot as StoreSlot
 from meshkv.transfer import SegmentInfo
 from meshkv.transfer.nixl_channel import NixlChannel
@@ -291,6 +294,12 @@ class Bench:
             np.copyto(self.copy_pool.view(region), self.pool.view(region))
         return time.perf_counter() - started
 
+    def checksum(self, regions: list[Region]) -> float:
+        started = time.perf_counter()
+        for region in regions:
+            chunk_checksum(self.pool.view(region))
+        return time.perf_counter() - started
+
     def channel_write(self, regions: list[Region]) -> float:
         assert self.channel is not None
         dest = [Slot(r.segment_id, r.offset) for r in regions]
@@ -383,7 +392,10 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     bench = Bench(transport, pool_bytes)
     stock = StockAgent(bench) if transport in NIXL_TRANSPORTS else None
     reader = Reader(transport, 2 * pool_bytes)  # fresh keys each repeat: LRU makes room
-    measures: dict[str, Callable[[list[Region]], float]] = {"memcpy": bench.memcpy}
+    measures: dict[str, Callable[[list[Region]], float]] = {
+        "memcpy": bench.memcpy,
+        "checksum": bench.checksum,
+    }
     if stock is not None:
         measures |= {"nixl_raw": stock.write, "channel": bench.channel_write}
     measures |= {"meshkv_get": reader.get, "rtt": reader.rtt}
@@ -405,11 +417,15 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
                 row[f"{name}_ms"] = median_s * 1e3
                 if name != "rtt":
                     row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
-            for name in ("channel", "meshkv_get"):
-                if "nixl_raw" in runs:
+            if "nixl_raw" in runs:
+                raw = runs["nixl_raw"]
+                for name in ("channel", "meshkv_get"):
                     row[f"{name}_over_raw"] = statistics.median(
-                        c / r for c, r in zip(runs[name], runs["nixl_raw"], strict=True)
+                        c / r for c, r in zip(runs[name], raw, strict=True)
                     )
+                row["raw_plus_checksum_over_raw"] = statistics.median(
+                    (r + c) / r for c, r in zip(runs["checksum"], raw, strict=True)
+                )
             rows.append(row)
     finally:
         reader.close()
@@ -419,7 +435,13 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-STYLES = {"memcpy": "k--", "nixl_raw": "C0-o", "channel": "C1-s", "meshkv_get": "C2-^"}
+STYLES = {
+    "memcpy": "k--",
+    "checksum": "k:",
+    "nixl_raw": "C0-o",
+    "channel": "C1-s",
+    "meshkv_get": "C2-^",
+}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -502,17 +524,22 @@ def main() -> None:
 
 def table(rows: list[dict]) -> str:
     """GB/s per measure, the one-chunk round trip, and the time ratios to raw NIXL."""
-    names = ("memcpy", "nixl_raw", "channel", "meshkv_get")
+    names = ("memcpy", "checksum", "nixl_raw", "channel", "meshkv_get")
     lines = [
         f"{'transport':9} {'chunk':>8} {'batch':>5} "
         + " ".join(f"{n:>10}" for n in names)
-        + f" {'rtt_ms':>7} {'chan/raw':>8} {'get/raw':>8}   (GB/s; time ratios)"
+        + f" {'rtt_ms':>7} {'chan/raw':>8} {'get/raw':>8} {'(raw+sum)/raw':>13}"
+        + "   (GB/s; time ratios)"
     ]
     for r in rows:
         cells = [f"{r[f'{n}_gbps']:10.2f}" if f"{n}_gbps" in r else f"{'-':>10}" for n in names]
         ratios = [
             f"{r[k]:8.2f}" if k in r else f"{'-':>8}"
             for k in ("channel_over_raw", "meshkv_get_over_raw")
+        ] + [
+            f"{r['raw_plus_checksum_over_raw']:13.2f}"
+            if "raw_plus_checksum_over_raw" in r
+            else f"{'-':>13}"
         ]
         lines.append(
             f"{r['transport']:9} {r['chunk_bytes'] // KIB:>6}Ki {r['batch']:>5} "
