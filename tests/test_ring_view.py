@@ -7,6 +7,7 @@ import pytest
 
 from meshkv.errors import UsageError
 from meshkv.ring import HashRing, RingView
+from meshkv.ring import view as view_module
 
 ABC = ["a/0", "b/0", "c/0"]
 KEYS = [hashlib.blake2b(f"view{i}".encode(), digest_size=16).digest() for i in range(2000)]
@@ -68,6 +69,22 @@ def test_the_same_member_set_is_no_change() -> None:
     assert not view.update(reversed(ABC))
     assert not view.update([*ABC, "a/0"])
     assert view.previous is None
+
+
+def test_an_unchanged_member_set_builds_no_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    view = RingView(ABC, 64)
+    built: list[object] = []
+
+    def counting_ring(*args: object, **kwargs: object) -> HashRing:
+        built.append(args)
+        return HashRing(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(view_module, "HashRing", counting_ring)
+    for _ in range(3):
+        assert not view.update([*reversed(ABC), "b/0"])
+    assert built == []
+    assert view.update([*ABC, "d/0"])
+    assert len(built) == 1
 
 
 def test_epochs_of_the_current_and_previous_ring_are_accepted_older_ones_not() -> None:

@@ -46,10 +46,16 @@ class RingView:
         return self._current.epoch
 
     def update(self, members: Iterable[str]) -> bool:
-        """Adopt the live member set `members`; True if it differs from the current ring's."""
-        ring = HashRing(members, self._current.vnodes, probes=self._current.probes)
-        if ring == self._current:
+        """Adopt the live member set `members`; True if it differs from the current ring's.
+
+        Gossip calls this on every member event, and almost all of them (refutations, metadata,
+        suspicions cleared) leave the set as it was: those cost a set comparison, not a ring
+        build (256 points per member).
+        """
+        names = set(members)
+        if names == set(self._current.members):
             return False
+        ring = HashRing(names, self._current.vnodes, probes=self._current.probes)
         self._previous = self._current
         self._current = ring
         return True
