@@ -602,6 +602,10 @@ def echo_server(port: int) -> None:
 MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups never read it)
 MESH_STORE_GIB = 0.05
 MESH_READY_TIMEOUT_S = 300.0
+MESH_START_WAVE = 8
+"""Members started at once. 64 processes importing together on 2 cores starve the gossip of
+those already running for a minute; suspicions, refutations and ring changes then feed on the
+CPU they cost, and the mesh took longer than MESH_READY_TIMEOUT_S to settle."""
 MESH_CONVERGE_POLL_S = 0.05
 MESH_STOP_TIMEOUT_S = 15.0  # all members together, then SIGKILL
 MESH_NAMESPACE = "bench-lookup"
@@ -808,18 +812,18 @@ class MeshkvPath(LookupPath):
             self._homes[key] = home
             by_home[home].append(key.hex())
         join = self._start_seed(n, ROLE_SEED)
-        self._members = [
-            self._spawn(
-                {
-                    "instance_id": i,
-                    "role": ROLE_ENGINE,
-                    **join,
-                    "keys": by_home[f"{i}/0"],
-                },
-                f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
-            )
-            for i in ids[1:]
-        ]
+        self._members = []
+        for wave in range(1, n, MESH_START_WAVE):  # a wave starts once the last is running
+            started = [
+                self._spawn(
+                    {"instance_id": i, "role": ROLE_ENGINE, **join, "keys": by_home[f"{i}/0"]},
+                    f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
+                )
+                for i in ids[wave : wave + MESH_START_WAVE]
+            ]
+            self._members += started
+            for member in started:  # each has started and stored its home keys
+                read_json_line(member, MESH_READY_TIMEOUT_S)
         self._asker = start_mesh_node(
             {
                 "instance_id": MESH_ASKER_ID,
@@ -828,8 +832,6 @@ class MeshkvPath(LookupPath):
                 "keys": by_home[self._asker_name],
             }
         )
-        for member in self._members:  # each has started and stored its home keys
-            read_json_line(member, MESH_READY_TIMEOUT_S)
         started_s = time.monotonic() - t0
         seen = wait_for_ring(self._asker, n, MESH_READY_TIMEOUT_S)
         if tuple(sorted(self._asker.membership.ring().current.members)) != tuple(

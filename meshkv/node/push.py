@@ -172,7 +172,8 @@ class Pusher:
         ring = self._membership.ring_of(peer.namespace)
         if newcomer not in ring.members:
             return
-        mine = [k for k in self._store.keys() if ring.home(k) == newcomer]  # noqa: SIM118 (not a dict)
+        held = self._store.keys()
+        mine = [k for k, home in zip(held, ring.homes_of(held), strict=True) if home == newcomer]
         me, epoch = self._membership.me.name, self._membership.ring().epoch
         for start in range(0, len(mine), m.MAX_KEYS):
             notice = m.HeldAt(
