@@ -123,8 +123,15 @@ class FrameCodec:
             )
         return frame
 
-    def decode(self, frame: bytes, *, now_s: float | None = None) -> tuple[int, dict[str, Any]]:
-        """Returns ``(message_type, fields)`` or raises ProtocolError with a counter label."""
+    def decode(
+        self, frame: bytes | memoryview, *, now_s: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Returns ``(message_type, fields)`` or raises ProtocolError with a counter label.
+
+        ``frame`` may be a memoryview of a received buffer: the body is read in place, never
+        copied (a large data-plane reply is megabytes).
+        """
+        frame = memoryview(frame)
         if len(frame) > self.max_frame_bytes:
             raise ProtocolError("too_large", f"{len(frame)} > {self.max_frame_bytes} bytes")
         if len(frame) < _HEADER.size:
@@ -147,7 +154,7 @@ class FrameCodec:
             raise ProtocolError("unexpected_auth", "this member has no mesh secret")
         return _unpack_body(frame[_HEADER.size : body_end])
 
-    def _verify(self, frame: bytes, now_s: float) -> int:
+    def _verify(self, frame: memoryview, now_s: float) -> int:
         """Checks MAC, time window and nonce; returns where the body ends."""
         if len(frame) < _HEADER.size + AUTH_TRAILER_BYTES:
             raise ProtocolError("truncated", "no room for the auth trailer")
@@ -177,7 +184,7 @@ class FrameCodec:
         seen[nonce] = now_s + 2 * self.auth.replay_window_s
 
 
-def _unpack_body(body: bytes) -> tuple[int, dict[str, Any]]:
+def _unpack_body(body: memoryview) -> tuple[int, dict[str, Any]]:
     try:
         decoded = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage

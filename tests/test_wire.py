@@ -20,7 +20,7 @@ def codec(*secrets: str, version: int = 1, protocol: Protocol = Protocol.GOSSIP)
     )
 
 
-def reason(c: FrameCodec, frame: bytes, now_s: float | None = None) -> str:
+def reason(c: FrameCodec, frame: bytes | memoryview, now_s: float | None = None) -> str:
     with pytest.raises(ProtocolError) as info:
         c.decode(frame, now_s=now_s)
     return info.value.reason
@@ -29,6 +29,16 @@ def reason(c: FrameCodec, frame: bytes, now_s: float | None = None) -> str:
 def test_round_trip_plain_and_authenticated() -> None:
     for c in (codec(), codec(SECRET)):
         assert c.decode(c.encode(7, {"a": 1, "b": b"x"})) == (7, {"a": 1, "b": b"x"})
+
+
+def test_a_received_buffer_decodes_in_place_like_bytes() -> None:
+    """The data-plane client hands `decode` a view of ZMQ's buffer (no copy of a large reply)."""
+    for c in (codec(), codec(SECRET)):
+        frame = c.encode(7, {"payload": b"x" * 1000})
+        assert c.decode(memoryview(frame)) == (7, {"payload": b"x" * 1000})
+    tampered = bytearray(codec(SECRET).encode(3, {"member": "a/0"}))
+    tampered[8] ^= 0x01
+    assert reason(codec(SECRET), memoryview(tampered)) == "bad_auth"
 
 
 def test_refusals_have_counter_labels() -> None:
@@ -81,8 +91,9 @@ def test_short_secret_refused() -> None:
 @given(st.binary(max_size=600))
 def test_random_bytes_never_escape_as_anything_but_protocol_error(data: bytes) -> None:
     for c in (codec(), codec(SECRET)):
-        with contextlib.suppress(ProtocolError):
-            c.decode(data)
+        for frame in (data, memoryview(data)):
+            with contextlib.suppress(ProtocolError):
+                c.decode(frame)
 
 
 def test_replay_cache_is_bounded() -> None:

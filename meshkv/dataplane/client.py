@@ -105,11 +105,11 @@ class RequestClient:
     def _drain(self, sock: zmq.Socket, waiting: dict[int, int]) -> Iterator[tuple[int, m.Message]]:
         while True:
             try:
-                frame = sock.recv(zmq.NOBLOCK)
+                frame = sock.recv(zmq.NOBLOCK, copy=False)  # a reply may carry megabytes
             except zmq.Again:
                 return
             try:
-                reply = m.decode(self._codec, frame)
+                reply = m.decode(self._codec, frame.buffer)
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
                 continue

@@ -465,7 +465,7 @@ def encode(codec: FrameCodec, message: Message) -> bytes:
     return codec.encode(message.TYPE, message.fields())
 
 
-def decode(codec: FrameCodec, frame: bytes) -> Message:
+def decode(codec: FrameCodec, frame: bytes | memoryview) -> Message:
     """Decodes one frame; raises ProtocolError (counter label in ``reason``) on anything bad."""
     message_type, fields = codec.decode(frame)
     parser = _PARSERS.get(message_type)
