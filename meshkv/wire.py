@@ -5,7 +5,11 @@ A frame is ``header | body | trailer``:
 - header (5 bytes): magic ``b"MK"``, protocol id, protocol version, flags;
 - body: msgpack of ``[message_type, fields]`` where ``fields`` is a map of field name to value;
 - trailer, present when flag AUTH is set (49 bytes): key fingerprint (1 byte), sender wall
-  time in ms (8), random nonce (8), HMAC-SHA256 over everything before the MAC (32).
+  time in ms (8), random nonce (8), HMAC-SHA256 over everything before the MAC, then over each
+  attachment (its length as 8 bytes, then its bytes) (32).
+
+A message may carry attachments: bulk bytes sent as ZMQ frames of their own after the frame,
+so that no codec copies them.
 
 This module owns framing, versions, limits and authentication. It knows nothing of what any
 message means: each protocol keeps its messages (type ids, fields, validation) in its own
@@ -31,6 +35,9 @@ from typing import Any
 import msgpack
 
 from meshkv.errors import ProtocolError, UsageError
+
+Buffer = bytes | bytearray | memoryview
+"""What frames and attachments may be: received ZMQ buffers are read in place."""
 
 MAGIC = b"MK"
 _HEADER = struct.Struct("!2sBBB")
@@ -104,9 +111,18 @@ class FrameCodec:
         self._seen_nonces: OrderedDict[bytes, float] = OrderedDict()
 
     def encode(
-        self, message_type: int, fields: dict[str, Any], *, now_s: float | None = None
+        self,
+        message_type: int,
+        fields: dict[str, Any],
+        *,
+        attachments: Sequence[Buffer] = (),
+        now_s: float | None = None,
     ) -> bytes:
-        """Returns the frame for one message; raises UsageError if it exceeds the size bound."""
+        """Returns the frame for one message; raises UsageError if it exceeds the size bound.
+
+        ``attachments`` travel as frames of their own after this one (bulk bytes that msgpack
+        would copy); the size bound counts them, and the MAC covers them.
+        """
         flags = FLAG_AUTH if self.auth.enabled else 0
         head = _HEADER.pack(MAGIC, self.protocol, self.version, flags)
         body = msgpack.packb([message_type, fields], use_bin_type=True)
@@ -116,24 +132,30 @@ class FrameCodec:
             sent_ms = int((time.time() if now_s is None else now_s) * 1000)
             meta = _AUTH_META.pack(_fingerprint(secret), sent_ms, os.urandom(8))
             signed = frame + meta
-            frame = signed + hmac.digest(secret, signed, "sha256")
-        if len(frame) > self.max_frame_bytes:
+            frame = signed + _mac(secret, signed, attachments)
+        size = len(frame) + sum(memoryview(a).nbytes for a in attachments)
+        if size > self.max_frame_bytes:
             raise UsageError(
-                f"frame of {len(frame)} bytes exceeds max_frame_bytes={self.max_frame_bytes}"
+                f"frame of {size} bytes exceeds max_frame_bytes={self.max_frame_bytes}"
             )
         return frame
 
     def decode(
-        self, frame: bytes | memoryview, *, now_s: float | None = None
+        self,
+        frame: Buffer,
+        *,
+        attachments: Sequence[Buffer] = (),
+        now_s: float | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Returns ``(message_type, fields)`` or raises ProtocolError with a counter label.
 
         ``frame`` may be a memoryview of a received buffer: the body is read in place, never
-        copied (a large data-plane reply is megabytes).
+        copied. ``attachments``: the frames that came after it (see `encode`).
         """
         frame = memoryview(frame)
-        if len(frame) > self.max_frame_bytes:
-            raise ProtocolError("too_large", f"{len(frame)} > {self.max_frame_bytes} bytes")
+        size = len(frame) + sum(memoryview(a).nbytes for a in attachments)
+        if size > self.max_frame_bytes:
+            raise ProtocolError("too_large", f"{size} > {self.max_frame_bytes} bytes")
         if len(frame) < _HEADER.size:
             raise ProtocolError("truncated", f"{len(frame)} bytes")
         magic, protocol, version, flags = _HEADER.unpack_from(frame)
@@ -149,12 +171,12 @@ class FrameCodec:
         if self.auth.enabled:
             if not flags & FLAG_AUTH:
                 raise ProtocolError("unauthenticated")
-            body_end = self._verify(frame, time.time() if now_s is None else now_s)
+            body_end = self._verify(frame, attachments, time.time() if now_s is None else now_s)
         elif flags & FLAG_AUTH:
             raise ProtocolError("unexpected_auth", "this member has no mesh secret")
         return _unpack_body(frame[_HEADER.size : body_end])
 
-    def _verify(self, frame: memoryview, now_s: float) -> int:
+    def _verify(self, frame: memoryview, attachments: Sequence[Buffer], now_s: float) -> int:
         """Checks MAC, time window and nonce; returns where the body ends."""
         if len(frame) < _HEADER.size + AUTH_TRAILER_BYTES:
             raise ProtocolError("truncated", "no room for the auth trailer")
@@ -163,7 +185,7 @@ class FrameCodec:
         secret = self._keys.get(key_id)
         mac_at = len(frame) - _MAC_BYTES
         if secret is None or not hmac.compare_digest(
-            hmac.digest(secret, frame[:mac_at], "sha256"), frame[mac_at:]
+            _mac(secret, frame[:mac_at], attachments), frame[mac_at:]
         ):
             raise ProtocolError("bad_auth")
         window = self.auth.replay_window_s
@@ -182,6 +204,16 @@ class FrameCodec:
         if nonce in seen:
             raise ProtocolError("replayed")
         seen[nonce] = now_s + 2 * self.auth.replay_window_s
+
+
+def _mac(secret: bytes, signed: Buffer, attachments: Sequence[Buffer]) -> bytes:
+    """HMAC-SHA256 of the signed part of a frame, then of each attachment after its length."""
+    mac = hmac.new(secret, signed, "sha256")
+    for attachment in attachments:
+        view = memoryview(attachment)
+        mac.update(view.nbytes.to_bytes(8, "big"))
+        mac.update(view)
+    return mac.digest()
 
 
 def _unpack_body(body: memoryview) -> tuple[int, dict[str, Any]]:

@@ -55,7 +55,7 @@ def test_members_without_the_secret_cannot_join_read_or_push() -> None:
             payloads = [b"x" * 8] * 2
             put = m.Put(req=2, epoch=0, keys=keys, chunk_bytes=8, checksums=[b"c"] * 2,
                         payloads=payloads)  # fmt: skip
-            sock.send(m.encode(codec, put))
+            sock.send_multipart(m.encode_frames(codec, put))
         assert not sock.poll(1000), "an unauthenticated request got an answer"
         sock.close(linger=0)
         stats = a.server.stats

@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshkv.dataplane import messages as m
-from meshkv.errors import ProtocolError
+from meshkv.errors import ProtocolError, UsageError
 from meshkv.transfer.channel import SegmentInfo
+from meshkv.wire import AuthPolicy
 
 CODEC = m.make_codec(1 << 20)
 KEY = bytes(range(16))
@@ -33,7 +34,35 @@ SAMPLES = [
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda x: type(x).__name__)
 def test_round_trip(message: m.Message) -> None:
-    assert m.decode(CODEC, m.encode(CODEC, message)) == message
+    frame, *attachments = m.encode_frames(CODEC, message)
+    assert m.decode(CODEC, frame, attachments) == message
+
+
+def test_a_get_reply_s_payloads_travel_as_frames_of_their_own() -> None:
+    payloads = [b"x" * 1000, b"y" * 1000]
+    reply = m.GetReply(req=4, checksums=[b"c" * 16, b"d" * 16], payloads=payloads)
+    frame, *attachments = m.encode_frames(CODEC, reply)
+    assert attachments == payloads and b"x" * 1000 not in frame
+    with pytest.raises(UsageError, match="encode_frames"):
+        m.encode(CODEC, reply)
+    with pytest.raises(ProtocolError) as info:
+        m.decode(CODEC, frame, attachments[:1])
+    assert info.value.reason == "malformed"
+    lookup = m.encode(CODEC, m.Lookup(req=1, epoch=0, keys=[KEY]))
+    with pytest.raises(ProtocolError) as info:
+        m.decode(CODEC, lookup, [b"stowaway"])
+    assert info.value.reason == "malformed"
+
+
+def test_the_mac_covers_a_get_reply_s_payloads() -> None:
+    signed = m.make_codec(1 << 20, AuthPolicy.from_strings("s" * 16))
+    reply = m.GetReply(req=4, checksums=[b"c" * 16], payloads=[b"x" * 100])
+    frame, payload = m.encode_frames(signed, reply)
+    assert m.decode(signed, frame, [payload]).payloads == [b"x" * 100]
+    for forged in ([b"y" + bytes(payload)[1:]], [payload, b""], []):
+        with pytest.raises(ProtocolError) as info:
+            m.decode(signed, frame, forged)
+        assert info.value.reason == "bad_auth"
 
 
 def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_holds() -> None:

@@ -79,7 +79,7 @@ def mutated_frames(codec: Any, samples: list[tuple[int, dict[str, Any]]]) -> st.
 
 
 GOSSIP_FIELDS = [GOSSIP_CODEC.decode(encode_message(GOSSIP_CODEC, s)) for s in GOSSIP_SAMPLES]
-DATA_FIELDS = [DATA_CODEC.decode(m.encode(DATA_CODEC, s)) for s in DATA_SAMPLES]
+DATA_FIELDS = [DATA_CODEC.decode(m.encode_frames(DATA_CODEC, s)[0]) for s in DATA_SAMPLES]
 
 
 @FUZZ

@@ -95,7 +95,8 @@ class RequestClient:
 
     def _send(self, address: str, request: m.Message) -> bool:
         try:
-            self._socket(address).send(m.encode(self._codec, request), zmq.NOBLOCK)
+            frames = m.encode_frames(self._codec, request)  # copied into ZMQ before return
+            self._socket(address).send_multipart(frames, zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.stats["send_dropped"] += 1
             return False
@@ -105,11 +106,11 @@ class RequestClient:
     def _drain(self, sock: zmq.Socket, waiting: dict[int, int]) -> Iterator[tuple[int, m.Message]]:
         while True:
             try:
-                frame = sock.recv(zmq.NOBLOCK, copy=False)  # a reply may carry megabytes
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # read in place
             except zmq.Again:
                 return
             try:
-                reply = m.decode(self._codec, frame.buffer)
+                reply = m.decode(self._codec, frames[0].buffer, [f.buffer for f in frames[1:]])
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
                 continue

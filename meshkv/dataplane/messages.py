@@ -7,29 +7,32 @@ responder's, so either side can tell that their views differ (a stale view costs
 a wrong answer: bytes are checked against the chunk's checksum on arrival).
 
 Bulk bytes travel by NIXL WRITE from the side that holds them, into slots named by
-``SlotRef`` (segment id, offset). With ``transfer_channel: tcp`` they travel inline in
-``payloads`` instead.
+``SlotRef`` (segment id, offset). With ``transfer_channel: tcp`` they travel in ``payloads``
+instead, as frames of their own after the message's frame: no codec copies them.
 
 This module owns type ids, fields and their validation, nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from meshkv.errors import ProtocolError
+from meshkv.errors import ProtocolError, UsageError
 from meshkv.keys import KEY_BYTES
 from meshkv.transfer.channel import SegmentInfo
-from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require, require_list
+from meshkv.wire import AuthPolicy, Buffer, FrameCodec, Protocol, require, require_list
 
-VERSION = 2
+VERSION = 3
 """Data-plane protocol version. Bump on any incompatible change and list it here:
 1 - first version;
 2 - ``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and a
     lookup reply says how many leading keys the responder holds (``held``) plus ``pointers``
-    for the keys after those, instead of one holder name per key."""
+    for the keys after those, instead of one holder name per key;
+3 - ``payloads`` (tcp channel: get replies and puts) travel as ZMQ frames after the message's
+    frame (attachments, see `meshkv.wire`), not inside its msgpack body."""
 
 MAX_KEYS = 4096
 """Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
@@ -62,8 +65,8 @@ def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCod
 
 
 def _plain(message: Any) -> dict[str, Any]:
-    """A message's fields as a map, without copying the values (payloads can be large); a
-    ``keys`` list goes packed (see `_keys`)."""
+    """A message's fields as a map, without copying the values; a ``keys`` list goes packed
+    (see `_keys`)."""
     out = {f.name: getattr(message, f.name) for f in fields(message)}
     if "keys" in out:
         out["keys"] = b"".join(out["keys"])
@@ -276,23 +279,26 @@ class Get:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetReply:
-    """The first ``len(checksums)`` keys were written (or are in ``payloads``, tcp)."""
+    """The first ``len(checksums)`` keys were written (or are in ``payloads``, tcp).
+
+    ``payloads`` travel as attachments: a holder's pinned slots on the way out, views of the
+    received frames on the way in.
+    """
 
     TYPE: ClassVar[DataType] = DataType.GET_REPLY
     req: int
     checksums: list[bytes]
-    payloads: list[bytes] = field(default_factory=list)
+    payloads: Sequence[Buffer] = field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
-        return _plain(self)
+        return {"req": self.req, "checksums": self.checksums}
 
     @classmethod
-    def parse(cls, f: dict[str, Any]) -> GetReply:
+    def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> GetReply:
         sums = _checksums(f)
-        payloads = require_list(f, "payloads", bytes, MAX_KEYS)
-        if payloads and len(payloads) != len(sums):
+        if attachments and len(attachments) != len(sums):
             raise ProtocolError("malformed", "payloads and checksums differ in length")
-        return cls(req=_uint(f, "req"), checksums=sums, payloads=payloads)
+        return cls(req=_uint(f, "req"), checksums=sums, payloads=list(attachments))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -305,16 +311,18 @@ class Put:
     keys: list[bytes]
     chunk_bytes: int
     checksums: list[bytes] = field(default_factory=list)  # tcp only, with payloads
-    payloads: list[bytes] = field(default_factory=list)
+    payloads: Sequence[Buffer] = field(default_factory=list)  # attachments, as in GetReply
 
     def fields(self) -> dict[str, Any]:
-        return _plain(self)
+        out = _plain(self)
+        del out["payloads"]
+        return out
 
     @classmethod
-    def parse(cls, f: dict[str, Any]) -> Put:
+    def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> Put:
         keys = _keys(f)
         sums = _checksums(f)
-        payloads = require_list(f, "payloads", bytes, MAX_KEYS)
+        payloads = list(attachments)
         if payloads and not len(payloads) == len(sums) == len(keys):
             raise ProtocolError("malformed", "payloads, checksums and keys differ in length")
         return cls(
@@ -461,14 +469,34 @@ _PARSERS: dict[int, Any] = {
 }
 
 
+_ATTACHING = (GetReply, Put)
+"""The messages whose ``payloads`` travel as attachments."""
+
+
 def encode(codec: FrameCodec, message: Message) -> bytes:
-    return codec.encode(message.TYPE, message.fields())
+    """The frame of a message that carries no attachments."""
+    frames = encode_frames(codec, message)
+    if len(frames) != 1:
+        raise UsageError(f"{type(message).__name__} has attachments: use encode_frames")
+    return frames[0]
 
 
-def decode(codec: FrameCodec, frame: bytes | memoryview) -> Message:
-    """Decodes one frame; raises ProtocolError (counter label in ``reason``) on anything bad."""
-    message_type, fields = codec.decode(frame)
+def encode_frames(codec: FrameCodec, message: Message) -> list[Buffer]:
+    """The message's frame, then its attachments (payloads), to send as one multipart
+    message."""
+    attachments = list(message.payloads) if isinstance(message, _ATTACHING) else []
+    return [codec.encode(message.TYPE, message.fields(), attachments=attachments), *attachments]
+
+
+def decode(codec: FrameCodec, frame: Buffer, attachments: Sequence[Buffer] = ()) -> Message:
+    """Decodes one message (its frame and the frames after it); raises ProtocolError (counter
+    label in ``reason``) on anything bad."""
+    message_type, fields = codec.decode(frame, attachments=attachments)
     parser = _PARSERS.get(message_type)
     if parser is None:
         raise ProtocolError("unknown_type", str(message_type))
+    if parser in _ATTACHING:
+        return parser.parse(fields, attachments)
+    if attachments:
+        raise ProtocolError("malformed", f"{parser.__name__} carries no attachments")
     return parser.parse(fields)

@@ -34,7 +34,7 @@ from meshkv.errors import ProtocolError, TransportError, UsageError
 from meshkv.ring.view import RingView
 from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
 from meshkv.transfer import Channel, TransferHandle
-from meshkv.wire import FrameCodec
+from meshkv.wire import Buffer, FrameCodec
 
 log = logging.getLogger("vllm.meshkv.dataplane.server")
 
@@ -176,12 +176,12 @@ class DataServer:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            if len(parts) != 2:
+            if len(parts) < 2:
                 self.stats["drop_bad_parts"] += 1
                 continue
-            identity, frame = parts
+            identity, frame, *attachments = parts
             try:
-                request = m.decode(self._codec, frame)
+                request = m.decode(self._codec, frame, attachments)
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
                 continue
@@ -194,8 +194,10 @@ class DataServer:
                 self._reply(identity, reply)
 
     def _reply(self, identity: bytes, reply: m.Message) -> None:
+        """Sends a reply; its frames are copied into ZMQ before this returns."""
         try:
-            self._router.send_multipart([identity, m.encode(self._codec, reply)], zmq.NOBLOCK)
+            frames = m.encode_frames(self._codec, reply)
+            self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=True)
             self.stats[f"tx_{reply.TYPE.name.lower()}"] += 1
         except zmq.Again:
             self.stats["reply_dropped"] += 1
@@ -261,7 +263,8 @@ class DataServer:
         owner = f"get:{identity.hex()}:{get.req}"
         deadline_s = time.monotonic() + get.budget_ms / 1000
         if self._channel.kind == "tcp":
-            return self._get_inline(get, owner, deadline_s)
+            self._get_inline(identity, get, owner, deadline_s)
+            return None
         sender = self._sender_of(get)  # before pinning anything: whose slots would we write?
         slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
         if not slots:
@@ -282,12 +285,15 @@ class DataServer:
             self._in_flight.append(posted)
         return None
 
-    def _get_inline(self, get: m.Get, owner: str, deadline_s: float) -> m.Message:
-        """tcp channel: the bytes go in the reply."""
+    def _get_inline(self, identity: bytes, get: m.Get, owner: str, deadline_s: float) -> None:
+        """tcp channel: the bytes go with the reply, copied once, from the pinned slots."""
         slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
-        payloads = [bytes(self._store.view(slot)) for slot in slots]
-        self._store.unpin(slots, owner=owner)
-        return m.GetReply(req=get.req, checksums=[s.checksum for s in slots], payloads=payloads)
+        try:
+            payloads = [memoryview(self._store.view(slot)) for slot in slots]
+            sums = [slot.checksum for slot in slots]
+            self._reply(identity, m.GetReply(req=get.req, checksums=sums, payloads=payloads))
+        finally:
+            self._store.unpin(slots, owner=owner)
 
     def _sender_of(self, get: m.Get) -> str:
         if get.sender not in self._peers:
@@ -341,7 +347,7 @@ class DataServer:
         return m.PutReply(req=put.req, epoch=self._ring().epoch, slots=refs)
 
     def _store_inline(
-        self, key: bytes, payload: bytes, checksum: bytes, owner: str, deadline_s: float
+        self, key: bytes, payload: Buffer, checksum: bytes, owner: str, deadline_s: float
     ) -> bool:
         if chunk_checksum(payload) != checksum:
             self.stats["put_checksum_mismatch"] += 1

@@ -48,7 +48,8 @@ from meshkv.wire import AuthPolicy
 log = logging.getLogger("vllm.meshkv.node")
 
 MAX_DATA_FRAME_BYTES = 256 << 20
-"""Largest data-plane frame (tcp channel payloads ride inline: a get of many large chunks)."""
+"""Largest data-plane message, its attachments included (on the tcp channel a get reply
+carries its chunks' bytes)."""
 GIB = 1 << 30
 HAND_OFF_TIMEOUT_S = 10.0
 """Longest a graceful leave spends pushing this member's chunks to their next homes."""

@@ -230,7 +230,7 @@ class Pusher:
                 keys=keys,
                 chunk_bytes=chunk_bytes,
                 checksums=[s.checksum for s in slots],
-                payloads=[bytes(self._store.view(s)) for s in slots],
+                payloads=[memoryview(self._store.view(s)) for s in slots],  # pinned
             )
             reply = client.call(address, put, deadline_s)
             return reply.stored if isinstance(reply, m.PutReply) else 0

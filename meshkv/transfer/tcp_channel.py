@@ -1,7 +1,8 @@
-"""The tcp channel: for hosts without NIXL/UCX, chunk bytes ride inline in data-plane messages.
+"""The tcp channel: for hosts without NIXL/UCX, chunk bytes ride with data-plane messages.
 
 It has no memory registration and no transfers of its own; the data plane sees
-``kind == "tcp"`` and sends payloads inside `Get` replies and `Put` requests over ZMQ, where
+``kind == "tcp"`` and sends payloads with `GetReply` and `Put` messages over ZMQ (as frames
+after the message's, see `meshkv.dataplane.messages`), where
 the receiver checks each chunk's checksum before publishing it, exactly as for NIXL. This class
 exists so the handshake and peer bookkeeping read the same for both channels; asking it to move
 bytes is a bug on our side.
