@@ -66,8 +66,8 @@ def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCod
 
 def _plain(message: Any) -> dict[str, Any]:
     """A message's fields as a map, without copying the values; a ``keys`` list goes packed
-    (see `_keys`)."""
-    out = {f.name: getattr(message, f.name) for f in fields(message)}
+    (see `_keys`), and ``payloads`` are left out (they travel as attachments: `encode_frames`)."""
+    out = {f.name: getattr(message, f.name) for f in fields(message) if f.name != "payloads"}
     if "keys" in out:
         out["keys"] = b"".join(out["keys"])
     return out
@@ -291,7 +291,7 @@ class GetReply:
     payloads: Sequence[Buffer] = field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
-        return {"req": self.req, "checksums": self.checksums}
+        return _plain(self)
 
     @classmethod
     def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> GetReply:
@@ -314,9 +314,7 @@ class Put:
     payloads: Sequence[Buffer] = field(default_factory=list)  # attachments, as in GetReply
 
     def fields(self) -> dict[str, Any]:
-        out = _plain(self)
-        del out["payloads"]
-        return out
+        return _plain(self)
 
     @classmethod
     def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> Put:
