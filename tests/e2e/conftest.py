@@ -15,13 +15,19 @@ printed when a server fails to start.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from meshkv.cli.common import codec_of
 from meshkv.cli.vllm_engine import EngineProcess, EngineSpec
+from meshkv.config import MeshConfig
+from meshkv.errors import TransportError
+from meshkv.gossip.member import MemberState, MemberView
+from meshkv.gossip.runner import query_members
 from meshkv.models.tiny_llama import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,3 +96,62 @@ def engines(tmp_path_factory, seed_port: int) -> Iterator[dict[str, EngineProces
     finally:
         for engine in running.values():
             engine.stop()
+
+
+# ---------------------------------------------------------------- the mesh, seen from outside
+
+MESH_WAIT_S = 30.0
+"""Longest wait for every member to see every other alive (gossip profile "local")."""
+POLL_S = 0.2
+QUERY_CONFIG = MeshConfig(mesh_gossip_profile="local")
+
+
+def wait_for(
+    what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], object] = str
+) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(POLL_S)
+    pytest.fail(f"not within {timeout_s:.0f} s: {what} {explain()}")
+
+
+def table_of(address: str) -> dict[str, MemberView]:
+    """The member table of the member at gossip ``address``, by name ({} if it does not
+    answer)."""
+    try:
+        views = query_members(address, timeout_s=1.0, codec=codec_of(QUERY_CONFIG))
+    except TransportError:
+        return {}
+    return {view.name: view for view in views}
+
+
+def alive(table: dict[str, MemberView], name: str) -> MemberView | None:
+    view = table.get(name)
+    return view if view is not None and view.state is MemberState.ALIVE else None
+
+
+def mesh_agrees(seed: str, names: set[str]) -> dict[str, MemberView] | None:
+    """The seed's table if each of ``names`` is alive in the table of each of them."""
+    table = table_of(seed)
+    if not all(alive(table, name) for name in names):
+        return None
+    for name in names:
+        own = table_of(table[name].address)
+        if not all(alive(own, other) for other in names):
+            return None
+    return table
+
+
+def wait_for_engines_to_agree(seed_port: int) -> None:
+    """Until engines one and two each see the other alive. A producer whose gossip marked its
+    consumer dead while it stored (a busy engine can miss its probes for a second or two) keeps
+    chunks homed at the consumer to itself until the consumer is back, then points the consumer
+    at them; a consumer that asked before that would recompute (a miss, never wrong KV)."""
+    wait_for(
+        "engines one and two see each other alive",
+        lambda: mesh_agrees(f"127.0.0.1:{seed_port}", {"one/0", "two/0"}),
+        MESH_WAIT_S,
+    )

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.e2e.conftest import wait_for_engines_to_agree
+
 pytestmark = [pytest.mark.vllm, pytest.mark.processes, pytest.mark.timeout(1500)]
 
 CHUNK = 256
@@ -61,10 +63,11 @@ def retrieved_since(engine, offset: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize(("producer", "consumer"), [("one", "two"), ("two", "one")])
-def test_an_engine_loads_what_the_other_computed(engines, producer, consumer):
+def test_an_engine_loads_what_the_other_computed(engines, seed_port, producer, consumer):
     tokens = prompt(seed=1 if producer == "one" else 2, length=1000)
     offset = engines[consumer].log_size()
     computed = answer(engines[producer].complete(tokens, max_tokens=8))
+    wait_for_engines_to_agree(seed_port)
     loaded = answer(engines[consumer].complete(tokens, max_tokens=8))
     reference = answer(engines["baseline"].complete(tokens, max_tokens=8))
     assert retrieved_since(engines[consumer], offset) == [(768, 1000)]
@@ -76,18 +79,20 @@ def test_an_engine_loads_what_the_other_computed(engines, producer, consumer):
     assert control[1] != reference[1] or drift > 5 * LOGPROB_ATOL
 
 
-def test_a_whole_prompt_hit_still_computes_the_last_token(engines):
+def test_a_whole_prompt_hit_still_computes_the_last_token(engines, seed_port):
     tokens = prompt(seed=3, length=512)
     offset = engines["two"].log_size()
     computed = answer(engines["one"].complete(tokens, max_tokens=4))
+    wait_for_engines_to_agree(seed_port)
     loaded = answer(engines["two"].complete(tokens, max_tokens=4))
     assert retrieved_since(engines["two"], offset) == [(511, 512)]
     assert_same(answer(engines["baseline"].complete(tokens, max_tokens=4)), computed, loaded)
 
 
-def test_cache_salt_keeps_tenants_apart(engines):
+def test_cache_salt_keeps_tenants_apart(engines, seed_port):
     tokens = prompt(seed=4, length=600)
     engines["one"].complete(tokens, max_tokens=2, cache_salt="tenant-a")
+    wait_for_engines_to_agree(seed_port)
     offset = engines["two"].log_size()
     other = answer(engines["two"].complete(tokens, max_tokens=2, cache_salt="tenant-b"))
     assert retrieved_since(engines["two"], offset) == []
@@ -101,7 +106,7 @@ def test_cache_salt_keeps_tenants_apart(engines):
     ("producer", "consumer", "shared_chunks"), [("one", "two", 2), ("two", "one", 1)]
 )
 def test_a_partly_shared_prefix_loads_only_the_shared_chunks(
-    engines, producer, consumer, shared_chunks
+    engines, seed_port, producer, consumer, shared_chunks
 ):
     """The consumer's prompt shares the producer's first ``shared_chunks`` full chunks and 100
     more tokens, then goes its own way: only the shared chunks are loaded."""
@@ -111,6 +116,7 @@ def test_a_partly_shared_prefix_loads_only_the_shared_chunks(
     assert tail[0] != original[split]  # the chunk holding the split differs
     diverged = original[:split] + tail
     engines[producer].complete(original, max_tokens=2)
+    wait_for_engines_to_agree(seed_port)
     offset = engines[consumer].log_size()
     loaded = answer(engines[consumer].complete(diverged, max_tokens=8))
     assert retrieved_since(engines[consumer], offset) == [(shared_chunks * CHUNK, len(diverged))]

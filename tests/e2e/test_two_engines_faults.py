@@ -22,70 +22,30 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from meshkv.cli.common import codec_of
 from meshkv.config import MeshConfig
-from meshkv.errors import TransportError
-from meshkv.gossip.member import MemberState, MemberView
-from meshkv.gossip.runner import query_members
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.ring.hashring import HashRing
-from tests.e2e.conftest import LOOKUP_TIMEOUT_MS, START_TIMEOUT_S
+from tests.e2e.conftest import (
+    LOOKUP_TIMEOUT_MS,
+    MESH_WAIT_S,
+    QUERY_CONFIG,
+    START_TIMEOUT_S,
+    mesh_agrees,
+    wait_for,
+)
 from tests.e2e.test_two_engines import CHUNK, answer, assert_same, prompt, retrieved_since
 
 pytestmark = [pytest.mark.vllm, pytest.mark.processes, pytest.mark.timeout(1500)]
 
-MESH_WAIT_S = 30.0
-"""Longest wait for every member to see every other alive (gossip profile "local")."""
 PUSH_WAIT_S = 10.0
 """Longest wait for a producer's chunks to reach their home (pushed in the background)."""
-POLL_S = 0.2
-QUERY_CONFIG = MeshConfig(mesh_gossip_profile="local")
-
-
-def wait_for(
-    what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], object] = str
-) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(POLL_S)
-    pytest.fail(f"not within {timeout_s:.0f} s: {what} {explain()}")
-
-
-def table_of(address: str) -> dict[str, MemberView]:
-    """The member table of the member at gossip ``address``, by name ({} if it does not
-    answer)."""
-    try:
-        views = query_members(address, timeout_s=1.0, codec=codec_of(QUERY_CONFIG))
-    except TransportError:
-        return {}
-    return {view.name: view for view in views}
-
-
-def alive(table: dict[str, MemberView], name: str) -> MemberView | None:
-    view = table.get(name)
-    return view if view is not None and view.state is MemberState.ALIVE else None
-
-
-def mesh_agrees(seed: str, names: set[str]) -> dict[str, MemberView] | None:
-    """The seed's table if each of ``names`` is alive in the table of each of them."""
-    table = table_of(seed)
-    if not all(alive(table, name) for name in names):
-        return None
-    for name in names:
-        own = table_of(table[name].address)
-        if not all(alive(own, other) for other in names):
-            return None
-    return table
 
 
 @pytest.fixture
