@@ -8,8 +8,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import zmq
 
 from meshkv.config import MeshConfig
+from meshkv.dataplane import messages as m
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.store import Refusal
@@ -218,3 +220,34 @@ def test_put_of_a_held_key_counts_and_reserve_refuses(mesh: Mesh) -> None:
     assert a.store.reserve(keys[0], CHUNK_BYTES, owner="x", deadline_s=time.monotonic() + 1) is (
         Refusal.PRESENT
     )
+
+
+@pytest.mark.nixl
+def test_a_nixl_get_that_names_no_destination_is_refused_and_serving_goes_on() -> None:
+    mesh = Mesh("nixl")
+    try:
+        nodes = [mesh.add(name) for name in ("a", "b", "c")]
+        keys = keys_for(2, "nodest")
+        nodes[0].put(keys, [chunk(k) for k in keys])
+        mesh.settle()
+        reader = next(n for n in nodes if not n.store.lookup(keys[0]))
+        before = {n.name: n.server.stats["rx_get"] for n in nodes}
+        reader.get(keys[:1], CHUNK_BYTES).release()  # a real get: the handshake is done
+        holder = next(n for n in nodes if n.server.stats["rx_get"] > before[n.name])
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{holder.data_address}")
+        codec = m.make_codec(1 << 20)
+        try:  # the handshaken reader's name, but nowhere to write
+            forged = m.Get(req=1, epoch=0, sender=reader.name, keys=keys, dest=[], budget_ms=1000)
+            sock.send(m.encode(codec, forged))
+            assert sock.poll(10_000)
+            reply = m.decode(codec, sock.recv())
+            assert isinstance(reply, m.Error) and reply.reason == "malformed"
+        finally:
+            sock.close(linger=0)
+        assert holder.store.stats().pinned == 0
+        with reader.get(keys, CHUNK_BYTES) as lease:  # the holder still serves
+            assert lease.count == 2
+    finally:
+        mesh.stop()

@@ -266,6 +266,8 @@ class DataServer:
             self._get_inline(identity, get, owner, deadline_s)
             return None
         sender = self._sender_of(get)  # before pinning anything: whose slots would we write?
+        if not get.dest:
+            raise ProtocolError("malformed", "a get over NIXL names no destination slots")
         slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
         if not slots:
             return m.GetReply(req=get.req, checksums=[])
