@@ -22,6 +22,8 @@ SAMPLES = [
     m.LookupReply(req=2, epoch=3, held=2, pointers=["a/0"]),
     m.LookupReply(req=2, epoch=3, held=0),
     m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 4096)], budget_ms=100),
+    m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 8192)], budget_ms=100,
+          offset=4096, nbytes=4096),
     m.GetReply(req=4, checksums=[b"c" * 16], payloads=[b"x" * 10]),
     m.Put(req=5, epoch=3, keys=[KEY], chunk_bytes=10, checksums=[b"c"], payloads=[b"x" * 10]),
     m.PutReply(req=5, epoch=3, slots=[m.SlotRef(1, 0), None], stored=0),
@@ -85,6 +87,10 @@ def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_h
          "malformed"),
         (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY,
                           "dest": [[0, 0], [0, 1]], "budget_ms": 1}, "malformed"),
+        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY * 2, "dest": [],
+                          "budget_ms": 1, "offset": 0, "nbytes": 64}, "malformed"),  # 2 keys
+        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY, "dest": [],
+                          "budget_ms": 1, "offset": 64, "nbytes": 0}, "malformed"),
         (m.DataType.HELLO, {"req": 1, "sender": "a", "nonce": 1, "channel": "rdma",
                             "agent": b"", "segments": []}, "malformed"),
         (m.DataType.COMMIT, {"req": 1, "keys": KEY, "checksums": []}, "malformed"),
@@ -100,7 +106,8 @@ def test_bad_fields_are_refused(message_type: int, fields: dict, reason: str) ->
 
 @settings(suppress_health_check=[HealthCheck.too_slow])  # a busy CI host draws slowly
 @given(st.integers(0, 20), st.dictionaries(st.sampled_from(["req", "epoch", "keys", "sender",
-       "held", "pointers", "dest", "slots", "checksums", "payloads", "budget_ms", "reason"]),
+       "held", "pointers", "dest", "slots", "checksums", "payloads", "budget_ms", "reason",
+       "offset", "nbytes"]),
        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20), st.text(max_size=5),
                  st.lists(st.binary(max_size=17), max_size=3), st.none())))  # fmt: skip
 def test_random_fields_never_escape_as_anything_but_protocol_error(t: int, fields: dict) -> None:

@@ -14,10 +14,12 @@ runs of:
 - ``channel``: ``NixlChannel.write`` (pieces of <= 32 MiB, adaptive sleeping poll, 1 ms
   event-driven progress thread);
 - ``meshkv_get``: ``MeshNode.get`` of a reader member in this process from a storage member
-  (a ``--holder`` process, the same UCX transport) that holds the chunks: the lookup round trip
-  to the home, the get request, the holder's WRITE into the reader's reserved slots, the
-  checksum check of every chunk on arrival and the pins: everything an engine's load waits for.
-  Every repeat reads fresh keys (the holder stores them untimed first), so nothing is local;
+  (a ``--holder`` process, the same UCX transport) that holds the chunks: the get requests
+  (the holder is the chunks' home, so no lookup goes first; a chunk larger than
+  ``FETCH_REQUEST_BYTES`` goes in pieces), the holder's WRITEs into the reader's reserved
+  slots, the checksum check of every chunk as it lands and the pins: everything an engine's
+  load waits for. Every get reads fresh keys (the holder stores them untimed first), so
+  nothing is local;
 - ``rtt``: one data-plane round trip, a one-key ``MeshNode.lookup`` at the holder (for the
   latency target: a one-chunk get within raw transfer time + 2 round trips).
 
@@ -29,15 +31,20 @@ take turns within each repeat (a load burst on a shared host hits all alike) and
 keeps the median per-repeat ratios channel / nixl_raw and meshkv_get / nixl_raw. A measure is an
 entry of the ``measures`` table in `bench_transport` (seconds for one batch).
 
+``--request-sizes 2M,4M,16M`` adds one ``get@<size>`` measure per size: the same get with
+`meshkv.node.fetch.FETCH_REQUEST_BYTES` set to it, in the same turns (what its default rests on).
+
 Writes DIR/transfer.json and DIR/transfer.png and prints a table (GB/s = 1e9 bytes/s).
 
     python tools/bench_transfer.py --out bench-results/
     python tools/bench_transfer.py --out bench-results/ --transports tcp,zmq --repeats 3
+    python tools/bench_transfer.py --transports cma --sizes 4M,32M --request-sizes 4M,16M,1024M
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -54,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from meshkv.config import MeshConfig
-from meshkv.node import MeshNode
+from meshkv.node import MeshNode, fetch
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
 from meshkv.store import Region, SegmentPool, chunk_checksum, segment_sizes
 from meshkv.store import Slot as StoreSlot
@@ -233,19 +240,21 @@ class Reader:
                 self.close()
                 raise TimeoutError("the reader never saw the holder join")
             time.sleep(0.05)
-        self._next: list[bytes] = []
-        self._probe = b""
 
-    def prepare(self, chunk_bytes: int, count: int) -> None:
-        """Untimed: fresh keys at the holder for the next get, and one more for `rtt` (never
-        fetched, so its lookup has to ask the holder)."""
-        *self._next, self._probe = self.holder.fill(chunk_bytes, count + 1)
-
-    def get(self, regions: list[Region]) -> float:
-        keys, chunk_bytes = self._next, regions[0].nbytes
-        started = time.perf_counter()
-        with self.node.get(keys, chunk_bytes, timeout_s=WRITE_DEADLINE_S) as lease:
+    def get(self, regions: list[Region], request_bytes: int | None = None) -> float:
+        """One timed get of fresh keys (stored at the holder first, untimed), with
+        `meshkv.node.fetch.FETCH_REQUEST_BYTES` set to ``request_bytes`` if given."""
+        chunk_bytes = regions[0].nbytes
+        keys = self.holder.fill(chunk_bytes, len(regions))
+        default = fetch.FETCH_REQUEST_BYTES
+        fetch.FETCH_REQUEST_BYTES = request_bytes or default
+        try:
+            started = time.perf_counter()
+            lease = self.node.get(keys, chunk_bytes, timeout_s=WRITE_DEADLINE_S)
             elapsed = time.perf_counter() - started
+        finally:
+            fetch.FETCH_REQUEST_BYTES = default
+        with lease:
             if lease.count != len(keys):
                 raise RuntimeError(
                     f"meshkv get returned {lease.count} of {len(keys)} chunks of {chunk_bytes} "
@@ -256,8 +265,10 @@ class Reader:
         return elapsed
 
     def rtt(self, regions: list[Region]) -> float:
+        """One timed lookup of a fresh key (never fetched, so it has to ask the holder)."""
+        [probe] = self.holder.fill(regions[0].nbytes, 1)
         started = time.perf_counter()
-        if self.node.lookup([self._probe], timeout_s=WRITE_DEADLINE_S) != 1:
+        if self.node.lookup([probe], timeout_s=WRITE_DEADLINE_S) != 1:
             raise RuntimeError("the holder did not answer a lookup")
         return time.perf_counter() - started
 
@@ -377,6 +388,10 @@ def with_env(env: dict[str, str], make: Callable[[], None]) -> None:
         os.environ.update(saved)
 
 
+def sweep_name(request_bytes: int) -> str:
+    return f"get@{request_bytes // MIB}M"
+
+
 def combinations(
     sizes: list[int], batches: list[int], max_batch_bytes: int
 ) -> list[tuple[int, int]]:
@@ -399,16 +414,18 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     if stock is not None:
         measures |= {"nixl_raw": stock.write, "channel": bench.channel_write}
     measures |= {"meshkv_get": reader.get, "rtt": reader.rtt}
+    for request_bytes in args.request_sizes:
+        measures[sweep_name(request_bytes)] = functools.partial(
+            reader.get, request_bytes=request_bytes
+        )
     rows = []
     try:
         for chunk_bytes, batch in combos:
             regions = layout(chunk_bytes, batch)
-            reader.prepare(chunk_bytes, batch)
             for measure in measures.values():
                 measure(regions)  # warm-up (and the first handshake)
             runs: dict[str, list[float]] = {name: [] for name in measures}
             for _ in range(args.repeats):
-                reader.prepare(chunk_bytes, batch)
                 for name, measure in measures.items():
                     runs[name].append(measure(regions))
             row: dict = {"transport": transport, "chunk_bytes": chunk_bytes, "batch": batch}
@@ -419,7 +436,7 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
                     row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
             if "nixl_raw" in runs:
                 raw = runs["nixl_raw"]
-                for name in ("channel", "meshkv_get"):
+                for name in ("channel", "meshkv_get", *map(sweep_name, args.request_sizes)):
                     row[f"{name}_over_raw"] = statistics.median(
                         c / r for c, r in zip(runs[name], raw, strict=True)
                     )
@@ -494,6 +511,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--max-batch-bytes", type=int, default=MAX_BATCH_BYTES)
+    parser.add_argument(
+        "--request-sizes",
+        type=parse_sizes,
+        default=[],
+        help="also time meshkv get with FETCH_REQUEST_BYTES set to each, e.g. 2M,4M,16M",
+    )
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)  # internal: run the target
     parser.add_argument("--holder", help=argparse.SUPPRESS)  # internal: CHANNEL:BUDGET_BYTES
     args = parser.parse_args()
@@ -520,6 +543,8 @@ def main() -> None:
     (args.out / "transfer.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "transfer.png")
     print(table(rows))
+    if args.request_sizes:
+        print(sweep_table(rows, args.request_sizes))
 
 
 def table(rows: list[dict]) -> str:
@@ -546,6 +571,26 @@ def table(rows: list[dict]) -> str:
             + " ".join(cells)
             + f" {r['rtt_ms']:7.2f} "
             + " ".join(ratios)
+        )
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict], request_sizes: list[int]) -> str:
+    """meshkv get's GB/s per FETCH_REQUEST_BYTES, and its time ratio to raw NIXL."""
+    names = [sweep_name(n) for n in request_sizes]
+    lines = [
+        f"{'transport':9} {'chunk':>8} {'batch':>5} "
+        + " ".join(f"{n:>10}" for n in names)
+        + "   (GB/s, and get/raw where there is raw)"
+    ]
+    for r in rows:
+        cells = [
+            f"{r[f'{n}_gbps']:.2f}" + (f"/{r[f'{n}_over_raw']:.2f}" if f"{n}_over_raw" in r else "")
+            for n in names
+        ]
+        lines.append(
+            f"{r['transport']:9} {r['chunk_bytes'] // KIB:>6}Ki {r['batch']:>5} "
+            + " ".join(f"{c:>10}" for c in cells)
         )
     return "\n".join(lines)
 

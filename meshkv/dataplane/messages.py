@@ -25,14 +25,16 @@ from meshkv.keys import KEY_BYTES
 from meshkv.transfer.channel import SegmentInfo
 from meshkv.wire import AuthPolicy, Buffer, FrameCodec, Protocol, require, require_list
 
-VERSION = 3
+VERSION = 4
 """Data-plane protocol version. Bump on any incompatible change and list it here:
 1 - first version;
 2 - ``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and a
     lookup reply says how many leading keys the responder holds (``held``) plus ``pointers``
     for the keys after those, instead of one holder name per key;
 3 - ``payloads`` (tcp channel: get replies and puts) travel as ZMQ frames after the message's
-    frame (attachments, see `meshkv.wire`), not inside its msgpack body."""
+    frame (attachments, see `meshkv.wire`), not inside its msgpack body;
+4 - a get may ask for one piece of one chunk (``offset``, ``nbytes``), so that a reader can
+    check a large chunk piece by piece while the rest is still on its way."""
 
 MAX_KEYS = 4096
 """Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
@@ -241,7 +243,11 @@ class LookupReply:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Get:
-    """Write the leading keys you hold into my ``dest`` slots (nixl) or inline (tcp)."""
+    """Write the leading keys you hold into my ``dest`` slots (nixl) or inline (tcp).
+
+    With ``nbytes`` > 0 it asks for one piece of one key's chunk: its bytes [``offset``,
+    ``offset + nbytes``), written at ``dest[0]`` (the piece's own destination, not the slot's).
+    """
 
     TYPE: ClassVar[DataType] = DataType.GET
     req: int
@@ -250,6 +256,8 @@ class Get:
     keys: list[bytes]
     dest: list[SlotRef]  # one per key for nixl; empty for tcp
     budget_ms: int  # time the requester still waits; the holder gives up past it
+    offset: int = 0
+    nbytes: int = 0  # 0: whole chunks
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -259,6 +267,8 @@ class Get:
             "keys": b"".join(self.keys),
             "dest": [d.wire() for d in self.dest],
             "budget_ms": self.budget_ms,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
         }
 
     @classmethod
@@ -267,6 +277,11 @@ class Get:
         dest = [d for d in _slots(f, "dest", allow_none=False) if d is not None]
         if dest and len(dest) != len(keys):
             raise ProtocolError("malformed", "dest and keys differ in length")
+        offset, nbytes = _uint(f, "offset", 48), _uint(f, "nbytes", 48)
+        if nbytes and len(keys) != 1:
+            raise ProtocolError("malformed", "a piece is of exactly one key's chunk")
+        if offset and not nbytes:
+            raise ProtocolError("malformed", "an offset without a piece length")
         return cls(
             req=_uint(f, "req"),
             epoch=_uint(f, "epoch"),
@@ -274,7 +289,13 @@ class Get:
             keys=keys,
             dest=dest,
             budget_ms=_uint(f, "budget_ms", 32),
+            offset=offset,
+            nbytes=nbytes,
         )
+
+    def piece(self) -> tuple[int, int] | None:
+        """(offset, nbytes) of the one piece asked for, or None for whole chunks."""
+        return (self.offset, self.nbytes) if self.nbytes else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,12 +1,12 @@
 """The data-plane service: one thread owns the ROUTER socket and answers peers' requests.
 
 Fast requests (hello, lookup, put reservations, commits, held-at) are answered inline. A get
-pins the chunks, starts one batched NIXL WRITE into the requester's slots, and is answered when
-the transfer completes or its budget runs out: transfers are polled in the same loop, so a slow
-peer never blocks the others. A transport that copies while it posts (UCX's cma) has finished
-when the post returns; such a get is answered at once, so a requester's batches are answered
-one by one as they are written (it checks batch k while k+1 is written) rather than together
-after the last.
+names whole chunks or one piece of one chunk. It pins the chunks, starts one batched NIXL WRITE
+into the requester's slots, and is answered when the transfer completes or its budget runs
+out: transfers are polled in the same loop, so a slow peer never blocks the others. A
+transport that copies while it posts (UCX's cma) has finished when the post returns; such a
+get is answered at once, so a requester's gets are answered one by one as they are written
+(it checks request k while k + 1 is written) rather than together after the last.
 
 A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
 is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
@@ -32,7 +32,7 @@ from meshkv.dataplane import messages as m
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.errors import ProtocolError, TransportError, UsageError
 from meshkv.ring.view import RingView
-from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+from meshkv.store import ChunkStore, Refusal, Region, Slot, chunk_checksum
 from meshkv.transfer import Channel, TransferHandle
 from meshkv.wire import Buffer, FrameCodec
 
@@ -272,9 +272,12 @@ class DataServer:
         if not slots:
             return m.GetReply(req=get.req, checksums=[])
         try:
-            handle = self._channel.post_write(
-                sender, [s.region for s in slots], get.dest[: len(slots)]
-            )
+            regions = _regions(get, slots)
+        except ProtocolError:
+            self._store.unpin(slots, owner=owner)
+            raise
+        try:
+            handle = self._channel.post_write(sender, regions, get.dest[: len(slots)])
         except (TransportError, ProtocolError) as exc:  # ProtocolError: a slot out of bounds
             self.stats["get_transfer_failed"] += 1
             log.info("get from %s: transfer not started: %s", sender, exc)
@@ -291,7 +294,8 @@ class DataServer:
         """tcp channel: the bytes go with the reply, copied once, from the pinned slots."""
         slots = self._store.pin(get.keys, owner=owner, deadline_s=deadline_s)
         try:
-            payloads = [memoryview(self._store.view(slot)) for slot in slots]
+            regions = _regions(get, slots) if slots else []
+            payloads = [memoryview(self._store.pool.view(region)) for region in regions]
             sums = [slot.checksum for slot in slots]
             self._reply(identity, m.GetReply(req=get.req, checksums=sums, payloads=payloads))
         finally:
@@ -387,3 +391,15 @@ class DataServer:
     def _require_epoch(self, epoch: int) -> None:
         if not self._accept_any_epoch and not self._ring().accepts_epoch(epoch):
             raise ProtocolError("stale_epoch", str(epoch))
+
+
+def _regions(get: m.Get, slots: list[Slot]) -> list[Region]:
+    """The bytes a get asks for: its pinned chunks whole, or the one piece it names (refused as
+    "bad_range" if the piece is not inside the chunk)."""
+    piece = get.piece()
+    if piece is None:
+        return [slot.region for slot in slots]
+    try:
+        return [slots[0].region.part(*piece)]
+    except UsageError:
+        raise ProtocolError("bad_range", f"{piece} of {slots[0].region.nbytes} bytes") from None

@@ -10,10 +10,11 @@ answered from the local store and directory with no round trip; the rest are ask
 homes, all homes at once (one round trip). A miss at a home that changed with the last
 membership change falls back once to the previous epoch's home.
 
-`fetch` then moves the located chunks into local slots: one `Get` per holder for its run of
-consecutive keys, all in parallel; each chunk is checked against its checksum before it is
-committed, so a corrupted or torn chunk is a miss, never loaded. Fetched chunks stay here as
-local copies (a repeat of the prompt on this engine is local).
+`fetch` then moves the located chunks into local slots: each holder's run of consecutive keys
+goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all in
+parallel; each chunk is checked against its checksum before it is committed
+(`meshkv.node.arrivals`), so a corrupted or torn chunk is a miss, never loaded. Fetched chunks
+stay here as local copies (a repeat of the prompt on this engine is local).
 
 Both stop at the first miss: only the leading run of keys is useful to vLLM.
 """
@@ -21,7 +22,6 @@ Both stop at the first miss: only the leading run of keys is useful to vLLM.
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,19 +29,21 @@ from dataclasses import dataclass
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.directory import HolderDirectory
+from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.membership import Membership
 from meshkv.ring.hashring import HashRing
-from meshkv.store import ChunkStore, Refusal, Slot, chunk_checksum
+from meshkv.store import ChunkStore
 
-log = logging.getLogger("vllm.meshkv.node.fetch")
-
-FETCH_BATCH_BYTES = 16 << 20
-"""Chunk bytes per get request; a longer run goes as several requests sent at once (bounded
-frames on the tcp channel). Each batch is checked here as its reply arrives, while later ones
-are still being written, so only the last batch's check adds to the get's time."""
-FETCH_BATCHES_MAX = 16
-"""Requests per run at most (larger batches past that): well inside the socket's send queue
+FETCH_REQUEST_BYTES = 4 << 20
+"""Bytes a get request asks for, at least: a run of chunks goes as several requests sent at
+once, and each is checked here as its reply arrives, while later ones are still being
+written, so only the last request's check adds to the get's time. Smaller requests would
+shorten that tail but add a round of request handling at the holder each."""
+FETCH_REQUESTS_MAX = 16
+"""Requests per run at most (larger requests past that): well inside the socket's send queue
 (`meshkv.dataplane.client.SEND_HWM`), whose overflow would drop requests."""
+PIECE_ALIGN = 4096
+"""Pieces of a chunk start on this boundary."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,99 +178,59 @@ def fetch(
 
     ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
     ``inline`` (tcp channel) the holder sends the bytes in its reply; else it WRITEs them into
-    the slots reserved here.
+    the slots reserved here. Each run of one holder's chunks goes as the requests `plan` gives,
+    all sent at once; `Arrivals` checks and commits what lands.
     """
     me = membership.me.name
-    runs = [
-        (start, min(start + per_request, end))
-        for run_start, end in _runs(holders, me)
-        for per_request in [_batch_chunks(end - run_start, chunk_bytes)]
-        for start in range(run_start, end, per_request)
-    ]
-    reserved: dict[int, Slot] = {}
+    arrivals = Arrivals(keys, holders, store, owner)
     requests: list[tuple[str, m.Get]] = []
-    run_of_request: list[tuple[int, int]] = []
-    for start, end in runs:
-        holder = holders[start]
-        peer = membership.peer(holder)
-        if peer is None or not handshake(holder, deadline_s):
+    pieces: list[Piece] = []
+    epoch = membership.ring().epoch
+    for start, end in _runs(holders, me):
+        peer = membership.peer(holders[start])
+        if peer is None or not handshake(holders[start], deadline_s):
             break
-        dest: list[m.SlotRef] = []
-        for i in range(start, end):
-            slot = store.reserve(keys[i], chunk_bytes, owner=owner, deadline_s=deadline_s + 1.0)
-            if isinstance(slot, Refusal):
-                end = i
-                break
-            reserved[i] = slot
-            dest.append(m.SlotRef(slot.region.segment_id, slot.region.offset))
-        if end == start:
-            break
+        reserved = arrivals.reserve(start, end, chunk_bytes, deadline_s + 1.0)
         budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
-        get = m.Get(
-            req=client.next_id(),
-            epoch=membership.ring().epoch,
-            sender=me,
-            keys=list(keys[start:end]),
-            dest=[] if inline else dest,
-            budget_ms=budget_ms,
-        )
-        requests.append((peer.data_address, get))
-        run_of_request.append((start, end))
-    fetched: set[int] = set()
-    answered: set[int] = set()
-    for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
-        answered.add(index)
-        start, end = run_of_request[index]
-        if isinstance(reply, m.GetReply):
-            fetched |= _take(reply, keys, start, end, holders, reserved, store, owner)
-    # No answer: the holder may still be writing into those slots until its budget ends, so
-    # they are left to expire (deadline + 1 s) rather than reused now.
-    unanswered = {
-        i for index, (start, end) in enumerate(run_of_request) if index not in answered
-        for i in range(start, end)
-    }  # fmt: skip
-    for i in reserved:
-        if i not in unanswered:
-            store.abort(keys[i], owner=owner)
-    return fetched
-
-
-def _take(
-    reply: m.GetReply,
-    keys: Sequence[bytes],
-    start: int,
-    end: int,
-    holders: Sequence[str],
-    reserved: dict[int, Slot],
-    store: ChunkStore,
-    owner: str,
-) -> set[int]:
-    """Commits the chunks of one answered run that arrived intact (a leading part of it);
-    returns their indexes. Chunks after the first bad one are left for the caller to abort."""
-    committed: set[int] = set()
-    for offset, checksum in enumerate(reply.checksums[: end - start]):
-        i = start + offset
-        slot = reserved.pop(i)
-        view = store.view(slot)
-        if reply.payloads:
-            payload = reply.payloads[offset]
-            if len(payload) != view.nbytes:
-                store.abort(keys[i], owner=owner)
-                break
-            view[:] = memoryview(payload)
-        if chunk_checksum(view) != checksum:
-            log.warning("chunk %s from %s failed its checksum", keys[i].hex(), holders[i])
-            store.abort(keys[i], owner=owner)
+        for piece in plan(start, reserved, chunk_bytes):
+            dest = arrivals.expect(piece)
+            get = m.Get(
+                req=client.next_id(),
+                epoch=epoch,
+                sender=me,
+                keys=list(keys[piece.start : piece.end]),
+                dest=[] if inline else dest,
+                budget_ms=budget_ms,
+                offset=piece.offset,
+                nbytes=piece.nbytes,
+            )
+            requests.append((peer.data_address, get))
+            pieces.append(piece)
+        if reserved < end:  # no room: later chunks could not extend the leading run
             break
-        if store.commit(keys[i], checksum, owner=owner) is not None:
-            committed.add(i)
-    return committed
+    for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
+        arrivals.answered(pieces[index], reply)
+    return arrivals.finish()
 
 
-def _batch_chunks(run_chunks: int, chunk_bytes: int) -> int:
-    """Chunks per get request for a run: FETCH_BATCH_BYTES' worth, in FETCH_BATCHES_MAX
-    requests at most."""
-    return max(1, FETCH_BATCH_BYTES // chunk_bytes, -(-run_chunks // FETCH_BATCHES_MAX))
+def plan(start: int, end: int, chunk_bytes: int) -> list[Piece]:
+    """The get requests for a run of chunks [start, end) at one holder.
+
+    At most FETCH_REQUESTS_MAX requests, each of FETCH_REQUEST_BYTES at least (unless the run is
+    smaller). A chunk larger than a request goes in pieces, one request each.
+    """
+    chunks = end - start
+    request_bytes = max(FETCH_REQUEST_BYTES, -(-chunks * chunk_bytes // FETCH_REQUESTS_MAX))
+    count = min(-(-chunk_bytes // request_bytes), FETCH_REQUESTS_MAX // max(1, chunks))
+    if count <= 1:  # whole chunks, as many per request as fit
+        per = max(1, request_bytes // chunk_bytes, -(-chunks // FETCH_REQUESTS_MAX))
+        return [Piece(i, min(i + per, end)) for i in range(start, end, per)]
+    size = -(-chunk_bytes // count // PIECE_ALIGN) * PIECE_ALIGN
+    return [
+        Piece(i, i + 1, at, min(size, chunk_bytes - at))
+        for i in range(start, end)
+        for at in range(0, chunk_bytes, size)
+    ]
 
 
 def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """The local chunk store: a byte budget of registered segments, slab slots, LRU, pins."""
 
-from meshkv.store.chunk_store import CHECKSUM_BYTES, ChunkStore, chunk_checksum
+from meshkv.store.chunk_store import CHECKSUM_BYTES, ChunkStore, chunk_checksum, chunk_hasher
 from meshkv.store.segments import (
     DEFAULT_SEGMENT_BYTES,
     Segment,
@@ -24,6 +24,7 @@ __all__ = [
     "SlotTable",
     "StoreStats",
     "chunk_checksum",
+    "chunk_hasher",
     "segment_bytes_for",
     "segment_sizes",
 ]

@@ -43,6 +43,12 @@ def chunk_checksum(data: np.ndarray | memoryview | bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+def chunk_hasher() -> xxhash.xxh3_128:
+    """`chunk_checksum` taken in pieces: ``update`` with the chunk's bytes in order, then
+    ``digest``; the result is the same, so a reader can check pieces as they land."""
+    return xxhash.xxh3_128()
+
+
 class ChunkStore:
     """Slots for chunks over one `SegmentPool`, with LRU eviction, pins and reservations."""
 

@@ -57,6 +57,12 @@ class Region:
         if self.segment_id < 0 or self.offset < 0 or self.nbytes <= 0:
             raise UsageError(f"bad region {self.segment_id}:{self.offset}+{self.nbytes}")
 
+    def part(self, offset: int, nbytes: int) -> Region:
+        """Its bytes [offset, offset + nbytes); UsageError unless they lie inside it."""
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
+            raise UsageError(f"bytes {offset}+{nbytes} are not inside a {self.nbytes}-byte region")
+        return Region(segment_id=self.segment_id, offset=self.offset + offset, nbytes=nbytes)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Slot:
