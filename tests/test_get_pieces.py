@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from meshkv.node.arrivals import Arrivals
 from meshkv.node.fetch import FETCH_REQUEST_BYTES, plan
 from meshkv.store import ChunkStore, chunk_checksum, chunk_hasher
 from tests.test_node import Mesh, chunk, keys_for
+from tests.test_node import mesh as mesh  # the same fixture: both channels
 
 LARGE = 2 * FETCH_REQUEST_BYTES + 12288  # three pieces, the last one short
 OWNER = "reader"
@@ -102,15 +103,6 @@ def test_a_chunk_with_an_unanswered_piece_stays_reserved_until_it_expires() -> N
     assert reader.arrivals.finish() == set()
     assert reader.store.stats().reserved == 1
     assert reader.store.expire(time.monotonic() + 120)[0].what == "reservation"
-
-
-@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    mesh = Mesh(request.param)
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 def _fetcher(nodes: list[MeshNode], key: bytes) -> MeshNode:
