@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,7 +21,7 @@ from meshkv.node import MeshNode
 from meshkv.node.arrivals import Arrivals
 from meshkv.node.fetch import FETCH_REQUEST_BYTES, plan
 from meshkv.store import ChunkStore, chunk_checksum, chunk_hasher
-from tests.test_node import Mesh, chunk, keys_for
+from tests.test_node import Mesh, ask_raw, chunk, keys_for
 from tests.test_node import mesh as mesh  # the same fixture: both channels
 
 LARGE = 2 * FETCH_REQUEST_BYTES + 12288  # three pieces, the last one short
@@ -145,20 +144,11 @@ def test_a_piece_outside_its_chunk_is_refused_and_pins_nothing() -> None:
         a = mesh.add("a")
         [key] = keys_for(1, "range")
         a.put([key], [chunk(key, 8192)])
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{a.data_address}")
-        codec = m.make_codec(1 << 20)
-        try:
-            for offset, nbytes in ((4096, 8192), (8192, 1)):
-                get = m.Get(req=1, epoch=0, sender="x/0", keys=[key], dest=[], budget_ms=1000,
-                            offset=offset, nbytes=nbytes)  # fmt: skip
-                sock.send(m.encode(codec, get))
-                assert sock.poll(10_000)
-                reply = m.decode(codec, sock.recv())
-                assert isinstance(reply, m.Error) and reply.reason == "bad_range"
-        finally:
-            sock.close(linger=0)
+        for offset, nbytes in ((4096, 8192), (8192, 1)):
+            get = m.Get(req=1, epoch=0, sender="x/0", keys=[key], dest=[], budget_ms=1000,
+                        offset=offset, nbytes=nbytes)  # fmt: skip
+            reply = ask_raw(a, get)
+            assert isinstance(reply, m.Error) and reply.reason == "bad_range"
         assert a.server.stats["refused_bad_range"] == 2
         assert a.store.stats().pinned == 0
     finally:

@@ -52,6 +52,20 @@ def keys_for(n: int, salt: str = "") -> list[bytes]:
     return chunk_keys(root_key(bytes.fromhex(NAMESPACE), salt), tokens, 16)
 
 
+def ask_raw(member: MeshNode, request: m.Message) -> m.Message:
+    """Sends one request to ``member``'s data port from a bare socket; its reply."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{member.data_address}")
+    codec = m.make_codec(1 << 20)
+    try:
+        sock.send(m.encode(codec, request))
+        assert sock.poll(10_000), "no reply"
+        return m.decode(codec, sock.recv())
+    finally:
+        sock.close(linger=0)
+
+
 class Mesh:
     """Nodes started in this process; stopped at the end of the test."""
 
@@ -234,18 +248,10 @@ def test_a_nixl_get_that_names_no_destination_is_refused_and_serving_goes_on() -
         before = {n.name: n.server.stats["rx_get"] for n in nodes}
         reader.get(keys[:1], CHUNK_BYTES).release()  # a real get: the handshake is done
         holder = next(n for n in nodes if n.server.stats["rx_get"] > before[n.name])
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{holder.data_address}")
-        codec = m.make_codec(1 << 20)
-        try:  # the handshaken reader's name, but nowhere to write
-            forged = m.Get(req=1, epoch=0, sender=reader.name, keys=keys, dest=[], budget_ms=1000)
-            sock.send(m.encode(codec, forged))
-            assert sock.poll(10_000)
-            reply = m.decode(codec, sock.recv())
-            assert isinstance(reply, m.Error) and reply.reason == "malformed"
-        finally:
-            sock.close(linger=0)
+        # the handshaken reader's name, but nowhere to write
+        forged = m.Get(req=1, epoch=0, sender=reader.name, keys=keys, dest=[], budget_ms=1000)
+        reply = ask_raw(holder, forged)
+        assert isinstance(reply, m.Error) and reply.reason == "malformed"
         assert holder.store.stats().pinned == 0
         with reader.get(keys, CHUNK_BYTES) as lease:  # the holder still serves
             assert lease.count == 2
