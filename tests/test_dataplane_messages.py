@@ -21,9 +21,10 @@ SAMPLES = [
     m.Lookup(req=2, epoch=3, keys=[KEY, KEY]),
     m.LookupReply(req=2, epoch=3, held=2, pointers=["a/0"]),
     m.LookupReply(req=2, epoch=3, held=0),
-    m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 4096)], budget_ms=100),
+    m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 4096)], budget_ms=100,
+          sent_ms=1_790_000_000_000),
     m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 8192)], budget_ms=100,
-          offset=4096, nbytes=4096),
+          sent_ms=1_790_000_000_000, offset=4096, nbytes=4096),
     m.GetReply(req=4, checksums=[b"c" * 16], payloads=[b"x" * 10]),
     m.Put(req=5, epoch=3, keys=[KEY], chunk_bytes=10, checksums=[b"c"], payloads=[b"x" * 10]),
     m.PutReply(req=5, epoch=3, slots=[m.SlotRef(1, 0), None], stored=0),
@@ -107,9 +108,44 @@ def test_bad_fields_are_refused(message_type: int, fields: dict, reason: str) ->
 @settings(suppress_health_check=[HealthCheck.too_slow])  # a busy CI host draws slowly
 @given(st.integers(0, 20), st.dictionaries(st.sampled_from(["req", "epoch", "keys", "sender",
        "held", "pointers", "dest", "slots", "checksums", "payloads", "budget_ms", "reason",
-       "offset", "nbytes"]),
+       "offset", "nbytes", "sent_ms"]),
        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20), st.text(max_size=5),
                  st.lists(st.binary(max_size=17), max_size=3), st.none())))  # fmt: skip
 def test_random_fields_never_escape_as_anything_but_protocol_error(t: int, fields: dict) -> None:
     with contextlib.suppress(ProtocolError):
         m.decode(CODEC, CODEC.encode(t, fields))
+
+
+def late_get(budget_ms: int, sent_ms: int) -> m.Get:
+    return m.Get(req=1, epoch=0, sender="a/0", keys=[KEY], dest=[], budget_ms=budget_ms,
+                 sent_ms=sent_ms)  # fmt: skip
+
+
+def test_a_get_read_late_is_given_only_the_time_its_requester_still_waits() -> None:
+    get = late_get(budget_ms=100, sent_ms=10_000)
+    assert get.time_left_s(10_000) == 0.1  # read at once
+    assert get.time_left_s(9_000) == 0.1  # the holder's clock is behind: the budget, no more
+    assert get.time_left_s(10_000 + m.LATE_WRITE_MS) == 0.1  # a clock ahead by that much
+    assert get.time_left_s(10_000 + m.LATE_WRITE_MS + 60) == pytest.approx(0.04)
+    assert get.time_left_s(10_000 + 100 + m.LATE_WRITE_MS) <= 0  # the requester gave up
+
+
+@given(
+    budget_ms=st.integers(1, 60_000),
+    sent_ms=st.integers(0, 1 << 44),
+    read_after_ms=st.integers(0, 120_000),
+    skew_ms=st.integers(-m.LATE_WRITE_MS, m.LATE_WRITE_MS),
+)
+def test_a_holder_stops_writing_before_a_requester_reuses_its_slots(
+    budget_ms: int, sent_ms: int, read_after_ms: int, skew_ms: int
+) -> None:
+    """With clocks at most LATE_WRITE_MS apart, a holder that reads a get ``read_after_ms``
+    after it was sent stops by the requester's deadline + 2 x LATE_WRITE_MS (when the
+    requester may reuse the slots), and a get read at once keeps its whole budget."""
+    get = late_get(budget_ms, sent_ms)
+    read_at = sent_ms + read_after_ms  # by the requester's clock
+    left_ms = get.time_left_s(read_at + skew_ms) * 1000
+    if left_ms > 0:
+        assert read_at + left_ms <= sent_ms + budget_ms + 2 * m.LATE_WRITE_MS + 1e-6
+    if read_after_ms == 0:
+        assert left_ms == pytest.approx(budget_ms)

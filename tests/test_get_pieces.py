@@ -146,7 +146,7 @@ def test_a_piece_outside_its_chunk_is_refused_and_pins_nothing() -> None:
         a.put([key], [chunk(key, 8192)])
         for offset, nbytes in ((4096, 8192), (8192, 1)):
             get = m.Get(req=1, epoch=0, sender="x/0", keys=[key], dest=[], budget_ms=1000,
-                        offset=offset, nbytes=nbytes)  # fmt: skip
+                        sent_ms=m.wall_clock_ms(), offset=offset, nbytes=nbytes)  # fmt: skip
             reply = ask_raw(a, get)
             assert isinstance(reply, m.Error) and reply.reason == "bad_range"
         assert a.server.stats["refused_bad_range"] == 2

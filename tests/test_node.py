@@ -249,11 +249,35 @@ def test_a_nixl_get_that_names_no_destination_is_refused_and_serving_goes_on() -
         reader.get(keys[:1], CHUNK_BYTES).release()  # a real get: the handshake is done
         holder = next(n for n in nodes if n.server.stats["rx_get"] > before[n.name])
         # the handshaken reader's name, but nowhere to write
-        forged = m.Get(req=1, epoch=0, sender=reader.name, keys=keys, dest=[], budget_ms=1000)
+        forged = m.Get(
+            req=1, epoch=0, sender=reader.name, keys=keys, dest=[], budget_ms=1000,
+            sent_ms=m.wall_clock_ms(),
+        )  # fmt: skip
         reply = ask_raw(holder, forged)
         assert isinstance(reply, m.Error) and reply.reason == "malformed"
         assert holder.store.stats().pinned == 0
         with reader.get(keys, CHUNK_BYTES) as lease:  # the holder still serves
             assert lease.count == 2
+    finally:
+        mesh.stop()
+
+
+def test_a_get_read_after_its_requester_gave_up_is_refused_and_pins_nothing() -> None:
+    mesh = Mesh("tcp")
+    try:
+        a = mesh.add("a")
+        [key] = keys_for(1, "late")
+        a.put([key], [chunk(key, 8192)])
+        gave_up_ms = m.wall_clock_ms() - 1000 - m.LATE_WRITE_MS - 1
+        late = m.Get(req=1, epoch=0, sender="x/0", keys=[key], dest=[], budget_ms=1000,
+                     sent_ms=gave_up_ms)  # fmt: skip
+        reply = ask_raw(a, late)
+        assert isinstance(reply, m.Error) and reply.reason == "expired"
+        assert a.server.stats["refused_expired"] == 1
+        assert a.store.stats().pinned == 0
+        on_time = m.Get(req=2, epoch=0, sender="x/0", keys=[key], dest=[], budget_ms=1000,
+                        sent_ms=m.wall_clock_ms())  # fmt: skip
+        reply = ask_raw(a, on_time)
+        assert isinstance(reply, m.GetReply) and len(reply.checksums) == 1
     finally:
         mesh.stop()

@@ -15,6 +15,7 @@ This module owns type ids, fields and their validation, nothing else.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
@@ -25,7 +26,7 @@ from meshkv.keys import KEY_BYTES
 from meshkv.transfer.channel import SegmentInfo
 from meshkv.wire import AuthPolicy, Buffer, FrameCodec, Protocol, require, require_list
 
-VERSION = 4
+VERSION = 5
 """Data-plane protocol version. Bump on any incompatible change and list it here:
 1 - first version;
 2 - ``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and a
@@ -34,7 +35,10 @@ VERSION = 4
 3 - ``payloads`` (tcp channel: get replies and puts) travel as ZMQ frames after the message's
     frame (attachments, see `meshkv.wire`), not inside its msgpack body;
 4 - a get may ask for one piece of one chunk (``offset``, ``nbytes``), so that a reader can
-    check a large chunk piece by piece while the rest is still on its way."""
+    check a large chunk piece by piece while the rest is still on its way;
+5 - a get carries ``sent_ms``, the requester's clock when it sent it, so that a holder that
+    reads it late (it was frozen, or its queue was long) refuses it once the requester has
+    given up, rather than write into slots the requester may have reused."""
 
 MAX_KEYS = 4096
 """Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
@@ -43,6 +47,15 @@ MAX_AGENT_METADATA_BYTES = 1 << 20
 MAX_CHECKSUM_BYTES = 32
 MAX_NAME_CHARS = 256
 MAX_REASON_CHARS = 512
+LATE_WRITE_MS = 500
+"""How long past a get's end (``sent_ms + budget_ms``), by its own clock, a holder may still
+start writing: the clock difference between members that gets tolerate. A requester keeps the
+slots of an unanswered get reserved for longer than this past its own deadline."""
+
+
+def wall_clock_ms() -> int:
+    """This member's clock as `Get.sent_ms` carries it: milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
 
 
 class DataType(IntEnum):
@@ -256,6 +269,7 @@ class Get:
     keys: list[bytes]
     dest: list[SlotRef]  # one per key for nixl; empty for tcp
     budget_ms: int  # time the requester still waits; the holder gives up past it
+    sent_ms: int  # the requester's `wall_clock_ms` when it sent this (see `time_left_s`)
     offset: int = 0
     nbytes: int = 0  # 0: whole chunks
 
@@ -267,6 +281,7 @@ class Get:
             "keys": b"".join(self.keys),
             "dest": [d.wire() for d in self.dest],
             "budget_ms": self.budget_ms,
+            "sent_ms": self.sent_ms,
             "offset": self.offset,
             "nbytes": self.nbytes,
         }
@@ -289,9 +304,20 @@ class Get:
             keys=keys,
             dest=dest,
             budget_ms=_uint(f, "budget_ms", 32),
+            sent_ms=_uint(f, "sent_ms", 48),
             offset=offset,
             nbytes=nbytes,
         )
+
+    def time_left_s(self, now_ms: int) -> float:
+        """Seconds the holder may still spend on this get, ``now_ms`` being its own clock:
+        the budget, cut short if the request was read late; <= 0 once the requester has given
+        up. A requester holds the slots of an unanswered get 2 x LATE_WRITE_MS past its deadline
+        (`meshkv.node.fetch`), so a holder clock up to LATE_WRITE_MS behind the requester's
+        stops writing before the slots can be reused, and one up to LATE_WRITE_MS ahead never
+        cuts a get short."""
+        left_ms = min(self.budget_ms, self.sent_ms + self.budget_ms + LATE_WRITE_MS - now_ms)
+        return left_ms / 1000
 
     def piece(self) -> tuple[int, int] | None:
         """(offset, nbytes) of the one piece asked for, or None for whole chunks."""

@@ -6,7 +6,10 @@ into the requester's slots, and is answered when the transfer completes or its b
 out: transfers are polled in the same loop, so a slow peer never blocks the others. A
 transport that copies while it posts (UCX's cma) has finished when the post returns; such a
 get is answered at once, so a requester's gets are answered one by one as they are written
-(it checks request k while k + 1 is written) rather than together after the last.
+(it checks request k while k + 1 is written) rather than together after the last. A get is
+given the time its requester still waits, by the requester's clock (`messages.Get.time_left_s`):
+one read after the requester gave up (this member was frozen, or its queue long) is refused as
+expired, since the requester may have reused the slots it named.
 
 A put needs agreement on the ring: one whose epoch is neither our current nor our previous one
 is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
@@ -261,7 +264,7 @@ class DataServer:
 
     def _get(self, identity: bytes, get: m.Get) -> m.Message | None:
         owner = f"get:{identity.hex()}:{get.req}"
-        deadline_s = time.monotonic() + get.budget_ms / 1000
+        deadline_s = _deadline_of(get)
         if self._channel.kind == "tcp":
             self._get_inline(identity, get, owner, deadline_s)
             return None
@@ -391,6 +394,16 @@ class DataServer:
     def _require_epoch(self, epoch: int) -> None:
         if not self._accept_any_epoch and not self._ring().accepts_epoch(epoch):
             raise ProtocolError("stale_epoch", str(epoch))
+
+
+def _deadline_of(get: m.Get) -> float:
+    """When to give up on ``get`` (monotonic clock); refuses it as expired if its requester
+    already has: a get read late (this member was frozen, or its queue long) must not write
+    into slots the requester may have reused since."""
+    left_s = get.time_left_s(m.wall_clock_ms())
+    if left_s <= 0:
+        raise ProtocolError("expired", f"{-left_s:.3f} s past the requester's deadline")
+    return time.monotonic() + left_s
 
 
 def _regions(get: m.Get, slots: list[Slot]) -> list[Region]:

@@ -44,6 +44,11 @@ FETCH_REQUESTS_MAX = 16
 (`meshkv.dataplane.client.SEND_HWM`), whose overflow would drop requests."""
 PIECE_ALIGN = 4096
 """Pieces of a chunk start on this boundary."""
+UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
+"""How long past the get's deadline the slots of an unanswered request stay reserved: its
+holder may still write into them until LATE_WRITE_MS past that deadline by its own clock, so
+this tolerates clocks up to LATE_WRITE_MS apart (`meshkv.dataplane.messages.Get.time_left_s`).
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +195,7 @@ def fetch(
         peer = membership.peer(holders[start])
         if peer is None or not handshake(holders[start], deadline_s):
             break
-        reserved = arrivals.reserve(start, end, chunk_bytes, deadline_s + 1.0)
+        reserved = arrivals.reserve(start, end, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
         budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
         for piece in plan(start, reserved, chunk_bytes):
             dest = arrivals.expect(piece)
@@ -201,6 +206,7 @@ def fetch(
                 keys=list(keys[piece.start : piece.end]),
                 dest=[] if inline else dest,
                 budget_ms=budget_ms,
+                sent_ms=m.wall_clock_ms(),
                 offset=piece.offset,
                 nbytes=piece.nbytes,
             )
