@@ -194,3 +194,32 @@ def test_async_load_reports_when_done_and_a_miss_reports_its_blocks(pair):
     assert two.take_failed_blocks() == {3, 4}  # another tenant's salt: nothing to load
     for name in LAYERS:
         assert torch.equal(two_caches[name][[1, 2]], one_caches[name][[5, 6]])
+
+
+def test_a_chunk_that_changes_while_it_is_copied_in_is_reported_not_loaded(pair):
+    """A late NIXL write into a leased slot (a holder thawed after its get gave up) can land
+    while the chunk is copied into vLLM's blocks. Here the real copier runs, then the slot is
+    written under it, as such a write would: the chunk's blocks are reported for recompute."""
+    (one, _), (two, _) = pair
+    tokens = np.arange(300, 300 + 2 * CHUNK)
+    step(one, MeshStepOrders(intros=[intro("a", tokens)],
+                             saves=[Save(req_id="a", first_chunk=0, num_chunks=2,
+                                         block_ids=(3, 4, 7, 8))]))  # fmt: skip
+    step(two, MeshStepOrders(intros=[intro("b", tokens)]))
+    assert found_in_mesh(two, "b", 2, stage=True) == 2
+    copier = two._copier
+    scatter = copier.scatter
+    copies = []
+
+    def scatter_then_late_write(src: torch.Tensor, block_ids, *, first_block: int = 0) -> None:
+        scatter(src, block_ids, first_block=first_block)
+        copies.append(len(block_ids))
+        if len(copies) == 2:  # the second chunk's slot is written under its copy
+            src.view(torch.uint8)[-4096:] ^= 0xFF
+
+    copier.scatter = scatter_then_late_write
+    load = Load(req_id="b", first_chunk=0, num_chunks=2, skip_blocks=0, block_ids=(10, 11, 12, 13),
+                is_async=False, num_tokens=511, prompt_tokens=512)  # fmt: skip
+    step(two, MeshStepOrders(loads=[load], forget=["b"]))
+    assert copies == [2, 2]
+    assert two.take_failed_blocks() == {12, 13}

@@ -7,8 +7,9 @@ and the chunk geometry is known) and carries out the scheduler side's orders eac
 - fetches: on the fetch thread, pin the leading chunks found in the mesh (fetching remote ones
   into the local store) and report how many; or, for async loading, only count them;
 - loads: copy pinned chunks into vLLM's blocks - synchronously before the forward, or on the
-  fetch thread for async loads, which report through `take_finished_loads`. Blocks that could
-  not be written are reported (`take_failed_blocks`) so vLLM recomputes them;
+  fetch thread for async loads, which report through `take_finished_loads`. Each chunk is
+  checked against its checksum after it is copied in. Blocks that could not be written, or
+  whose chunk failed that check, are reported (`take_failed_blocks`) so vLLM recomputes them;
 - saves: after the forward, copy each completed chunk out of the blocks and `put` it (stored
   here at once, pushed to its home in the background);
 - unstage / forget: release pins and per-request state.
@@ -321,13 +322,21 @@ class MeshWorker:
                 )
                 return
             timeout_s = LOCAL_GET_TIMEOUT_S if not load.is_async else None
-            with node.get(wanted, g.chunk_bytes, timeout_s=timeout_s) as lease:
+            with node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False) as lease:
                 for index in range(lease.count):
                     skip = load.skip_blocks if index == 0 else 0
                     start = index * g.blocks_per_chunk - (load.skip_blocks if index else 0)
                     ids = load.block_ids[start : start + g.blocks_per_chunk - skip]
                     view = torch.from_numpy(lease.views[index][: g.chunk_bytes])
                     copier.scatter(view, ids, first_block=skip)
+                    if not lease.intact(index):  # checked after the copy: see intact()
+                        logger.error(
+                            "rank %d: chunk %d of %s changed in the store; not loaded",
+                            self._rank,
+                            load.first_chunk + index,
+                            load.req_id,
+                        )
+                        break
                     written += len(ids)
         finally:
             missing = load.block_ids[written:]

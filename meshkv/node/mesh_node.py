@@ -88,6 +88,16 @@ class ChunkLease:
     def count(self) -> int:
         return len(self.views)
 
+    def intact(self, index: int) -> bool:
+        """True if chunk ``index`` still holds the bytes its checksum names.
+
+        Check it after reading the chunk out. A leased slot is changed only by a write that
+        outlived its own get: a holder frozen in the middle of a NIXL post and thawed after
+        this member gave up and reused the slot (cma writes straight into this process).
+        Such a write is never undone, so a chunk that matches after the copy was copied whole.
+        """
+        return chunk_checksum(self.views[index]) == self._slots[index].checksum
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -229,9 +239,19 @@ class MeshNode:
         return self._count_held(list(keys), self._deadline(timeout_s))
 
     def get(
-        self, keys: Sequence[bytes], chunk_bytes: int, timeout_s: float | None = None
+        self,
+        keys: Sequence[bytes],
+        chunk_bytes: int,
+        timeout_s: float | None = None,
+        *,
+        verify: bool = True,
     ) -> ChunkLease:
-        """The leading chunks of ``keys``, local or fetched now, pinned until the lease ends."""
+        """The leading chunks of ``keys``, local or fetched now, pinned until the lease ends.
+
+        Chunks are checked against their checksums before the lease is handed out; with
+        ``verify`` False the local ones are not, and the caller checks each chunk after it has
+        read it (`ChunkLease.intact`), which also catches a write during the read.
+        """
         deadline_s = self._deadline(timeout_s)
         owner = f"get:{threading.get_ident()}:{time.monotonic_ns()}"
         client = self._client()
@@ -254,9 +274,9 @@ class MeshNode:
             if retry:  # (asking it again would refetch a chunk that failed its checksum)
                 fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
                                        deadline_s)  # fmt: skip
-        slots = self._verified(
-            self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0), fetched, owner
-        )
+        slots = self.store.pin(keys, owner=owner, deadline_s=deadline_s + 60.0)
+        if verify:
+            slots = self._verified(slots, fetched, owner)
         self.metrics.lookups.inc()
         fetched_here = [slot for i, slot in enumerate(slots) if i in fetched]
         self.metrics.chunks_hit_local.inc(len(slots) - len(fetched_here))
