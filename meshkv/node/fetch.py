@@ -175,16 +175,17 @@ def fetch(
     store: ChunkStore,
     client: RequestClient,
     handshake: Callable[[str, float], bool],
-    inline: bool,
+    reply_max: int | None,
     owner: str,
     deadline_s: float,
 ) -> set[int]:
     """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
 
     ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
-    ``inline`` (tcp channel) the holder sends the bytes in its reply; else it WRITEs them into
-    the slots reserved here. Each run of one holder's chunks goes as the requests `plan` gives,
-    all sent at once; `Arrivals` checks and commits what lands.
+    ``reply_max`` None the holder WRITEs the bytes into the slots reserved here (NIXL); else it
+    sends them inline in its replies, of ``reply_max`` bytes at most (tcp channel). Each run of
+    one holder's chunks goes as the requests `plan` gives, all sent at once; `Arrivals` checks
+    and commits what lands.
     """
     me = membership.me.name
     arrivals = Arrivals(keys, holders, store, owner)
@@ -195,16 +196,20 @@ def fetch(
         peer = membership.peer(holders[start])
         if peer is None or not handshake(holders[start], deadline_s):
             break
-        reserved = arrivals.reserve(start, end, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
+        planned = plan(start, end, chunk_bytes, reply_max)
+        covered = planned[-1].end if planned else start
+        reserved = arrivals.reserve(start, covered, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
         budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
-        for piece in plan(start, reserved, chunk_bytes):
+        if reserved < covered:
+            planned = plan(start, reserved, chunk_bytes, reply_max)
+        for piece in planned:
             dest = arrivals.expect(piece)
             get = m.Get(
                 req=client.next_id(),
                 epoch=epoch,
                 sender=me,
                 keys=list(keys[piece.start : piece.end]),
-                dest=[] if inline else dest,
+                dest=[] if reply_max is not None else dest,
                 budget_ms=budget_ms,
                 sent_ms=m.wall_clock_ms(),
                 offset=piece.offset,
@@ -212,26 +217,49 @@ def fetch(
             )
             requests.append((peer.data_address, get))
             pieces.append(piece)
-        if reserved < end:  # no room: later chunks could not extend the leading run
+        if reserved < end:  # no room, or too much for one reply: the leading run ends here
             break
     for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
         arrivals.answered(pieces[index], reply)
     return arrivals.finish()
 
 
-def plan(start: int, end: int, chunk_bytes: int) -> list[Piece]:
+def plan(start: int, end: int, chunk_bytes: int, request_max: int | None = None) -> list[Piece]:
     """The get requests for a run of chunks [start, end) at one holder.
 
     At most FETCH_REQUESTS_MAX requests, each of FETCH_REQUEST_BYTES at least (unless the run is
-    smaller). A chunk larger than a request goes in pieces, one request each.
+    smaller). A chunk larger than a request goes in pieces, one request each. With
+    ``request_max`` (the most bytes one reply carries, tcp channel) no request asks for more;
+    the requests then may cover only the leading chunks of the run (none, for a chunk that
+    does not fit in FETCH_REQUESTS_MAX pieces).
     """
     chunks = end - start
     request_bytes = max(FETCH_REQUEST_BYTES, -(-chunks * chunk_bytes // FETCH_REQUESTS_MAX))
     count = min(-(-chunk_bytes // request_bytes), FETCH_REQUESTS_MAX // max(1, chunks))
     if count <= 1:  # whole chunks, as many per request as fit
         per = max(1, request_bytes // chunk_bytes, -(-chunks // FETCH_REQUESTS_MAX))
+        if request_max is not None and per * chunk_bytes > request_max:
+            return _capped(start, end, chunk_bytes, request_max)
         return [Piece(i, min(i + per, end)) for i in range(start, end, per)]
     size = -(-chunk_bytes // count // PIECE_ALIGN) * PIECE_ALIGN
+    if request_max is not None and size > request_max:
+        return _capped(start, end, chunk_bytes, request_max)
+    return _pieces(start, end, chunk_bytes, size)
+
+
+def _capped(start: int, end: int, chunk_bytes: int, request_max: int) -> list[Piece]:
+    """The leading chunks of [start, end) that FETCH_REQUESTS_MAX requests of ``request_max``
+    bytes at most can carry: whole chunks if one fits, else pieces."""
+    per = request_max // chunk_bytes
+    if per:
+        return [Piece(i, min(i + per, end)) for i in range(start, end, per)][:FETCH_REQUESTS_MAX]
+    size = request_max // PIECE_ALIGN * PIECE_ALIGN
+    fit = FETCH_REQUESTS_MAX // -(-chunk_bytes // size) if size else 0
+    return _pieces(start, min(end, start + fit), chunk_bytes, size)
+
+
+def _pieces(start: int, end: int, chunk_bytes: int, size: int) -> list[Piece]:
+    """Each chunk of [start, end) in pieces of ``size`` bytes (its last one may be shorter)."""
     return [
         Piece(i, i + 1, at, min(size, chunk_bytes - at))
         for i in range(start, end)

@@ -50,6 +50,8 @@ log = logging.getLogger("vllm.meshkv.node")
 MAX_DATA_FRAME_BYTES = 256 << 20
 """Largest data-plane message, its attachments included (on the tcp channel a get reply
 carries its chunks' bytes)."""
+INLINE_REPLY_MAX_BYTES = MAX_DATA_FRAME_BYTES - (1 << 20)
+"""Chunk bytes one get asks for on the tcp channel, leaving room for the reply's own fields."""
 GIB = 1 << 30
 HAND_OFF_TIMEOUT_S = 10.0
 """Longest a graceful leave spends pushing this member's chunks to their next homes."""
@@ -308,7 +310,7 @@ class MeshNode:
             store=self.store,
             client=client,
             handshake=lambda peer, d: self._handshake(client, peer, d),
-            inline=self.channel.kind == "tcp",
+            reply_max=INLINE_REPLY_MAX_BYTES if self.channel.kind == "tcp" else None,
             owner=owner,
             deadline_s=deadline_s,
         )
