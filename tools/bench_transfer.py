@@ -3,10 +3,10 @@
 For each UCX transport (``cma``: UCX's same-host default; ``tcp``: what hosts without RDMA use),
 one target process holds a store pool registered with a `NixlChannel`. This process writes
 batches of chunks into it and measures, per chunk size and batch size, the median over several
-runs of:
+runs of (each run moves a batch of that many chunks of that size):
 
-- ``memcpy``: the same chunks copied chunk by chunk into another local buffer (the ceiling);
-- ``checksum``: meshkv's chunk checksum (XXH3-128) of the same chunks, what a reader computes
+- ``memcpy``: the chunks copied chunk by chunk into another local buffer (the ceiling);
+- ``checksum``: meshkv's chunk checksum (XXH3-128) of the chunks, what a reader computes
   for every chunk it fetches before use. Row ratio ``(raw+sum)/raw`` is the get/raw a reader
   would show if the check could not overlap the transfer at all;
 - ``nixl_raw``: the stock ``nixl_agent`` API, one ``initialize_xfer`` + ``transfer`` and a busy
@@ -26,10 +26,19 @@ runs of:
 Transport ``zmq`` is meshkv's own ``tcp`` channel (bytes inside ZMQ replies, for hosts without
 NIXL): it has the memcpy, meshkv_get and rtt measures only.
 
-Memory on both sides is touched before timing, so page faults are not measured. The measures
-take turns within each repeat (a load burst on a shared host hits all alike) and each row also
-keeps the median per-repeat ratios channel / nixl_raw and meshkv_get / nixl_raw. A measure is an
-entry of the ``measures`` table in `bench_transport` (seconds for one batch).
+Memory on both sides is touched before timing, so page faults are not measured. No measure
+finds its bytes in a CPU cache (``--cold-bytes``, default `COLD_BYTES`): each call moves the
+next batch in a pool of that size, on both sides, and a get reads chunks its holder stored at
+least that many bytes earlier. A KV chunk is moved long after it was computed; a batch read
+again at once would run from the L3 cache, which is up to 300 MiB on the hosts measured, and
+would flatter the measures that reuse their buffers. ``--cold-bytes 0`` measures that case:
+every measure reuses its buffers, and a get reads chunks its holder has just stored. (In a VM
+with nested paging, memory not touched lately also costs page-table work: then cold numbers
+include it, for every measure alike.)
+
+The measures take turns within each repeat (a load burst on a shared host hits all alike) and
+each row also keeps the median per-repeat ratios channel / nixl_raw and meshkv_get / nixl_raw.
+A measure is an entry of the ``measures`` table in `bench_transport` (seconds for one batch).
 
 ``--request-sizes 2M,4M,16M`` adds one ``get@<size>`` measure per size: the same get with
 `meshkv.node.fetch.FETCH_REQUEST_BYTES` set to it, in the same turns (what its default rests on).
@@ -38,13 +47,16 @@ Writes DIR/transfer.json and DIR/transfer.png and prints a table (GB/s = 1e9 byt
 
     python tools/bench_transfer.py --out bench-results/
     python tools/bench_transfer.py --out bench-results/ --transports tcp,zmq --repeats 3
-    python tools/bench_transfer.py --transports cma --sizes 4M,32M --request-sizes 4M,16M,1024M
+    python tools/bench_transfer.py --transports cma --sizes 4M,32M --request-sizes 4M,16M,1G
+    python tools/bench_transfer.py --transports cma --cold-bytes 0   # cache-hot buffers
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import itertools
 import json
 import os
 import platform
@@ -54,7 +66,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +84,12 @@ KIB, MIB = 1 << 10, 1 << 20
 CHUNK_SIZES = (256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB)
 BATCHES = (1, 4, 16, 64)
 MAX_BATCH_BYTES = 512 * MIB
-"""Combinations above this are skipped (both processes hold this much, plus the memcpy copy)."""
+"""Combinations above this are skipped (each process holds a few times this much)."""
 SEGMENT_BYTES = 64 * MIB
+COLD_BYTES = 1 << 30
+"""Bytes each measure cycles through before it touches the same memory again (default)."""
+FILL_BYTES = 256 * MIB
+"""Chunk bytes a holder stores per request when the reader's backlog runs low."""
 REPEATS = 7
 TARGET_START_S = 120.0
 WRITE_DEADLINE_S = 60.0
@@ -88,15 +104,24 @@ class Slot:
     offset: int
 
 
-def layout(chunk_bytes: int, count: int) -> list[Region]:
-    """Chunk i at byte i * chunk_bytes of the pool (chunk sizes divide SEGMENT_BYTES)."""
+def layout(chunk_bytes: int, count: int, first: int = 0) -> list[Region]:
+    """Chunks first .. first + count - 1, chunk i at byte i * chunk_bytes of the pool (chunk
+    sizes divide SEGMENT_BYTES)."""
     regions = []
-    for i in range(count):
+    for i in range(first, first + count):
         at = i * chunk_bytes
         regions.append(
             Region(segment_id=at // SEGMENT_BYTES, offset=at % SEGMENT_BYTES, nbytes=chunk_bytes)
         )
     return regions
+
+
+def batches_in_turn(chunk_bytes: int, count: int, span_bytes: int) -> Iterator[list[Region]]:
+    """Batches of ``count`` chunks, each the next one in the pool's first ``span_bytes``, from
+    the start again after the last that fits (always the first batch if none does)."""
+    fit = max(1, span_bytes // (chunk_bytes * count))
+    for k in itertools.count():
+        yield layout(chunk_bytes, count, first=(k % fit) * count)
 
 
 def ucx_env(transport: str) -> dict[str, str]:
@@ -222,8 +247,12 @@ class Reader:
     """A member in this process that gets the holder's chunks. It takes no share of the ring
     (a seed's role), so the holder is home to every key and each get crosses the network."""
 
-    def __init__(self, transport: str, budget_bytes: int) -> None:
-        self.holder = Holder(transport, budget_bytes)
+    def __init__(
+        self, transport: str, budget_bytes: int, holder_budget_bytes: int, cold_bytes: int
+    ) -> None:
+        self.holder = Holder(transport, holder_budget_bytes)
+        self._cold_bytes = cold_bytes
+        self._backlog: dict[int, collections.deque[bytes]] = {}  # chunk bytes -> keys held
         channel = "tcp" if transport == "zmq" else "nixl"
         config = member_config(channel, budget_bytes, [self.holder.address])
 
@@ -242,10 +271,10 @@ class Reader:
             time.sleep(0.05)
 
     def get(self, regions: list[Region], request_bytes: int | None = None) -> float:
-        """One timed get of fresh keys (stored at the holder first, untimed), with
+        """One timed get of fresh keys, as many chunks of the size of ``regions``, with
         `meshkv.node.fetch.FETCH_REQUEST_BYTES` set to ``request_bytes`` if given."""
         chunk_bytes = regions[0].nbytes
-        keys = self.holder.fill(chunk_bytes, len(regions))
+        keys = self._cold_keys(chunk_bytes, len(regions))
         default = fetch.FETCH_REQUEST_BYTES
         fetch.FETCH_REQUEST_BYTES = request_bytes or default
         try:
@@ -264,9 +293,18 @@ class Reader:
                 raise RuntimeError("meshkv get returned a chunk under the wrong key")
         return elapsed
 
+    def _cold_keys(self, chunk_bytes: int, count: int) -> list[bytes]:
+        """Keys of ``count`` chunks the holder stored at least ``cold_bytes`` of chunks ago (it
+        stores them untimed, up to FILL_BYTES at a time), never read before."""
+        backlog = self._backlog.setdefault(chunk_bytes, collections.deque())
+        fill = max(count, min(FILL_BYTES, self._cold_bytes) // chunk_bytes)
+        while len(backlog) < count + self._cold_bytes // chunk_bytes:
+            backlog.extend(self.holder.fill(chunk_bytes, fill))
+        return [backlog.popleft() for _ in range(count)]
+
     def rtt(self, regions: list[Region]) -> float:
         """One timed lookup of a fresh key (never fetched, so it has to ask the holder)."""
-        [probe] = self.holder.fill(regions[0].nbytes, 1)
+        [probe] = self._cold_keys(regions[0].nbytes, 1)
         started = time.perf_counter()
         if self.node.lookup([probe], timeout_s=WRITE_DEADLINE_S) != 1:
             raise RuntimeError("the holder did not answer a lookup")
@@ -402,11 +440,42 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     """Times every measure on every combination; the measures take turns within each repeat,
     so that a burst of load on the shared machine hits all of them alike."""
     combos = combinations(args.sizes, args.batches, args.max_batch_bytes)
-    pool_bytes = max(s * b for s, b in combos)
-    pool_bytes = -(-pool_bytes // SEGMENT_BYTES) * SEGMENT_BYTES
+    batch_bytes = max(s * b for s, b in combos)
+    pool_bytes = -(-max(batch_bytes, args.cold_bytes) // SEGMENT_BYTES) * SEGMENT_BYTES
     bench = Bench(transport, pool_bytes)
     stock = StockAgent(bench) if transport in NIXL_TRANSPORTS else None
-    reader = Reader(transport, 2 * pool_bytes)  # fresh keys each repeat: LRU makes room
+    rows = []
+    try:
+        for chunk_bytes, sized in itertools.groupby(combos, key=lambda combo: combo[0]):
+            # A new reader and holder per chunk size: a store keeps the segments it carved for
+            # one slot size. The reader's LRU store cycles through the pool's bytes and more,
+            # so its slots are as cold. While a chunk waits in the holder's backlog, the
+            # holder stores cold_bytes of others and serves as many: its store keeps both.
+            reader = Reader(
+                transport,
+                budget_bytes=pool_bytes + 2 * batch_bytes,
+                holder_budget_bytes=2 * pool_bytes + FILL_BYTES + 2 * batch_bytes,
+                cold_bytes=args.cold_bytes,
+            )
+            try:
+                measures = measures_of(bench, stock, reader, args.request_sizes)
+                for _, batch in sized:
+                    batches = batches_in_turn(chunk_bytes, batch, args.cold_bytes)
+                    runs = time_in_turns(measures, batches, args.repeats)
+                    rows.append(summary(transport, chunk_bytes, batch, runs, args.request_sizes))
+            finally:
+                reader.close()
+    finally:
+        if stock is not None:
+            stock.close()
+        bench.close()
+    return rows
+
+
+def measures_of(
+    bench: Bench, stock: StockAgent | None, reader: Reader, request_sizes: list[int]
+) -> dict[str, Callable[[list[Region]], float]]:
+    """Each measure by name: seconds to move one batch (the regions name its chunks)."""
     measures: dict[str, Callable[[list[Region]], float]] = {
         "memcpy": bench.memcpy,
         "checksum": bench.checksum,
@@ -414,42 +483,54 @@ def bench_transport(transport: str, args: argparse.Namespace) -> list[dict]:
     if stock is not None:
         measures |= {"nixl_raw": stock.write, "channel": bench.channel_write}
     measures |= {"meshkv_get": reader.get, "rtt": reader.rtt}
-    for request_bytes in args.request_sizes:
+    for request_bytes in request_sizes:
         measures[sweep_name(request_bytes)] = functools.partial(
             reader.get, request_bytes=request_bytes
         )
-    rows = []
-    try:
-        for chunk_bytes, batch in combos:
-            regions = layout(chunk_bytes, batch)
-            for measure in measures.values():
-                measure(regions)  # warm-up (and the first handshake)
-            runs: dict[str, list[float]] = {name: [] for name in measures}
-            for _ in range(args.repeats):
-                for name, measure in measures.items():
-                    runs[name].append(measure(regions))
-            row: dict = {"transport": transport, "chunk_bytes": chunk_bytes, "batch": batch}
-            for name, seconds in runs.items():
-                median_s = statistics.median(seconds)
-                row[f"{name}_ms"] = median_s * 1e3
-                if name != "rtt":
-                    row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
-            if "nixl_raw" in runs:
-                raw = runs["nixl_raw"]
-                for name in ("channel", "meshkv_get", *map(sweep_name, args.request_sizes)):
-                    row[f"{name}_over_raw"] = statistics.median(
-                        c / r for c, r in zip(runs[name], raw, strict=True)
-                    )
-                row["raw_plus_checksum_over_raw"] = statistics.median(
-                    (r + c) / r for c, r in zip(runs["checksum"], raw, strict=True)
-                )
-            rows.append(row)
-    finally:
-        reader.close()
-        if stock is not None:
-            stock.close()
-        bench.close()
-    return rows
+    return measures
+
+
+def time_in_turns(
+    measures: dict[str, Callable[[list[Region]], float]],
+    batches: Iterator[list[Region]],
+    repeats: int,
+) -> dict[str, list[float]]:
+    """One warm-up call of each measure (and the first handshakes), then ``repeats`` rounds in
+    which each measure moves the next batch in turn."""
+    for measure in measures.values():
+        measure(next(batches))
+    runs: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            runs[name].append(measure(next(batches)))
+    return runs
+
+
+def summary(
+    transport: str,
+    chunk_bytes: int,
+    batch: int,
+    runs: dict[str, list[float]],
+    request_sizes: list[int],
+) -> dict:
+    """One row: the median time and GB/s of each measure, and the median per-repeat ratios to
+    raw NIXL."""
+    row: dict = {"transport": transport, "chunk_bytes": chunk_bytes, "batch": batch}
+    for name, seconds in runs.items():
+        median_s = statistics.median(seconds)
+        row[f"{name}_ms"] = median_s * 1e3
+        if name != "rtt":
+            row[f"{name}_gbps"] = chunk_bytes * batch / median_s / 1e9
+    if "nixl_raw" in runs:
+        raw = runs["nixl_raw"]
+        for name in ("channel", "meshkv_get", *map(sweep_name, request_sizes)):
+            row[f"{name}_over_raw"] = statistics.median(
+                c / r for c, r in zip(runs[name], raw, strict=True)
+            )
+        row["raw_plus_checksum_over_raw"] = statistics.median(
+            (r + c) / r for c, r in zip(runs["checksum"], raw, strict=True)
+        )
+    return row
 
 
 STYLES = {
@@ -512,6 +593,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--max-batch-bytes", type=int, default=MAX_BATCH_BYTES)
     parser.add_argument(
+        "--cold-bytes",
+        type=lambda t: 0 if t == "0" else parse_sizes(t)[0],
+        default=COLD_BYTES,
+        help="memory each measure cycles through (e.g. 1G); 0: reuse buffers (cache-hot)",
+    )
+    parser.add_argument(
         "--request-sizes",
         type=parse_sizes,
         default=[],
@@ -538,6 +625,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "repeats": args.repeats,
+        "cold_bytes": args.cold_bytes,
         "rows": rows,
     }
     (args.out / "transfer.json").write_text(json.dumps(result, indent=1))
