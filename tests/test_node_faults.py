@@ -9,6 +9,7 @@ wrong bytes, and later gets work once a holder is back.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -51,6 +52,7 @@ class Holder:
         self.config.write_text(
             f"transfer_channel: {channel}\np2p_host: 127.0.0.1\nmesh_gossip_profile: test\n"
         )
+        self.out = tmp / "holder.out"  # its stdout, every boot
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,16 +61,26 @@ class Holder:
 
     def start(self) -> None:
         env = {**os.environ, "UCX_NET_DEVICES": "lo"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshkv", "join", "--config", str(self.config),
-             "--id", "holder", "--port", str(self.gossip_port),
-             "--data-port", str(self.data_port), "--capacity", "0.25"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        with self.out.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshkv", "join", "--config", str(self.config),
+                 "--id", "holder", "--port", str(self.gossip_port),
+                 "--data-port", str(self.data_port), "--capacity", "0.25"],
+                env=env, stdout=out, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
+
+    def leave(self) -> dict[str, int]:
+        """Stops the holder with SIGTERM (it leaves the mesh); returns the counters it printed
+        on its way out."""
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        self.proc.wait(30)
+        last = [line for line in self.out.read_text().splitlines() if line.startswith("stats ")]
+        return json.loads(last[-1].removeprefix("stats "))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -216,6 +228,7 @@ def test_gets_a_frozen_holder_reads_after_the_reader_gave_up_write_nothing(
                 np.array_equal(v, chunk(k, CHUNK_BYTES))
                 for k, v in zip(fill, lease.views, strict=True)
             )
+        assert holder.leave()["data.refused_expired"] >= 1
     finally:
         reader.stop(leave=False)
 

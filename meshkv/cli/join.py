@@ -1,7 +1,8 @@
 """``meshkv join``: run one member in the foreground until Ctrl-C or SIGTERM (graceful leave).
 
 On a terminal the member table is shown live; otherwise each membership change is one plain
-log line on stdout. On exit a last line ``stats {json}`` gives the member's counters.
+log line on stdout. On exit a last line ``stats {json}`` gives the member's counters (a storage
+member's data-plane and push counters too, as ``data.*`` and ``push.*``).
 
 `start_member` is the one place that decides what a member is: with ``--capacity`` a
 storage-only `MeshNode` (a store of that many GiB serving chunks of every namespace, with its
@@ -93,13 +94,16 @@ def join(
     raise typer.Exit(run_member(config, storage=capacity_gib > 0))
 
 
-def start_member(config: MeshConfig, *, storage: bool) -> tuple[GossipRunner, Callable[[], None]]:
-    """Builds and starts this process's member; returns its gossip runner and its stop."""
+def start_member(
+    config: MeshConfig, *, storage: bool
+) -> tuple[GossipRunner, Callable[[], None], Callable[[], dict[str, int]]]:
+    """Builds and starts this process's member; returns its gossip runner, its stop and its
+    counters."""
     if storage:
         node = MeshNode(config, namespace=ANY_NAMESPACE, role=ROLE_STORAGE)
         node.start()
         print(f"storage member {node.name}: data plane at {node.data_address}", flush=True)
-        return node.gossip, lambda: node.stop(leave=True)
+        return node.gossip, lambda: node.stop(leave=True), node.stats
     runner = GossipRunner(
         config=gossip_profile(config),
         name=f"{config.instance_id}/0",
@@ -109,13 +113,13 @@ def start_member(config: MeshConfig, *, storage: bool) -> tuple[GossipRunner, Ca
         auth=auth_of(config),
     )
     runner.start(config.seeds)
-    return runner, lambda: runner.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
+    return runner, lambda: runner.stop(leave=True, timeout_s=STOP_TIMEOUT_S), runner.stats
 
 
 def run_member(config: MeshConfig, *, storage: bool = False) -> int:
     """Runs the member until a stop signal; returns the exit code."""
     try:
-        member, stop_member = start_member(config, storage=storage)
+        member, stop_member, stats = start_member(config, storage=storage)
     except TransportError as exc:
         fail(str(exc))
     except UsageError as exc:  # e.g. an --id that is not a valid member name
@@ -128,7 +132,7 @@ def run_member(config: MeshConfig, *, storage: bool = False) -> int:
             _log_changes(member, stop)
     finally:
         stop_member()
-    print("stats " + json.dumps(dict(sorted(member.stats().items()))), flush=True)
+    print("stats " + json.dumps(dict(sorted(stats().items()))), flush=True)
     if member.failure is not None:
         print(f"meshkv: member stopped: {member.failure!r}", file=sys.stderr)
         return 1

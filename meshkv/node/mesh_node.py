@@ -364,6 +364,15 @@ class MeshNode:
     def members(self) -> list[Peer]:
         return [self.membership.me, *self.membership.peers()]
 
+    def stats(self) -> dict[str, int]:
+        """Every counter of this member: gossip's as they are, the data plane's as ``data.*``
+        (requests by type, refusals and drops by reason), the pusher's as ``push.*``."""
+        return {
+            **self.gossip.stats(),
+            **{f"data.{k}": v for k, v in self.server.stats.items()},
+            **{f"push.{k}": v for k, v in self.pusher.stats.items()},
+        }
+
     def dropped_frames(self) -> int:
         """Frames refused by this member's gossip and data-plane decoders (all reasons)."""
         counters = [self.server.stats, self.gossip.stats()]
