@@ -158,15 +158,20 @@ def found_in_mesh(worker: MeshWorker, req_id: str, num_chunks: int, *, stage: bo
     return found
 
 
-def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
-    (one, one_caches), (two, two_caches) = pair
-    tokens = np.arange(100, 100 + 2 * CHUNK)
+def two_chunks_saved_by_one_staged_at_two(one: MeshWorker, two: MeshWorker, first_token: int):
+    """``one`` saves request "a" (2 chunks, from blocks 3, 4, 7, 8); ``two`` stages the same
+    prompt as request "b", ready to load."""
+    tokens = np.arange(first_token, first_token + 2 * CHUNK)
     step(one, MeshStepOrders(intros=[intro("a", tokens)],
                              saves=[Save(req_id="a", first_chunk=0, num_chunks=2,
                                          block_ids=(3, 4, 7, 8))]))  # fmt: skip
-
     step(two, MeshStepOrders(intros=[intro("b", tokens)]))
     assert found_in_mesh(two, "b", 2, stage=True) == 2
+
+
+def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
+    (one, one_caches), (two, two_caches) = pair
+    two_chunks_saved_by_one_staged_at_two(one, two, first_token=100)
     load = Load(req_id="b", first_chunk=0, num_chunks=2, skip_blocks=1, block_ids=(10, 11, 12),
                 is_async=False, num_tokens=384, prompt_tokens=512)  # fmt: skip
     step(two, MeshStepOrders(loads=[load], forget=["b"]))
@@ -201,12 +206,7 @@ def test_a_chunk_that_changes_while_it_is_copied_in_is_reported_not_loaded(pair)
     while the chunk is copied into vLLM's blocks. Here the real copier runs, then the slot is
     written under it, as such a write would: the chunk's blocks are reported for recompute."""
     (one, _), (two, _) = pair
-    tokens = np.arange(300, 300 + 2 * CHUNK)
-    step(one, MeshStepOrders(intros=[intro("a", tokens)],
-                             saves=[Save(req_id="a", first_chunk=0, num_chunks=2,
-                                         block_ids=(3, 4, 7, 8))]))  # fmt: skip
-    step(two, MeshStepOrders(intros=[intro("b", tokens)]))
-    assert found_in_mesh(two, "b", 2, stage=True) == 2
+    two_chunks_saved_by_one_staged_at_two(one, two, first_token=300)
     copier = two._copier
     scatter = copier.scatter
     copies = []
