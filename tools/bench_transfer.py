@@ -245,14 +245,15 @@ class Holder:
 
 class Reader:
     """A member in this process that gets the holder's chunks. It takes no share of the ring
-    (a seed's role), so the holder is home to every key and each get crosses the network."""
+    (a seed's role), so the holder is home to every key and each get crosses the network.
+    One reader serves one chunk size (see `bench_transport`)."""
 
     def __init__(
         self, transport: str, budget_bytes: int, holder_budget_bytes: int, cold_bytes: int
     ) -> None:
         self.holder = Holder(transport, holder_budget_bytes)
         self._cold_bytes = cold_bytes
-        self._backlog: dict[int, collections.deque[bytes]] = {}  # chunk bytes -> keys held
+        self._backlog: collections.deque[bytes] = collections.deque()  # keys held, oldest first
         channel = "tcp" if transport == "zmq" else "nixl"
         config = member_config(channel, budget_bytes, [self.holder.address])
 
@@ -296,11 +297,10 @@ class Reader:
     def _cold_keys(self, chunk_bytes: int, count: int) -> list[bytes]:
         """Keys of ``count`` chunks the holder stored at least ``cold_bytes`` of chunks ago (it
         stores them untimed, up to FILL_BYTES at a time), never read before."""
-        backlog = self._backlog.setdefault(chunk_bytes, collections.deque())
         fill = max(count, min(FILL_BYTES, self._cold_bytes) // chunk_bytes)
-        while len(backlog) < count + self._cold_bytes // chunk_bytes:
-            backlog.extend(self.holder.fill(chunk_bytes, fill))
-        return [backlog.popleft() for _ in range(count)]
+        while len(self._backlog) < count + self._cold_bytes // chunk_bytes:
+            self._backlog.extend(self.holder.fill(chunk_bytes, fill))
+        return [self._backlog.popleft() for _ in range(count)]
 
     def rtt(self, regions: list[Region]) -> float:
         """One timed lookup of a fresh key (never fetched, so it has to ask the holder)."""

@@ -98,7 +98,8 @@ class ChunkLease:
         this member gave up and reused the slot (cma writes straight into this process).
         Such a write is never undone, so a chunk that matches after the copy was copied whole.
         """
-        return chunk_checksum(self.views[index]) == self._slots[index].checksum
+        slot = self._slots[index]
+        return self._store.checksum(slot) == slot.checksum
 
     def release(self) -> None:
         if not self._released:
@@ -328,7 +329,7 @@ class MeshNode:
         corrupted in this store): wrong KV must never reach the engine. Chunks fetched by this
         call (indexes in ``fetched``) were checked on arrival."""
         for i, slot in enumerate(slots):
-            if i not in fetched and chunk_checksum(self.store.view(slot)) != slot.checksum:
+            if i not in fetched and self.store.checksum(slot) != slot.checksum:
                 log.error("%s: chunk %s is corrupted in the local store", self.name, slot.key.hex())
                 self.store.unpin(slots[i:], owner=owner)
                 return slots[:i]
