@@ -207,19 +207,19 @@ def test_a_chunk_that_changes_while_it_is_copied_in_is_reported_not_loaded(pair)
     written under it, as such a write would: the chunk's blocks are reported for recompute."""
     (one, _), (two, _) = pair
     two_chunks_saved_by_one_staged_at_two(one, two, first_token=300)
-    copier = two._copier
-    scatter = copier.scatter
+    copier = two._copies.copier
+    scatter_layer = copier.scatter_layer
     copies = []
 
-    def scatter_then_late_write(src: torch.Tensor, block_ids, *, first_block: int = 0) -> None:
-        scatter(src, block_ids, first_block=first_block)
-        copies.append(len(block_ids))
-        if len(copies) == 2:  # the second chunk's slot is written under its copy
-            src.view(torch.uint8)[-4096:] ^= 0xFF
+    def scatter_then_late_write(layer: int, block_ids: torch.Tensor, src: torch.Tensor) -> None:
+        scatter_layer(layer, block_ids, src)
+        copies.append(block_ids.numel())
+        if len(copies) == 2 * len(LAYERS):  # the second chunk's slot is written under its copy
+            src.view(-1)[-4096:] ^= 0xFF
 
-    copier.scatter = scatter_then_late_write
+    copier.scatter_layer = scatter_then_late_write
     load = Load(req_id="b", first_chunk=0, num_chunks=2, skip_blocks=0, block_ids=(10, 11, 12, 13),
                 is_async=False, num_tokens=511, prompt_tokens=512)  # fmt: skip
     step(two, MeshStepOrders(loads=[load], forget=["b"]))
-    assert copies == [2, 2]
+    assert copies == [2] * 2 * len(LAYERS)  # on the CPU: each chunk's blocks, layer by layer
     assert two.take_failed_blocks() == {12, 13}

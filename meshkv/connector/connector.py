@@ -8,7 +8,9 @@ when vLLM calls it; the logic lives in `scheduler.MeshScheduler` and `worker.Mes
 No exception escapes into vLLM once the engine runs: a failure inside the connector is logged
 under ``vllm.meshkv`` and becomes a cache miss (0 matched tokens, or failed blocks that vLLM
 recomputes). A bad configuration, on the other hand, fails the engine's start with one line
-naming the key (`meshkv.errors.ConfigError`).
+naming the key (`meshkv.errors.ConfigError`). A KV cache meshkv cannot share (several KV-cache
+groups, mixed layer shapes, an unknown layout) never fails the start: the worker logs one line
+saying why and the connector passes through (every lookup finds nothing, nothing is saved).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshkv.config import config_from_vllm_extra
+from meshkv.connector.geometry import UnsupportedCache, geometry_of
 from meshkv.connector.metadata import MeshStepOrders, MeshWorkerReport
 from meshkv.connector.scheduler import MeshScheduler, SchedulingPolicy
 from meshkv.errors import ConfigError
@@ -189,8 +192,35 @@ class MeshKVConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Called once after vLLM allocated the KV cache (``[blocks, ...]`` view per layer,
-        owned by vLLM). Fixes the chunk geometry and starts this rank's mesh member."""
+        owned by vLLM). Fixes the chunk geometry and starts this rank's mesh member; for a
+        cache meshkv cannot share, logs one line and passes through. Never raises."""
         assert self._worker is not None
+        try:
+            self._register(kv_caches)
+        except Exception as error:
+            why = str(error) if isinstance(error, UnsupportedCache) else repr(error)
+            logger.warning(
+                "meshkv cannot share this engine's KV cache (%s); running as a pass-through: "
+                "no KV is loaded from or saved to the mesh",
+                why,
+            )
+            logger.debug("meshkv: why registration failed", exc_info=True)
+
+    def _register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Judge the cache first (`UnsupportedCache`), then ask vLLM where this worker sits."""
+        assert self._worker is not None
+        groups = len(self._kv_cache_config.kv_cache_groups)
+        if groups != 1:
+            raise UnsupportedCache(
+                f"{groups} KV-cache groups (a hybrid model, or sliding-window layers beside "
+                "full attention); meshkv shares models with one group"
+            )
+        geometry_of(
+            kv_caches,
+            num_blocks=self._kv_cache_config.num_blocks,
+            block_size_tokens=self._vllm_config.cache_config.block_size,
+            chunk_size_tokens=self._config.chunk_size,
+        )
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
         from vllm.platforms import current_platform
 
@@ -218,9 +248,11 @@ class MeshKVConnector(KVConnectorBase_V1):
         self._worker.start_step(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Called before each attention layer runs. Nothing to wait for: synchronous loads
-        completed in `start_load_kv`, and async-loaded requests are not in the batch."""
+        """Called before each attention layer runs. Nothing to wait for on the host: the
+        forward stream already waits for the synchronous loads started in `start_load_kv`
+        (on the CPU they completed there), and async-loaded requests are not in the batch."""
 
+    @contained(lambda: None)
     def save_kv_layer(
         self,
         layer_name: str,
@@ -228,14 +260,18 @@ class MeshKVConnector(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        """Called after each attention layer runs. Nothing to do per layer: a chunk is all
-        layers' blocks, copied in `wait_for_save` once the forward finished."""
+        """Called after each attention layer runs. On CUDA, starts copying this layer's blocks
+        of the chunks this step completes, on the copy stream, beside the next layers' forward
+        (on the CPU every layer is copied in `wait_for_save`). Never waits."""
+        assert self._worker is not None
+        self._worker.save_layer(layer_name, self._get_connector_metadata())
 
     @contained(lambda: None)
     def wait_for_save(self) -> None:
-        """Called once per step after the forward (also on empty steps). Copies the chunks
-        this step completed out of vLLM's blocks into mesh memory, hands them to the mesh, and
-        applies the step's releases. Blocks are not referenced after it returns."""
+        """Called once per step after the forward (also on empty steps). Finishes copying the
+        chunks this step completed out of vLLM's blocks (the forward stream waits for those
+        copies, so the blocks may be reused next step; the mesh gets the bytes once they reached
+        host memory) and applies the step's releases."""
         assert self._worker is not None
         self._worker.finish_step(self._get_connector_metadata())
 

@@ -1,28 +1,36 @@
-"""Chunk geometry and the copies between vLLM's paged KV blocks and flat chunk buffers.
+"""Chunk geometry and the batched copies between vLLM's paged KV blocks and chunk buffers.
 
 A chunk is ``chunk_size`` tokens = ``blocks_per_chunk`` whole vLLM blocks in every attention
 layer. Its bytes, the unit the mesh stores and moves, are: for layer 0, its blocks in order, then
-layer 1's, and so on; each block is copied whole, as raw bytes, so the format needs no knowledge
-of the attention backend's layout (between engines whose namespace matches, blocks are
-byte-compatible). vLLM hands the connector one view per layer whose first dimension is the
-block (``[B, H, N, C]`` for every layout vLLM 0.32 has); the views may be strided (block-outermost
-layouts interleave layers), so copies go through ``index_select``/``index_copy_`` on dimension 0.
+layer 1's, and so on; each block's elements in the block's logical order, as raw bytes.
+
+vLLM 0.32 hands the connector one logical ``[B, H, N, C]`` view per layer (C = K and V of a head
+side by side) whatever the backend: FlashAttention, FlashInfer and Triton (no layout of their
+own: LBNHC unless ``VLLM_KV_CACHE_LAYOUT`` or a hybrid model picks another; FlashInfer on SM100:
+LBHNC or BLHNC) and the CPU backend (LBHNC). The resolved `KVCacheLayout` only permutes the
+physical strides of that view (``vllm/v1/kv_cache_interface.py: create_kv_cache_views``), so the
+block is always dimension 0 but a block is not always contiguous (LBNHC stores N before H;
+LHBNC and BHLNC split a block into one run per head; block-outermost layouts interleave
+layers). A manager block split into kernel blocks shows as ``ratio * B`` rows and is grouped
+back. Copies go through ``index_select``/``index_put_`` on dimension 0, which handle any strides
+on any device, so the bytes of a chunk do not depend on the physical layout.
+
+A cache this cannot describe (not a per-layer ``[B, ...]`` view, a strided innermost dimension,
+layers of different shapes or dtypes) raises `UnsupportedCache`; the connector then runs as a
+pass-through.
 
 This module knows torch and the shape of vLLM's per-layer views; it knows nothing of the mesh,
-keys or requests.
+keys, requests, streams or events.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from meshkv.errors import UsageError
-
-logger = logging.getLogger("vllm.meshkv.connector.geometry")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +86,28 @@ def unique_layers(kv_caches: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return owners
 
 
+class UnsupportedCache(UsageError):
+    """vLLM's KV cache is one meshkv cannot share; the message says why in one line."""
+
+
+def block_rows(cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``cache`` as ``[num_blocks, *block]`` (kernel blocks grouped back into manager blocks)
+    with the innermost dimension viewed as bytes. No copy. Raises `UnsupportedCache`."""
+    if cache.dim() < 2 or cache.shape[0] == 0 or cache.shape[0] % num_blocks:
+        raise UnsupportedCache(
+            f"a layer's cache {tuple(cache.shape)} is not a per-layer [{num_blocks} blocks, ...] "
+            "view (a model without attention layer views, e.g. Mamba, or an unknown layout)"
+        )
+    if cache.stride(-1) != 1:
+        raise UnsupportedCache(
+            f"a layer's cache {tuple(cache.shape)} (strides {cache.stride()}) has a strided "
+            "innermost dimension: an unknown layout"
+        )
+    if cache.shape[0] != num_blocks:
+        cache = cache.unflatten(0, (num_blocks, cache.shape[0] // num_blocks))
+    return cache if cache.dtype == torch.uint8 else cache.view(torch.uint8)
+
+
 def geometry_of(
     kv_caches: Mapping[str, torch.Tensor],
     *,
@@ -85,95 +115,70 @@ def geometry_of(
     block_size_tokens: int,
     chunk_size_tokens: int,
 ) -> ChunkGeometry:
-    """The geometry of vLLM's per-layer cache views; raises UsageError if they are not uniform
-    ``[num_blocks, ...]`` views with a unit-stride last dimension."""
+    """The geometry of vLLM's per-layer cache views; raises `UnsupportedCache` if they are not
+    uniform ``[num_blocks, ...]`` views with a unit-stride innermost dimension (any strides
+    elsewhere), and UsageError if the chunk size is not a whole number of blocks."""
     layers = unique_layers(kv_caches)
     if not layers:
-        raise UsageError("vLLM registered no KV cache layers")
+        raise UnsupportedCache("vLLM registered no KV cache layers")
     first = next(iter(layers.values()))
+    first_rows = block_rows(first, num_blocks)
     for name, tensor in layers.items():
-        if tensor.shape != first.shape or tensor.dtype != first.dtype:
-            raise UsageError(
+        if tensor.dtype != first.dtype or block_rows(tensor, num_blocks).shape != first_rows.shape:
+            raise UnsupportedCache(
                 f"layer {name} has cache {tuple(tensor.shape)} {tensor.dtype}, unlike "
-                f"{tuple(first.shape)} {first.dtype}: mixed layer geometries are not supported"
+                f"{tuple(first.shape)} {first.dtype}: mixed layer geometries"
             )
-        if tensor.dim() < 2 or tensor.shape[0] != num_blocks or tensor.stride(-1) != 1:
-            raise UsageError(
-                f"layer {name} cache {tuple(tensor.shape)} (strides {tensor.stride()}) is not "
-                f"a [{num_blocks} blocks, ...] view with a contiguous last dimension"
-            )
-    block_shape = tuple(first.shape[1:])
-    block_bytes = first[0].numel() * first.element_size()
+    grouped = first if first.shape[0] == num_blocks else first.unflatten(0, (num_blocks, -1))
     return ChunkGeometry(
         layer_names=tuple(layers),
-        block_shape=block_shape,
+        block_shape=tuple(grouped.shape[1:]),
         dtype_name=str(first.dtype).removeprefix("torch."),
-        block_bytes=block_bytes,
+        block_bytes=first_rows[0].numel(),
         block_size_tokens=block_size_tokens,
         chunk_size_tokens=chunk_size_tokens,
     )
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The same memory viewed as uint8 along the last (unit-stride) dimension."""
-    return tensor if tensor.dtype == torch.uint8 else tensor.view(torch.uint8)
-
-
 class BlockCopier:
-    """Copies whole blocks between one engine's KV cache and flat chunk buffers.
+    """Batched copies of whole blocks between one engine's KV cache and chunk buffers.
 
-    Buffers are 1-D uint8 CPU tensors of ``geometry.chunk_bytes`` (or views of them); the copier
-    never keeps a reference to a buffer after a call returns. Not thread-safe for overlapping
-    block ids; callers own that ordering (vLLM never schedules a block for load and compute in
-    one step).
+    A chunk buffer is a uint8 tensor of ``geometry.chunk_bytes``; a batch of chunks is
+    ``num_chunks`` of them back to back, viewed as ``[chunks, layers, blocks_per_chunk,
+    *block_bytes]`` (`batch_view`). Each call moves one layer's blocks of a whole batch: one
+    gather (or scatter) per layer, never one per chunk. The copies run on whatever device and
+    stream the caller made current; index tensors are on the cache's device. Not thread-safe for
+    overlapping block ids: callers own that ordering.
     """
 
-    def __init__(self, geometry: ChunkGeometry, kv_caches: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self, geometry: ChunkGeometry, kv_caches: Mapping[str, torch.Tensor], *, num_blocks: int
+    ) -> None:
         self.geometry = geometry
-        self._layers = [_as_bytes(kv_caches[name]) for name in geometry.layer_names]
-        self._device = self._layers[0].device
-        # One block of one layer as bytes; chunk buffers are viewed as
-        # [layers, blocks_per_chunk, *block_bytes_shape].
-        self._block_bytes_shape = tuple(self._layers[0].shape[1:])
+        self._layers = [block_rows(kv_caches[name], num_blocks) for name in geometry.layer_names]
+        self.device = self._layers[0].device
+        self.block_bytes_shape = tuple(self._layers[0].shape[1:])
 
-    def _chunk_view(self, buffer: torch.Tensor) -> torch.Tensor:
+    def batch_view(self, buffer: torch.Tensor, num_chunks: int) -> torch.Tensor:
+        """``buffer`` (``num_chunks`` chunks of uint8) as [chunks, layers, blocks, *block]."""
         g = self.geometry
-        if buffer.dtype != torch.uint8 or buffer.numel() != g.chunk_bytes:
+        if buffer.dtype != torch.uint8 or buffer.numel() != num_chunks * g.chunk_bytes:
             raise UsageError(
                 f"chunk buffer is {buffer.numel()} x {buffer.dtype}, expected "
-                f"{g.chunk_bytes} x uint8"
+                f"{num_chunks} x {g.chunk_bytes} x uint8"
             )
-        return buffer.view(g.num_layers, g.blocks_per_chunk, *self._block_bytes_shape)
+        return buffer.view(num_chunks, g.num_layers, g.blocks_per_chunk, *self.block_bytes_shape)
 
-    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return torch.as_tensor(list(block_ids), dtype=torch.long, device=self._device)
+    def gather_layer(self, layer: int, block_ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy blocks ``block_ids`` (``[chunks, blocks]``) of ``layer`` into ``out``
+        (``[chunks, blocks, *block]``, e.g. ``batch_view(...)[:, layer]``)."""
+        cache = self._layers[layer]
+        if out.is_contiguous() and out.device == cache.device:
+            torch.index_select(cache, 0, block_ids.reshape(-1), out=out.view(-1, *out.shape[2:]))
+        else:
+            out.copy_(cache.index_select(0, block_ids.reshape(-1)).view(out.shape))
 
-    def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
-        """Copy one chunk's blocks (``blocks_per_chunk`` ids, in token order) into ``out``."""
-        if len(block_ids) != self.geometry.blocks_per_chunk:
-            raise UsageError(
-                f"a chunk is {self.geometry.blocks_per_chunk} blocks, got {len(block_ids)} ids"
-            )
-        view = self._chunk_view(out)
-        index = self._index(block_ids)
-        for layer, cache in enumerate(self._layers):
-            if cache.device == view.device:
-                torch.index_select(cache, 0, index, out=view[layer])
-            else:
-                view[layer].copy_(cache.index_select(0, index))
-
-    def scatter(self, src: torch.Tensor, block_ids: Sequence[int], *, first_block: int = 0) -> None:
-        """Copy blocks ``first_block..`` of the chunk in ``src`` into ``block_ids`` (one id per
-        copied block, in token order). Leading blocks the engine already holds are skipped by
-        passing ``first_block`` (never rewrite a block another request may be reading)."""
-        count = self.geometry.blocks_per_chunk - first_block
-        if not 0 <= first_block < self.geometry.blocks_per_chunk or len(block_ids) != count:
-            raise UsageError(
-                f"scatter of blocks {first_block}.. of a {self.geometry.blocks_per_chunk}-block "
-                f"chunk needs {max(count, 0)} ids, got {len(block_ids)}"
-            )
-        view = self._chunk_view(src)
-        index = self._index(block_ids)
-        for layer, cache in enumerate(self._layers):
-            part = view[layer, first_block:]
-            cache.index_copy_(0, index, part.to(cache.device, non_blocking=False))
+    def scatter_layer(self, layer: int, block_ids: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` (``[chunks, blocks, *block]``, any strides) into blocks ``block_ids``
+        (``[chunks, blocks]``, distinct) of ``layer``. Never writes any other block."""
+        self._layers[layer].index_put_((block_ids,), src)

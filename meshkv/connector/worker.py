@@ -6,24 +6,30 @@ and the chunk geometry is known) and carries out the scheduler side's orders eac
 - intros: compute the request's chunk keys (this rank's namespace, the request's cache_salt);
 - fetches: on the fetch thread, pin the leading chunks found in the mesh (fetching remote ones
   into the local store) and report how many; or, for async loading, only count them;
-- loads: copy pinned chunks into vLLM's blocks - synchronously before the forward, or on the
-  fetch thread for async loads, which report through `take_finished_loads`. Each chunk is
-  checked against its checksum after it is copied in. Blocks that could not be written, or
-  whose chunk failed that check, are reported (`take_failed_blocks`) so vLLM recomputes them;
-- saves: after the forward, copy each completed chunk out of the blocks and `put` it (stored
-  here at once, pushed to its home in the background);
+- loads: copy pinned chunks into vLLM's blocks - before the forward (the forward stream waits
+  for the copy), or from the fetch thread for async loads, which report through
+  `take_finished_loads` once their copy completed. Each chunk is checked against its checksum
+  after its copy completed and before its slot is released. Blocks that could not be written,
+  or whose chunk failed that check, are reported (`take_failed_blocks`) so vLLM recomputes them;
+- saves: the chunks a step completes are gathered out of the blocks layer by layer as the
+  forward goes (`save_layer`, on CUDA) or after it, and `put` once their copy to host memory
+  completed (stored here at once, pushed to their home in the background);
 - unstage / forget: release pins and per-request state.
 
-Ownership: vLLM owns the KV cache; the node owns its store; pins on the store are this module's
-(one lease per staged request, released on load, unstage, forget or close). Threads: vLLM's
-model-runner thread calls every public method; one fetch thread runs fetches and async loads.
-Shared state between them sits behind ``_lock``.
+The copies themselves, and their ordering against the forward, are `CopyQueue`'s; the store's
+segments are page-locked for the copy device at `register` (CUDA reads and writes them
+directly). Ownership: vLLM owns the KV cache; the node owns its store; pins on the store are
+this module's (one lease per staged request, released on load, unstage, forget or close; one
+per load, released when its copy completed). Threads: vLLM's model-runner thread calls every
+public method and runs the copies' hand-overs; one fetch thread runs fetches and starts async
+loads. Shared state between them sits behind ``_lock``.
 
 This module knows vLLM's worker-side objects and the MeshNode API, not the wire or the ring.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -31,8 +37,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from meshkv.connector.copy_device import CopyDevice, CopyEvent, copy_device_for
+from meshkv.connector.copy_queue import CopyQueue
 from meshkv.connector.geometry import BlockCopier, ChunkGeometry, geometry_of
 from meshkv.connector.identity import namespace_for
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
@@ -87,6 +96,8 @@ class _FetchJob:
 class _LoadJob:
     load: Load
     keys: list[bytes]
+    after: CopyEvent
+    """Recorded on the forward stream when the order arrived: the copy starts after it."""
 
 
 class MeshWorker:
@@ -96,7 +107,10 @@ class MeshWorker:
         self._vllm_config = vllm_config
         self._config = config
         self._geometry: ChunkGeometry | None = None
-        self._copier: BlockCopier | None = None
+        self._copies: CopyQueue | None = None
+        self._layer_index: dict[str, int] = {}
+        self._saves_open = False  # model thread only: this step's save batch was opened
+        self._pinned: list[np.ndarray] = []
         self._node: MeshNode | None = None
         self._rank = 0
         self._root_digest = b""
@@ -113,9 +127,17 @@ class MeshWorker:
 
     # -- lifetime ------------------------------------------------------------------------------
     def register(
-        self, kv_caches: dict[str, torch.Tensor], *, num_blocks: int, place: WorkerPlace
+        self,
+        kv_caches: dict[str, torch.Tensor],
+        *,
+        num_blocks: int,
+        place: WorkerPlace,
+        device: CopyDevice | None = None,
     ) -> None:
-        """Fix the geometry from vLLM's cache views and join the mesh as this rank."""
+        """Fix the geometry from vLLM's cache views and join the mesh as this rank.
+
+        Raises `UnsupportedCache` for a cache meshkv cannot share (and then holds nothing).
+        ``device`` defaults to the copy device of the cache's device."""
         vc = self._vllm_config
         geometry = geometry_of(
             kv_caches,
@@ -123,6 +145,8 @@ class MeshWorker:
             block_size_tokens=vc.cache_config.block_size,
             chunk_size_tokens=self._config.chunk_size,
         )
+        copier = BlockCopier(geometry, kv_caches, num_blocks=num_blocks)
+        copies = CopyQueue(device or copy_device_for(copier.device), copier)
         self._rank = place.tp_rank
         namespace = namespace_for(
             vc,
@@ -140,9 +164,14 @@ class MeshWorker:
             rank=self._rank,
             world_size=namespace.tp_world_size,
         )
-        node.start()
-        self._node, self._geometry = node, geometry
-        self._copier = BlockCopier(geometry, kv_caches)
+        self._pin_store(node, copies.device)
+        try:
+            node.start()
+        except BaseException:
+            self._unpin_store(copies.device)
+            raise
+        self._node, self._geometry, self._copies = node, geometry, copies
+        self._layer_index = {name: index for index, name in enumerate(geometry.layer_names)}
         self._thread = threading.Thread(target=self._run_jobs, name="meshkv-fetch", daemon=True)
         self._thread.start()
         logger.info(
@@ -156,13 +185,40 @@ class MeshWorker:
             geometry.chunk_bytes / 2**20,
         )
 
+    def _pin_store(self, node: MeshNode, device: CopyDevice) -> None:
+        """Page-lock the store's segments, the host side of every load's copy."""
+        started = time.perf_counter()
+        segments = [segment.buffer for segment in node.store.pool.segments]
+        self._pinned = []
+        try:
+            for buffer in segments:
+                if device.pin(buffer):
+                    self._pinned.append(buffer)
+        except BaseException:
+            self._unpin_store(device)
+            raise
+        if len(self._pinned) < len(segments):
+            logger.warning(
+                "rank %d: %d of %d store segments could not be page-locked; loads from them "
+                "are copied through pinned buffers first (slower)",
+                self._rank,
+                len(segments) - len(self._pinned),
+                len(segments),
+            )
+        logger.debug("rank %d: store pinned in %.3f s", self._rank, time.perf_counter() - started)
+
+    def _unpin_store(self, device: CopyDevice) -> None:
+        for buffer in self._pinned:
+            device.unpin(buffer)
+        self._pinned = []
+
     @property
     def node(self) -> MeshNode | None:
         """This rank's mesh member (None before `register`)."""
         return self._node
 
     def close(self) -> None:
-        """Stop the fetch thread, release every pin, leave the mesh."""
+        """Stop the fetch thread, finish every copy, release every pin, leave the mesh."""
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(CLOSE_JOIN_S)
@@ -171,28 +227,47 @@ class MeshWorker:
             staged, self._staged = self._staged, {}
         for entry in staged.values():
             entry.lease.release()
+        if self._copies is not None:
+            self._copies.drain()
+            self._unpin_store(self._copies.device)
         if self._node is not None:
             self._node.stop()
             self._node = None
 
     # -- per step (model-runner thread) --------------------------------------------------------
     def start_step(self, orders: MeshStepOrders) -> None:
-        """Apply intros and fetches; run synchronous loads; queue async ones."""
+        """Apply intros and fetches; start synchronous loads; queue async ones."""
         for intro in orders.intros:
             root = root_key(self._root_digest, intro.cache_salt)
             self._keys[intro.req_id] = chunk_keys(root, intro.token_ids, self._config.chunk_size)
         for fetch in orders.fetches:
             self._queue_fetch(fetch)
+        forward_mark: CopyEvent | None = None
         for load in orders.loads:
-            if load.is_async:
-                self._queue_load(load)
-            else:
+            if not load.is_async:
                 self._load_staged(load)
+                continue
+            if forward_mark is None and self._copies is not None:
+                forward_mark = self._copies.device.event()
+                forward_mark.record(self._copies.device.forward_stream())
+            self._queue_load(load, forward_mark)
+
+    def save_layer(self, layer_name: str, orders: MeshStepOrders) -> None:
+        """After ``layer_name``'s forward: start copying its blocks of this step's saves."""
+        index = self._layer_index.get(layer_name)
+        if self._copies is None or index is None or not self._copies.device.overlaps_forward:
+            return
+        if not self._saves_open:
+            self._open_saves(orders)
+        self._copies.save_layer(index)
 
     def finish_step(self, orders: MeshStepOrders) -> None:
         """After the forward: saves, then releases."""
-        for save in orders.saves:
-            self._save(save.req_id, save.first_chunk, save.num_chunks, save.block_ids)
+        if self._copies is not None:
+            if not self._saves_open:
+                self._open_saves(orders)
+            self._saves_open = False
+            self._copies.close_saves()
         for req_id in orders.unstage:
             self._unstage(req_id)
         for req_id in orders.forget:
@@ -205,11 +280,17 @@ class MeshWorker:
         return MeshWorkerReport(found={self._rank: found} if found else {})
 
     def take_finished_loads(self) -> set[str] | None:
+        if self._copies is not None:
+            self._copies.poll()
         with self._lock:
             done, self._finished_loads = self._finished_loads, set()
         return done or None
 
     def take_failed_blocks(self) -> set[int]:
+        """Blocks not loaded since the last call, this step's synchronous loads included (they
+        are settled first: the forward has waited for their copies already)."""
+        if self._copies is not None:
+            self._copies.poll(settle=True)
         with self._lock:
             failed, self._failed_blocks = self._failed_blocks, set()
         return failed
@@ -277,42 +358,40 @@ class MeshWorker:
             staged = self._staged.pop(load.req_id, None)
         try:
             keys = self._keys.get(load.req_id, [])
-            self._copy_in(load, keys, fetch_s=staged.fetch_s if staged else 0.0)
+            self._copy_in(load, keys, fetch_s=staged.fetch_s if staged else 0.0, after=None)
         finally:
-            if staged is not None:
+            if staged is not None:  # the load's own lease pins the chunks now
                 staged.lease.release()
 
-    def _queue_load(self, load: Load) -> None:
-        keys = self._keys.get(load.req_id, [])
-        try:
-            self._jobs.put_nowait(_LoadJob(load, keys))
-        except queue.Full:
-            logger.warning(
-                "rank %d: fetch queue full; async load of %s fails", self._rank, load.req_id
-            )
-            with self._lock:
-                self._failed_blocks.update(load.block_ids)
-                self._finished_loads.add(load.req_id)
+    def _queue_load(self, load: Load, after: CopyEvent | None) -> None:
+        if after is not None:  # None: no copy device, this worker shares nothing
+            try:
+                self._jobs.put_nowait(_LoadJob(load, self._keys.get(load.req_id, []), after))
+                return
+            except queue.Full:
+                logger.warning(
+                    "rank %d: fetch queue full; async load of %s fails", self._rank, load.req_id
+                )
+        self._loaded(load, None, time.perf_counter(), 0.0)
 
     def _run_load(self, job: _LoadJob) -> None:
-        try:
-            self._copy_in(job.load, job.keys, fetch_s=0.0)
-        finally:
-            with self._lock:
-                self._finished_loads.add(job.load.req_id)
+        self._copy_in(job.load, job.keys, fetch_s=0.0, after=job.after)
 
-    def _copy_in(self, load: Load, keys: list[bytes], *, fetch_s: float) -> None:
+    def _copy_in(
+        self, load: Load, keys: list[bytes], *, fetch_s: float, after: CopyEvent | None
+    ) -> None:
         """Pin the load's chunks (local after a staged fetch; fetched now for async loads) and
-        write them into the blocks; every block not written is reported as failed."""
-        g, copier, node = self._geometry, self._copier, self._node
-        written = 0
+        start copying them into the blocks (``after`` None: before this step's forward). Once
+        the copy completed, `_loaded` checks them and reports every block not written."""
+        g, copies, node = self._geometry, self._copies, self._node
         started = time.perf_counter()
+        lease: ChunkLease | None = None
         try:
             wanted = keys[load.first_chunk : load.first_chunk + load.num_chunks]
             expected = load.num_chunks * g.blocks_per_chunk - load.skip_blocks if g else -1
-            if g is None or copier is None or node is None or len(wanted) != load.num_chunks:
-                return
-            if len(load.block_ids) != expected:
+            if g is None or copies is None or node is None or len(wanted) != load.num_chunks:
+                pass
+            elif len(load.block_ids) != expected:
                 logger.error(
                     "rank %d: load of %s has %d blocks, expected %d",
                     self._rank,
@@ -320,15 +399,35 @@ class MeshWorker:
                     len(load.block_ids),
                     expected,
                 )
+            else:
+                timeout_s = LOCAL_GET_TIMEOUT_S if not load.is_async else None
+                lease = node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False)
+                held = lease.count * g.blocks_per_chunk - (load.skip_blocks if lease.count else 0)
+                copies.load(
+                    lease.views,
+                    load.block_ids[:held],
+                    skip_blocks=load.skip_blocks,
+                    on_loaded=functools.partial(self._loaded, load, lease, started, fetch_s),
+                    after=after,
+                )
                 return
-            timeout_s = LOCAL_GET_TIMEOUT_S if not load.is_async else None
-            with node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False) as lease:
+        except Exception:
+            logger.exception(
+                "rank %d: load of %s failed; treated as a miss", self._rank, load.req_id
+            )
+            # A copy that started reads the slots at most: only blocks reported failed change.
+        if lease is not None:
+            lease.release()
+        self._loaded(load, None, started, fetch_s)
+
+    def _loaded(self, load: Load, lease: ChunkLease | None, started: float, fetch_s: float) -> None:
+        """A load's copy completed (or never started, ``lease`` None): check each chunk, now
+        that the copy it vouches for is done and before its slot is released; report."""
+        g = self._geometry
+        written = 0
+        if lease is not None and g is not None:
+            try:
                 for index in range(lease.count):
-                    skip = load.skip_blocks if index == 0 else 0
-                    start = index * g.blocks_per_chunk - (load.skip_blocks if index else 0)
-                    ids = load.block_ids[start : start + g.blocks_per_chunk - skip]
-                    view = torch.from_numpy(lease.views[index][: g.chunk_bytes])
-                    copier.scatter(view, ids, first_block=skip)
                     if not lease.intact(index):  # checked after the copy: see intact()
                         logger.error(
                             "rank %d: chunk %d of %s changed in the store; not loaded",
@@ -337,19 +436,22 @@ class MeshWorker:
                             load.req_id,
                         )
                         break
-                    written += len(ids)
-        finally:
-            missing = load.block_ids[written:]
-            if missing:
-                with self._lock:
-                    self._failed_blocks.update(missing)
-                logger.warning(
-                    "rank %d: %d of %d blocks of %s not loaded; vLLM recomputes them",
-                    self._rank,
-                    len(missing),
-                    len(load.block_ids),
-                    load.req_id,
-                )
+                    written += g.blocks_per_chunk - (load.skip_blocks if index == 0 else 0)
+            finally:
+                lease.release()
+        missing = load.block_ids[written:]
+        with self._lock:
+            self._failed_blocks.update(missing)
+            if load.is_async:
+                self._finished_loads.add(load.req_id)
+        if missing:
+            logger.warning(
+                "rank %d: %d of %d blocks of %s not loaded; vLLM recomputes them",
+                self._rank,
+                len(missing),
+                len(load.block_ids),
+                load.req_id,
+            )
         if g is not None and written:
             self._log_retrieved(load, written, g, fetch_s + time.perf_counter() - started)
 
@@ -367,18 +469,36 @@ class MeshWorker:
         )
 
     # -- saves ---------------------------------------------------------------------------------
-    def _save(self, req_id: str, first: int, count: int, block_ids: tuple[int, ...]) -> None:
-        g, copier, node = self._geometry, self._copier, self._node
-        keys = self._keys.get(req_id, [])[first : first + count]
-        if g is None or copier is None or node is None or len(keys) != count:
+    def _open_saves(self, orders: MeshStepOrders) -> None:
+        """Open this step's save batch: every full chunk the step completed, in order."""
+        self._saves_open = True
+        g, copies = self._geometry, self._copies
+        if g is None or copies is None or self._node is None:
             return
-        buffer = torch.empty(g.chunk_bytes, dtype=torch.uint8)
-        stored = 0
-        for index, key in enumerate(keys):
-            ids = block_ids[index * g.blocks_per_chunk : (index + 1) * g.blocks_per_chunk]
-            copier.gather(ids, buffer)
-            stored += node.put([key], [buffer.numpy()])
-        logger.debug("rank %d: saved %d/%d chunks of %s", self._rank, stored, count, req_id)
+        keys: list[bytes] = []
+        chunks: list[tuple[int, ...]] = []
+        per_chunk = g.blocks_per_chunk
+        for save in orders.saves:
+            first = save.first_chunk
+            req_keys = self._keys.get(save.req_id, [])[first : first + save.num_chunks]
+            if len(req_keys) != save.num_chunks:
+                continue
+            keys.extend(req_keys)
+            chunks.extend(save.block_ids[i * per_chunk : (i + 1) * per_chunk]
+                          for i in range(save.num_chunks))  # fmt: skip
+        if chunks:
+            taken = copies.open_saves(chunks, functools.partial(self._put, keys))
+            if taken < len(chunks):
+                logger.debug(
+                    "rank %d: %d chunks not saved this step", self._rank, len(chunks) - taken
+                )
+
+    def _put(self, keys: list[bytes], chunks: list[np.ndarray]) -> None:
+        """A save batch reached host memory: hand its chunks to the mesh."""
+        node = self._node
+        if node is not None:
+            stored = node.put(keys[: len(chunks)], chunks)
+            logger.debug("rank %d: saved %d/%d chunks", self._rank, stored, len(chunks))
 
     # -- fetch thread --------------------------------------------------------------------------
     def _run_jobs(self) -> None:
