@@ -122,8 +122,9 @@ class CopyQueue:
         if batch is None:
             return
         device, copy_stream = self.device, self.device.copy_stream()
-        missing = [layer for layer in range(self.copier.geometry.num_layers)
-                   if layer not in batch.gathered]  # fmt: skip
+        missing = [
+            layer for layer in range(self.copier.geometry.num_layers) if layer not in batch.gathered
+        ]
         if missing:
             self._gather(batch, missing)
         gathered = device.event()
@@ -138,8 +139,15 @@ class CopyQueue:
         done.record(copy_stream)
         size = self._chunk_bytes
         chunks = [host[i * size : (i + 1) * size].numpy() for i in range(len(batch.block_ids))]
-        self._add(_Pending(done, lambda: batch.on_saved(chunks), settle=False, is_save=True,
-                           keep=(batch.staging, host)))  # fmt: skip
+        self._add(
+            _Pending(
+                done,
+                lambda: batch.on_saved(chunks),
+                settle=False,
+                is_save=True,
+                keep=(batch.staging, host),
+            )
+        )
         self.poll()
 
     def _gather(self, batch: _SaveBatch, layers: list[int]) -> None:

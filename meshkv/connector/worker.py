@@ -484,8 +484,9 @@ class MeshWorker:
             if len(req_keys) != save.num_chunks:
                 continue
             keys.extend(req_keys)
-            chunks.extend(save.block_ids[i * per_chunk : (i + 1) * per_chunk]
-                          for i in range(save.num_chunks))  # fmt: skip
+            chunks.extend(
+                save.block_ids[i * per_chunk : (i + 1) * per_chunk] for i in range(save.num_chunks)
+            )
         if chunks:
             taken = copies.open_saves(chunks, functools.partial(self._put, keys))
             if taken < len(chunks):
