@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -175,8 +176,10 @@ class CudaCopyDevice:
     def event(self) -> CopyEvent:
         return torch.cuda.Event()
 
-    def on_copy_stream(self) -> contextlib.AbstractContextManager[object]:
-        return torch.cuda.stream(self._copy_stream)
+    @contextlib.contextmanager
+    def on_copy_stream(self) -> Iterator[None]:
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            yield  # the device too: the fetch thread's current device is not vLLM's
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

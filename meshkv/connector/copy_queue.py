@@ -45,9 +45,10 @@ COPY_BATCH_BYTES_MAX = 1 << 30
 """Device staging for one step's saves, or for one group of a load's chunks (on CUDA: GPU
 memory outside vLLM's budget, freed when the copy completes). A step's chunks beyond it are not
 saved (a later miss); a larger load is copied in several groups. At least one chunk always fits."""
-SAVES_IN_FLIGHT_MAX = 8
-"""Save batches whose copy to host memory has not completed. Past it a step's saves are dropped
-(a later miss) rather than make the host wait for the device."""
+SAVES_IN_FLIGHT_MAX = 4
+"""Save batches whose copy to host memory has not completed (each holds its staging and its
+pinned host buffer: at most this many times `COPY_BATCH_BYTES_MAX` of each). Past it a step's
+saves are dropped (a later miss) rather than make the host wait for the device."""
 
 
 @dataclass(slots=True)
