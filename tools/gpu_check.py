@@ -38,13 +38,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a bare checkout runs as it is
 from meshkv.connector.copy_device import CopyDevice, CpuCopyDevice, CudaCopyDevice
 from meshkv.connector.copy_queue import CopyQueue
 from meshkv.connector.geometry import BlockCopier, geometry_of

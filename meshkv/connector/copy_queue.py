@@ -51,7 +51,7 @@ pinned host buffer: at most this many times `COPY_BATCH_BYTES_MAX` of each). Pas
 saves are dropped (a later miss) rather than make the host wait for the device."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: a copy is itself, whatever its buffers hold
 class _Pending:
     done: CopyEvent
     on_done: Callable[[], None]

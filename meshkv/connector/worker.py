@@ -481,7 +481,7 @@ class MeshWorker:
         for save in orders.saves:
             first = save.first_chunk
             req_keys = self._keys.get(save.req_id, [])[first : first + save.num_chunks]
-            if len(req_keys) != save.num_chunks:
+            if len(req_keys) != save.num_chunks or len(save.block_ids) != len(req_keys) * per_chunk:
                 continue
             keys.extend(req_keys)
             chunks.extend(
