@@ -26,10 +26,11 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
-from meshkv.config import load_config
+from meshkv.config import MeshConfig, load_config
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, RequestIntro, Save
 from meshkv.connector.worker import MeshWorker, WorkerPlace
 from meshkv.models.tiny_llama import make_tiny_llama
+from tests.test_copy_queue import FakeCudaDevice
 
 pytestmark = pytest.mark.processes
 
@@ -82,28 +83,32 @@ def wait_for(condition, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def mesh_config(name: str, channel: str, seeds: list[str] | None = None) -> MeshConfig:
+    return load_config(
+        overrides={
+            "chunk_size": CHUNK,
+            "max_local_cpu_size": 0.05,
+            "enable_p2p": True,
+            "p2p_host": "127.0.0.1",
+            "transfer_channel": channel,
+            "mesh_gossip_profile": "test",
+            "lookup_timeout_ms": 2000,
+            "lmcache_instance_id": name,
+            "mesh_seeds": seeds or [],
+        }
+    )
+
+
 @pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
 def pair(request, vllm_config):
     """Two workers in one mesh: ``one`` seeds, ``two`` joins through it."""
     if request.param == "nixl":
         pytest.importorskip("nixl")
-    base = {
-        "chunk_size": CHUNK,
-        "max_local_cpu_size": 0.05,
-        "enable_p2p": True,
-        "p2p_host": "127.0.0.1",
-        "transfer_channel": request.param,
-        "mesh_gossip_profile": "test",
-        "lookup_timeout_ms": 2000,
-    }
-    one = MeshWorker(vllm_config, load_config(overrides={**base, "lmcache_instance_id": "one"}))
+    one = MeshWorker(vllm_config, mesh_config("one", request.param))
     one_caches = kv_caches(seed=1)
     one.register(one_caches, num_blocks=NUM_BLOCKS, place=PLACE)
     seed = one.node.gossip_address
-    two = MeshWorker(
-        vllm_config,
-        load_config(overrides={**base, "lmcache_instance_id": "two", "mesh_seeds": [seed]}),
-    )
+    two = MeshWorker(vllm_config, mesh_config("two", request.param, [seed]))
     two_caches = kv_caches(seed=2)
     two.register(two_caches, num_blocks=NUM_BLOCKS, place=PLACE)
     try:
@@ -223,3 +228,41 @@ def test_a_chunk_that_changes_while_it_is_copied_in_is_reported_not_loaded(pair)
     step(two, MeshStepOrders(loads=[load], forget=["b"]))
     assert copies == [2] * 2 * len(LAYERS)  # on the CPU: each chunk's blocks, layer by layer
     assert two.take_failed_blocks() == {12, 13}
+
+
+def test_on_a_cuda_like_device_loads_and_saves_complete_only_with_their_copy(pair, vllm_config):
+    """A worker whose copies run on a stream (the fake of CUDA in test_copy_queue): an async
+    load keeps its slots pinned and is not reported finished until its copy's event completed;
+    a save reaches the store only then."""
+    (one, one_caches), _ = pair
+    device = FakeCudaDevice()
+    channel = one.node.channel.kind  # the pair's transfer channel
+    three = MeshWorker(vllm_config, mesh_config("three", channel, [one.node.gossip_address]))
+    three_caches = kv_caches(seed=3)
+    three.register(three_caches, num_blocks=NUM_BLOCKS, place=PLACE, device=device)
+    try:
+        wait_for(lambda: len(three.node.members()) == 3, "membership")
+        tokens = np.arange(900, 900 + 2 * CHUNK)
+        step(one, MeshStepOrders(intros=[intro("a", tokens)],
+                                 saves=[Save(req_id="a", first_chunk=0, num_chunks=1,
+                                             block_ids=(5, 6))]))  # fmt: skip
+        step(three, MeshStepOrders(intros=[intro("b", tokens)]))
+        assert found_in_mesh(three, "b", 1, stage=False) == 1
+        load = Load(req_id="b", first_chunk=0, num_chunks=1, skip_blocks=0, block_ids=(1, 2),
+                    is_async=True, num_tokens=255, prompt_tokens=512)  # fmt: skip
+        step(three, MeshStepOrders(loads=[load]))
+        wait_for(lambda: three._copies.in_flight, "the load's copy on the copy stream")
+        assert three.take_finished_loads() is None  # its event has not completed
+        assert three.node.store.stats().pinned == 1  # nor is its slot released
+        save = Save(req_id="b", first_chunk=1, num_chunks=1, block_ids=(7, 8))
+        step(three, MeshStepOrders(saves=[save]))
+        assert three.node.store.stats().chunks == 1  # the saved chunk is not in the store yet
+        device.complete_all()
+        assert three.take_finished_loads() == {"b"}
+        assert three.take_failed_blocks() == set()
+        assert three.node.store.stats().pinned == 0
+        assert three.node.store.stats().chunks == 2
+        for name in LAYERS:
+            assert torch.equal(three_caches[name][[1, 2]], one_caches[name][[5, 6]])
+    finally:
+        three.close()

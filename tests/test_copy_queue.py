@@ -58,7 +58,7 @@ class FakeCudaDevice:
         self.forward = FakeStream(self, "forward")
         self.copy = FakeStream(self, "copy")
         self.current = self.forward
-        self.pinned: set[int] = set()
+        self.pinned: dict[int, int] = {}  # page-locked ranges: start -> bytes
 
     def forward_stream(self) -> FakeStream:
         return self.forward
@@ -84,7 +84,7 @@ class FakeCudaDevice:
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self.pinned.add(buffer.data_ptr())
+        self.pinned[buffer.data_ptr()] = nbytes
         self.log.append(("pinned buffer",))
         return buffer
 
@@ -92,14 +92,15 @@ class FakeCudaDevice:
         return host.clone()
 
     def pin(self, buffer: np.ndarray) -> bool:
-        self.pinned.add(buffer.ctypes.data)
+        self.pinned[buffer.ctypes.data] = buffer.nbytes
         return True
 
     def unpin(self, buffer: np.ndarray) -> None:
-        self.pinned.discard(buffer.ctypes.data)
+        self.pinned.pop(buffer.ctypes.data, None)
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
-        return tensor.untyped_storage().data_ptr() in self.pinned
+        at = tensor.data_ptr()
+        return any(start <= at < start + size for start, size in self.pinned.items())
 
     def complete_all(self) -> None:
         for event in self.events:
