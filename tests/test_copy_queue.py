@@ -13,15 +13,17 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from meshkv.connector import copy_queue
-from meshkv.connector.copy_device import CpuCopyDevice
+from meshkv.connector.copy_device import CpuCopyDevice, copy_device_for
 from meshkv.connector.copy_queue import SAVES_IN_FLIGHT_MAX, CopyQueue
-from meshkv.connector.geometry import BlockCopier
+from meshkv.connector.geometry import BlockCopier, UnsupportedCache
 from tests.test_connector_geometry import NUM_BLOCKS, NUM_LAYERS, as_bytes, geometry, make_caches
 
 
@@ -275,3 +277,37 @@ def test_the_cpu_device_copies_synchronously_and_hands_over_at_once():
     assert loaded == [True] and queue.in_flight == 0
     for target, source in ((7, 4), (8, 5), (9, 6)):
         assert torch.equal(block_bytes(caches, target), block_bytes(caches, source))
+
+
+def test_a_cache_on_another_kind_of_device_is_unsupported():
+    assert isinstance(copy_device_for(torch.device("cpu")), CpuCopyDevice)
+    with pytest.raises(UnsupportedCache, match="meta"):
+        copy_device_for(torch.device("meta"))
+
+
+SOURCE = make_caches(KVCacheLayout.BLNHC, seed=10)  # block-outermost: strided dimension 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), staged=st.booleans())
+def test_any_load_writes_exactly_its_blocks(data, staged):
+    """Any chunks, any skip, any distinct target blocks, in groups or one by one."""
+    g = geometry(SOURCE)
+    per = g.blocks_per_chunk
+    count = data.draw(st.integers(1, 3), label="chunks")
+    skip = data.draw(st.integers(0, per - 1), label="skip")
+    blocks = data.draw(st.permutations(range(NUM_BLOCKS)), label="blocks")
+    sources, targets = blocks[: count * per], blocks[count * per :][: count * per - skip]
+    source_queue = CopyQueue(CpuCopyDevice(), BlockCopier(g, SOURCE, num_blocks=NUM_BLOCKS))
+    got: list[list[np.ndarray]] = []
+    source_queue.open_saves([sources[c * per : (c + 1) * per] for c in range(count)], got.append)
+    source_queue.close_saves()
+    caches = make_caches(KVCacheLayout.BLNHC, seed=11)
+    before = {name: tensor.clone() for name, tensor in caches.items()}
+    device = FakeCudaDevice() if staged else CpuCopyDevice()
+    queue = CopyQueue(device, BlockCopier(g, caches, num_blocks=NUM_BLOCKS))
+    queue.load(got[0], targets, skip_blocks=skip, on_loaded=lambda: None)
+    for target, source in zip(targets, sources[skip:], strict=True):
+        assert torch.equal(block_bytes(caches, target), block_bytes(SOURCE, source))
+    for block in set(range(NUM_BLOCKS)) - set(targets):
+        assert torch.equal(block_bytes(caches, block), block_bytes(before, block))
