@@ -24,7 +24,7 @@ side by side in one run:
 
 Targets (issue 14): 0 wrong bytes; save and load each >= 80 % of the ceiling; the forward slowed
 by <= 10 %. Writes JSON (``--json``) and prints a table. Sized to finish well within 5 minutes
-on an H100 (about 4 GiB of GPU memory and 2 GiB of host memory per layout); not yet run on one.
+on an H100 (about 7 GiB of GPU memory and 2 GiB of host memory per layout); not yet run on one.
 
 ``--device cpu`` runs parts 1 and 3 through the same code with `CpuCopyDevice` on small shapes
 (the CI test runs it so this script cannot rot); its speeds mean nothing and are not reported.
