@@ -172,7 +172,8 @@ class MeshConfig:
         default=False,
     )
     lmcache_instance_id: str = _doc(
-        "This engine's name in the mesh (member id = instance/rank). Unset: hostname-pid.",
+        "This engine's name in the mesh (member id = instance/rank). Unset: vllm-<8 hex> from "
+        "vLLM's engine id, the same for all the engine's ranks (hostname-pid outside vLLM).",
         default="",
     )
     controller_pull_url: str | None = _doc(

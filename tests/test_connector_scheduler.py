@@ -23,6 +23,7 @@ from vllm.config import (
     SchedulerConfig,
     VllmConfig,
 )
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -208,7 +209,7 @@ def test_a_miss_unstages_and_saves_each_chunk_as_chunked_prefill_completes_it(ti
 
 def test_the_hit_is_the_minimum_over_tensor_parallel_ranks(tiny_model):
     engine = Engine(tiny_model)
-    engine.mesh.policy.tp_world_size = 2
+    engine.mesh.policy.world_size = 2
     engine.add("a", prompt(800))
     out, orders = engine.step({0: 3})
     assert out.num_scheduled_tokens == {}
@@ -220,6 +221,34 @@ def test_the_hit_is_the_minimum_over_tensor_parallel_ranks(tiny_model):
     assert out.num_scheduled_tokens == {"a": 800 - 256}
     assert orders.loads[0].num_chunks == 1
     assert [(s.first_chunk, s.num_chunks) for s in orders.saves] == [(1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "found", "loaded_chunks"),
+    [(2, [3, 1], 1), (2, [1, 3], 1), (4, [3, 2, 3, 3], 2), (2, [3, 0], 0)],
+)
+def test_vllm_merges_the_workers_reports_and_the_hit_is_their_minimum(
+    tiny_model, world_size, found, loaded_chunks
+):
+    """Each worker (TP rank, or TP rank of a pipeline stage) reports only its own count; vLLM's
+    own aggregator merges the reports; the scheduler loads what the poorest rank holds."""
+    engine = Engine(tiny_model)
+    engine.mesh.policy.world_size = world_size
+    engine.add("a", prompt(1000))
+    _, orders = engine.step()
+    fetch_id = orders.fetches[0].fetch_id
+    reports = [MeshWorkerReport(found={rank: {fetch_id: n}}) for rank, n in enumerate(found)]
+    outputs = [
+        ModelRunnerOutput.with_kv_conn_output_only(KVConnectorOutput(kv_connector_worker_meta=r))
+        for r in reports
+    ]
+    merged = KVOutputAggregator(expected_finished_count=world_size).aggregate(outputs)
+    report = merged.kv_connector_output.kv_connector_worker_meta
+    assert report.found == {rank: {fetch_id: n} for rank, n in enumerate(found)}
+    engine.scheduler.connector.update_connector_output(merged.kv_connector_output)
+    out, orders = engine.step()
+    assert out.num_scheduled_tokens == {"a": 1000 - loaded_chunks * CHUNK}
+    assert [load.num_chunks for load in orders.loads] == ([loaded_chunks] if loaded_chunks else [])
 
 
 def test_a_lookup_that_times_out_is_a_miss_and_a_late_answer_is_ignored(tiny_model):

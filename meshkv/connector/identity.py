@@ -1,4 +1,9 @@
-"""Who may share KV with this engine: the member namespace built from vLLM's configuration.
+"""Who this engine is in the mesh, and who may share KV with it, from vLLM's configuration.
+
+One engine is one instance: its scheduler process and every worker (each TP rank of each
+pipeline stage) agree on `engine_instance_id`, taken from the id vLLM itself gives the engine and
+syncs across its ranks. Each worker is one mesh member, named ``instance/rank`` with rank its
+`worker_rank` - vLLM's rank within the engine, pipeline stage major - so stages never collide.
 
 Two engines share chunks only if their namespaces are equal (see `meshkv.keys.Namespace`). The
 model identity is the model as vLLM was given it, its revision, a digest of its Hugging Face
@@ -17,6 +22,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from meshkv.connector.geometry import ChunkGeometry
+from meshkv.errors import ConfigError
 from meshkv.keys import Namespace
 
 if TYPE_CHECKING:
@@ -28,6 +34,53 @@ if TYPE_CHECKING:
 _NOT_SHAPING_KV = ("_name_or_path", "_commit_hash", "transformers_version")
 """Config entries that say where the model was loaded from or by which library version; the
 digest leaves them out so that copies of one model in different places agree."""
+
+
+ENGINE_ID_HEX_CHARS = 8
+"""Hex digits of the engine id's digest kept in the instance id (a clash needs ~65,000
+engines in one mesh)."""
+INSTANCE_PREFIX = "vllm"
+
+
+def engine_instance_id(vllm_config: VllmConfig, config: MeshConfig) -> str:
+    """This engine's instance id: ``lmcache_instance_id`` if set, else ``vllm-<8 hex>``.
+
+    The hex digits are a digest of vLLM's ``kv_transfer_config.engine_id``: a fresh uuid per
+    engine that its workers inherit from the engine core and that vLLM broadcasts from rank 0
+    over the TP and PP groups before building the worker-side connector (data-parallel engines
+    get it with a ``_dp<rank>`` suffix). So the scheduler process and every rank agree, and two
+    engines never do. No host name: ranks of one engine may run on several hosts.
+    """
+    if config.lmcache_instance_id:
+        return config.lmcache_instance_id
+    engine_id = vllm_config.kv_transfer_config.engine_id
+    digest = hashlib.blake2b(str(engine_id).encode(), digest_size=ENGINE_ID_HEX_CHARS // 2)
+    return f"{INSTANCE_PREFIX}-{digest.hexdigest()}"
+
+
+def check_parallelism(vllm_config: VllmConfig) -> None:
+    """Refuses context parallelism, which splits a block's tokens across ranks: a rank's chunk
+    would then not be every token of its heads, and two engines with different splits would
+    share a namespace. Raises `ConfigError` naming the setting."""
+    parallel = vllm_config.parallel_config
+    for setting in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        size = getattr(parallel, setting, 1)
+        if size != 1:
+            raise ConfigError(
+                setting, f"is {size}; meshkv shares KV only when each rank holds whole blocks (1)"
+            )
+
+
+def worker_world_size(vllm_config: VllmConfig) -> int:
+    """Workers of one engine: TP size x PP size (each is one mesh member)."""
+    parallel = vllm_config.parallel_config
+    return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+
+
+def worker_rank(vllm_config: VllmConfig, *, tp_rank: int, pp_rank: int) -> int:
+    """A worker's rank within its engine, as vLLM numbers them (stage major, then TP rank): its
+    member name's suffix, its index into the per-rank port lists, its key in worker reports."""
+    return pp_rank * vllm_config.parallel_config.tensor_parallel_size + tp_rank
 
 
 def _config_digest(hf_config: Any) -> str:

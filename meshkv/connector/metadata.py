@@ -112,8 +112,9 @@ class MeshStepOrders(KVConnectorMetadata):
 
 @dataclass(slots=True, kw_only=True)
 class MeshWorkerReport(KVConnectorWorkerMetadata):
-    """Fetch results: rank -> fetch id -> chunks found from the fetch's first chunk on, without
-    a gap (staged when staging)."""
+    """Fetch results: worker rank (`identity.worker_rank`) -> fetch id -> chunks found from the
+    fetch's first chunk on, without a gap (staged when staging). vLLM merges the reports of an
+    engine's workers with `aggregate`; the scheduler side takes the minimum over ranks."""
 
     found: dict[int, dict[str, int]] = field(default_factory=dict)
 

@@ -5,10 +5,11 @@ I/O: everything the mesh knows reaches it through the workers' step reports. A r
 
 1. `match` (vLLM's get_num_new_matched_tokens) first queues a `Fetch` of the prompt's full
    chunks beyond those vLLM's own prefix cache holds (none at all if it holds every useful one)
-   to every TP rank and answers None ("ask again next step"). Each rank's worker looks them up
-   (and, for synchronous loading, pins them in its store) and reports how many it found without
-   a gap. Once every rank answered - or ``lookup_timeout_ms`` passed, which counts as 0 - the
-   hit is the minimum over ranks, capped to leave at least one token to compute.
+   to every worker (each TP rank of each pipeline stage) and answers None ("ask again next
+   step"). Each worker looks them up (and, for synchronous loading, pins them in its store) and
+   reports how many it found without a gap. Once every worker answered - or
+   ``lookup_timeout_ms`` passed, which counts as 0 - the hit is the minimum over workers, capped
+   to leave at least one token to compute.
 2. `allocated` (update_state_after_alloc) turns a hit into a `Load` of the chunks not already in
    the engine's own prefix cache, into the blocks vLLM just allocated.
 3. `orders` (build_connector_meta) also adds a `Save` of every prompt chunk whose tokens became
@@ -61,7 +62,8 @@ class SchedulingPolicy:
 
     chunk_size: int
     block_size: int
-    tp_world_size: int
+    world_size: int
+    """Workers that answer each fetch: TP size x PP size (`identity.worker_world_size`)."""
     lookup_timeout_ms: int
     async_loading: bool
     may_load: bool
@@ -110,7 +112,7 @@ class MeshScheduler:
         if state is None or state.phase is Phase.ADMITTED:
             state = self._start(request, state, num_computed_tokens)
         if state.phase is Phase.LOOKING:
-            if len(state.rank_found) < p.tp_world_size:
+            if len(state.rank_found) < p.world_size:
                 if self.clock() < state.lookup_deadline_s:
                     return None, False
                 logger.warning(

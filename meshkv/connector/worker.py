@@ -1,4 +1,4 @@
-"""Worker side of MeshKVConnector: one mesh member per TP rank, and the block copies.
+"""Worker side of MeshKVConnector: one mesh member per worker, and the block copies.
 
 Each vLLM worker process owns one `MeshNode` (started in `register`, once the KV cache exists
 and the chunk geometry is known) and carries out the scheduler side's orders each step:
@@ -43,7 +43,7 @@ import torch
 from meshkv.connector.copy_device import CopyDevice, CopyEvent, copy_device_for
 from meshkv.connector.copy_queue import CopyQueue
 from meshkv.connector.geometry import BlockCopier, ChunkGeometry, geometry_of
-from meshkv.connector.identity import namespace_for
+from meshkv.connector.identity import namespace_for, worker_rank, worker_world_size
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import ChunkLease, MeshNode
@@ -101,7 +101,7 @@ class _LoadJob:
 
 
 class MeshWorker:
-    """MeshKVConnector(role=WORKER) logic for one TP rank."""
+    """MeshKVConnector(role=WORKER) logic for one worker (a TP rank of a pipeline stage)."""
 
     def __init__(self, vllm_config: VllmConfig, config: MeshConfig) -> None:
         self._vllm_config = vllm_config
@@ -147,7 +147,7 @@ class MeshWorker:
         )
         copier = BlockCopier(geometry, kv_caches, num_blocks=num_blocks)
         copies = CopyQueue(device or copy_device_for(copier.device), copier)
-        self._rank = place.tp_rank
+        self._rank = worker_rank(vc, tp_rank=place.tp_rank, pp_rank=place.pp_rank)
         namespace = namespace_for(
             vc,
             self._config,
@@ -162,7 +162,7 @@ class MeshWorker:
             self._config,
             namespace=namespace.digest().hex(),  # the shim derives chunk keys from it
             rank=self._rank,
-            world_size=namespace.tp_world_size,
+            world_size=worker_world_size(vc),
         )
         self._pin_store(node, copies.device)
         try:
@@ -175,8 +175,10 @@ class MeshWorker:
         self._thread = threading.Thread(target=self._run_jobs, name="meshkv-fetch", daemon=True)
         self._thread.start()
         logger.info(
-            "rank %d: namespace %s (%s), chunk %d tokens = %d blocks x %d layers = %.2f MiB",
+            "rank %d: member %s, namespace %s (%s), chunk %d tokens = %d blocks x %d layers "
+            "= %.2f MiB",
             self._rank,
+            node.name,
             namespace.label(),
             namespace.model_id,
             geometry.chunk_size_tokens,
