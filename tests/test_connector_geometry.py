@@ -12,47 +12,21 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-    KVCacheTensor,
-)
 from vllm.v1.kv_cache_layout import KVCacheLayout
-from vllm.v1.worker.utils import allocate_kv_cache
 
 from meshkv.connector.geometry import BlockCopier, geometry_of, unique_layers
 from meshkv.errors import UsageError
+from tests.conftest import KV_LAYERS, tiny_kv_caches
 
-NUM_LAYERS = 4
 NUM_BLOCKS = 12
 BLOCK_SIZE = 128
 CHUNK_SIZE = 256
-LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
+LAYERS = KV_LAYERS
+NUM_LAYERS = len(LAYERS)
 
 
 def make_caches(layout: KVCacheLayout, seed: int | None) -> dict[str, torch.Tensor]:
-    spec = FullAttentionSpec(
-        block_size=BLOCK_SIZE, num_kv_heads=2, head_size=64, dtype=torch.bfloat16
-    )
-    page = spec.page_size_bytes
-    if layout.is_layer_compact:
-        placement = {"layer_stride": page * NUM_BLOCKS, "block_stride": page}
-    else:
-        placement = {"layer_stride": page, "block_stride": page * NUM_LAYERS}
-    config = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[
-            KVCacheTensor(size=NUM_LAYERS * NUM_BLOCKS * page, layers=LAYERS, **placement)
-        ],
-        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
-    )
-    caches = allocate_kv_cache(config, torch.device("cpu"), layout, [BLOCK_SIZE])
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        for tensor in caches.values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
-    return caches
+    return tiny_kv_caches(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, layout=layout, seed=seed)
 
 
 def geometry(caches):

@@ -14,7 +14,7 @@ from vllm.config import ModelConfig, VllmConfig
 from meshkv.config import load_config
 from meshkv.connector.geometry import ChunkGeometry
 from meshkv.connector.identity import namespace_for
-from meshkv.models.tiny_llama import make_tiny_llama
+from tests.conftest import tiny_model
 
 GEOMETRY = ChunkGeometry(
     layer_names=tuple(f"model.layers.{i}.self_attn.attn" for i in range(4)),
@@ -28,7 +28,7 @@ GEOMETRY = ChunkGeometry(
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    original = make_tiny_llama(Path(__file__).resolve().parents[1] / ".models" / "tiny-llama")
+    original = tiny_model()
     copy = tmp_path_factory.mktemp("copy") / "renamed-llama"
     shutil.copytree(original, copy)
     return original, copy
