@@ -1,19 +1,22 @@
 """Helpers every test shares: free ports on 127.0.0.1, waits on a condition with a deadline,
 and the tiny Llama with KV caches shaped like the ones vLLM allocates for it.
 
-Import them (``from tests.conftest import free_port, wait_until``); vLLM and torch are
+Import them (``from tests.conftest import free_port, wait_until``; the ports come from
+`tools.bench.common`, which the benchmarks and the chaos harness use too); vLLM and torch are
 imported only by the functions that need them.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+
+from tools.bench.common import free_port as free_port  # re-exported for the tests
+from tools.bench.common import free_ports as free_ports
 
 if TYPE_CHECKING:
     import torch
@@ -28,23 +31,6 @@ WAIT_S = 10.0
 """A wait's default deadline."""
 
 _T = TypeVar("_T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (held together while they are picked)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOCALHOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def wait_until(

@@ -161,6 +161,17 @@ def mid_transfer(reader: MeshNode, fault: Callable[[], None]) -> Callable[[], in
     return during
 
 
+def cut_short_mid_transfer(reader: MeshNode, keys: list[bytes], fault: Callable[[], None]) -> None:
+    """Gets ``keys`` (none of them here yet) while ``fault`` lands after the first chunk: the
+    get must end within its deadline with fewer than all chunks, proof that the fault landed
+    during the transfer and cut it short."""
+    assert reader.store.stats().chunks == 0
+    count, elapsed, landed = timed_get(reader, keys, mid_transfer(reader, fault))
+    assert landed < CHUNKS, "the get was over before the fault"
+    assert count < CHUNKS, "the fault landed after the transfer, not during it"
+    assert elapsed <= GET_TIMEOUT_S + SLACK_S
+
+
 def full_get(reader: MeshNode, keys: list[bytes]) -> bool:
     """True once a get returns every chunk; never with wrong bytes."""
     with reader.get(keys, CHUNK_BYTES, timeout_s=15) as lease:
@@ -178,13 +189,7 @@ def test_holder_killed_during_a_large_get(holder: Holder, channel: str) -> None:
         wait_until(
             "the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 30
         )  # pointers must arrive
-        assert reader.store.stats().chunks == 0
-        count, elapsed, landed = timed_get(
-            reader, keys, mid_transfer(reader, lambda: holder.signal(signal.SIGKILL))
-        )
-        assert landed < CHUNKS, "the get was over before the holder was killed"
-        assert count < CHUNKS, "the kill landed after the transfer, not during it"
-        assert elapsed <= GET_TIMEOUT_S + SLACK_S
+        cut_short_mid_transfer(reader, keys, lambda: holder.signal(signal.SIGKILL))
         holder.proc.wait(10)
         holder.start()  # the same instance id, a new boot
         wait_until(
@@ -203,13 +208,7 @@ def test_holder_frozen_during_a_get_then_resumed(holder: Holder, channel: str) -
     reader = node("reader", channel, holder)
     try:
         wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 30)
-        assert reader.store.stats().chunks == 0
-        count, elapsed, landed = timed_get(
-            reader, keys, mid_transfer(reader, lambda: holder.signal(signal.SIGSTOP))
-        )
-        assert landed < CHUNKS, "the get was over before the holder froze"
-        assert count < CHUNKS, "the freeze landed after the transfer, not during it"
-        assert elapsed <= GET_TIMEOUT_S + SLACK_S
+        cut_short_mid_transfer(reader, keys, lambda: holder.signal(signal.SIGSTOP))
         holder.signal(signal.SIGCONT)
         wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 40)
         # The frozen get's unanswered slots stay reserved until its deadline + 1 s (a thawed
