@@ -410,10 +410,12 @@ class MessageSet:
         frame: Buffer,
         attachments: Sequence[Buffer] = (),
         context: Any = None,
+        now_s: float | None = None,
     ) -> Any:
         """The message in ``frame`` (and the frames after it); ProtocolError (counter label in
-        ``reason``) on anything bad. ``context`` goes to the field kinds (see `FieldKind`)."""
-        message_type, fields = codec.decode(frame, attachments=attachments)
+        ``reason``) on anything bad. ``context`` goes to the field kinds (see `FieldKind`);
+        ``now_s``: the receiver's clock for the auth trailer's time window (None: read it)."""
+        message_type, fields = codec.decode(frame, attachments=attachments, now_s=now_s)
         cls = self._by_type.get(message_type)
         if cls is None:
             raise ProtocolError("unknown_type", str(message_type))
