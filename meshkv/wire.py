@@ -11,9 +11,13 @@ A frame is ``header | body | trailer``:
 A message may carry attachments: bulk bytes sent as ZMQ frames of their own after the frame,
 so that no codec copies them.
 
-This module owns framing, versions, limits and authentication. It knows nothing of what any
-message means: each protocol keeps its messages (type ids, fields, validation) in its own
-``messages`` module and uses a `FrameCodec` to turn them into bytes and back.
+This module owns framing, versions, limits and authentication, and the one mechanism that
+every protocol's messages are written in: a message is a frozen, slotted, keyword-only
+dataclass (`WireMessage`) whose fields are declared once, with `wire_field` (wire key, kind,
+meaning); the kind (a `FieldKind`, the common ones in `meshkv.wire_fields`) validates a value
+when the message is built and when it is decoded, and says how it travels. A `MessageSet`
+holds one protocol's version history and type ids. It knows nothing of what any message
+means: each protocol keeps its messages in its own ``messages`` module.
 
 Every refusal raises `ProtocolError` with a short ``reason`` that receivers use as a counter
 label; a receiver drops the frame, counts it, and keeps running.
@@ -27,10 +31,10 @@ import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -231,25 +235,206 @@ def _unpack_body(body: memoryview) -> tuple[int, dict[str, Any]]:
     return decoded[0], decoded[1]
 
 
-def require(fields: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """Returns ``fields[name]`` if present and of ``kind``, else raises ProtocolError."""
-    value = fields.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise ProtocolError("malformed", f"field {name!r} missing or not {kind}")
-    return value
+# ------------------------------------------------------------------------------ messages
+
+_T = TypeVar("_T")
 
 
-def require_list(fields: dict[str, Any], name: str, item: type, max_items: int) -> list[Any]:
-    """Returns a list field whose items are all ``item``, bounded by ``max_items``."""
-    value = require(fields, name, list)
-    if len(value) > max_items:
-        raise ProtocolError("too_many", f"field {name!r} has {len(value)} > {max_items} items")
-    if not all(
-        isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in value
-    ):
-        raise ProtocolError("malformed", f"field {name!r} has an item that is not {item}")
-    return value
+class InvalidField(UsageError):
+    """A message field with a value its protocol refuses; ``reason`` is the counter label a
+    receiver drops such a frame under (``malformed`` unless a bound was exceeded)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
-def _as_tuple(kind: type | Sequence[type]) -> tuple[type, ...]:
-    return tuple(kind) if isinstance(kind, tuple) else (kind,)
+class FieldKind:
+    """How one message field is checked and how it travels.
+
+    ``check`` validates a value when a message is built (raises UsageError, e.g. InvalidField);
+    ``dump`` gives its wire form; ``load`` turns a wire form into a checked value (raises
+    ProtocolError or UsageError). ``context`` is what the protocol's decoder was given (e.g. a
+    cache of validated updates). A kind with ``in_body = False`` travels as attachments.
+    """
+
+    __slots__ = ()
+    in_body: ClassVar[bool] = True
+
+    def check(self, name: str, value: Any) -> None:
+        raise NotImplementedError
+
+    def check_items(self, name: str, values: Any) -> None:
+        """Checks every value of a list field (a kind may do it faster than one by one)."""
+        for value in values:
+            self.check(name, value)
+
+    def dump(self, value: Any) -> Any:
+        return value
+
+    def dump_items(self, values: Any) -> list[Any]:
+        """The wire forms of every value of a list field."""
+        return [self.dump(value) for value in values]
+
+    def load(self, key: str, raw: Any, context: Any) -> Any:
+        self.check(key, raw)
+        return raw
+
+
+def wire_field(key: str, kind: FieldKind, doc: str, **default: Any) -> Any:
+    """Declares a message field: its ``key`` on the wire, its ``kind`` and its meaning."""
+    return field(metadata={"wire": key, "kind": kind, "doc": doc}, **default)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    name: str
+    key: str
+    kind: FieldKind
+
+
+_SPECS: dict[type, tuple[_Spec, ...]] = {}
+
+
+def _specs(cls: type) -> tuple[_Spec, ...]:
+    specs = _SPECS.get(cls)
+    if specs is None:
+        declared: tuple[Field[Any], ...] = fields(cls)  # type: ignore[arg-type]
+        specs = _SPECS[cls] = tuple(
+            _Spec(f.name, f.metadata["wire"], f.metadata["kind"]) for f in declared
+        )
+    return specs
+
+
+class WireMessage:
+    """Base of every wire message: checks its fields when built, and turns them into the
+    ``fields`` map of a frame and back. A subclass is a frozen, slotted, keyword-only dataclass
+    with a ``TYPE`` and every field declared with `wire_field`; `validate` holds the rules
+    that span several fields."""
+
+    __slots__ = ()
+    TYPE: ClassVar[IntEnum]
+
+    def __post_init__(self) -> None:
+        for spec in _specs(type(self)):
+            spec.kind.check(spec.name, getattr(self, spec.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules across fields; raises UsageError (InvalidField for a specific label)."""
+
+    def to_fields(self) -> dict[str, Any]:
+        """The frame's ``fields`` map, in declaration order (attachments left out)."""
+        return {
+            s.key: s.kind.dump(getattr(self, s.name)) for s in _specs(type(self)) if s.kind.in_body
+        }
+
+    def attachments(self) -> list[Buffer]:
+        """The bulk buffers that travel as frames after this message's frame."""
+        for spec in _specs(type(self)):
+            if not spec.kind.in_body:
+                return list(getattr(self, spec.name))
+        return []
+
+    @classmethod
+    def from_fields(
+        cls: type[_W],
+        fields: dict[str, Any],
+        attachments: Sequence[Buffer] = (),
+        context: Any = None,
+    ) -> _W:
+        """The message in a decoded ``fields`` map; ProtocolError (with its label) if any field
+        is missing or refused."""
+        values: dict[str, Any] = {}
+        carried = False
+        try:
+            for spec in _specs(cls):
+                if spec.kind.in_body:
+                    if spec.key not in fields:
+                        raise ProtocolError("malformed", f"field {spec.key!r} missing")
+                    raw = fields[spec.key]
+                else:
+                    raw, carried = list(attachments), True
+                values[spec.name] = spec.kind.load(spec.key, raw, context)
+            if attachments and not carried:
+                raise ProtocolError("malformed", f"{cls.__name__} carries no attachments")
+            message = trusted(cls, **values)
+            message.validate()
+        except UsageError as exc:
+            raise ProtocolError(getattr(exc, "reason", "malformed"), str(exc)) from None
+        return message
+
+
+_W = TypeVar("_W", bound=WireMessage)
+
+
+class MessageSet:
+    """One protocol's messages: its version history (version -> what that version changed;
+    append only), and its message classes by type id (append only; never renumber)."""
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        history: Mapping[int, str],
+        messages: Sequence[type[WireMessage]],
+    ) -> None:
+        if sorted(history) != list(range(1, len(history) + 1)):
+            raise UsageError(f"{protocol.name} version history must number 1..n")
+        self.protocol = protocol
+        self.version = len(history)
+        self.history = dict(history)
+        self._by_type = {int(m.TYPE): m for m in messages}
+        if len(self._by_type) != len(messages):
+            raise UsageError(f"{protocol.name} has two messages with one type id")
+
+    def codec(self, max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCodec:
+        """A codec for this protocol at its current version."""
+        return FrameCodec(self.protocol, self.version, max_frame_bytes=max_frame_bytes, auth=auth)
+
+    def encode_frames(self, codec: FrameCodec, message: WireMessage) -> list[Buffer]:
+        """The message's frame, then its attachments: one multipart message to send."""
+        attachments = message.attachments()
+        frame = codec.encode(message.TYPE, message.to_fields(), attachments=attachments)
+        return [frame, *attachments]
+
+    def encode(self, codec: FrameCodec, message: WireMessage) -> bytes:
+        """The frame of a message that carries no attachments."""
+        frame, *attachments = self.encode_frames(codec, message)
+        if attachments:
+            raise UsageError(f"{type(message).__name__} has attachments: use encode_frames")
+        return frame  # type: ignore[return-value]
+
+    def decode(
+        self,
+        codec: FrameCodec,
+        frame: Buffer,
+        attachments: Sequence[Buffer] = (),
+        context: Any = None,
+        now_s: float | None = None,
+    ) -> Any:
+        """The message in ``frame`` (and the frames after it); ProtocolError (counter label in
+        ``reason``) on anything bad. ``context`` goes to the field kinds (see `FieldKind`);
+        ``now_s``: the receiver's clock for the auth trailer's time window (None: read it)."""
+        message_type, fields = codec.decode(frame, attachments=attachments, now_s=now_s)
+        cls = self._by_type.get(message_type)
+        if cls is None:
+            raise ProtocolError("unknown_type", str(message_type))
+        return cls.from_fields(fields, attachments, context)
+
+
+def trusted(cls: type[_T], **values: Any) -> _T:
+    """Builds dataclass ``cls`` from values that already passed its checks (e.g. decoded and
+    checked field by field), skipping the validation that would repeat them."""
+    built = object.__new__(cls)
+    defaults = _NOT_INIT.get(cls)
+    if defaults is None:
+        declared = fields(cls)  # type: ignore[arg-type]
+        defaults = _NOT_INIT[cls] = [(f.name, f.default) for f in declared if not f.init]
+    for name, value in defaults:
+        object.__setattr__(built, name, value)
+    for name, value in values.items():
+        object.__setattr__(built, name, value)
+    return built
+
+
+_NOT_INIT: dict[type, list[tuple[str, Any]]] = {}  # fields set outside __init__, by class

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 import zmq
 
 from meshkv.dataplane import messages as m
 from meshkv.node import MeshNode
 from meshkv.wire import AuthPolicy
-from tests.test_node import NAMESPACE, chunk, keys_for, make_config, wait_for
+from tests.conftest import wait_until
+from tests.test_node import NAMESPACE, chunk, keys_for, make_config
 
 SECRET = "correct horse battery staple"
 OTHER = "incorrect horse battery staple"
+OUTSIDER_TRIES = 3  # join attempts refused from each outsider (it retries while refused)
 
 
 def member(name: str, seeds: list[str], secret: str | None, previous: str | None = None):
@@ -33,15 +33,20 @@ def test_members_without_the_secret_cannot_join_read_or_push() -> None:
     outsiders = [member("open", [a.gossip_address], None)]
     outsiders.append(member("wrong", [a.gossip_address], OTHER))
     try:
-        wait_for(lambda: {p.name for p in a.members()} == {"a/0", "b/0"})
+        wait_until(
+            "a and b see each other", lambda: {p.name for p in a.members()} == {"a/0", "b/0"}
+        )
         keys = keys_for(2)
         a.put(keys, [chunk(k) for k in keys])
-        wait_for(a.pusher.idle)
-        time.sleep(1.0)  # give the outsiders every chance to get in
+        wait_until("a's pushes done", a.pusher.idle)
+
+        def both_outsiders_refused_again_and_again() -> bool:
+            drops = a.gossip.stats()
+            return min(drops["drop_unauthenticated"], drops["drop_bad_auth"]) >= OUTSIDER_TRIES
+
+        wait_until("both outsiders refused", both_outsiders_refused_again_and_again)
         for node in (a, b):
             assert {p.name for p in node.members()} == {"a/0", "b/0"}
-        drops = a.gossip.stats()
-        assert drops["drop_unauthenticated"] > 0 and drops["drop_bad_auth"] > 0
         for outsider in outsiders:  # alone: nothing to read, and its frames are refused
             assert outsider.lookup(keys, timeout_s=0.5) == 0
 
@@ -72,7 +77,7 @@ def test_key_rotation_accepts_the_previous_secret() -> None:
     b = member("b", [a.gossip_address], SECRET)  # not yet rotated
     try:
         # during a rotation, a member still signing with the previous secret is accepted
-        wait_for(lambda: "b/0" in {p.name for p in a.members()}, timeout_s=10)
+        wait_until("a sees b", lambda: "b/0" in {p.name for p in a.members()}, 10)
     finally:
         b.stop(leave=False)
         a.stop(leave=False)

@@ -10,27 +10,14 @@ and none may grow past its byte budget + a fixed overhead.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tools import chaos
+
 pytestmark = pytest.mark.processes
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load_chaos():
-    spec = importlib.util.spec_from_file_location("meshkv_chaos", TOOLS / "chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["meshkv_chaos"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = _load_chaos()
 
 
 def test_schedule_is_seeded_and_covers_every_kind() -> None:

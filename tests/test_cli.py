@@ -20,6 +20,7 @@ from meshkv.cli.ring import rings_of
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState, MemberView
 from meshkv.gossip.runner import GossipRunner
+from tests.conftest import free_port
 
 PROCESS_TIMEOUT_S = 30
 DEADLINE_S = 5.0
@@ -34,12 +35,6 @@ def _meshkv(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         env=env,
         check=False,
     )
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_python_dash_m_meshkv_lists_the_commands():
@@ -102,7 +97,7 @@ def test_members_without_a_seed_says_so(monkeypatch):
 
 @pytest.mark.parametrize("command", ["members", "ring"])
 def test_an_unreachable_seed_fails_within_the_timeout(command):
-    seed = f"127.0.0.1:{_closed_port()}"
+    seed = f"127.0.0.1:{free_port()}"
     done = CliRunner().invoke(app, [command, "--seed", seed, "--timeout", "0.3"])
     assert done.exit_code == 1
     assert f"no answer from {seed}" in done.output

@@ -19,7 +19,8 @@ from meshkv.config import MeshConfig
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.ring import HashRing
-from tests.test_compat_http_api import Shim, wait_until
+from tests.conftest import wait_until
+from tests.test_compat_http_api import Shim
 
 NAMESPACE = "cd" * 16
 CHUNK_TOKENS = 16

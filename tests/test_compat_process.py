@@ -20,7 +20,7 @@ from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState
 from meshkv.gossip.runner import GossipRunner
 from meshkv.node.membership import ROLE_ENGINE, member_meta
-from tests.test_compat_http_api import free_port, wait_until
+from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.processes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshkv.compat.reference_docs import SECTIONS, rendered
+from meshkv.cli.reference_docs import SECTIONS, rendered
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -13,7 +13,7 @@ def test_generated_sections_match_the_code():
     text = README.read_text()
     assert rendered(text) == text, (
         "README.md's generated sections are stale: run "
-        "`python -m meshkv.compat.reference_docs README.md`"
+        "`python -m meshkv.cli.reference_docs README.md`"
     )
     for name in SECTIONS:
         assert f"<!-- BEGIN GENERATED: {name} -->" in text

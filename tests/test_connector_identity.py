@@ -27,7 +27,7 @@ from meshkv.connector.identity import (
     worker_world_size,
 )
 from meshkv.errors import ConfigError
-from meshkv.models.tiny_llama import make_tiny_llama
+from tests.conftest import tiny_model
 
 GEOMETRY = ChunkGeometry(
     layer_names=tuple(f"model.layers.{i}.self_attn.attn" for i in range(4)),
@@ -41,7 +41,7 @@ GEOMETRY = ChunkGeometry(
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    original = make_tiny_llama(Path(__file__).resolve().parents[1] / ".models" / "tiny-llama")
+    original = tiny_model()
     copy = tmp_path_factory.mktemp("copy") / "renamed-llama"
     shutil.copytree(original, copy)
     return original, copy

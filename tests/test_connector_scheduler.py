@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
@@ -29,29 +28,24 @@ from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-    KVCacheTensor,
-)
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from meshkv.connector import plugin
 from meshkv.connector.metadata import MeshStepOrders, MeshWorkerReport
-from meshkv.models.tiny_llama import make_tiny_llama
+from tests import conftest
+from tests.conftest import KV_LAYERS, kv_cache_config
 
 BLOCK = 128
 CHUNK = 256
 NUM_BLOCKS = 64
-LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+LAYERS = KV_LAYERS
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Path:
-    return make_tiny_llama(Path(__file__).resolve().parents[1] / ".models" / "tiny-llama")
+    return conftest.tiny_model()
 
 
 class Engine:
@@ -84,22 +78,7 @@ class Engine:
             ),
         )
         config.cache_config.num_gpu_blocks = NUM_BLOCKS
-        spec = FullAttentionSpec(
-            block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.bfloat16
-        )
-        page = spec.page_size_bytes
-        cache = KVCacheConfig(
-            num_blocks=NUM_BLOCKS,
-            kv_cache_tensors=[
-                KVCacheTensor(
-                    size=len(LAYERS) * page * NUM_BLOCKS,
-                    layers=LAYERS,
-                    layer_stride=page * NUM_BLOCKS,
-                    block_stride=page,
-                )
-            ],
-            kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
-        )
+        cache = kv_cache_config(num_blocks=NUM_BLOCKS, block_size=BLOCK)
         self.scheduler = Scheduler(config, cache, StructuredOutputManager(config), BLOCK)
         hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
         init_none_hash(hash_fn)

@@ -8,7 +8,6 @@ allocator. The orders they get are the ones the scheduler side writes.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +16,11 @@ import torch
 pytest.importorskip("vllm")
 
 from vllm.config import CacheConfig, ModelConfig, VllmConfig
-from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-    KVCacheTensor,
-)
-from vllm.v1.kv_cache_layout import KVCacheLayout
-from vllm.v1.worker.utils import allocate_kv_cache
 
 from meshkv.config import MeshConfig, load_config
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, RequestIntro, Save
 from meshkv.connector.worker import MeshWorker, WorkerPlace
-from meshkv.models.tiny_llama import make_tiny_llama
+from tests.conftest import KV_LAYERS, tiny_kv_caches, tiny_model, wait_until
 from tests.test_copy_queue import FakeCudaDevice
 
 pytestmark = pytest.mark.processes
@@ -37,50 +28,21 @@ pytestmark = pytest.mark.processes
 BLOCK = 128
 CHUNK = 256
 NUM_BLOCKS = 16
-LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+LAYERS = KV_LAYERS
 PLACE = WorkerPlace(tp_rank=0, pp_rank=0, device_type="cpu", layout_name="CPU_ATTN/LBHNC")
 WAIT_S = 10.0
 
 
 @pytest.fixture(scope="module")
 def vllm_config() -> VllmConfig:
-    model = make_tiny_llama(Path(__file__).resolve().parents[1] / ".models" / "tiny-llama")
     return VllmConfig(
-        model_config=ModelConfig(model=str(model), max_model_len=4096, dtype="bfloat16"),
+        model_config=ModelConfig(model=str(tiny_model()), max_model_len=4096, dtype="bfloat16"),
         cache_config=CacheConfig(block_size=BLOCK),
     )
 
 
 def kv_caches(seed: int) -> dict[str, torch.Tensor]:
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
-    page = spec.page_size_bytes
-    config = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[
-            KVCacheTensor(
-                size=len(LAYERS) * NUM_BLOCKS * page,
-                layers=LAYERS,
-                layer_stride=page * NUM_BLOCKS,
-                block_stride=page,
-            )
-        ],
-        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
-    )
-    caches = allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBHNC, [BLOCK])
-    generator = torch.Generator().manual_seed(seed)
-    for tensor in caches.values():
-        tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
-    return caches
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return tiny_kv_caches(num_blocks=NUM_BLOCKS, block_size=BLOCK, seed=seed)
 
 
 def mesh_config(name: str, channel: str, seeds: list[str] | None = None) -> MeshConfig:
@@ -112,7 +74,9 @@ def pair(request, vllm_config):
     two_caches = kv_caches(seed=2)
     two.register(two_caches, num_blocks=NUM_BLOCKS, place=PLACE)
     try:
-        wait_for(lambda: len(one.node.members()) == 2 == len(two.node.members()), "membership")
+        wait_until(
+            "membership", lambda: len(one.node.members()) == 2 == len(two.node.members()), WAIT_S
+        )
         yield (one, one_caches), (two, two_caches)
     finally:
         two.close()
@@ -136,7 +100,7 @@ def report_of(worker: MeshWorker, fetch_id: int) -> int:
         collected.update(worker.take_report().found.get(0, {}))
         return fetch_id in collected
 
-    wait_for(arrived, "a fetch report")
+    wait_until("a fetch report", arrived, WAIT_S)
     return collected[fetch_id]
 
 
@@ -199,8 +163,9 @@ def test_async_load_reports_when_done_and_a_miss_reports_its_blocks(pair):
                 is_async=True, num_tokens=255, prompt_tokens=256)  # fmt: skip
     step(two, MeshStepOrders(loads=[hit, miss]))
     done: set[str] = set()
-    wait_for(lambda: done.update(two.take_finished_loads() or ()) or done == {"b", "c"},
-             "both async loads")  # fmt: skip
+    wait_until("both async loads",
+               lambda: done.update(two.take_finished_loads() or ()) or done == {"b", "c"},
+               WAIT_S)  # fmt: skip
     assert two.take_failed_blocks() == {3, 4}  # another tenant's salt: nothing to load
     for name in LAYERS:
         assert torch.equal(two_caches[name][[1, 2]], one_caches[name][[5, 6]])
@@ -241,7 +206,7 @@ def test_on_a_cuda_like_device_loads_and_saves_complete_only_with_their_copy(pai
     three_caches = kv_caches(seed=3)
     three.register(three_caches, num_blocks=NUM_BLOCKS, place=PLACE, device=device)
     try:
-        wait_for(lambda: len(three.node.members()) == 3, "membership")
+        wait_until("membership", lambda: len(three.node.members()) == 3)
         tokens = np.arange(900, 900 + 2 * CHUNK)
         step(one, MeshStepOrders(intros=[intro("a", tokens)],
                                  saves=[Save(req_id="a", first_chunk=0, num_chunks=1,
@@ -251,7 +216,7 @@ def test_on_a_cuda_like_device_loads_and_saves_complete_only_with_their_copy(pai
         load = Load(req_id="b", first_chunk=0, num_chunks=1, skip_blocks=0, block_ids=(1, 2),
                     is_async=True, num_tokens=255, prompt_tokens=512)  # fmt: skip
         step(three, MeshStepOrders(loads=[load]))
-        wait_for(lambda: three._copies.in_flight, "the load's copy on the copy stream")
+        wait_until("the load's copy on the copy stream", lambda: three._copies.in_flight)
         assert three.take_finished_loads() is None  # its event has not completed
         assert three.node.store.stats().pinned == 1  # nor is its slot released
         save = Save(req_id="b", first_chunk=1, num_chunks=1, block_ids=(7, 8))

@@ -78,24 +78,24 @@ def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_h
 @pytest.mark.parametrize(
     ("message_type", "fields", "reason"),
     [
-        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY + b"short"}, "malformed"),
-        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": [KEY]}, "malformed"),  # v1's list
-        (m.DataType.LOOKUP, {"req": -1, "epoch": 0, "keys": b""}, "malformed"),
-        (m.DataType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY * (m.MAX_KEYS + 1)}, "too_many"),
-        (m.DataType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": m.MAX_KEYS,
+        (m.MessageType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY + b"short"}, "malformed"),
+        (m.MessageType.LOOKUP, {"req": 1, "epoch": 0, "keys": [KEY]}, "malformed"),  # v1's list
+        (m.MessageType.LOOKUP, {"req": -1, "epoch": 0, "keys": b""}, "malformed"),
+        (m.MessageType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY * (m.MAX_KEYS + 1)}, "too_many"),
+        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": m.MAX_KEYS,
                                    "pointers": ["a/0"]}, "too_many"),
-        (m.DataType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": [""]},
+        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": [""]},
          "malformed"),
-        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY,
+        (m.MessageType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY,
                           "dest": [[0, 0], [0, 1]], "budget_ms": 1}, "malformed"),
-        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY * 2, "dest": [],
+        (m.MessageType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY * 2, "dest": [],
                           "budget_ms": 1, "offset": 0, "nbytes": 64}, "malformed"),  # 2 keys
-        (m.DataType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY, "dest": [],
+        (m.MessageType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY, "dest": [],
                           "budget_ms": 1, "offset": 64, "nbytes": 0}, "malformed"),
-        (m.DataType.HELLO, {"req": 1, "sender": "a", "nonce": 1, "channel": "rdma",
+        (m.MessageType.HELLO, {"req": 1, "sender": "a", "nonce": 1, "channel": "rdma",
                             "agent": b"", "segments": []}, "malformed"),
-        (m.DataType.COMMIT, {"req": 1, "keys": KEY, "checksums": []}, "malformed"),
-        (m.DataType.PUT_REPLY, {"req": 1, "epoch": 0, "slots": [[1]], "stored": 0}, "malformed"),
+        (m.MessageType.COMMIT, {"req": 1, "keys": KEY, "checksums": []}, "malformed"),
+        (m.MessageType.PUT_REPLY, {"req": 1, "epoch": 0, "slots": [[1]], "stored": 0}, "malformed"),
         (99, {"req": 1}, "unknown_type"),
     ],
 )  # fmt: skip

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,9 @@ from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState, MemberView
 from meshkv.gossip.messages import VERSION, Ping, encode_message, gossip_codec
-from meshkv.gossip.runner import query_members
+from meshkv.gossip.runner import GossipRunner, query_members
 from meshkv.wire import MAGIC
+from tests.conftest import free_ports, wait_until
 
 pytestmark = pytest.mark.processes
 
@@ -39,7 +39,7 @@ START_S = 30.0  # a process importing meshkv on a loaded 2-core machine: not a t
 CONVERGE_S = 10.0  # joining, rejoining after a restart: generous, it is not a target
 DEAD_WITHIN_S = 3.0  # DESIGN §5: a crash seen by every member in <= 3 s (p99)
 STALL_S = 1.0  # DESIGN §5: no healthy member declared dead under a 1 s stall
-LOG_FLUSH_S = 1.0  # `join` prints its event lines every 0.5 s
+MARKER = "marker/0"  # an in-process member whose join every member logs after the freeze
 GARBAGE_RUN_S = 0.5  # the member must keep running this long after the garbage
 STOP_TIMEOUT_S = 5.0
 POLL_S = 0.05
@@ -90,7 +90,7 @@ class Mesh:
 
     def wait_listening(self, member: Member) -> None:
         line = f"member {member.name} listening on {member.address}"
-        _wait_until(f"{member.name} started", lambda: member.log().count(line) == member.boots,
+        wait_until(f"{member.name} started", lambda: member.log().count(line) == member.boots,
                     START_S)  # fmt: skip
 
     def kill(self, member: Member) -> None:
@@ -102,17 +102,6 @@ class Mesh:
         return [m for m in self.members if m is not member]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _table(member: Member) -> dict[str, MemberView] | None:
     """``member``'s member table by name, or None if it does not answer in time."""
     try:
@@ -120,16 +109,6 @@ def _table(member: Member) -> dict[str, MemberView] | None:
     except TransportError:
         return None
     return {v.name: v for v in views}
-
-
-def _wait_until(what: str, check: Callable[[], bool], deadline_s: float) -> float:
-    """Polls ``check`` until true; returns the seconds it took, fails past ``deadline_s``."""
-    started = time.monotonic()
-    while time.monotonic() - started < deadline_s:
-        if check():
-            return time.monotonic() - started
-        time.sleep(POLL_S)
-    pytest.fail(f"not within {deadline_s}s: {what}")
 
 
 def _all_alive_everywhere(mesh: Mesh) -> bool:
@@ -143,13 +122,13 @@ def _all_alive_everywhere(mesh: Mesh) -> bool:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    mesh = Mesh(tmp_path_factory.mktemp("mesh"), _free_ports(MEMBERS))
+    mesh = Mesh(tmp_path_factory.mktemp("mesh"), free_ports(MEMBERS))
     try:
         for member in mesh.members:
             mesh.start(member)
         for member in mesh.members:
             mesh.wait_listening(member)
-        _wait_until("five members list each other alive", lambda: _all_alive_everywhere(mesh),
+        wait_until("five members list each other alive", lambda: _all_alive_everywhere(mesh),
                     CONVERGE_S)  # fmt: skip
         yield mesh
     finally:
@@ -160,13 +139,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 @pytest.fixture
 def full_mesh(mesh: Mesh) -> Iterator[Mesh]:
     """The mesh with all five members alive everywhere before and after the test."""
-    _wait_until("mesh whole before the test", lambda: _all_alive_everywhere(mesh), CONVERGE_S)
+    wait_until("mesh whole before the test", lambda: _all_alive_everywhere(mesh), CONVERGE_S)
     yield mesh
     for member in mesh.members:
         if member.proc is None or member.proc.poll() is not None:
             mesh.start(member)
             mesh.wait_listening(member)
-    _wait_until("mesh whole after the test", lambda: _all_alive_everywhere(mesh), CONVERGE_S)
+    wait_until("mesh whole after the test", lambda: _all_alive_everywhere(mesh), CONVERGE_S)
 
 
 def test_five_members_list_each_other(full_mesh: Mesh):
@@ -206,10 +185,10 @@ def test_a_killed_member_is_dead_everywhere_within_3s_and_rejoins(full_mesh: Mes
         tables = [_table(m) for m in full_mesh.others(victim)]
         return all(t is not None and t[victim.name].state is MemberState.DEAD for t in tables)
 
-    _wait_until(f"{victim.name} dead at every other member", dead_everywhere, DEAD_WITHIN_S)
+    wait_until(f"{victim.name} dead at every other member", dead_everywhere, DEAD_WITHIN_S)
     full_mesh.start(victim)
     full_mesh.wait_listening(victim)
-    _wait_until(f"{victim.name} alive again everywhere", lambda: _all_alive_everywhere(full_mesh),
+    wait_until(f"{victim.name} alive again everywhere", lambda: _all_alive_everywhere(full_mesh),
                 CONVERGE_S)  # fmt: skip
 
 
@@ -222,9 +201,18 @@ def test_a_member_frozen_for_1s_is_never_declared_dead(full_mesh: Mesh):
         time.sleep(STALL_S)  # the stall itself is the scenario, not a wait for a condition
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-    _wait_until("frozen member alive everywhere", lambda: _all_alive_everywhere(full_mesh),
+    wait_until("frozen member alive everywhere", lambda: _all_alive_everywhere(full_mesh),
                 CONVERGE_S)  # fmt: skip
-    time.sleep(LOG_FLUSH_S)  # the refutation reached everyone: only log lines can be late
+    # Each member prints its events in order: once all show a later join, any line about the
+    # freeze is out. The marker then leaves (a left member is no longer in `_all_alive_everywhere`).
+    marker = GossipRunner(config=GossipConfig.local(), name=MARKER, host="127.0.0.1")
+    marker.start((full_mesh.members[0].address,))
+    try:
+        for member in full_mesh.others(frozen):
+            wait_until(f"{member.name} logs the marker's join",
+                       lambda m=member: f" joined {MARKER} " in m.log(), CONVERGE_S)  # fmt: skip
+    finally:
+        assert marker.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
     for member in full_mesh.others(frozen):
         new_lines = member.log()[logs_before[member.index] :].splitlines()
         declared = [line for line in new_lines if f" dead {frozen.name} " in line]
@@ -271,4 +259,4 @@ def test_bad_frames_are_dropped_and_counted_and_the_member_stays(full_mesh: Mesh
         tables = [_table(m) for m in full_mesh.others(target)]
         return all(t is not None and t[target.name].state is MemberState.LEFT for t in tables)
 
-    _wait_until(f"{target.name} listed as left", left_everywhere, DEAD_WITHIN_S)
+    wait_until(f"{target.name} listed as left", left_everywhere, DEAD_WITHIN_S)

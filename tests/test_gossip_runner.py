@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -23,6 +22,7 @@ from meshkv.gossip.messages import (
 )
 from meshkv.gossip.runner import GossipRunner, query_members
 from meshkv.wire import AuthPolicy
+from tests.conftest import wait_until
 
 CONFIG = GossipConfig.test()
 DEADLINE_S = 5.0
@@ -44,15 +44,6 @@ def started() -> Iterator[Callable[..., GossipRunner]]:
         assert runner.stop(leave=False, timeout_s=DEADLINE_S)
 
 
-def _wait_until(what: str, check: Callable[[], bool]) -> None:
-    end = time.monotonic() + DEADLINE_S
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(POLL_S)
-    pytest.fail(f"not within {DEADLINE_S}s: {what}")
-
-
 def _states(runner: GossipRunner) -> dict[str, MemberState]:
     return {m.name: m.state for m in runner.members()}
 
@@ -64,8 +55,10 @@ def test_runners_join_through_a_seed_and_report_joins_to_subscribers(started):
     others = [started(f"{n}/0", (seed.address,)) for n in "bc"]
     everyone = {"a/0", "b/0", "c/0"}
     for runner in (seed, *others):
-        _wait_until(f"{runner.me.name} sees all", lambda r=runner: set(_states(r)) == everyone)
-    _wait_until("joins published", lambda: len(events) >= 2)
+        wait_until(
+            f"{runner.me.name} sees all", lambda r=runner: set(_states(r)) == everyone, DEADLINE_S
+        )
+    wait_until("joins published", lambda: len(events) >= 2, DEADLINE_S)
     assert {(e.kind, e.member.name) for e in events} >= {
         (EventKind.JOINED, "b/0"),
         (EventKind.JOINED, "c/0"),
@@ -75,24 +68,25 @@ def test_runners_join_through_a_seed_and_report_joins_to_subscribers(started):
 def test_graceful_stop_is_seen_as_left_and_a_silent_stop_as_dead(started):
     a = started("a/0")
     b, c = started("b/0", (a.address,)), started("c/0", (a.address,))
-    _wait_until("mesh of three", lambda: len(_states(a)) == 3 and len(_states(c)) == 3)
+    wait_until("mesh of three", lambda: len(_states(a)) == 3 and len(_states(c)) == 3, DEADLINE_S)
     assert b.stop(leave=True)
-    _wait_until("b left", lambda: _states(a)["b/0"] is MemberState.LEFT)
+    wait_until("b left", lambda: _states(a)["b/0"] is MemberState.LEFT, DEADLINE_S)
     assert c.stop(leave=False)
-    _wait_until("c dead", lambda: _states(a)["c/0"] is MemberState.DEAD)
+    wait_until("c dead", lambda: _states(a)["c/0"] is MemberState.DEAD, DEADLINE_S)
 
 
 def test_update_meta_reaches_other_members(started):
     a = started("a/0")
     b = started("b/0", (a.address,), meta={"namespace": "x"})
-    _wait_until("b known", lambda: "b/0" in _states(a))
+    wait_until("b known", lambda: "b/0" in _states(a), DEADLINE_S)
     b.update_meta({"namespace": "y", "free_bytes": 7})
-    _wait_until(
+    wait_until(
         "new meta at a",
         lambda: (
             {m.name: dict(m.meta) for m in a.members()}["b/0"]
             == {"namespace": "y", "free_bytes": 7}
         ),
+        DEADLINE_S,
     )
 
 
@@ -106,7 +100,7 @@ def test_a_failing_subscriber_is_counted_and_the_loop_goes_on(started):
     a.subscribe(broken)
     a.subscribe(seen.append)
     started("b/0", (a.address,))
-    _wait_until("event delivered past the broken subscriber", lambda: bool(seen))
+    wait_until("event delivered past the broken subscriber", lambda: bool(seen), DEADLINE_S)
     assert a.stats()["runner.callback_errors"] >= 1
     assert a.running
 
@@ -116,14 +110,14 @@ def test_callbacks_run_on_the_gossip_thread_and_may_read_members(started):
     seen: list[tuple[str, int]] = []
     a.subscribe(lambda _e: seen.append((threading.current_thread().name, len(a.members()))))
     started("b/0", (a.address,))
-    _wait_until("event", lambda: bool(seen))
+    wait_until("event", lambda: bool(seen), DEADLINE_S)
     assert seen[0] == ("gossip-a/0", 2)
 
 
 def test_query_members_returns_the_table_of_any_member(started):
     a = started("a/0")
     b = started("b/0", (a.address,))
-    _wait_until("b sees a", lambda: len(_states(b)) == 2)
+    wait_until("b sees a", lambda: len(_states(b)) == 2, DEADLINE_S)
     views = query_members(b.address, timeout_s=DEADLINE_S, codec=gossip_codec(CONFIG))
     assert [(v.name, v.state) for v in views] == [
         ("a/0", MemberState.ALIVE),
@@ -146,7 +140,7 @@ def test_query_members_with_the_wrong_secret_gets_no_answer(started):
 def test_after_stop_members_and_stats_are_the_final_snapshot(started):
     a = started("a/0")
     started("b/0", (a.address,))
-    _wait_until("b known", lambda: "b/0" in _states(a))
+    wait_until("b known", lambda: "b/0" in _states(a), DEADLINE_S)
     assert a.stop(leave=True)
     assert not a.running
     assert _states(a)["a/0"] is MemberState.LEFT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from meshkv.dataplane import messages as m
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.store import Refusal
+from tests.conftest import wait_until
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 NAMESPACE = "ab" * 16
@@ -31,15 +32,6 @@ def make_config(channel: str, seeds: list[str], **extra: object) -> MeshConfig:
         "mesh_transfer_timeout_ms": 10000,  # generous: CI machines are small and busy
     }
     return MeshConfig(**{**settings, **extra})
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout_s}s")
 
 
 def chunk(key: bytes, nbytes: int = CHUNK_BYTES) -> np.ndarray:
@@ -81,12 +73,17 @@ class Mesh:
         )
         node.start()
         self.nodes.append(node)
-        wait_for(lambda: all(len(n.members()) == len(self.nodes) for n in self.nodes))
-        wait_for(lambda: len({n.membership.ring().epoch for n in self.nodes}) == 1)
+        wait_until(
+            "every node sees every other",
+            lambda: all(len(n.members()) == len(self.nodes) for n in self.nodes),
+        )
+        wait_until(
+            "one ring epoch", lambda: len({n.membership.ring().epoch for n in self.nodes}) == 1
+        )
         return node
 
     def settle(self) -> None:
-        wait_for(lambda: all(n.pusher.idle() for n in self.nodes))
+        wait_until("pushes done", lambda: all(n.pusher.idle() for n in self.nodes))
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -155,7 +152,7 @@ def test_a_newcomer_finds_chunks_homed_at_it_through_pointers(mesh: Mesh) -> Non
     a.put(keys, [chunk(k) for k in keys])
     mesh.settle()
     b = mesh.add("b")  # home of some keys it never saw; a points them out on its join
-    wait_for(lambda: b.lookup(keys) == 32, timeout_s=5)
+    wait_until("b finds all 32", lambda: b.lookup(keys) == 32, 5)
     with b.get(keys, CHUNK_BYTES) as lease:
         assert lease.count == 32
 
@@ -168,7 +165,9 @@ def test_join_falls_back_to_previous_home_and_repairs(mesh: Mesh) -> None:
     c = mesh.add("c")  # the new home of about a third of the keys, holding none of them yet
     moved = [k for k in keys if b.membership.ring().current.home(k) == "c/0"]
     assert moved and not any(c.store.lookup(k) for k in moved)
-    wait_for(lambda: len(c.directory) >= len(moved))  # the join-time pointers are in
+    wait_until(
+        "join-time pointers at c", lambda: len(c.directory) >= len(moved)
+    )  # the join-time pointers are in
     c.directory.forget_holder("a/0")  # as if the join's pointers were lost:
     c.directory.forget_holder("b/0")  # only the previous-epoch fallback can find them now
     assert b.lookup(keys) == 64
@@ -187,7 +186,7 @@ def test_graceful_leave_is_invisible_to_readers(mesh: Mesh) -> None:
     mesh.settle()
     mesh.nodes.remove(c)
     c.stop()
-    wait_for(lambda: len(b.members()) == 2)
+    wait_until("b sees two members", lambda: len(b.members()) == 2)
     with b.get(keys, CHUNK_BYTES, timeout_s=2.0) as lease:
         # a produced every chunk and keeps its copies; homes that left cost nothing visible
         assert lease.count == 16
@@ -215,7 +214,9 @@ def test_corrupted_chunk_is_never_returned(mesh: Mesh, caplog: pytest.LogCapture
             node.store.view(slots[0])[0] ^= 0xFF
             node.store.unpin(slots, owner="test")
     c = mesh.add("c")
-    wait_for(lambda: c.lookup(keys) == 4)  # once a's and b's join-time pointers arrived
+    wait_until(
+        "c finds all 4", lambda: c.lookup(keys) == 4
+    )  # once a's and b's join-time pointers arrived
     for reader in (a, b, c):  # a: all local; b: some local; c: all fetched
         caplog.clear()
         with reader.get(keys, CHUNK_BYTES) as lease:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -28,19 +27,15 @@ import zmq
 from meshkv.dataplane import messages as m
 from meshkv.node import MeshNode
 from meshkv.wire import MAGIC
-from tests.test_node import NAMESPACE, chunk, keys_for, make_config, wait_for
+from tests.conftest import free_port, wait_until
+from tests.test_node import NAMESPACE, chunk, keys_for, make_config
 
 pytestmark = pytest.mark.processes
 CHUNK_BYTES = 4 << 20  # 4 MiB
 CHUNKS = 24  # 96 MiB: long enough a transfer to be in flight when the holder dies
 GET_TIMEOUT_S = 3.0
 SLACK_S = 1.0  # thread scheduling on a loaded 2-core machine, not a protocol allowance
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LANDED_POLL_S = 0.001  # how often to look for a get's first chunk: the fault must beat its last
 
 
 class Holder:
@@ -110,7 +105,7 @@ def node(name: str, channel: str, holder: Holder) -> MeshNode:
     )
     member = MeshNode(config, namespace=NAMESPACE)
     member.start()
-    wait_for(lambda: member.membership.is_alive("holder/0"), timeout_s=30)
+    wait_until("the holder alive at the member", lambda: member.membership.is_alive("holder/0"), 30)
     return member
 
 
@@ -119,13 +114,15 @@ def hand_chunks_to(holder: Holder, channel: str, count: int = CHUNKS) -> list[by
     producer = node("producer", channel, holder)
     keys = keys_for(count, salt=str(time.monotonic_ns()))
     producer.put(keys, [chunk(k, CHUNK_BYTES) for k in keys])
-    wait_for(producer.pusher.idle, timeout_s=30)
+    wait_until("the producer's pushes done", producer.pusher.idle, 30)
     producer.stop()  # graceful: its chunks go to the holder first
     return keys
 
 
-def timed_get(reader: MeshNode, keys: list[bytes], during: callable) -> tuple[int, float, list]:
-    """Runs a get while ``during`` acts; returns (count, seconds, errors)."""
+def timed_get(
+    reader: MeshNode, keys: list[bytes], during: Callable[[], int]
+) -> tuple[int, float, int]:
+    """Runs a get while ``during`` acts; returns (count, seconds, what ``during`` returned)."""
     result: dict[str, object] = {}
 
     def run() -> None:
@@ -143,12 +140,36 @@ def timed_get(reader: MeshNode, keys: list[bytes], during: callable) -> tuple[in
 
     thread = threading.Thread(target=run)
     thread.start()
-    during()
+    seen = during()
     thread.join(GET_TIMEOUT_S + 10)
     assert not thread.is_alive(), "get hung past its deadline"
     assert "error" not in result, f"get raised {result.get('error')!r}"
     assert result["intact"], "a get returned wrong bytes"
-    return int(result["count"]), float(result["elapsed"]), []
+    return int(result["count"]), float(result["elapsed"]), seen
+
+
+def mid_transfer(reader: MeshNode, fault: Callable[[], None]) -> Callable[[], int]:
+    """What `timed_get` does during the get: waits until the get's first chunk has landed in
+    the reader's store, then runs ``fault`` at once; returns how many had landed by then."""
+
+    def during() -> int:
+        landed = wait_until("a first chunk landed", lambda: reader.store.stats().chunks,
+                            GET_TIMEOUT_S, poll_s=LANDED_POLL_S)  # fmt: skip
+        fault()
+        return landed
+
+    return during
+
+
+def cut_short_mid_transfer(reader: MeshNode, keys: list[bytes], fault: Callable[[], None]) -> None:
+    """Gets ``keys`` (none of them here yet) while ``fault`` lands after the first chunk: the
+    get must end within its deadline with fewer than all chunks, proof that the fault landed
+    during the transfer and cut it short."""
+    assert reader.store.stats().chunks == 0
+    count, elapsed, landed = timed_get(reader, keys, mid_transfer(reader, fault))
+    assert landed < CHUNKS, "the get was over before the fault"
+    assert count < CHUNKS, "the fault landed after the transfer, not during it"
+    assert elapsed <= GET_TIMEOUT_S + SLACK_S
 
 
 def full_get(reader: MeshNode, keys: list[bytes]) -> bool:
@@ -165,16 +186,17 @@ def test_holder_killed_during_a_large_get(holder: Holder, channel: str) -> None:
     keys = hand_chunks_to(holder, channel)
     reader = node("reader", channel, holder)
     try:
-        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=30)  # pointers must arrive
-        count, elapsed, _ = timed_get(
-            reader, keys, lambda: (time.sleep(0.05), holder.signal(signal.SIGKILL))
-        )
-        assert count <= CHUNKS and elapsed <= GET_TIMEOUT_S + SLACK_S
+        wait_until(
+            "the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 30
+        )  # pointers must arrive
+        cut_short_mid_transfer(reader, keys, lambda: holder.signal(signal.SIGKILL))
         holder.proc.wait(10)
         holder.start()  # the same instance id, a new boot
-        wait_for(lambda: reader.membership.peer("holder/0") is not None, timeout_s=30)
+        wait_until(
+            "the restarted holder known", lambda: reader.membership.peer("holder/0") is not None, 30
+        )
         again = hand_chunks_to(holder, channel, count=4)
-        wait_for(lambda: reader.lookup(again) == 4, timeout_s=10)
+        wait_until("the reader finds the new chunks", lambda: reader.lookup(again) == 4, 10)
         with reader.get(again, CHUNK_BYTES) as lease:
             assert lease.count == 4
     finally:
@@ -185,16 +207,13 @@ def test_holder_frozen_during_a_get_then_resumed(holder: Holder, channel: str) -
     keys = hand_chunks_to(holder, channel)
     reader = node("reader", channel, holder)
     try:
-        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=30)
-        count, elapsed, _ = timed_get(
-            reader, keys, lambda: (time.sleep(0.05), holder.signal(signal.SIGSTOP))
-        )
-        assert count <= CHUNKS and elapsed <= GET_TIMEOUT_S + SLACK_S
+        wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 30)
+        cut_short_mid_transfer(reader, keys, lambda: holder.signal(signal.SIGSTOP))
         holder.signal(signal.SIGCONT)
-        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=40)
+        wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 40)
         # The frozen get's unanswered slots stay reserved until its deadline + 1 s (a thawed
         # holder may still write into them), so the same keys miss until then, then load.
-        wait_for(lambda: full_get(reader, keys), timeout_s=GET_TIMEOUT_S + 10)
+        wait_until("a full get", lambda: full_get(reader, keys), GET_TIMEOUT_S + 10)
     finally:
         reader.stop(leave=False)
 
@@ -211,18 +230,20 @@ def test_gets_a_frozen_holder_reads_after_the_reader_gave_up_write_nothing(
     keys = hand_chunks_to(holder, channel)
     reader = node("reader", channel, holder)
     try:
-        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=30)
+        wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 30)
         reader.get(keys[:1], CHUNK_BYTES).release()  # the handshake: the holder may write here
         holder.signal(signal.SIGSTOP)
         with reader.get(keys[1:], CHUNK_BYTES, timeout_s=GET_TIMEOUT_S) as lease:
             assert lease.count == 0  # every request queues at the frozen holder
-        wait_for(lambda: reader.store.stats().reserved == 0, timeout_s=GET_TIMEOUT_S + 5)
+        wait_until(
+            "no slot left reserved", lambda: reader.store.stats().reserved == 0, GET_TIMEOUT_S + 5
+        )
         fill = keys_for(reader.store.stats().budget_bytes // CHUNK_BYTES, salt="fill")
         assert reader.put(fill, [chunk(k, CHUNK_BYTES) for k in fill]) == len(fill)
         holder.signal(signal.SIGCONT)
         # This thread's requests share one connection, read in order: once the holder answers
         # a lookup, it has handled every get queued before it (a cma WRITE ends in its post).
-        wait_for(lambda: reader.lookup(keys) == CHUNKS, timeout_s=40)
+        wait_until("the reader finds every chunk", lambda: reader.lookup(keys) == CHUNKS, 40)
         with reader.get(fill, CHUNK_BYTES, timeout_s=15) as lease:  # local: checked again
             assert lease.count == len(fill), "a late write corrupted a reused slot"
             assert all(
@@ -279,7 +300,10 @@ def test_bad_input_on_the_data_port_is_refused_and_counted(holder: Holder, chann
         ]
         for frame in bad_frames:
             sock.send(frame)
-        wait_for(lambda: sum(v for k, v in member.server.stats.items() if "drop" in k) >= 6)
+        wait_until(
+            "six frames dropped",
+            lambda: sum(v for k, v in member.server.stats.items() if "drop" in k) >= 6,
+        )
         # the member keeps serving: a real put and lookup still work
         member.put([key], [chunk(key, 4096)])
         assert member.lookup([key]) == 1

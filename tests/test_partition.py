@@ -18,8 +18,6 @@ returned a wrong byte.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,15 +27,10 @@ from typing import Any
 import pytest
 
 from tests.netns import Lab, why_no_loss, why_not_available
+from tools import chaos
 
 pytestmark = pytest.mark.processes
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-spec = importlib.util.spec_from_file_location("meshkv_chaos", TOOLS / "chaos.py")
-chaos = sys.modules.get("meshkv_chaos") or importlib.util.module_from_spec(spec)
-if "meshkv_chaos" not in sys.modules:
-    sys.modules["meshkv_chaos"] = chaos
-    spec.loader.exec_module(chaos)
 
 SIDES = {"a": ("a0", "a1"), "b": ("b0", "b1")}
 SUBNET = "10.213.0"

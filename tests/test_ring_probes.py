@@ -12,16 +12,9 @@ from meshkv.ring.probes import (
     probe_positions,
     probe_positions_of,
 )
+from tests.test_ring import fmix64
 
 MASK_64 = 2**64 - 1
-
-
-def fmix64(k: int) -> int:
-    k ^= k >> 33
-    k = (k * 0xFF51AFD7ED558CCD) & MASK_64
-    k ^= k >> 33
-    k = (k * 0xC4CEB9FE1A85EC53) & MASK_64
-    return k ^ (k >> 33)
 
 
 @given(st.lists(st.integers(0, MASK_64), min_size=1, max_size=40), st.integers(1, MAX_PROBES))

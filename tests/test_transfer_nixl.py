@@ -29,6 +29,7 @@ from meshkv.dataplane.messages import SlotRef
 from meshkv.errors import ProtocolError, TransportError
 from meshkv.store import ChunkStore, Slot, chunk_checksum
 from meshkv.transfer import SegmentInfo
+from tools.bench.common import ucx_env
 
 pytestmark = [
     pytest.mark.nixl,
@@ -48,20 +49,12 @@ SLACK_S = 0.5
 """How far past its deadline a write may return (one post on a busy 2-core machine)."""
 
 
-def ucx_env(transport: str) -> dict[str, str]:
-    env = dict(os.environ, UCX_NET_DEVICES="lo")
-    env.pop("UCX_TLS", None)
-    if transport == "tcp":
-        env["UCX_TLS"] = "tcp"
-    return env
-
-
 class Peer:
     """A member process with its own store and NIXL agent; killed by PID when done."""
 
     def __init__(self, transport: str, budget_mib: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "peer", str(budget_mib)],
+            [sys.executable, "-m", "tests.test_transfer_nixl", "peer", str(budget_mib)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=ucx_env(transport),

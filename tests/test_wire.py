@@ -1,14 +1,27 @@
-"""The frame envelope: versions, bounds, authentication, replay, garbage."""
+"""The frame envelope (versions, bounds, authentication, replay, garbage) and the message
+mechanism (fields checked when built and when decoded)."""
 
 import contextlib
 import os
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshkv.errors import ProtocolError, UsageError
-from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require, require_list
+from meshkv.wire import (
+    AuthPolicy,
+    FrameCodec,
+    InvalidField,
+    MessageSet,
+    Protocol,
+    WireMessage,
+    wire_field,
+)
+from meshkv.wire_fields import Flag, Items, Text, UInt
 
 SECRET = "s" * 16
 NEW_SECRET = "n" * 16
@@ -108,15 +121,68 @@ def test_replay_cache_is_bounded() -> None:
     assert len(c._seen_nonces) <= 8
 
 
-def test_field_helpers_validate() -> None:
-    fields = {"n": 3, "flag": True, "keys": [b"a", b"b"]}
-    assert require(fields, "n", int) == 3
-    assert require_list(fields, "keys", bytes, 4) == [b"a", b"b"]
-    for call in (
-        lambda: require(fields, "flag", int),  # a bool is not an int on the wire
-        lambda: require(fields, "missing", int),
-        lambda: require_list(fields, "keys", bytes, 1),
-        lambda: require_list(fields, "keys", int, 4),
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Probe(WireMessage):
+    TYPE: ClassVar[IntEnum] = IntEnum("ProbeType", "PROBE").PROBE
+    count: int = wire_field("n", UInt(10), "a small count")
+    flag: bool = wire_field("f", Flag(), "a flag")
+    names: list[str] = wire_field("names", Items(Text(4), 2), "up to two short names")
+
+    def validate(self) -> None:
+        if self.flag and not self.names:
+            raise InvalidField("malformed", "a flag needs a name")
+
+
+PROBES = MessageSet(Protocol.GOSSIP, {1: "first"}, [_Probe])
+
+
+def test_a_message_is_checked_field_by_field_when_built() -> None:
+    assert _Probe(count=3, flag=True, names=["ab"]).to_fields() == {
+        "n": 3, "f": True, "names": ["ab"]
+    }  # fmt: skip
+    for bad in (
+        {"count": True, "flag": False, "names": []},  # a bool is not an int
+        {"count": 11, "flag": False, "names": []},
+        {"count": 1, "flag": 1, "names": []},
+        {"count": 1, "flag": False, "names": ["toolong"]},
+        {"count": 1, "flag": False, "names": ("a",)},
+        {"count": 1, "flag": True, "names": []},  # the rule across fields
     ):
-        with pytest.raises(ProtocolError):
-            call()
+        with pytest.raises(UsageError):
+            _Probe(**bad)
+    with pytest.raises(InvalidField) as info:
+        _Probe(count=1, flag=False, names=["a", "b", "c"])
+    assert info.value.reason == "too_many"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"n": 1, "f": False}, "malformed"),  # a field missing
+        ({"n": True, "f": False, "names": []}, "malformed"),
+        ({"n": 1, "f": False, "names": "ab"}, "malformed"),
+        ({"n": 1, "f": False, "names": ["a", "b", "c"]}, "too_many"),
+        ({"n": 1, "f": True, "names": []}, "malformed"),
+    ],
+)
+def test_a_decoded_message_is_refused_with_the_label_of_its_first_defect(
+    fields: dict, reason: str
+) -> None:
+    codec = PROBES.codec(1024)
+    with pytest.raises(ProtocolError) as info:
+        PROBES.decode(codec, codec.encode(1, fields))
+    assert info.value.reason == reason
+    with pytest.raises(ProtocolError) as info:
+        PROBES.decode(codec, codec.encode(1, {"n": 1, "f": False, "names": []}), [b"x"])
+    assert info.value.reason == "malformed"  # it carries no attachments
+    with pytest.raises(ProtocolError) as info:
+        PROBES.decode(codec, codec.encode(2, {}))
+    assert info.value.reason == "unknown_type"
+
+
+def test_a_message_set_has_one_version_history_and_unique_type_ids() -> None:
+    assert PROBES.version == 1 and PROBES.codec(64).version == 1
+    with pytest.raises(UsageError):
+        MessageSet(Protocol.GOSSIP, {1: "first", 3: "skipped a number"}, [_Probe])
+    with pytest.raises(UsageError):
+        MessageSet(Protocol.GOSSIP, {1: "first"}, [_Probe, _Probe])

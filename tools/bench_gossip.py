@@ -25,9 +25,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState
 from meshkv.gossip.simnet import NetworkFaults, SimNet
+from tools.bench.common import percentile
 
 TARGETS = {
     "crash_p50_s": 2.0,  # at 64 members
@@ -85,11 +89,6 @@ def everyone_has(sim: SimNet, subject: str, incarnation: int) -> Callable[[], bo
     return lambda: all(views[o][subject][2] >= incarnation for o in sim.up_names() if o != subject)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def measure_size(n: int, seeds: list[int], crashes: int, joins: int, config: GossipConfig) -> dict:
     crash_s: list[float] = []
     join_s: list[float] = []
@@ -125,12 +124,12 @@ def measure_size(n: int, seeds: list[int], crashes: int, joins: int, config: Gos
         "members": n,
         "seeds": seeds,
         "crash_samples": len(crash_s),
-        "crash_p50_s": percentile(crash_s, 0.5),
-        "crash_p99_s": percentile(crash_s, 0.99),
+        "crash_p50_s": percentile(sorted(crash_s), 0.5),
+        "crash_p99_s": percentile(sorted(crash_s), 0.99),
         "crash_max_s": max(crash_s),
-        "join_p50_s": percentile(join_s, 0.5),
+        "join_p50_s": percentile(sorted(join_s), 0.5),
         "join_max_s": max(join_s),
-        "change_p50_s": percentile(change_s, 0.5),
+        "change_p50_s": percentile(sorted(change_s), 0.5),
         "change_max_s": max(change_s),
         "msgs_per_member_s": statistics.mean(rates),
         "wall_s": time.monotonic() - wall_start,

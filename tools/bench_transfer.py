@@ -72,6 +72,9 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from meshkv.config import MeshConfig
 from meshkv.node import MeshNode, fetch
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
@@ -79,6 +82,7 @@ from meshkv.store import Region, SegmentPool, chunk_checksum, segment_sizes
 from meshkv.store import Slot as StoreSlot
 from meshkv.transfer import SegmentInfo
 from meshkv.transfer.nixl_channel import NixlChannel
+from tools.bench.common import ucx_env
 
 KIB, MIB = 1 << 10, 1 << 20
 CHUNK_SIZES = (256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 32 * MIB)
@@ -122,15 +126,6 @@ def batches_in_turn(chunk_bytes: int, count: int, span_bytes: int) -> Iterator[l
     fit = max(1, span_bytes // (chunk_bytes * count))
     for k in itertools.count():
         yield layout(chunk_bytes, count, first=(k % fit) * count)
-
-
-def ucx_env(transport: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("UCX_NET_DEVICES", "lo")
-    env.pop("UCX_TLS", None)
-    if transport == "tcp":
-        env["UCX_TLS"] = "tcp"
-    return env
 
 
 class Target:

@@ -32,7 +32,6 @@ import queue
 import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,9 @@ from typing import Any
 import numpy as np
 import zmq
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from meshkv.config import MeshConfig
 from meshkv.dataplane import messages as dm
 from meshkv.errors import TransportError
@@ -59,6 +61,7 @@ from meshkv.gossip.runner import query_members
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.wire import MAGIC, AuthPolicy
+from tools.bench.common import free_ports
 
 NAMESPACE = "c4" * 16
 """The clients' namespace label (storage members serve every namespace)."""
@@ -227,17 +230,6 @@ def check_read(
 
 
 # --- member processes -----------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass

@@ -10,35 +10,48 @@ Bulk bytes travel by NIXL WRITE from the side that holds them, into slots named 
 ``SlotRef`` (segment id, offset). With ``transfer_channel: tcp`` they travel in ``payloads``
 instead, as frames of their own after the message's frame: no codec copies them.
 
-This module owns type ids, fields and their validation, nothing else.
+Every message is a `meshkv.wire.WireMessage`: fields declared once (wire key, kind, meaning),
+checked when built and when decoded; `MESSAGES` holds the version history and type ids. This
+module owns type ids, fields and their validation, nothing else.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from meshkv.errors import ProtocolError, UsageError
 from meshkv.keys import KEY_BYTES
 from meshkv.transfer.channel import SegmentInfo
-from meshkv.wire import AuthPolicy, Buffer, FrameCodec, Protocol, require, require_list
+from meshkv.wire import (
+    AuthPolicy,
+    Buffer,
+    FrameCodec,
+    InvalidField,
+    MessageSet,
+    Protocol,
+    WireMessage,
+    wire_field,
+)
+from meshkv.wire_fields import Attachments, Blob, Items, Nullable, PackedBlobs, Record, Text, UInt
 
-VERSION = 5
-"""Data-plane protocol version. Bump on any incompatible change and list it here:
-1 - first version;
-2 - ``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and a
-    lookup reply says how many leading keys the responder holds (``held``) plus ``pointers``
-    for the keys after those, instead of one holder name per key;
-3 - ``payloads`` (tcp channel: get replies and puts) travel as ZMQ frames after the message's
-    frame (attachments, see `meshkv.wire`), not inside its msgpack body;
-4 - a get may ask for one piece of one chunk (``offset``, ``nbytes``), so that a reader can
-    check a large chunk piece by piece while the rest is still on its way;
-5 - a get carries ``sent_ms``, the requester's clock when it sent it, so that a holder that
-    reads it late (it was frozen, or its queue was long) refuses it once the requester has
-    given up, rather than write into slots the requester may have reused."""
+VERSION_HISTORY = {
+    1: "first version",
+    2: "``keys`` travel packed (one bytes field of n x KEY_BYTES, not a list of n bytes), and "
+    "a lookup reply says how many leading keys the responder holds (``held``) plus "
+    "``pointers`` for the keys after those, instead of one holder name per key",
+    3: "``payloads`` (tcp channel: get replies and puts) travel as ZMQ frames after the "
+    "message's frame (attachments, see `meshkv.wire`), not inside its msgpack body",
+    4: "a get may ask for one piece of one chunk (``offset``, ``nbytes``), so that a reader "
+    "can check a large chunk piece by piece while the rest is still on its way",
+    5: "a get carries ``sent_ms``, the requester's clock when it sent it, so that a holder "
+    "that reads it late (it was frozen, or its queue was long) refuses it once the requester "
+    "has given up, rather than write into slots the requester may have reused",
+}
+"""What each data-plane protocol version changed. Append on any incompatible change; never
+edit an entry."""
 
 MAX_KEYS = 4096
 """Keys in one request (4,096 chunks of 256 tokens = 1M tokens of prompt)."""
@@ -58,7 +71,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class DataType(IntEnum):
+class MessageType(IntEnum):
     """Message type ids. Append only; never renumber."""
 
     HELLO = 1
@@ -75,71 +88,6 @@ class DataType(IntEnum):
     ERROR = 12
 
 
-def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCodec:
-    return FrameCodec(Protocol.DATA, VERSION, max_frame_bytes=max_frame_bytes, auth=auth)
-
-
-def _plain(message: Any) -> dict[str, Any]:
-    """A message's fields as a map, without copying the values; a ``keys`` list goes packed
-    (see `_keys`), and ``payloads`` are left out (they travel as attachments: `encode_frames`)."""
-    out = {f.name: getattr(message, f.name) for f in fields(message) if f.name != "payloads"}
-    if "keys" in out:
-        out["keys"] = b"".join(out["keys"])
-    return out
-
-
-def _keys(fields: dict[str, Any], name: str = "keys") -> list[bytes]:
-    """Keys travel as one bytes field, n x KEY_BYTES: one msgpack item to check, not n."""
-    packed = require(fields, name, bytes)
-    if len(packed) % KEY_BYTES:
-        raise ProtocolError("malformed", f"{name!r} is not a whole number of {KEY_BYTES}-byte keys")
-    if len(packed) > MAX_KEYS * KEY_BYTES:
-        raise ProtocolError("too_many", f"field {name!r} has {len(packed) // KEY_BYTES} keys")
-    return [packed[i : i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
-
-
-def _name(fields: dict[str, Any], name: str) -> str:
-    value = require(fields, name, str)
-    if not 0 < len(value) <= MAX_NAME_CHARS:
-        raise ProtocolError("malformed", f"field {name!r} length {len(value)}")
-    return value
-
-
-def _uint(fields: dict[str, Any], name: str, bits: int = 64) -> int:
-    value = require(fields, name, int)
-    if not 0 <= value < 1 << bits:
-        raise ProtocolError("malformed", f"field {name!r} out of range")
-    return value
-
-
-def _slots(fields: dict[str, Any], name: str, allow_none: bool) -> list[SlotRef | None]:
-    raw = require(fields, name, list)
-    if len(raw) > MAX_KEYS:
-        raise ProtocolError("too_many", f"field {name!r} has {len(raw)} items")
-    out: list[SlotRef | None] = []
-    for item in raw:
-        if item is None and allow_none:
-            out.append(None)
-        elif (
-            isinstance(item, list)
-            and len(item) == 2
-            and all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in item
-            )
-        ):
-            out.append(SlotRef(segment=item[0], offset=item[1]))
-        else:
-            raise ProtocolError("malformed", f"bad slot reference in {name!r}")
-    return out
-
-
-def _checksums(fields: dict[str, Any], name: str = "checksums") -> list[bytes]:
-    sums = require_list(fields, name, bytes, MAX_KEYS)
-    if any(len(s) > MAX_CHECKSUM_BYTES for s in sums):
-        raise ProtocolError("malformed", "checksum too long")
-    return sums
-
-
 @dataclass(frozen=True, slots=True)
 class SlotRef:
     """Where one chunk lives in a member's store: a registered segment and an offset in it."""
@@ -147,107 +95,68 @@ class SlotRef:
     segment: int
     offset: int
 
-    def wire(self) -> list[int]:
-        return [self.segment, self.offset]
+
+REQ = UInt(2**64 - 1)
+EPOCH = UInt(2**64 - 1)
+COUNT = UInt(2**32 - 1)
+MILLIS = UInt(2**48 - 1)
+NAME = Text(MAX_NAME_CHARS)
+KEYS = PackedBlobs(KEY_BYTES, MAX_KEYS)
+CHECKSUMS = Items(Blob(MAX_CHECKSUM_BYTES, reason="malformed"), MAX_KEYS)
+SLOT = Record(SlotRef, ("segment", "offset"), 2**48 - 1)
+SEGMENT = Record(SegmentInfo, ("segment", "address", "nbytes"), 2**64 - 1)
+PAYLOADS = Attachments()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Hello:
+class Hello(WireMessage):
     """First contact: who I am and how to write into my memory (sent both ways, once)."""
 
-    TYPE: ClassVar[DataType] = DataType.HELLO
-    req: int
-    sender: str  # member name "instance/rank"
-    nonce: int  # sender's boot nonce: a new one means a new NIXL agent
-    channel: str  # "nixl" or "tcp"
-    agent: bytes  # NIXL agent metadata (empty for tcp)
-    segments: list[SegmentInfo] = field(default_factory=list)
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "req": self.req,
-            "sender": self.sender,
-            "nonce": self.nonce,
-            "channel": self.channel,
-            "agent": self.agent,
-            "segments": [[s.segment, s.address, s.nbytes] for s in self.segments],
-        }
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Hello:
-        channel = require(f, "channel", str)
-        if channel not in ("nixl", "tcp"):
-            raise ProtocolError("malformed", f"unknown channel {channel!r}")
-        agent = require(f, "agent", bytes)
-        if len(agent) > MAX_AGENT_METADATA_BYTES:
-            raise ProtocolError("too_large", "agent metadata")
-        raw = require(f, "segments", list)
-        if len(raw) > MAX_SEGMENTS:
-            raise ProtocolError("too_many", "segments")
-        segments = []
-        for item in raw:
-            if not (
-                isinstance(item, list)
-                and len(item) == 3
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item)
-            ):
-                raise ProtocolError("malformed", "bad segment")
-            segments.append(SegmentInfo(segment=item[0], address=item[1], nbytes=item[2]))
-        return cls(
-            req=_uint(f, "req"),
-            sender=_name(f, "sender"),
-            nonce=_uint(f, "nonce"),
-            channel=channel,
-            agent=agent,
-            segments=segments,
-        )
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    req: int = wire_field("req", REQ, "request id, echoed by the reply")
+    sender: str = wire_field("sender", NAME, 'member name "instance/rank"')
+    nonce: int = wire_field("nonce", UInt(2**64 - 1), "boot nonce: a new one, a new NIXL agent")
+    channel: str = wire_field("channel", Text(4, choices=("nixl", "tcp")), '"nixl" or "tcp"')
+    agent: bytes = wire_field(
+        "agent", Blob(MAX_AGENT_METADATA_BYTES), "NIXL agent metadata (empty for tcp)"
+    )
+    segments: list[SegmentInfo] = wire_field(
+        "segments", Items(SEGMENT, MAX_SEGMENTS), "registered segments", default_factory=list
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply(Hello):
-    TYPE: ClassVar[DataType] = DataType.HELLO_REPLY
+    TYPE: ClassVar[MessageType] = MessageType.HELLO_REPLY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Lookup:
+class Lookup(WireMessage):
     """Which of these keys (a prefix chain) do you hold or know a holder of?"""
 
-    TYPE: ClassVar[DataType] = DataType.LOOKUP
-    req: int
-    epoch: int
-    keys: list[bytes]
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Lookup:
-        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), keys=_keys(f))
+    TYPE: ClassVar[MessageType] = MessageType.LOOKUP
+    req: int = wire_field("req", REQ, "request id, echoed by the reply")
+    epoch: int = wire_field("epoch", EPOCH, "the sender's ring epoch")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys, in prefix order")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LookupReply:
+class LookupReply(WireMessage):
     """The responder holds the first ``held`` keys; ``pointers[i]`` names a member known to
     hold key ``held + i``. The answer stops at the first key with neither."""
 
-    TYPE: ClassVar[DataType] = DataType.LOOKUP_REPLY
-    req: int
-    epoch: int
-    held: int
-    pointers: list[str] = field(default_factory=list)
+    TYPE: ClassVar[MessageType] = MessageType.LOOKUP_REPLY
+    req: int = wire_field("req", REQ, "the lookup's request id")
+    epoch: int = wire_field("epoch", EPOCH, "the responder's ring epoch")
+    held: int = wire_field("held", COUNT, "leading keys the responder holds")
+    pointers: list[str] = wire_field(
+        "pointers", Items(NAME, MAX_KEYS), "holders of the keys after those",
+        default_factory=list,
+    )  # fmt: skip
 
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> LookupReply:
-        pointers = require_list(f, "pointers", str, MAX_KEYS)
-        if any(not 0 < len(h) <= MAX_NAME_CHARS for h in pointers):
-            raise ProtocolError("malformed", "bad holder name")
-        held = _uint(f, "held", 32)
-        if held + len(pointers) > MAX_KEYS:
-            raise ProtocolError("too_many", "held and pointers name more keys than a request")
-        return cls(req=_uint(f, "req"), epoch=_uint(f, "epoch"), held=held, pointers=pointers)
+    def validate(self) -> None:
+        if self.held + len(self.pointers) > MAX_KEYS:
+            raise InvalidField("too_many", "held and pointers name more keys than a request")
 
     def holders(self, responder: str) -> list[str]:
         """The holder of each leading key, ``responder`` being the member that answered."""
@@ -255,59 +164,37 @@ class LookupReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Get:
+class Get(WireMessage):
     """Write the leading keys you hold into my ``dest`` slots (nixl) or inline (tcp).
 
     With ``nbytes`` > 0 it asks for one piece of one key's chunk: its bytes [``offset``,
     ``offset + nbytes``), written at ``dest[0]`` (the piece's own destination, not the slot's).
     """
 
-    TYPE: ClassVar[DataType] = DataType.GET
-    req: int
-    epoch: int
-    sender: str  # the requester's member name: whose NIXL agent to write into
-    keys: list[bytes]
-    dest: list[SlotRef]  # one per key for nixl; empty for tcp
-    budget_ms: int  # time the requester still waits; the holder gives up past it
-    sent_ms: int  # the requester's `wall_clock_ms` when it sent this (see `time_left_s`)
-    offset: int = 0
-    nbytes: int = 0  # 0: whole chunks
+    TYPE: ClassVar[MessageType] = MessageType.GET
+    req: int = wire_field("req", REQ, "request id, echoed by the reply")
+    epoch: int = wire_field("epoch", EPOCH, "the sender's ring epoch")
+    sender: str = wire_field("sender", NAME, "the requester: whose NIXL agent to write into")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys, in prefix order")
+    dest: list[SlotRef] = wire_field(
+        "dest", Items(SLOT, MAX_KEYS), "one slot per key for nixl; empty for tcp"
+    )
+    budget_ms: int = wire_field(
+        "budget_ms", UInt(2**32 - 1), "time the requester still waits; the holder gives up past it"
+    )
+    sent_ms: int = wire_field(
+        "sent_ms", MILLIS, "the requester's `wall_clock_ms` when it sent this (`time_left_s`)"
+    )
+    offset: int = wire_field("offset", MILLIS, "the piece's first byte in its chunk", default=0)
+    nbytes: int = wire_field("nbytes", MILLIS, "the piece's length; 0: whole chunks", default=0)
 
-    def fields(self) -> dict[str, Any]:
-        return {
-            "req": self.req,
-            "epoch": self.epoch,
-            "sender": self.sender,
-            "keys": b"".join(self.keys),
-            "dest": [d.wire() for d in self.dest],
-            "budget_ms": self.budget_ms,
-            "sent_ms": self.sent_ms,
-            "offset": self.offset,
-            "nbytes": self.nbytes,
-        }
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Get:
-        keys = _keys(f)
-        dest = [d for d in _slots(f, "dest", allow_none=False) if d is not None]
-        if dest and len(dest) != len(keys):
-            raise ProtocolError("malformed", "dest and keys differ in length")
-        offset, nbytes = _uint(f, "offset", 48), _uint(f, "nbytes", 48)
-        if nbytes and len(keys) != 1:
-            raise ProtocolError("malformed", "a piece is of exactly one key's chunk")
-        if offset and not nbytes:
-            raise ProtocolError("malformed", "an offset without a piece length")
-        return cls(
-            req=_uint(f, "req"),
-            epoch=_uint(f, "epoch"),
-            sender=_name(f, "sender"),
-            keys=keys,
-            dest=dest,
-            budget_ms=_uint(f, "budget_ms", 32),
-            sent_ms=_uint(f, "sent_ms", 48),
-            offset=offset,
-            nbytes=nbytes,
-        )
+    def validate(self) -> None:
+        if self.dest and len(self.dest) != len(self.keys):
+            raise InvalidField("malformed", "dest and keys differ in length")
+        if self.nbytes and len(self.keys) != 1:
+            raise InvalidField("malformed", "a piece is of exactly one key's chunk")
+        if self.offset and not self.nbytes:
+            raise InvalidField("malformed", "an offset without a piece length")
 
     def time_left_s(self, now_ms: int) -> float:
         """Seconds the holder may still spend on this get, ``now_ms`` being its own clock:
@@ -325,160 +212,98 @@ class Get:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetReply:
+class GetReply(WireMessage):
     """The first ``len(checksums)`` keys were written (or are in ``payloads``, tcp).
 
     ``payloads`` travel as attachments: a holder's pinned slots on the way out, views of the
     received frames on the way in.
     """
 
-    TYPE: ClassVar[DataType] = DataType.GET_REPLY
-    req: int
-    checksums: list[bytes]
-    payloads: Sequence[Buffer] = field(default_factory=list)
+    TYPE: ClassVar[MessageType] = MessageType.GET_REPLY
+    req: int = wire_field("req", REQ, "the get's request id")
+    checksums: list[bytes] = wire_field("checksums", CHECKSUMS, "one per key written")
+    payloads: Sequence[Buffer] = wire_field(
+        "payloads", PAYLOADS, "tcp: the chunks' bytes", default_factory=list
+    )
 
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> GetReply:
-        sums = _checksums(f)
-        if attachments and len(attachments) != len(sums):
-            raise ProtocolError("malformed", "payloads and checksums differ in length")
-        return cls(req=_uint(f, "req"), checksums=sums, payloads=list(attachments))
+    def validate(self) -> None:
+        if self.payloads and len(self.payloads) != len(self.checksums):
+            raise InvalidField("malformed", "payloads and checksums differ in length")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Put:
+class Put(WireMessage):
     """I produced these chunks; reserve slots for the ones you lack (nixl), or take them (tcp)."""
 
-    TYPE: ClassVar[DataType] = DataType.PUT
-    req: int
-    epoch: int
-    keys: list[bytes]
-    chunk_bytes: int
-    checksums: list[bytes] = field(default_factory=list)  # tcp only, with payloads
-    payloads: Sequence[Buffer] = field(default_factory=list)  # attachments, as in GetReply
+    TYPE: ClassVar[MessageType] = MessageType.PUT
+    req: int = wire_field("req", REQ, "request id, echoed by the reply")
+    epoch: int = wire_field("epoch", EPOCH, "the sender's ring epoch")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys")
+    chunk_bytes: int = wire_field("chunk_bytes", UInt(2**40 - 1), "bytes of every chunk")
+    checksums: list[bytes] = wire_field(
+        "checksums", CHECKSUMS, "tcp only, with payloads", default_factory=list
+    )
+    payloads: Sequence[Buffer] = wire_field(
+        "payloads", PAYLOADS, "tcp: the chunks' bytes", default_factory=list
+    )
 
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any], attachments: Sequence[Buffer] = ()) -> Put:
-        keys = _keys(f)
-        sums = _checksums(f)
-        payloads = list(attachments)
-        if payloads and not len(payloads) == len(sums) == len(keys):
-            raise ProtocolError("malformed", "payloads, checksums and keys differ in length")
-        return cls(
-            req=_uint(f, "req"),
-            epoch=_uint(f, "epoch"),
-            keys=keys,
-            chunk_bytes=_uint(f, "chunk_bytes", 40),
-            checksums=sums,
-            payloads=payloads,
-        )
+    def validate(self) -> None:
+        if self.payloads and not len(self.payloads) == len(self.checksums) == len(self.keys):
+            raise InvalidField("malformed", "payloads, checksums and keys differ in length")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PutReply:
+class PutReply(WireMessage):
     """nixl: a reserved slot per key (None: already held or no room). tcp: ``stored`` count."""
 
-    TYPE: ClassVar[DataType] = DataType.PUT_REPLY
-    req: int
-    epoch: int
-    slots: list[SlotRef | None]
-    stored: int = 0
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "req": self.req,
-            "epoch": self.epoch,
-            "slots": [s.wire() if s else None for s in self.slots],
-            "stored": self.stored,
-        }
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> PutReply:
-        return cls(
-            req=_uint(f, "req"),
-            epoch=_uint(f, "epoch"),
-            slots=_slots(f, "slots", allow_none=True),
-            stored=_uint(f, "stored", 32),
-        )
+    TYPE: ClassVar[MessageType] = MessageType.PUT_REPLY
+    req: int = wire_field("req", REQ, "the put's request id")
+    epoch: int = wire_field("epoch", EPOCH, "the responder's ring epoch")
+    slots: list[SlotRef | None] = wire_field(
+        "slots", Items(Nullable(SLOT), MAX_KEYS), "nixl: where to write each key"
+    )
+    stored: int = wire_field("stored", COUNT, "tcp: chunks stored", default=0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Commit:
+class Commit(WireMessage):
     """The bytes for these keys are in the slots you reserved; here are their checksums."""
 
-    TYPE: ClassVar[DataType] = DataType.COMMIT
-    req: int
-    keys: list[bytes]
-    checksums: list[bytes]
+    TYPE: ClassVar[MessageType] = MessageType.COMMIT
+    req: int = wire_field("req", REQ, "request id, echoed by the reply")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys written")
+    checksums: list[bytes] = wire_field("checksums", CHECKSUMS, "one per key")
 
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Commit:
-        keys, sums = _keys(f), _checksums(f)
-        if len(keys) != len(sums):
-            raise ProtocolError("malformed", "keys and checksums differ in length")
-        return cls(req=_uint(f, "req"), keys=keys, checksums=sums)
+    def validate(self) -> None:
+        if len(self.keys) != len(self.checksums):
+            raise InvalidField("malformed", "keys and checksums differ in length")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CommitReply:
-    TYPE: ClassVar[DataType] = DataType.COMMIT_REPLY
-    req: int
-    stored: int
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> CommitReply:
-        return cls(req=_uint(f, "req"), stored=_uint(f, "stored", 32))
+class CommitReply(WireMessage):
+    TYPE: ClassVar[MessageType] = MessageType.COMMIT_REPLY
+    req: int = wire_field("req", REQ, "the commit's request id")
+    stored: int = wire_field("stored", COUNT, "chunks stored")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HeldAt:
+class HeldAt(WireMessage):
     """One-way: ``holder`` keeps these keys; answer lookups with it (no bytes moved)."""
 
-    TYPE: ClassVar[DataType] = DataType.HELD_AT
-    req: int
-    epoch: int
-    keys: list[bytes]
-    holder: str
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> HeldAt:
-        return cls(
-            req=_uint(f, "req"), epoch=_uint(f, "epoch"), keys=_keys(f), holder=_name(f, "holder")
-        )
+    TYPE: ClassVar[MessageType] = MessageType.HELD_AT
+    req: int = wire_field("req", REQ, "request id (no reply)")
+    epoch: int = wire_field("epoch", EPOCH, "the sender's ring epoch")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys held")
+    holder: str = wire_field("holder", NAME, "the member that holds them")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Error:
+class Error(WireMessage):
     """The request ``req`` was refused; ``reason`` is a short label (e.g. "not_home")."""
 
-    TYPE: ClassVar[DataType] = DataType.ERROR
-    req: int
-    reason: str
-
-    def fields(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def parse(cls, f: dict[str, Any]) -> Error:
-        reason = require(f, "reason", str)
-        if len(reason) > MAX_REASON_CHARS:
-            raise ProtocolError("malformed", "reason too long")
-        return cls(req=_uint(f, "req"), reason=reason)
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    req: int = wire_field("req", REQ, "the refused request's id")
+    reason: str = wire_field("reason", Text(MAX_REASON_CHARS, empty_ok=True), "a short label")
 
 
 Message = (
@@ -495,53 +320,31 @@ Message = (
     | HeldAt
     | Error
 )
-_PARSERS: dict[int, Any] = {
-    m.TYPE: m
-    for m in (
-        Hello,
-        HelloReply,
-        Lookup,
-        LookupReply,
-        Get,
-        GetReply,
-        Put,
-        PutReply,
-        Commit,
-        CommitReply,
-        HeldAt,
-        Error,
-    )
-}
+MESSAGES = MessageSet(
+    Protocol.DATA,
+    VERSION_HISTORY,
+    [Hello, HelloReply, Lookup, LookupReply, Get, GetReply, Put, PutReply, Commit, CommitReply,
+     HeldAt, Error],
+)  # fmt: skip
+VERSION = MESSAGES.version
 
 
-_ATTACHING = (GetReply, Put)
-"""The messages whose ``payloads`` travel as attachments."""
+def make_codec(max_frame_bytes: int, auth: AuthPolicy | None = None) -> FrameCodec:
+    return MESSAGES.codec(max_frame_bytes, auth)
 
 
 def encode(codec: FrameCodec, message: Message) -> bytes:
     """The frame of a message that carries no attachments."""
-    frames = encode_frames(codec, message)
-    if len(frames) != 1:
-        raise UsageError(f"{type(message).__name__} has attachments: use encode_frames")
-    return frames[0]
+    return MESSAGES.encode(codec, message)
 
 
 def encode_frames(codec: FrameCodec, message: Message) -> list[Buffer]:
     """The message's frame, then its attachments (payloads), to send as one multipart
     message."""
-    attachments = list(message.payloads) if isinstance(message, _ATTACHING) else []
-    return [codec.encode(message.TYPE, message.fields(), attachments=attachments), *attachments]
+    return MESSAGES.encode_frames(codec, message)
 
 
 def decode(codec: FrameCodec, frame: Buffer, attachments: Sequence[Buffer] = ()) -> Message:
     """Decodes one message (its frame and the frames after it); raises ProtocolError (counter
     label in ``reason``) on anything bad."""
-    message_type, fields = codec.decode(frame, attachments=attachments)
-    parser = _PARSERS.get(message_type)
-    if parser is None:
-        raise ProtocolError("unknown_type", str(message_type))
-    if parser in _ATTACHING:
-        return parser.parse(fields, attachments)
-    if attachments:
-        raise ProtocolError("malformed", f"{parser.__name__} carries no attachments")
-    return parser.parse(fields)
+    return MESSAGES.decode(codec, frame, attachments)  # type: ignore[no-any-return]

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 
 from meshkv.gossip.member import MemberState
 from meshkv.gossip.messages import MemberRecord
-from meshkv.gossip.updates import Dead, Suspect, Update, trusted
+from meshkv.gossip.updates import Dead, Suspect, Update
+from meshkv.wire import trusted
 
 _SCALE_THRESHOLD_MEMBERS = 32
 

@@ -1,9 +1,10 @@
 """The gossip protocol's messages: type ids, fields, validation, and their frames.
 
-Every message is a frozen, slotted, keyword-only dataclass that validates on construction.
-Frames go through `meshkv.wire.FrameCodec` (protocol GOSSIP, `VERSION`); `decode_message`
-turns any defect (unknown type, missing or mistyped field, out-of-range value, too many items)
-into `ProtocolError`, whose ``reason`` the receiver counts before dropping the frame.
+Every message is a `meshkv.wire.WireMessage`: its fields declared once (wire key, kind,
+meaning), checked when built and when decoded. `MESSAGES` holds the version history and type
+ids; `decode_message` turns any defect (unknown type, missing or mistyped field, out-of-range
+value, too many items) into `ProtocolError`, whose ``reason`` the receiver counts before
+dropping the frame.
 
 Member updates (see `updates`) travel as the encoded blobs their first sender made, in the
 ``updates`` lists of probes and gossip. Full member records travel in ``records`` lists
@@ -17,11 +18,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import msgpack
 
-from meshkv.errors import ProtocolError, UsageError
+from meshkv.errors import UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import (
     MAX_INCARNATION,
@@ -39,15 +40,27 @@ from meshkv.gossip.updates import (
     Update,
     UpdateCache,
     check_identity,
-    trusted,
     update_from_packed,
 )
-from meshkv.wire import AuthPolicy, FrameCodec, Protocol, require
+from meshkv.wire import (
+    AuthPolicy,
+    FieldKind,
+    FrameCodec,
+    InvalidField,
+    MessageSet,
+    Protocol,
+    WireMessage,
+    trusted,
+    wire_field,
+)
+from meshkv.wire_fields import Checked, Flag, Items, UInt
 
-VERSION = 1
-# Protocol version history (bump on any change a peer of the previous version would misread):
-#   1: Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; each update a bin
-#      blob holding its msgpack array.
+VERSION_HISTORY = {
+    1: "Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply; each update a bin "
+    "blob holding its msgpack array.",
+}
+"""What each protocol version changed. Append on any change a peer of the previous version
+would misread; never edit an entry."""
 
 MAX_SEQ = 2**32 - 1
 MAX_UPDATES_PER_FRAME = 256
@@ -66,11 +79,6 @@ class MessageType(enum.IntEnum):
     PUSH_PULL = 6
     STATE_QUERY = 7
     STATE_REPLY = 8
-
-
-def gossip_codec(config: GossipConfig, auth: AuthPolicy | None = None) -> FrameCodec:
-    """The codec every gossip member and client uses: this version, frames <= max_packet_bytes."""
-    return FrameCodec(Protocol.GOSSIP, VERSION, max_frame_bytes=config.max_packet_bytes, auth=auth)
 
 
 def wire_bytes(item: list[Any]) -> int:
@@ -139,300 +147,170 @@ class MemberRecord:
 _RECORD_OVERHEAD_BYTES = 16  # array header, state, incarnation, bin header
 
 
-def _check_items(what: str, items: object, kind: type | tuple[type, ...], bound: int) -> None:
-    if not isinstance(items, tuple) or len(items) > bound:
-        raise UsageError(f"{what} must be a tuple of <= {bound} items")
-    if not all(isinstance(item, kind) for item in items):
-        raise UsageError(f"{what} has an item of the wrong type")
+class _Updates(FieldKind):
+    """Member updates as the encoded blobs their first sender made (see `updates`); decoding
+    goes through the receiver's `UpdateCache` when it has one."""
+
+    __slots__ = ()
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not tuple or len(value) > MAX_UPDATES_PER_FRAME:
+            raise UsageError(f"{name} must be a tuple of <= {MAX_UPDATES_PER_FRAME} items")
+        if not all(isinstance(item, (Alive, Suspect, Dead)) for item in value):
+            raise UsageError(f"{name} has an item of the wrong type")
+
+    def dump(self, value: Any) -> Any:
+        return [u.packed() for u in value]
+
+    def load(self, key: str, raw: Any, context: Any) -> Any:
+        if type(raw) is not list:
+            raise InvalidField("malformed", f"field {key!r} missing or not a list")
+        if len(raw) > MAX_UPDATES_PER_FRAME:
+            raise InvalidField("too_many", f"{len(raw)} updates")
+        cache = cast(UpdateCache | None, context)
+        if cache is None:
+            return tuple(update_from_packed(blob) for blob in raw)
+        return cache.build_all(raw)
 
 
-def _updates_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[Update, ...]:
-    raw = require(fields, "updates", list)
-    if len(raw) > MAX_UPDATES_PER_FRAME:
-        raise ProtocolError("too_many", f"{len(raw)} updates")
+class _Record(FieldKind):
+    """One `MemberRecord`, as its array form."""
 
-    if cache is None:
-        return tuple(update_from_packed(blob) for blob in raw)
-    return cache.build_all(raw)
+    __slots__ = ()
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, MemberRecord):
+            raise UsageError(f"{name} has an item of the wrong type")
+
+    def dump(self, value: Any) -> Any:
+        return value.to_wire()
+
+    def load(self, key: str, raw: Any, context: Any) -> Any:
+        return MemberRecord.from_wire(raw, cast(UpdateCache | None, context))
 
 
-def _records_from(fields: dict[str, Any], cache: UpdateCache | None) -> tuple[MemberRecord, ...]:
-    raw = require(fields, "records", list)
-    if len(raw) > MAX_RECORDS_PER_FRAME:
-        raise ProtocolError("too_many", f"{len(raw)} records")
-    return tuple(MemberRecord.from_wire(item, cache) for item in raw)
+SEQ = UInt(MAX_SEQ)
+NAME = Checked(check_name)
+ADDRESS = Checked(check_address)
+UPDATES = _Updates()
+RECORDS = Items(_Record(), MAX_RECORDS_PER_FRAME, container=tuple)
 
 
 # --------------------------------------------------------------------------------- messages
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Ping:
+class Ping(WireMessage):
     """Are you alive? Sent to ``target``; the ack goes to ``source_address``."""
 
-    seq: int
-    target: str
-    source: str
-    source_address: str
-    updates: tuple[Update, ...] = ()
-
     TYPE: ClassVar[MessageType] = MessageType.PING
-
-    def __post_init__(self) -> None:
-        check_int("seq", self.seq, MAX_SEQ)
-        check_name(self.target)
-        check_name(self.source)
-        check_address(self.source_address)
-        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "target": self.target,
-            "src": self.source,
-            "src_addr": self.source_address,
-            "updates": [u.packed() for u in self.updates],
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Ping:
-        return cls(
-            seq=require(fields, "seq", int),
-            target=require(fields, "target", str),
-            source=require(fields, "src", str),
-            source_address=require(fields, "src_addr", str),
-            updates=_updates_from(fields, cache),
-        )
+    seq: int = wire_field("seq", SEQ, "probe number, echoed by the ack")
+    target: str = wire_field("target", NAME, "the member probed")
+    source: str = wire_field("src", NAME, "the prober")
+    source_address: str = wire_field("src_addr", ADDRESS, "where the ack goes")
+    updates: tuple[Update, ...] = wire_field("updates", UPDATES, "piggybacked", default=())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Ack:
+class Ack(WireMessage):
     """Answer to the ping (or forwarded indirect ping) numbered ``seq``."""
 
-    seq: int
-    source: str
-    updates: tuple[Update, ...] = ()
-
     TYPE: ClassVar[MessageType] = MessageType.ACK
-
-    def __post_init__(self) -> None:
-        check_int("seq", self.seq, MAX_SEQ)
-        check_name(self.source)
-        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {"seq": self.seq, "src": self.source, "updates": [u.packed() for u in self.updates]}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Ack:
-        return cls(
-            seq=require(fields, "seq", int),
-            source=require(fields, "src", str),
-            updates=_updates_from(fields, cache),
-        )
+    seq: int = wire_field("seq", SEQ, "the ping's number")
+    source: str = wire_field("src", NAME, "the member that answers")
+    updates: tuple[Update, ...] = wire_field("updates", UPDATES, "piggybacked", default=())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PingReq:
+class PingReq(WireMessage):
     """Please ping ``target`` for me and forward its ack (as ``seq``) to ``source_address``."""
 
-    seq: int
-    target: str
-    target_address: str
-    source: str
-    source_address: str
-    updates: tuple[Update, ...] = ()
-
     TYPE: ClassVar[MessageType] = MessageType.PING_REQ
-
-    def __post_init__(self) -> None:
-        check_int("seq", self.seq, MAX_SEQ)
-        check_name(self.target)
-        check_address(self.target_address)
-        check_name(self.source)
-        check_address(self.source_address)
-        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "target": self.target,
-            "target_addr": self.target_address,
-            "src": self.source,
-            "src_addr": self.source_address,
-            "updates": [u.packed() for u in self.updates],
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> PingReq:
-        return cls(
-            seq=require(fields, "seq", int),
-            target=require(fields, "target", str),
-            target_address=require(fields, "target_addr", str),
-            source=require(fields, "src", str),
-            source_address=require(fields, "src_addr", str),
-            updates=_updates_from(fields, cache),
-        )
+    seq: int = wire_field("seq", SEQ, "probe number the forwarded ack carries")
+    target: str = wire_field("target", NAME, "the member to probe")
+    target_address: str = wire_field("target_addr", ADDRESS, "where it listens")
+    source: str = wire_field("src", NAME, "the prober")
+    source_address: str = wire_field("src_addr", ADDRESS, "where the ack goes")
+    updates: tuple[Update, ...] = wire_field("updates", UPDATES, "piggybacked", default=())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Nack:
+class Nack(WireMessage):
     """The relay of indirect probe ``seq`` got no ack in time: the relay itself is healthy."""
 
-    seq: int
-    source: str
-
     TYPE: ClassVar[MessageType] = MessageType.NACK
-
-    def __post_init__(self) -> None:
-        check_int("seq", self.seq, MAX_SEQ)
-        check_name(self.source)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {"seq": self.seq, "src": self.source}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Nack:
-        return cls(seq=require(fields, "seq", int), source=require(fields, "src", str))
+    seq: int = wire_field("seq", SEQ, "the indirect probe's number")
+    source: str = wire_field("src", NAME, "the relay")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Gossip:
+class Gossip(WireMessage):
     """Updates only, fanned out while there is news; no answer expected."""
 
-    source: str
-    updates: tuple[Update, ...]
-
     TYPE: ClassVar[MessageType] = MessageType.GOSSIP
-
-    def __post_init__(self) -> None:
-        check_name(self.source)
-        _check_items("updates", self.updates, (Alive, Suspect, Dead), MAX_UPDATES_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {"src": self.source, "updates": [u.packed() for u in self.updates]}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> Gossip:
-        return cls(source=require(fields, "src", str), updates=_updates_from(fields, cache))
+    source: str = wire_field("src", NAME, "the sender")
+    updates: tuple[Update, ...] = wire_field("updates", UPDATES, "the news")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PushPull:
+class PushPull(WireMessage):
     """Part of a member table; with ``reply_wanted`` the receiver answers with its whole table.
 
     A table is split into as many frames as it needs; each part merges on its own.
     """
 
-    source: str
-    source_address: str
-    reply_wanted: bool
-    records: tuple[MemberRecord, ...]
-
     TYPE: ClassVar[MessageType] = MessageType.PUSH_PULL
-
-    def __post_init__(self) -> None:
-        check_name(self.source)
-        check_address(self.source_address)
-        if not isinstance(self.reply_wanted, bool):
-            raise UsageError("reply_wanted must be a bool")
-        _check_items("records", self.records, MemberRecord, MAX_RECORDS_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {
-            "src": self.source,
-            "src_addr": self.source_address,
-            "reply": self.reply_wanted,
-            "records": [r.to_wire() for r in self.records],
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> PushPull:
-        return cls(
-            source=require(fields, "src", str),
-            source_address=require(fields, "src_addr", str),
-            reply_wanted=require(fields, "reply", bool),
-            records=_records_from(fields, cache),
-        )
+    source: str = wire_field("src", NAME, "the sender")
+    source_address: str = wire_field("src_addr", ADDRESS, "where a reply goes")
+    reply_wanted: bool = wire_field("reply", Flag(), "answer with your whole table")
+    records: tuple[MemberRecord, ...] = wire_field("records", RECORDS, "this part's records")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StateQuery:
+class StateQuery(WireMessage):
     """A client (e.g. the CLI) asks a member for its member table."""
 
-    query_id: int
-
     TYPE: ClassVar[MessageType] = MessageType.STATE_QUERY
-
-    def __post_init__(self) -> None:
-        check_int("query_id", self.query_id, MAX_SEQ)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {"query_id": self.query_id}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> StateQuery:
-        return cls(query_id=require(fields, "query_id", int))
+    query_id: int = wire_field("query_id", SEQ, "echoed by every part of the reply")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StateReply:
+class StateReply(WireMessage):
     """Part ``part`` of ``parts`` of the answering member's table, for query ``query_id``."""
 
-    query_id: int
-    part: int
-    parts: int
-    records: tuple[MemberRecord, ...]
-
     TYPE: ClassVar[MessageType] = MessageType.STATE_REPLY
+    query_id: int = wire_field("query_id", SEQ, "the query answered")
+    part: int = wire_field("part", UInt(MAX_STATE_PARTS), "this part's index")
+    parts: int = wire_field("parts", UInt(MAX_STATE_PARTS), "how many parts the table took")
+    records: tuple[MemberRecord, ...] = wire_field("records", RECORDS, "this part's records")
 
-    def __post_init__(self) -> None:
-        check_int("query_id", self.query_id, MAX_SEQ)
-        check_int("parts", self.parts, MAX_STATE_PARTS)
-        check_int("part", self.part, MAX_STATE_PARTS)
+    def validate(self) -> None:
         if not 0 <= self.part < self.parts:
             raise UsageError(f"part {self.part} is not in 0..{self.parts - 1}")
-        _check_items("records", self.records, MemberRecord, MAX_RECORDS_PER_FRAME)
-
-    def to_fields(self) -> dict[str, Any]:
-        return {
-            "query_id": self.query_id,
-            "part": self.part,
-            "parts": self.parts,
-            "records": [r.to_wire() for r in self.records],
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any], cache: UpdateCache | None = None) -> StateReply:
-        return cls(
-            query_id=require(fields, "query_id", int),
-            part=require(fields, "part", int),
-            parts=require(fields, "parts", int),
-            records=_records_from(fields, cache),
-        )
 
 
 Message = Ping | Ack | PingReq | Nack | Gossip | PushPull | StateQuery | StateReply
 
-_BY_TYPE: dict[int, Any] = {
-    cls.TYPE: cls for cls in (Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply)
-}
+MESSAGES = MessageSet(
+    Protocol.GOSSIP,
+    VERSION_HISTORY,
+    [Ping, Ack, PingReq, Nack, Gossip, PushPull, StateQuery, StateReply],
+)
+VERSION = MESSAGES.version
+
+
+def gossip_codec(config: GossipConfig, auth: AuthPolicy | None = None) -> FrameCodec:
+    """The codec every gossip member and client uses: this version, frames <= max_packet_bytes."""
+    return MESSAGES.codec(config.max_packet_bytes, auth)
 
 
 def encode_message(codec: FrameCodec, message: Message) -> bytes:
     """The frame for ``message``; UsageError if it exceeds the codec's size bound."""
-    return codec.encode(message.TYPE, message.to_fields())
+    return MESSAGES.encode(codec, message)
 
 
 def decode_message(codec: FrameCodec, frame: bytes, cache: UpdateCache | None = None) -> Message:
     """The message in ``frame``; ProtocolError (with a counter reason) on any defect.
 
     ``cache`` (optional) is the receiver's memory of validated updates (see `UpdateCache`)."""
-    message_type, fields = codec.decode(frame)
-    cls = _BY_TYPE.get(message_type)
-    if cls is None:
-        raise ProtocolError("unknown_type", str(message_type))
-    try:
-        return cls.from_fields(fields, cache)
-    except UsageError as exc:
-        raise ProtocolError("malformed", str(exc)) from None
+    return cast(Message, MESSAGES.decode(codec, frame, context=cache))

@@ -25,7 +25,8 @@ from meshkv.gossip.member import MemberState, MemberView, MetaValue, Order, next
 from meshkv.gossip.messages import MemberRecord
 from meshkv.gossip.probe import ProbeOrder
 from meshkv.gossip.suspicion import Suspicion, expected_confirmations, suspicion_min_timeout_s
-from meshkv.gossip.updates import Alive, Dead, Suspect, Update, trusted
+from meshkv.gossip.updates import Alive, Dead, Suspect, Update
+from meshkv.wire import trusted
 
 log = logging.getLogger("vllm.meshkv.gossip.table")
 

@@ -6,18 +6,17 @@ of its probes and gossip (as memberlist relays its encoded broadcasts). So a rec
 update it has already validated by its bytes (`UpdateCache`), and an update it has already
 merged costs it almost nothing.
 
-Every update is a frozen, slotted, keyword-only dataclass that validates on construction;
-`trusted` builds one from fields that were already validated. This module knows nothing of
-messages, timers, sockets or member tables.
+Every update is a frozen, slotted, keyword-only dataclass that validates on construction
+(`meshkv.wire.trusted` builds one from fields that were already validated). This module knows
+nothing of messages, timers, sockets or member tables.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -32,8 +31,6 @@ from meshkv.gossip.member import (
     check_meta,
     check_name,
 )
-
-_T = TypeVar("_T")
 
 UPDATE_CACHE_ENTRIES = 4096  # settled updates a member remembers (see UpdateCache)
 VALIDATED_UPDATES = 65536  # validated updates a process remembers (see UpdateCache)
@@ -218,24 +215,6 @@ def _remember(entries: dict[bytes, Any], key: bytes, value: Any, max_entries: in
         with contextlib.suppress(RuntimeError, StopIteration, KeyError):
             del entries[next(iter(entries))]  # the oldest
     entries[key] = value
-
-
-def trusted(cls: type[_T], **fields: Any) -> _T:
-    """Builds ``cls`` from fields that already passed the same checks (e.g. a validated record
-    turned into an update), skipping the validation that would repeat them."""
-    built = object.__new__(cls)
-    defaults = _NOT_INIT.get(cls)
-    if defaults is None:
-        specs = dataclasses.fields(cls)  # type: ignore[arg-type]
-        defaults = _NOT_INIT[cls] = [(f.name, f.default) for f in specs if not f.init]
-    for name, value in defaults:
-        object.__setattr__(built, name, value)
-    for name, value in fields.items():
-        object.__setattr__(built, name, value)
-    return built
-
-
-_NOT_INIT: dict[type, list[tuple[str, Any]]] = {}  # fields set outside __init__, by class
 
 
 def packed_bytes(update: Update) -> int:

@@ -14,9 +14,7 @@ printed when a server fails to start.
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +27,13 @@ from meshkv.errors import TransportError
 from meshkv.gossip.member import MemberState, MemberView
 from meshkv.gossip.runner import query_members
 from meshkv.models.tiny_llama import make_tiny_llama
+from tests.conftest import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
 LOOKUP_TIMEOUT_MS = 3000
 MAX_BATCHED_TOKENS = 512
 """Small enough that the tests' prompts take several chunked-prefill steps."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def mesh_yaml(path: Path, **values: object) -> Path:
@@ -102,20 +95,7 @@ def engines(tmp_path_factory, seed_port: int) -> Iterator[dict[str, EngineProces
 
 MESH_WAIT_S = 30.0
 """Longest wait for every member to see every other alive (gossip profile "local")."""
-POLL_S = 0.2
 QUERY_CONFIG = MeshConfig(mesh_gossip_profile="local")
-
-
-def wait_for(
-    what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], object] = str
-) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(POLL_S)
-    pytest.fail(f"not within {timeout_s:.0f} s: {what} {explain()}")
 
 
 def table_of(address: str) -> dict[str, MemberView]:
@@ -150,7 +130,7 @@ def wait_for_engines_to_agree(seed_port: int) -> None:
     consumer dead while it stored (a busy engine can miss its probes for a second or two) keeps
     chunks homed at the consumer to itself until the consumer is back, then points the consumer
     at them; a consumer that asked before that would recompute (a miss, never wrong KV)."""
-    wait_for(
+    wait_until(
         "engines one and two see each other alive",
         lambda: mesh_agrees(f"127.0.0.1:{seed_port}", {"one/0", "two/0"}),
         MESH_WAIT_S,

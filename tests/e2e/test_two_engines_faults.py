@@ -32,13 +32,13 @@ from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.ring.hashring import HashRing
+from tests.conftest import wait_until
 from tests.e2e.conftest import (
     LOOKUP_TIMEOUT_MS,
     MESH_WAIT_S,
     QUERY_CONFIG,
     START_TIMEOUT_S,
     mesh_agrees,
-    wait_for,
 )
 from tests.e2e.test_two_engines import CHUNK, answer, assert_same, prompt, retrieved_since
 
@@ -88,7 +88,7 @@ def test_a_corrupted_chunk_is_never_loaded(
     there: the load stops at it (checksum), the rest is recomputed, no request fails (async:
     the lookup counted the chunk, so vLLM is told its blocks failed), the answer is exact."""
     me = storage_member.name
-    wait_for(
+    wait_until(
         "the engines and the storage member see each other",
         lambda: mesh_agrees(f"127.0.0.1:{seed_port}", {"one/0", "two/0", me}),
         MESH_WAIT_S,
@@ -111,7 +111,7 @@ def test_a_corrupted_chunk_is_never_loaded(
     first_bad = 2
 
     computed = answer(engines[producer].complete(tokens, max_tokens=8))
-    wait_for(
+    wait_until(
         "the producer's chunks reach this member",
         lambda: all(storage_member.store.lookup(key) for key in keys),
         PUSH_WAIT_S,
@@ -168,7 +168,7 @@ def test_a_killed_engine_costs_a_recompute_and_rejoins_after_a_restart(engines, 
     """Runs last: engine two is killed (SIGKILL) right after computing a prompt; one serves
     that prompt by recomputing what it cannot find; two, started again, shares again."""
     seed_address = f"127.0.0.1:{seed_port}"
-    table = wait_for(
+    table = wait_until(
         "both engines see each other",
         lambda: mesh_agrees(seed_address, {"one/0", "two/0"}),
         MESH_WAIT_S,
@@ -200,7 +200,7 @@ def test_a_killed_engine_costs_a_recompute_and_rejoins_after_a_restart(engines, 
     assert elapsed_s < bound_s, f"{elapsed_s:.1f} s after a peer died (bound {bound_s:.1f} s)"
 
     engines["two"].start().wait_ready(START_TIMEOUT_S)
-    wait_for(
+    wait_until(
         "the restarted engine two is back in both member tables",
         lambda: (
             (t := mesh_agrees(seed_address, {"one/0", "two/0"})) and t["two/0"].nonce != old_boot

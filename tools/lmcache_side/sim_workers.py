@@ -1,4 +1,4 @@
-"""Simulated LMCache workers for tools/bench_lookup.py; runs inside the LMCache venv only.
+"""Simulated LMCache workers for the lookup benchmark (tools/bench/lookup); LMCache venv only.
 
 Plays N LMCache instances (TP rank 0 each) against a real ``lmcache_controller``, speaking
 LMCache's own message classes and msgspec encoding, the way LMCache's ``LMCacheWorker`` does:

@@ -3,7 +3,7 @@
 Each section is rendered from the code that defines it (`MeshConfig`'s field docs, the
 ``meshkv`` typer app, the ``lmcache_controller`` parser) and sits in the README between
 ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``. A test checks the
-README is current; ``python -m meshkv.compat.reference_docs README.md`` rewrites the sections.
+README is current; ``python -m meshkv.cli.reference_docs README.md`` rewrites the sections.
 
 This module knows nothing of the mesh; it only reads definitions.
 """
@@ -82,7 +82,7 @@ def rendered(text: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m meshkv.compat.reference_docs README.md", file=sys.stderr)
+        print("usage: python -m meshkv.cli.reference_docs README.md", file=sys.stderr)
         return 2
     path = Path(argv[0])
     path.write_text(rendered(path.read_text()))
