@@ -19,7 +19,7 @@ from meshkv.compat.controller_shim import ControllerShim
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node.membership import ROLE_ENGINE, member_meta
+from meshkv.member_meta import CHUNK_COUNT, ROLE_ENGINE, member_meta
 
 DEADLINE_S = 5.0
 POLL_S = 0.05
@@ -118,17 +118,28 @@ def shims() -> Iterator[Callable[..., Shim]]:
 def engines() -> Iterator[Callable[..., GossipRunner]]:
     runners: list[GossipRunner] = []
 
-    def start(name: str, seeds: list[str], data: str = "127.0.0.1:1", **meta: Any) -> GossipRunner:
+    def start(
+        name: str,
+        seeds: list[str],
+        data: str = "127.0.0.1:1",
+        chunks: int | None = 0,
+        admin_port: int | None = None,
+    ) -> GossipRunner:
         advertised = member_meta(
             namespace=NS,
             role=ROLE_ENGINE,
             data_address=data,
             channel="tcp",
             capacity_bytes=1 << 20,
+            chunk_size=256,
+            chunk_count=chunks or 0,
+            admin_port=admin_port,
             version="test",
         )
+        if chunks is None:  # a member of an older version: no chunk count
+            del advertised[CHUNK_COUNT]
         runner = GossipRunner(
-            config=GossipConfig.test(), name=name, host="127.0.0.1", meta={**advertised, **meta}
+            config=GossipConfig.test(), name=name, host="127.0.0.1", meta=advertised
         )
         runners.append(runner)
         runner.start(seeds)
@@ -144,12 +155,13 @@ def test_query_worker_info_lists_every_engine_and_filters(shims, engines):
     before = time.time()
     e1 = engines("inst1/0", shim.seeds, data="127.0.0.1:8201")
     engines("inst2/0", shim.seeds)
-    engines("inst2/1", shim.seeds)
+    engines("inst2/1", shim.seeds, data="127.0.0.1:8203", admin_port=8501)
     wait_until("three workers listed", lambda: len(shim.workers()) == 3)
     by_name = {(w["instance_id"], w["worker_id"]): w for w in shim.workers()}
     assert set(by_name) == {("inst1", 0), ("inst2", 0), ("inst2", 1)}
     first = by_name[("inst1", 0)]
     assert (first["ip"], first["port"], first["peer_init_url"]) == ("127.0.0.1", 8201, e1.address)
+    assert by_name[("inst2", 1)]["port"] == 8501  # lmcache_worker_ports, as LMCache reports
     assert before <= first["registration_time"] <= first["last_heartbeat_time"] <= time.time()
     assert len(shim.workers("inst2")) == 2
     status, body = shim.post("/query_worker_info", {"instance_id": "inst2", "worker_ids": [1]})
@@ -243,9 +255,9 @@ def test_calls_meshkv_cannot_honour_answer_501_with_the_reason(shims, path):
 
 def test_controller_views_and_metrics(shims, engines):
     shim = shims()
-    engines("inst1/0", shim.seeds, keys=7)
-    engines("inst1/1", shim.seeds, keys=5)
-    engines("inst2/0", shim.seeds)  # advertises no key count
+    engines("inst1/0", shim.seeds, chunks=7)
+    engines("inst1/1", shim.seeds, chunks=5)
+    engines("inst2/0", shim.seeds, chunks=None)  # advertises no chunk count
     wait_until("three listed", lambda: len(shim.workers()) == 3)
     status, body = shim.get("/controller/workers")
     assert status == 200 and body["total_count"] == 3
@@ -294,7 +306,10 @@ def test_killed_shim_changes_nothing_between_members_and_a_restart_relearns_them
     for member in first.shim.members.values():
         member.stop(leave=False)  # as if killed: no goodbye
     first.shim.stop()
-    time.sleep(1.0)  # long enough for the engines to notice the seeds are gone
+    wait_until(
+        "the engines no longer hold the killed shim's members alive",
+        lambda: all(m.state.name != "ALIVE" for m in e1.members() if m.address in first.seeds),
+    )
     assert {m.name for m in e1.members() if m.state.name == "ALIVE"} >= {"inst1/0", "inst2/0"}
     second = shims(state_file=state, ports=ports)
     took_s = wait_until("restarted shim lists both", lambda: len(second.workers()) == 2)

@@ -67,7 +67,7 @@ def _chunk(key: bytes) -> np.ndarray:
 
 @pytest.fixture
 def shim() -> Iterator[Shim]:
-    started = Shim(extra=(f"chunk_size={CHUNK_TOKENS}",))  # engines advertise no chunk size
+    started = Shim()  # chunk_size 256: the engines' own (16) reaches it in their metadata
     yield started
     started.shim.stop()
 
@@ -128,6 +128,25 @@ def test_lookup_stops_at_the_first_chunk_nobody_holds(shim, nodes):
     assert producer.put(keys[:2], [_chunk(k) for k in keys[:2]]) == 2
     status, body = shim.post("/lookup", {"tokens": tokens})
     assert (status, body["layout_info"]) == (200, {"inst1": [LOCATION, 2 * CHUNK_TOKENS]})
+
+
+def test_key_stats_count_the_chunks_each_member_advertises(shim, nodes):
+    producer = _start_node(nodes, "inst1", shim.seeds)
+    _start_node(nodes, "inst2", shim.seeds)
+    wait_until("engines see each other", lambda: all(len(n.members()) == 2 for n in nodes))
+    keys = _keys(_tokens(6))
+    assert producer.put(keys, [_chunk(k) for k in keys]) == 6
+    # (the 6 chunks are one home group: the other engine holds them too, or none of them)
+
+    def advertised() -> dict[str, int | None]:
+        _, stats = shim.get("/controller/key-stats")
+        return {i["instance_id"]: i["key_count"] for i in stats["instances"]}
+
+    def held() -> dict[str, int]:
+        return {n.config.lmcache_instance_id: n.store.stats().chunks for n in nodes}
+
+    wait_until("key counts advertised", lambda: advertised() == held())
+    assert advertised()["inst1"] == 6  # the producer keeps its own copy of every chunk
 
 
 def test_an_instance_with_neither_controller_nor_seeds_runs_alone_and_says_so_once(caplog, nodes):

@@ -95,6 +95,9 @@ def _engine(runners: list[GossipRunner], name: str, seeds: list[str]) -> GossipR
         data_address="127.0.0.1:1",
         channel="tcp",
         capacity_bytes=1,
+        chunk_size=256,
+        chunk_count=0,
+        admin_port=None,
         version="test",
     )
     runner = GossipRunner(config=GossipConfig.test(), name=name, host="127.0.0.1", meta=meta)

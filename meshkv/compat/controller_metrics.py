@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from meshkv.errors import TransportError
 from meshkv.gossip.member import MemberView
+from meshkv.member_meta import role_of
 
 LOOKUP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -39,7 +40,7 @@ class _MemberCollector(Collector):
             views = self._members()
         except TransportError:
             views = []
-        counts = Counter((v.state.name.lower(), str(v.meta.get("role", "-"))) for v in views)
+        counts = Counter((v.state.name.lower(), role_of(v.meta) or "-") for v in views)
         for (state, role), count in sorted(counts.items()):
             family.add_metric([state, role], count)
         yield family

@@ -32,7 +32,8 @@ from meshkv.config import MeshConfig
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node.membership import ROLE_SEED, peer_of
+from meshkv.member_meta import seed_meta
+from meshkv.node.membership import peer_of
 from meshkv.wire import AuthPolicy
 
 log = logging.getLogger("vllm.meshkv.compat.controller")
@@ -67,7 +68,7 @@ class ControllerShim:
         auth = AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
         host = advertised_host(settings.host)
         instance = f"lmcache_controller@{host}:{settings.monitor_ports.pull}"
-        meta = {"role": ROLE_SEED, "v": __version__}
+        meta = seed_meta(version=__version__)
         ports = {"pull": settings.monitor_ports.pull, "reply": settings.monitor_ports.reply}
         self.members: dict[str, GossipRunner] = {}
         try:
