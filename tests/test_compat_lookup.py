@@ -149,6 +149,25 @@ def test_key_stats_count_the_chunks_each_member_advertises(shim, nodes):
     assert advertised()["inst1"] == 6  # the producer keeps its own copy of every chunk
 
 
+def test_an_engine_logs_lmcaches_connection_line_when_it_first_reaches_a_peer(shim, nodes, caplog):
+    caplog.set_level(logging.INFO, logger="vllm.meshkv.node")
+    producer = _start_node(nodes, "inst1", shim.seeds)
+    reader = _start_node(nodes, "inst2", shim.seeds)
+    wait_until("engines see each other", lambda: all(len(n.members()) == 2 for n in nodes))
+    keys = _keys(_tokens(2))
+    assert producer.put(keys, [_chunk(k) for k in keys]) == 2
+    with reader.get(keys, CHUNK_BYTES) as lease:  # from the producer, or from the home it fed
+        assert lease.count == 2
+    lines = [r.getMessage() for r in caplog.records if "Established connection" in r.getMessage()]
+    expected = {
+        f"Established connection to peer_init_url: {n.gossip_address}, "
+        f"peer_lookup_url: {n.data_address}"
+        for n in nodes
+    }
+    assert lines and set(lines) <= expected
+    assert len(lines) == len(set(lines))  # once per peer
+
+
 def test_an_instance_with_neither_controller_nor_seeds_runs_alone_and_says_so_once(caplog, nodes):
     caplog.set_level(logging.INFO, logger="vllm.meshkv")
     config = MeshConfig(

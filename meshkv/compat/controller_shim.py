@@ -31,6 +31,7 @@ from meshkv.compat.worker_table import LISTED_STATES, WorkerTable
 from meshkv.config import MeshConfig
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import GossipRunner
 from meshkv.member_meta import seed_meta
 from meshkv.node.membership import peer_of
@@ -43,6 +44,13 @@ SEED_SAVE_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 3.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 ROUTE_PROBE_ADDRESS = ("10.255.255.255", 1)
+
+
+def log_member_event(event: MemberEvent) -> None:
+    """Membership changes at INFO (metadata updates, e.g. chunk counts, at DEBUG)."""
+    view = event.member
+    level = logging.DEBUG if event.kind is EventKind.UPDATED else logging.INFO
+    log.log(level, "member %s %s (gossip %s)", view.name, event.kind.value, view.address)
 
 
 def advertised_host(host: str) -> str:
@@ -95,6 +103,7 @@ class ControllerShim:
             members=self._pull.members,
         )
         self._pull.subscribe(self.workers.on_event)
+        self._pull.subscribe(log_member_event)
         self._pull.subscribe(self.lookup.on_event)
         self.api = ControllerApi(
             members=self._pull.members,
@@ -122,11 +131,17 @@ class ControllerShim:
         return [member.address for member in self.members.values()]
 
     def start(self) -> None:
-        """Joins the mesh (through ``mesh_seeds`` and the remembered members) and serves."""
+        """Joins the mesh (through ``mesh_seeds`` and the remembered members) and serves.
+
+        A member stops joining once it knows any member, so the seed members join through
+        the outside seeds only, and through each other only when there are none: a seed
+        member whose first join went to its just-started sibling would know nobody else
+        until some engine's push-pull reached it (15 s and more on the lan profile).
+        """
         own = self.seed_addresses()
         outside = [s for s in [*self.config.mesh_seeds, *self.remembered.load()] if s not in own]
         for member in self.members.values():
-            member.start([*outside, *own])
+            member.start(outside or [a for a in own if a != member.address])
         self.http.start()
         self._saver.start()
         self._log_start(outside)

@@ -56,6 +56,8 @@ class Peer:
     data_address: str
     namespace: str
     role: str
+    gossip_address: str = ""
+    """Where it gossips (its ``peer_init_url`` in LMCache's words); "" for this member."""
 
 
 def peer_of(view: MemberView) -> Peer | None:
@@ -69,6 +71,7 @@ def peer_of(view: MemberView) -> Peer | None:
         data_address=data,
         namespace=namespace_of(view.meta) or "",
         role=role_of(view.meta) or ROLE_ENGINE,
+        gossip_address=view.address,
     )
 
 

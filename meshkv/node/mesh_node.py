@@ -466,7 +466,23 @@ class MeshNode:
             if not self.channel.add_peer(peer_name, reply.agent, reply.segments):
                 return False
             self._handshakes[peer_name] = peer.nonce
+        self._log_first_contact(peer)
         return True
+
+    def _log_first_contact(self, peer: Peer) -> None:
+        """LMCache's connection line (users grep for it), then meshkv's own."""
+        log.info(
+            "Established connection to peer_init_url: %s, peer_lookup_url: %s",
+            peer.gossip_address,
+            peer.data_address,
+        )
+        log.info(
+            "%s: transfer channel %s open to %s (boot %016x)",
+            self.name,
+            self.channel.kind,
+            peer.name,
+            peer.nonce,
+        )
 
     def _peer_gone(self, name: str, lost_state: bool) -> None:
         """A peer died, left or restarted: drop its transfer state so nothing waits on it.
