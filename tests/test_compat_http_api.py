@@ -3,6 +3,7 @@ HTTP): worker listings, health, errors that never crash it, 501s, metrics, resta
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from meshkv.compat.controller_settings import CommandLine, load_settings
 from meshkv.compat.controller_shim import ControllerShim
@@ -71,9 +73,16 @@ class Shim:
         self.shim.start()
         self.seeds = self.shim.seed_addresses()
 
-    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, str]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any, str]:
+        headers = {} if body is None else {"Content-Type": content_type}
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
@@ -218,38 +227,134 @@ def test_query_instance_answers_by_ip_and_refuses_to_guess(shims, engines):
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "detail"),
     [
-        ("POST", "/lookup", b"{tokens: [1, 2]}", 400, "not valid JSON"),
-        ("POST", "/lookup", b"\xff\xfe", 400, "not valid JSON"),
-        ("POST", "/lookup", b"", 400, "not valid JSON"),
-        ("POST", "/health", b"[1, 2]", 400, "must be a JSON object"),
-        ("POST", "/health", b"{}", 422, "instance_id: field required"),
-        ("POST", "/lookup", b'{"tokens": "1 2 3"}', 422, "tokens: must be a list"),
-        ("POST", "/lookup", b'{"tokens": [1, -2]}', 422, "every token id"),
-        (
-            "POST",
-            "/query_worker_info",
-            b'{"instance_id": "all", "worker_ids": "0"}',
-            422,
-            "worker_ids",
-        ),
-        ("GET", "/lookup", None, 405, "takes POST"),
-        ("POST", "/metrics", b"{}", 405, "takes GET"),
+        ("POST", "/lookup", b"{tokens: [1, 2]}", 422, "json_invalid"),
+        ("POST", "/lookup", b"\xff\xfe", 422, "json_invalid"),
+        ("POST", "/lookup", b"", 422, "missing"),
+        ("POST", "/health", b"[1, 2]", 422, "model_attributes_type"),
+        ("POST", "/health", b"{}", 422, "missing"),
+        ("POST", "/lookup", b'{"tokens": "1 2 3"}', 422, "list_type"),
+        ("POST", "/lookup", b'{"tokens": [1, -2]}', 422, "greater_than_equal"),
+        ("POST", "/query_worker_info", b'{"instance_id": "all", "worker_ids": "0"}', 422,
+         "list_type"),
+        ("GET", "/lookup", None, 405, "Method Not Allowed"),
+        ("POST", "/metrics", b"{}", 405, "Method Not Allowed"),
         ("GET", "/no/such/path", None, 404, "Not Found"),
     ],
-)
-def test_bad_requests_get_clear_errors_and_the_shim_keeps_serving(
+)  # fmt: skip
+def test_bad_requests_get_fastapis_errors_and_the_shim_keeps_serving(
     shims, method, path, body, status, detail
 ):
     shim = shims()
     got_status, got, kind = shim.call(method, path, body)
     assert (got_status, kind) == (status, "application/json")
-    assert detail in got["detail"]
+    if status == 422:  # pydantic's list: one entry per problem, with its type and location
+        assert detail in [problem["type"] for problem in got["detail"]]
+        assert all(problem["loc"][0] == "body" for problem in got["detail"])
+    else:
+        assert got["detail"] == detail
     assert shim.post("/health", {"instance_id": "x"})[0] == 200
 
 
-@pytest.mark.parametrize("path", ["/clear", "/pin", "/compress", "/decompress", "/move"])
+class LMCacheLookup(BaseModel):  # LMCache 0.5.6's request models, as its docs list the fields
+    tokens: list[int]
+
+
+class LMCacheHealth(BaseModel):
+    instance_id: str
+
+
+class LMCacheQueryWorkerInfo(BaseModel):
+    instance_id: str
+    worker_ids: list[int] | None = None
+
+
+class LMCacheCheckFinish(BaseModel):
+    event_id: str
+
+
+class LMCacheMove(BaseModel):
+    old_position: tuple[str, str]
+    new_position: tuple[str, str]
+    tokens: list[int] | None = []
+    should_copy: bool | None = False
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "good", "bad"),
+    [
+        ("/lookup", LMCacheLookup, {"tokens": [1, 2]}, {"tokens": ["a", 2.5, None]}),
+        ("/health", LMCacheHealth, {"instance_id": "i"}, {"instance_id": 7}),
+        ("/query_worker_info", LMCacheQueryWorkerInfo, {"instance_id": "all"},
+         {"worker_ids": ["x"]}),
+        ("/check_finish", LMCacheCheckFinish, None, {"event": "e"}),
+        ("/move", LMCacheMove, None, {"old_position": ["a"], "new_position": "b"}),
+    ],
+)  # fmt: skip
+def test_each_route_answers_200_and_validation_errors_as_fastapi_does_for_lmcaches_models(
+    shims, path, model, good, bad
+):
+    shim = shims()
+    if good is not None:
+        assert shim.post(path, good)[0] == 200
+    status, body = shim.post(path, bad)
+    with pytest.raises(ValidationError) as expected:
+        model.model_validate(bad)
+    wanted = [
+        {"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]}
+        for e in expected.value.errors(include_url=False)
+    ]
+    got = [{k: problem[k] for k in ("type", "loc", "msg")} for problem in body["detail"]]
+    assert (status, got) == (422, wanted)
+
+
+def test_a_body_not_sent_as_json_is_refused_as_lmcaches_controller_refuses_it(shims):
+    status, body, _ = shims().call(
+        "POST", "/health", b'{"instance_id": "x"}', content_type="text/plain"
+    )
+    assert status == 422 and body["detail"][0]["type"] == "model_attributes_type"
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(shims):
+    shim = shims()
+    connection = http.client.HTTPConnection("127.0.0.1", shim.http_port, timeout=HTTP_TIMEOUT_S)
+    try:
+        sockets = []
+        for _ in range(3):
+            connection.request("GET", "/controller/key-stats")
+            response = connection.getresponse()
+            assert response.status == 200 and response.version == 11  # HTTP/1.1
+            response.read()
+            sockets.append(connection.sock)
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)
+    finally:
+        connection.close()
+
+
+def test_openapi_lists_every_route_and_docs_are_served(shims):
+    shim = shims()
+    status, spec = shim.get("/openapi.json")
+    assert status == 200
+    posts = {"/lookup", "/query_instance", "/health", "/check_finish", "/query_worker_info",
+             "/clear", "/pin", "/compress", "/decompress", "/move"}  # fmt: skip
+    assert {p for p, ops in spec["paths"].items() if "post" in ops} == posts
+    gets = {"/metrics", "/controller/workers", "/controller/key-stats"}
+    assert {p for p, ops in spec["paths"].items() if "get" in ops} == gets
+    status, page, kind = shim.call("GET", "/docs")
+    assert status == 200 and kind.startswith("text/html") and "/openapi.json" in page
+
+
+UNSUPPORTED_BODIES = {
+    "/clear": {"instance_id": "inst1", "location": "LocalCPUBackend"},
+    "/pin": {"instance_id": "inst1", "location": "LocalCPUBackend", "tokens": [1, 2]},
+    "/compress": {"instance_id": "inst1", "method": "cachegen", "location": "LocalCPUBackend"},
+    "/decompress": {"instance_id": "inst1", "method": "cachegen", "location": "LocalCPUBackend"},
+    "/move": {"old_position": ["inst1", "LocalCPUBackend"], "new_position": ["inst2", "x"]},
+}
+
+
+@pytest.mark.parametrize("path", sorted(UNSUPPORTED_BODIES))
 def test_calls_meshkv_cannot_honour_answer_501_with_the_reason(shims, path):
-    status, body = shims().post(path, {"instance_id": "inst1", "location": "LocalCPUBackend"})
+    status, body = shims().post(path, UNSUPPORTED_BODIES[path])
     assert status == 501
     assert body["detail"].startswith(f"{path} is not supported by meshkv: ")
     assert len(body["detail"]) > len(path) + 40  # a reason, not just a refusal
@@ -279,7 +384,11 @@ def test_controller_views_and_metrics(shims, engines):
     assert status == 200 and kind.startswith("text/plain")
     assert 'meshkv_controller_members{role="engine",state="alive"} 3.0' in text
     assert 'meshkv_controller_members{role="seed",state="alive"} 2.0' in text
-    assert "meshkv_controller_http_requests_total" in text
+    assert 'meshkv_controller_http_requests_total{code="200",route="/controller/workers"}' in text
+    assert 'lmcache:cache_controller_registered_workers_count{role="controller"} 3.0' in text
+    assert 'lmcache:cache_controller_kv_pool_keys_count{role="controller"} 12.0' in text
+    assert "lmcache:cache_controller_pull_socket_message_count" in text
+    assert "lmcache:cache_controller_reply_socket_message_count" in text
 
 
 def test_check_finish_knows_the_events_it_issued(shims):

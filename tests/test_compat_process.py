@@ -54,6 +54,7 @@ class ShimProcess:
             f"http://127.0.0.1:{self.http_port}/query_worker_info",
             data=json.dumps({"instance_id": "all"}).encode(),
             method="POST",
+            headers={"Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=1.0) as reply:

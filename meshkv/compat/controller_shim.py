@@ -8,7 +8,8 @@ without the other. Both probe and are probed like any member and learn the whole
 gossip. LMCache's legacy ``--monitor-port`` gives only the pull member. The ``heartbeat`` port
 is accepted and not bound: gossip probes are meshkv's heartbeats.
 
-The HTTP API reads the pull member's table and asks the homes for lookups. Nothing here is on a
+The HTTP API (FastAPI on uvicorn, as LMCache's controller) reads the pull member's table and
+asks the homes for lookups. Nothing here is on a
 data path: killing the shim costs the mesh one seed, nothing else; a restarted shim rejoins
 through the members it remembered (`RememberedSeeds`) and relearns the table by gossip.
 
@@ -24,6 +25,7 @@ import threading
 from meshkv import __version__
 from meshkv.compat.controller_settings import ControllerSettings
 from meshkv.compat.http_api import ControllerApi
+from meshkv.compat.http_app import build_app
 from meshkv.compat.http_server import HttpServer
 from meshkv.compat.mesh_lookup import MeshLookup
 from meshkv.compat.remembered_seeds import RememberedSeeds
@@ -110,9 +112,10 @@ class ControllerShim:
             workers=self.workers,
             lookup=self.lookup,
             lookup_timeout_s=config.lookup_timeout_ms / 1000,
+            message_counts=self._message_counts,
         )
         try:
-            self.http = HttpServer(self.api, settings.host, settings.http_port)
+            self.http = HttpServer(build_app(self.api), settings.host, settings.http_port)
         except OSError as exc:
             self._discard_members()
             self.lookup.close()
@@ -157,6 +160,10 @@ class ControllerShim:
         for member in self.members.values():
             member.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
         self.lookup.close()
+
+    def _message_counts(self) -> dict[str, int]:
+        """Gossip messages each seed member received (LMCache's per-socket message counts)."""
+        return {role: member.stats()["rx_ok"] for role, member in self.members.items()}
 
     def _discard_members(self) -> None:
         """Closes members that were built but never started (a later port failed to bind)."""
