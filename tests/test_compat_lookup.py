@@ -18,12 +18,14 @@ from meshkv.compat.mesh_lookup import (
 from meshkv.config import MeshConfig
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
+from meshkv.node.chunk_count_advert import CHUNK_COUNT_REFRESH_INTERVAL_S
 from meshkv.ring import HashRing
-from tests.test_compat_http_api import Shim, wait_until
+from tests.test_compat_http_api import DEADLINE_S, Shim, wait_until
 
 NAMESPACE = "cd" * 16
 CHUNK_TOKENS = 16
 CHUNK_BYTES = 4096
+ADVERT_WAIT_S = 4 * CHUNK_COUNT_REFRESH_INTERVAL_S + DEADLINE_S
 
 
 @pytest.mark.parametrize(
@@ -145,7 +147,7 @@ def test_key_stats_count_the_chunks_each_member_advertises(shim, nodes):
     def held() -> dict[str, int]:
         return {n.config.lmcache_instance_id: n.store.stats().chunks for n in nodes}
 
-    wait_until("key counts advertised", lambda: advertised() == held())
+    wait_until("key counts advertised", lambda: advertised() == held(), ADVERT_WAIT_S)
     assert advertised()["inst1"] == 6  # the producer keeps its own copy of every chunk
 
 

@@ -20,8 +20,9 @@ from meshkv.member_meta import chunk_count_of, with_chunk_count
 
 log = logging.getLogger("vllm.meshkv.node.advert")
 
-CHUNK_COUNT_REFRESH_INTERVAL_S = 1.0
-"""How often the count is compared (an update is gossiped only when it changed)."""
+CHUNK_COUNT_REFRESH_INTERVAL_S = 2.0
+"""How often the count is compared (an update is gossiped only when it changed): key counts
+are a dashboard figure, and every update is one more record for gossip to spread."""
 STOP_TIMEOUT_S = 2.0
 
 
