@@ -5,17 +5,19 @@ Sources, later ones winning: defaults < YAML file (``MESHKV_CONFIG_FILE`` or
 comma-separated, ``extra_config`` as JSON) < explicit overrides (vLLM's
 ``kv_connector_extra_config`` keys prefixed ``lmcache.`` or ``meshkv.``, or CLI flags).
 
-Every value is checked when loaded; the first bad one raises `ConfigError` naming the key, so a
-bad config fails at start with one clear line. LMCache keys that meshkv has no use for are
-accepted and reported once in the log, so existing files keep working; any other unknown key is
-an error (a typo must not pass silently).
+Values convert as LMCache converts them (`meshkv.lmcache_values`: quotes stripped, "True"/"1"
+booleans, quoted numbers, comma lists), then every value is checked; the first bad one raises
+`ConfigError` naming the key, so a bad config fails at start with one clear line. Every key
+LMCache 0.5.6 defines (`meshkv.lmcache_keys`) is accepted: mapped where meshkv has the meaning,
+otherwise reported once in the log as ignored, with why. Any other unknown key is an error (a
+typo must not pass silently), except ``lmcache.`` keys of vLLM's ``kv_connector_extra_config``,
+which LMCache's own vLLM adapter reads (``lmcache.max_tokens_per_load``...).
 
 This module knows nothing of sockets, rings or vLLM.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,74 +32,18 @@ from typing import Any
 import yaml
 
 from meshkv.errors import ConfigError
+from meshkv.lmcache_keys import ALIASES, DEFINITIONS, DEPRECATED
+from meshkv.lmcache_values import (
+    OLDER_LMCACHE_KEYS,
+    convert,
+    ignored_reason,
+    is_lmcache_key,
+    resolve_alias,
+)
 
 logger = logging.getLogger("vllm.meshkv.config")
 
 PortSpec = int | list[int] | None
-
-# Keys of LMCache 0.5.x that meshkv accepts and ignores (they configure machinery meshkv
-# replaces or does not have: disks, remote backends, blending, disaggregated prefill).
-IGNORED_LMCACHE_KEYS = frozenset(
-    {
-        "local_disk",
-        "max_local_disk_size",
-        "remote_url",
-        "remote_serde",
-        "use_layerwise",
-        "save_decode_cache",
-        "enable_blending",
-        "blend_recompute_ratios",
-        "blend_thresholds",
-        "blend_check_layers",
-        "blend_min_tokens",
-        "blend_special_str",
-        "lookup_url",
-        "distributed_url",
-        "controller_url",
-        "lmcache_worker_port",
-        "error_handling",
-        "enable_nixl",
-        "nixl_role",
-        "nixl_receiver_host",
-        "nixl_receiver_port",
-        "nixl_buffer_size",
-        "nixl_buffer_device",
-        "nixl_enable_gc",
-        "enable_xpyd",
-        "enable_pd",
-        "pd_role",
-        "pd_buffer_size",
-        "pd_buffer_device",
-        "pd_peer_host",
-        "pd_peer_init_port",
-        "pd_peer_alloc_port",
-        "pd_proxy_host",
-        "pd_proxy_port",
-        "cache_policy",
-        "numa_mode",
-        "external_lookup_client",
-        "priority_limit",
-        "py_enable_gc",
-        "gds_path",
-        "cufile_buffer_size",
-        "weka_path",
-        "external_backends",
-        "audit_actual_remove",
-        "blocking_timeout_secs",
-        "internal_api_server_enabled",
-        "internal_api_server_port_start",
-        "internal_api_server_include_index_list",
-        "hit_miss_ratio",
-        "lookup_server_worker_ids",
-        "enable_scheduler_bypass_lookup",
-        "script_allowed_imports",
-        "plugin_locations",
-        "lmcache_worker_heartbeat_delay_time",
-        "lmcache_worker_heartbeat_time",
-        "enable_kv_events",
-        "min_retrieve_tokens",
-    }
-)
 
 TIMEOUT_MS_MAX = 86_400_000
 """Longest timeout accepted (a day): larger values are typos, and huge ones overflow a float."""
@@ -187,7 +133,10 @@ class MeshConfig:
         "Admin/metrics HTTP port per TP rank (Prometheus /metrics); unset: none.", default=None
     )
     extra_config: dict[str, Any] = _doc(
-        "LMCache's extra_config map; lookup_backoff_time is accepted and never slept on.",
+        "LMCache's extra_config map. p2p_socket_recv_timeout_ms sets mesh_transfer_timeout_ms "
+        "(unless that is given); lookup_backoff_time, p2p_socket_send_timeout_ms and "
+        "p2p_max_retry_count are accepted and logged as unused (meshkv never sleeps on the "
+        "scheduler thread, never blocks a send, never retries: a failed chunk is a miss).",
         default_factory=lambda: dict(EXTRA_CONFIG_DEFAULTS),
     )
 
@@ -366,6 +315,29 @@ def _is_number(text: str) -> bool:
 
 _FIELDS = {f.name: f for f in fields(MeshConfig)}
 _HINTS = typing.get_type_hints(MeshConfig)
+IGNORED_LMCACHE_KEYS = frozenset(
+    key for key in (*DEFINITIONS, *ALIASES, *DEPRECATED) if resolve_alias(key) not in _FIELDS
+) | (OLDER_LMCACHE_KEYS - _FIELDS.keys())
+"""LMCache keys meshkv accepts and does not use (each logged once, with why)."""
+EXTRA_CONFIG_MAPPED = {"p2p_socket_recv_timeout_ms": "mesh_transfer_timeout_ms"}
+"""extra_config keys whose meaning a meshkv key has: how long to wait for a peer's answer.
+Applied when the file sets them and does not set the meshkv key."""
+EXTRA_CONFIG_KINDS = {
+    "lookup_backoff_time": "float",
+    "p2p_socket_recv_timeout_ms": "int",
+    "p2p_socket_send_timeout_ms": "int",
+    "p2p_max_retry_count": "int",
+}
+EXTRA_CONFIG_IGNORED = {
+    "lookup_backoff_time": "meshkv never sleeps on the scheduler thread; a lookup is polled",
+    "p2p_socket_send_timeout_ms": "meshkv's sends never block (queued DEALER sockets); "
+    "every call has its own deadline (mesh_transfer_timeout_ms)",
+    "p2p_max_retry_count": "meshkv does not retry a failed transfer: the chunk is a miss "
+    "that vLLM recomputes",
+}
+_LMCACHE_ENV_NAMES = tuple(dict.fromkeys((*_FIELDS, *DEFINITIONS, *ALIASES)))
+"""Keys read from ``LMCACHE_<KEY>`` variables: meshkv's and every one LMCache reads."""
+_VLLM_ADAPTER_REASON = "read by LMCache's own vLLM adapter; meshkv's connector has no such knob"
 
 
 def load_config(
@@ -381,16 +353,29 @@ def load_config(
     env = os.environ if environ is None else environ
     path = path or env.get("MESHKV_CONFIG_FILE") or env.get("LMCACHE_CONFIG_FILE")
     values: dict[str, Any] = {}
+    ignored: dict[str, str] = {}  # key -> why; logged once each, after loading
     if path:
-        values.update(_read_file(Path(path)))
-    for prefix in ("LMCACHE_", "MESHKV_"):
-        for name in _FIELDS:
+        for key, raw in _read_file(Path(path)).items():
+            _take(values, ignored, key, raw, key)
+    for prefix, names in (("LMCACHE_", _LMCACHE_ENV_NAMES), ("MESHKV_", tuple(_FIELDS))):
+        for name in names:
             raw = env.get(prefix + name.upper())
             if raw is not None:
-                values[name] = _parse_env(prefix + name.upper(), name, raw)
-    for key, value in (overrides or {}).items():
-        values[key.removeprefix("lmcache.").removeprefix("meshkv.")] = value
-    return _build(values)
+                _take(values, ignored, name, _from_env(name, raw), prefix + name.upper())
+    for key, raw in (overrides or {}).items():
+        if isinstance(key, str) and key.startswith("lmcache."):
+            name = key.removeprefix("lmcache.")
+            if not is_lmcache_key(name) and name not in _FIELDS:
+                ignored[key] = _VLLM_ADAPTER_REASON
+                continue
+            _take(values, ignored, name, raw, name)
+        else:
+            name = key.removeprefix("meshkv.") if isinstance(key, str) else key
+            _take(values, ignored, name, raw, name)
+    config = _build(values, ignored)
+    for key, reason in ignored.items():
+        logger.info("config key %s ignored by meshkv: %s", key, reason)
+    return config
 
 
 def config_from_vllm_extra(extra: Mapping[str, Any], path: str | None = None) -> MeshConfig:
@@ -400,7 +385,22 @@ def config_from_vllm_extra(extra: Mapping[str, Any], path: str | None = None) ->
     return load_config(path, overrides=mine)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def _take(values: dict[str, Any], ignored: dict[str, str], key: Any, raw: Any, source: str) -> None:
+    """Converts and records one value for ``key`` (an LMCache alias resolved); an LMCache key
+    meshkv does not use goes to ``ignored`` with why; an unknown key is an error naming it."""
+    shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+    if not isinstance(key, str):
+        raise ConfigError(shown, "unknown key")
+    key = resolve_alias(key)
+    if key in IGNORED_LMCACHE_KEYS:
+        ignored[key] = ignored_reason(key)
+        return
+    if key not in _FIELDS:
+        raise ConfigError(shown, "unknown key")
+    values[key] = _coerce(key, raw, source)
+
+
+def _read_file(path: Path) -> dict[Any, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -423,102 +423,68 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_env(var: str, name: str, raw: str) -> Any:
-    kind = _HINTS[name]
-    if name == "extra_config":
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):  # not JSON, an over-long integer, too deep
-            raise ConfigError(var, "must be a JSON object") from None
-    if kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(var, f"{raw!r} is not a boolean")
-    if raw.strip() == "" and _allows_none(kind):
+def _from_env(name: str, raw: str) -> Any:
+    """An environment value: empty text is "unset" for a key that may be None."""
+    kind = _HINTS.get(resolve_alias(name))
+    if raw.strip() == "" and kind is not None and _allows_none(kind):
         return None
-    if kind is int or kind is float:
-        try:
-            return kind(raw)
-        except ValueError:
-            raise ConfigError(
-                var, f"{raw!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
-    if kind == PortSpec:
-        parts = [p.strip() for p in raw.split(",") if p.strip()]
-        if not all(_is_number(p) and len(p) < 20 for p in parts) or not parts:  # int() caps digits
-            raise ConfigError(var, f"{raw!r} is not a port or a comma-separated list of ports")
-        ports = [int(p) for p in parts]
-        return ports[0] if len(ports) == 1 else ports
-    if kind == list[str]:
-        return [p.strip() for p in raw.split(",") if p.strip()]
     return raw
 
 
-def _build(values: dict[str, Any]) -> MeshConfig:
-    accepted: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in IGNORED_LMCACHE_KEYS:
-            logger.info("config key %s is an LMCache setting meshkv does not use; ignored", key)
-            continue
-        if key not in _FIELDS:
-            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
-            raise ConfigError(shown, "unknown key")
-        accepted[key] = _coerce(key, value)
-    if "extra_config" in accepted:
-        accepted["extra_config"] = {**EXTRA_CONFIG_DEFAULTS, **accepted["extra_config"]}
-    return MeshConfig(**accepted)
+def _build(values: dict[str, Any], ignored: dict[str, str]) -> MeshConfig:
+    if "extra_config" in values:
+        given = values["extra_config"]
+        for key, meshkv_key in EXTRA_CONFIG_MAPPED.items():
+            if key in given and meshkv_key not in values:
+                values[meshkv_key] = _coerce(meshkv_key, given[key], f"extra_config.{key}")
+        for key, reason in EXTRA_CONFIG_IGNORED.items():
+            if key in given:
+                ignored[f"extra_config.{key}"] = reason
+        values["extra_config"] = {**EXTRA_CONFIG_DEFAULTS, **given}
+    return MeshConfig(**values)
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Checks a value against the field's type (YAML gives native types)."""
-    kind = _HINTS[key]
+def _kind(key: str) -> str:
+    """How a field's values convert (LMCache's rules; ports keep a scalar scalar)."""
+    hint = _HINTS[key]
+    if hint == PortSpec:
+        return "ports"
+    if hint == list[str]:
+        return "str_list"
+    if hint == dict[str, Any]:
+        return "json_dict"
+    for kind in (bool, int, float):
+        if hint is kind:
+            return kind.__name__
+    return "str"
+
+
+def _coerce(key: str, value: Any, source: str | None = None) -> Any:
+    """``value`` converted for the field ``key``; errors name ``source`` (the key, or the
+    environment variable it came from)."""
+    source = source or key
+    kind = _kind(key)
     if value is None:
-        _check(_allows_none(kind), key, "must not be empty")
+        _check(_allows_none(_HINTS[key]), source, "must not be empty")
         return None
-    if kind is bool:
-        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-    elif kind is int:
-        _check(
-            isinstance(value, int) and not isinstance(value, bool),
-            key,
-            f"must be an integer, got {value!r}",
-        )
-    elif kind is float:
-        _check(
-            isinstance(value, int | float) and not isinstance(value, bool),
-            key,
-            f"must be a number, got {value!r}",
-        )
+    if kind == "ports":
         try:
-            return float(value)
-        except OverflowError:
-            raise ConfigError(key, "must be a number, got an integer too large for one") from None
-    elif kind == PortSpec:
-        if isinstance(value, str):
-            value = _parse_env(key, key, value)
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, list)
-            and value
-            and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
-        )
-        _check(bool(ok), key, f"must be a port or a list of ports, got {value!r}")
-    elif kind == list[str]:
-        if isinstance(value, str):
-            value = [p.strip() for p in value.split(",") if p.strip()]
-        _check(
-            isinstance(value, list) and all(isinstance(v, str) for v in value),
-            key,
-            f"must be a list of strings, got {value!r}",
-        )
-        _check(all(_is_text(v) for v in value), key, "must be UTF-8 text")
-    elif kind == dict[str, Any]:
-        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-    else:  # str or str | None
-        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
-        _check(_is_text(value), key, "must be UTF-8 text")  # e.g. undecodable bytes in the env
+            ports = convert(source, "int_list", value)
+        except ConfigError:
+            ports = []
+        _check(bool(ports), source, f"must be a port or a list of ports, got {value!r}")
+        value = ports if isinstance(value, list) or len(ports) > 1 else ports[0]
+    elif kind == "json_dict":
+        value = dict(convert(source, kind, value))
+        for name, extra_kind in EXTRA_CONFIG_KINDS.items():
+            if name in value:
+                value[name] = convert(f"{key}.{name}", extra_kind, value[name])
+    else:
+        value = convert(source, kind, value)
+    if kind == "float":
+        return float(value)
+    texts = value if kind == "str_list" else [value] if kind == "str" else []
+    _check(all(_is_text(v) for v in texts), source, "must be UTF-8 text")
     return value
 
 

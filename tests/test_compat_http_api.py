@@ -3,7 +3,9 @@ HTTP): worker listings, health, errors that never crash it, 501s, metrics, resta
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -13,33 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from meshkv.compat.controller_settings import CommandLine, load_settings
 from meshkv.compat.controller_shim import ControllerShim
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node.membership import ROLE_ENGINE, member_meta
+from meshkv.member_meta import CHUNK_COUNT, ROLE_ENGINE, member_meta
+from tests.conftest import free_port, wait_until
 
 DEADLINE_S = 5.0
-POLL_S = 0.05
 HTTP_TIMEOUT_S = 5.0
 NS = "ab" * 16
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_S) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < deadline_s:
-        if check():
-            return time.monotonic() - started
-        time.sleep(POLL_S)
-    pytest.fail(f"not within {deadline_s}s: {what}")
 
 
 class Shim:
@@ -70,9 +58,16 @@ class Shim:
         self.shim.start()
         self.seeds = self.shim.seed_addresses()
 
-    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, str]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any, str]:
+        headers = {} if body is None else {"Content-Type": content_type}
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
@@ -118,17 +113,29 @@ def shims() -> Iterator[Callable[..., Shim]]:
 def engines() -> Iterator[Callable[..., GossipRunner]]:
     runners: list[GossipRunner] = []
 
-    def start(name: str, seeds: list[str], data: str = "127.0.0.1:1", **meta: Any) -> GossipRunner:
+    def start(
+        name: str,
+        seeds: list[str],
+        data: str = "127.0.0.1:1",
+        chunks: int | None = 0,
+        admin_port: int | None = None,
+        gossip: GossipConfig | None = None,
+    ) -> GossipRunner:
         advertised = member_meta(
             namespace=NS,
             role=ROLE_ENGINE,
             data_address=data,
             channel="tcp",
             capacity_bytes=1 << 20,
+            chunk_size=256,
+            chunk_count=chunks or 0,
+            admin_port=admin_port,
             version="test",
         )
+        if chunks is None:  # a member of an older version: no chunk count
+            del advertised[CHUNK_COUNT]
         runner = GossipRunner(
-            config=GossipConfig.test(), name=name, host="127.0.0.1", meta={**advertised, **meta}
+            config=gossip or GossipConfig.test(), name=name, host="127.0.0.1", meta=advertised
         )
         runners.append(runner)
         runner.start(seeds)
@@ -144,12 +151,13 @@ def test_query_worker_info_lists_every_engine_and_filters(shims, engines):
     before = time.time()
     e1 = engines("inst1/0", shim.seeds, data="127.0.0.1:8201")
     engines("inst2/0", shim.seeds)
-    engines("inst2/1", shim.seeds)
+    engines("inst2/1", shim.seeds, data="127.0.0.1:8203", admin_port=8501)
     wait_until("three workers listed", lambda: len(shim.workers()) == 3)
     by_name = {(w["instance_id"], w["worker_id"]): w for w in shim.workers()}
     assert set(by_name) == {("inst1", 0), ("inst2", 0), ("inst2", 1)}
     first = by_name[("inst1", 0)]
     assert (first["ip"], first["port"], first["peer_init_url"]) == ("127.0.0.1", 8201, e1.address)
+    assert by_name[("inst2", 1)]["port"] == 8501  # lmcache_worker_ports, as LMCache reports
     assert before <= first["registration_time"] <= first["last_heartbeat_time"] <= time.time()
     assert len(shim.workers("inst2")) == 2
     status, body = shim.post("/query_worker_info", {"instance_id": "inst2", "worker_ids": [1]})
@@ -204,38 +212,134 @@ def test_query_instance_answers_by_ip_and_refuses_to_guess(shims, engines):
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "detail"),
     [
-        ("POST", "/lookup", b"{tokens: [1, 2]}", 400, "not valid JSON"),
-        ("POST", "/lookup", b"\xff\xfe", 400, "not valid JSON"),
-        ("POST", "/lookup", b"", 400, "not valid JSON"),
-        ("POST", "/health", b"[1, 2]", 400, "must be a JSON object"),
-        ("POST", "/health", b"{}", 422, "instance_id: field required"),
-        ("POST", "/lookup", b'{"tokens": "1 2 3"}', 422, "tokens: must be a list"),
-        ("POST", "/lookup", b'{"tokens": [1, -2]}', 422, "every token id"),
-        (
-            "POST",
-            "/query_worker_info",
-            b'{"instance_id": "all", "worker_ids": "0"}',
-            422,
-            "worker_ids",
-        ),
-        ("GET", "/lookup", None, 405, "takes POST"),
-        ("POST", "/metrics", b"{}", 405, "takes GET"),
+        ("POST", "/lookup", b"{tokens: [1, 2]}", 422, "json_invalid"),
+        ("POST", "/lookup", b"\xff\xfe", 422, "json_invalid"),
+        ("POST", "/lookup", b"", 422, "missing"),
+        ("POST", "/health", b"[1, 2]", 422, "model_attributes_type"),
+        ("POST", "/health", b"{}", 422, "missing"),
+        ("POST", "/lookup", b'{"tokens": "1 2 3"}', 422, "list_type"),
+        ("POST", "/lookup", b'{"tokens": [1, -2]}', 422, "greater_than_equal"),
+        ("POST", "/query_worker_info", b'{"instance_id": "all", "worker_ids": "0"}', 422,
+         "list_type"),
+        ("GET", "/lookup", None, 405, "Method Not Allowed"),
+        ("POST", "/metrics", b"{}", 405, "Method Not Allowed"),
         ("GET", "/no/such/path", None, 404, "Not Found"),
     ],
-)
-def test_bad_requests_get_clear_errors_and_the_shim_keeps_serving(
+)  # fmt: skip
+def test_bad_requests_get_fastapis_errors_and_the_shim_keeps_serving(
     shims, method, path, body, status, detail
 ):
     shim = shims()
     got_status, got, kind = shim.call(method, path, body)
     assert (got_status, kind) == (status, "application/json")
-    assert detail in got["detail"]
+    if status == 422:  # pydantic's list: one entry per problem, with its type and location
+        assert detail in [problem["type"] for problem in got["detail"]]
+        assert all(problem["loc"][0] == "body" for problem in got["detail"])
+    else:
+        assert got["detail"] == detail
     assert shim.post("/health", {"instance_id": "x"})[0] == 200
 
 
-@pytest.mark.parametrize("path", ["/clear", "/pin", "/compress", "/decompress", "/move"])
+class LMCacheLookup(BaseModel):  # LMCache 0.5.6's request models, as its docs list the fields
+    tokens: list[int]
+
+
+class LMCacheHealth(BaseModel):
+    instance_id: str
+
+
+class LMCacheQueryWorkerInfo(BaseModel):
+    instance_id: str
+    worker_ids: list[int] | None = None
+
+
+class LMCacheCheckFinish(BaseModel):
+    event_id: str
+
+
+class LMCacheMove(BaseModel):
+    old_position: tuple[str, str]
+    new_position: tuple[str, str]
+    tokens: list[int] | None = []
+    should_copy: bool | None = False
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "good", "bad"),
+    [
+        ("/lookup", LMCacheLookup, {"tokens": [1, 2]}, {"tokens": ["a", 2.5, None]}),
+        ("/health", LMCacheHealth, {"instance_id": "i"}, {"instance_id": 7}),
+        ("/query_worker_info", LMCacheQueryWorkerInfo, {"instance_id": "all"},
+         {"worker_ids": ["x"]}),
+        ("/check_finish", LMCacheCheckFinish, None, {"event": "e"}),
+        ("/move", LMCacheMove, None, {"old_position": ["a"], "new_position": "b"}),
+    ],
+)  # fmt: skip
+def test_each_route_answers_200_and_validation_errors_as_fastapi_does_for_lmcaches_models(
+    shims, path, model, good, bad
+):
+    shim = shims()
+    if good is not None:
+        assert shim.post(path, good)[0] == 200
+    status, body = shim.post(path, bad)
+    with pytest.raises(ValidationError) as expected:
+        model.model_validate(bad)
+    wanted = [
+        {"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]}
+        for e in expected.value.errors(include_url=False)
+    ]
+    got = [{k: problem[k] for k in ("type", "loc", "msg")} for problem in body["detail"]]
+    assert (status, got) == (422, wanted)
+
+
+def test_a_body_not_sent_as_json_is_refused_as_lmcaches_controller_refuses_it(shims):
+    status, body, _ = shims().call(
+        "POST", "/health", b'{"instance_id": "x"}', content_type="text/plain"
+    )
+    assert status == 422 and body["detail"][0]["type"] == "model_attributes_type"
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(shims):
+    shim = shims()
+    connection = http.client.HTTPConnection("127.0.0.1", shim.http_port, timeout=HTTP_TIMEOUT_S)
+    try:
+        sockets = []
+        for _ in range(3):
+            connection.request("GET", "/controller/key-stats")
+            response = connection.getresponse()
+            assert response.status == 200 and response.version == 11  # HTTP/1.1
+            response.read()
+            sockets.append(connection.sock)
+        assert sockets[0] is not None and all(s is sockets[0] for s in sockets)
+    finally:
+        connection.close()
+
+
+def test_openapi_lists_every_route_and_docs_are_served(shims):
+    shim = shims()
+    status, spec = shim.get("/openapi.json")
+    assert status == 200
+    posts = {"/lookup", "/query_instance", "/health", "/check_finish", "/query_worker_info",
+             "/clear", "/pin", "/compress", "/decompress", "/move"}  # fmt: skip
+    assert {p for p, ops in spec["paths"].items() if "post" in ops} == posts
+    gets = {"/metrics", "/controller/workers", "/controller/key-stats"}
+    assert {p for p, ops in spec["paths"].items() if "get" in ops} == gets
+    status, page, kind = shim.call("GET", "/docs")
+    assert status == 200 and kind.startswith("text/html") and "/openapi.json" in page
+
+
+UNSUPPORTED_BODIES = {
+    "/clear": {"instance_id": "inst1", "location": "LocalCPUBackend"},
+    "/pin": {"instance_id": "inst1", "location": "LocalCPUBackend", "tokens": [1, 2]},
+    "/compress": {"instance_id": "inst1", "method": "cachegen", "location": "LocalCPUBackend"},
+    "/decompress": {"instance_id": "inst1", "method": "cachegen", "location": "LocalCPUBackend"},
+    "/move": {"old_position": ["inst1", "LocalCPUBackend"], "new_position": ["inst2", "x"]},
+}
+
+
+@pytest.mark.parametrize("path", sorted(UNSUPPORTED_BODIES))
 def test_calls_meshkv_cannot_honour_answer_501_with_the_reason(shims, path):
-    status, body = shims().post(path, {"instance_id": "inst1", "location": "LocalCPUBackend"})
+    status, body = shims().post(path, UNSUPPORTED_BODIES[path])
     assert status == 501
     assert body["detail"].startswith(f"{path} is not supported by meshkv: ")
     assert len(body["detail"]) > len(path) + 40  # a reason, not just a refusal
@@ -243,9 +347,9 @@ def test_calls_meshkv_cannot_honour_answer_501_with_the_reason(shims, path):
 
 def test_controller_views_and_metrics(shims, engines):
     shim = shims()
-    engines("inst1/0", shim.seeds, keys=7)
-    engines("inst1/1", shim.seeds, keys=5)
-    engines("inst2/0", shim.seeds)  # advertises no key count
+    engines("inst1/0", shim.seeds, chunks=7)
+    engines("inst1/1", shim.seeds, chunks=5)
+    engines("inst2/0", shim.seeds, chunks=None)  # advertises no chunk count
     wait_until("three listed", lambda: len(shim.workers()) == 3)
     status, body = shim.get("/controller/workers")
     assert status == 200 and body["total_count"] == 3
@@ -265,7 +369,11 @@ def test_controller_views_and_metrics(shims, engines):
     assert status == 200 and kind.startswith("text/plain")
     assert 'meshkv_controller_members{role="engine",state="alive"} 3.0' in text
     assert 'meshkv_controller_members{role="seed",state="alive"} 2.0' in text
-    assert "meshkv_controller_http_requests_total" in text
+    assert 'meshkv_controller_http_requests_total{code="200",route="/controller/workers"}' in text
+    assert 'lmcache:cache_controller_registered_workers_count{role="controller"} 3.0' in text
+    assert 'lmcache:cache_controller_kv_pool_keys_count{role="controller"} 12.0' in text
+    assert "lmcache:cache_controller_pull_socket_message_count" in text
+    assert "lmcache:cache_controller_reply_socket_message_count" in text
 
 
 def test_check_finish_knows_the_events_it_issued(shims):
@@ -294,11 +402,53 @@ def test_killed_shim_changes_nothing_between_members_and_a_restart_relearns_them
     for member in first.shim.members.values():
         member.stop(leave=False)  # as if killed: no goodbye
     first.shim.stop()
-    time.sleep(1.0)  # long enough for the engines to notice the seeds are gone
+    wait_until(
+        "the engines no longer hold the killed shim's members alive",
+        lambda: all(m.state.name != "ALIVE" for m in e1.members() if m.address in first.seeds),
+    )
     assert {m.name for m in e1.members() if m.state.name == "ALIVE"} >= {"inst1/0", "inst2/0"}
     second = shims(state_file=state, ports=ports)
-    took_s = wait_until("restarted shim lists both", lambda: len(second.workers()) == 2)
-    assert took_s < DEADLINE_S
+    wait_until(
+        f"restarted shim lists both within {DEADLINE_S:g} s",
+        lambda: len(second.workers()) == 2,
+        DEADLINE_S,
+    )
+
+
+RESTARTS = 5
+"""Restarts in a row. Before the fix a seed member joined its just-started sibling first one
+time in three, and then knew no engine until an engine's push-pull reached it (15 s and more
+on the lan profile): all 5 quick about 13% of the time."""
+DEAD_WAIT_S = 30.0
+"""Long enough for lan-profile gossip to declare a killed member dead."""
+
+
+def test_a_restarted_shim_relearns_the_mesh_quickly_every_time(shims, engines, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vllm.meshkv.compat")
+    state = tmp_path / "controller.json"
+    shim = shims(state_file=state, extra=("mesh_gossip_profile=lan",))
+    e1 = engines("inst1/0", shim.seeds, gossip=GossipConfig.lan())  # push-pull every 15 s or so
+    engines("inst2/0", shim.seeds, gossip=GossipConfig.lan())
+    wait_until("both listed", lambda: len(shim.workers()) == 2)
+    wait_until(
+        "members remembered",
+        lambda: state.exists() and len(json.loads(state.read_text())["seeds"]) == 2,
+    )
+    assert any("member inst1/0 joined" in r.getMessage() for r in caplog.records)
+    ports = (shim.http_port, shim.pull_port, shim.reply_port)
+    for _ in range(RESTARTS):
+        for member in shim.shim.members.values():
+            member.stop(leave=False)  # as if killed: no goodbye
+        shim.shim.stop()
+        wait_until(
+            "the engines hold the killed shim's members dead (they no longer probe them)",
+            lambda seeds=shim.seeds: all(
+                m.state.name in ("DEAD", "LEFT") for m in e1.members() if m.address in seeds
+            ),
+            DEAD_WAIT_S,
+        )
+        shim = shims(state_file=state, ports=ports, extra=("mesh_gossip_profile=lan",))
+        wait_until("the restarted shim lists both", lambda s=shim: len(s.workers()) == 2)
 
 
 @pytest.mark.parametrize("busy", ["reply", "http"])

@@ -18,13 +18,15 @@ from meshkv.compat.mesh_lookup import (
 from meshkv.config import MeshConfig
 from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
+from meshkv.node.chunk_count_advert import CHUNK_COUNT_REFRESH_INTERVAL_S
 from meshkv.ring import HashRing
 from tests.conftest import wait_until
-from tests.test_compat_http_api import Shim
+from tests.test_compat_http_api import DEADLINE_S, Shim
 
 NAMESPACE = "cd" * 16
 CHUNK_TOKENS = 16
 CHUNK_BYTES = 4096
+ADVERT_WAIT_S = 4 * CHUNK_COUNT_REFRESH_INTERVAL_S + DEADLINE_S
 
 
 @pytest.mark.parametrize(
@@ -68,7 +70,7 @@ def _chunk(key: bytes) -> np.ndarray:
 
 @pytest.fixture
 def shim() -> Iterator[Shim]:
-    started = Shim(extra=(f"chunk_size={CHUNK_TOKENS}",))  # engines advertise no chunk size
+    started = Shim()  # chunk_size 256: the engines' own (16) reaches it in their metadata
     yield started
     started.shim.stop()
 
@@ -129,6 +131,44 @@ def test_lookup_stops_at_the_first_chunk_nobody_holds(shim, nodes):
     assert producer.put(keys[:2], [_chunk(k) for k in keys[:2]]) == 2
     status, body = shim.post("/lookup", {"tokens": tokens})
     assert (status, body["layout_info"]) == (200, {"inst1": [LOCATION, 2 * CHUNK_TOKENS]})
+
+
+def test_key_stats_count_the_chunks_each_member_advertises(shim, nodes):
+    producer = _start_node(nodes, "inst1", shim.seeds)
+    _start_node(nodes, "inst2", shim.seeds)
+    wait_until("engines see each other", lambda: all(len(n.members()) == 2 for n in nodes))
+    keys = _keys(_tokens(6))
+    assert producer.put(keys, [_chunk(k) for k in keys]) == 6
+    # (the 6 chunks are one home group: the other engine holds them too, or none of them)
+
+    def advertised() -> dict[str, int | None]:
+        _, stats = shim.get("/controller/key-stats")
+        return {i["instance_id"]: i["key_count"] for i in stats["instances"]}
+
+    def held() -> dict[str, int]:
+        return {n.config.lmcache_instance_id: n.store.stats().chunks for n in nodes}
+
+    wait_until("key counts advertised", lambda: advertised() == held(), ADVERT_WAIT_S)
+    assert advertised()["inst1"] == 6  # the producer keeps its own copy of every chunk
+
+
+def test_an_engine_logs_lmcaches_connection_line_when_it_first_reaches_a_peer(shim, nodes, caplog):
+    caplog.set_level(logging.INFO, logger="vllm.meshkv.node")
+    producer = _start_node(nodes, "inst1", shim.seeds)
+    reader = _start_node(nodes, "inst2", shim.seeds)
+    wait_until("engines see each other", lambda: all(len(n.members()) == 2 for n in nodes))
+    keys = _keys(_tokens(2))
+    assert producer.put(keys, [_chunk(k) for k in keys]) == 2
+    with reader.get(keys, CHUNK_BYTES) as lease:  # from the producer, or from the home it fed
+        assert lease.count == 2
+    lines = [r.getMessage() for r in caplog.records if "Established connection" in r.getMessage()]
+    expected = {
+        f"Established connection to peer_init_url: {n.gossip_address}, "
+        f"peer_lookup_url: {n.data_address}"
+        for n in nodes
+    }
+    assert lines and set(lines) <= expected
+    assert len(lines) == len(set(lines))  # once per peer
 
 
 def test_an_instance_with_neither_controller_nor_seeds_runs_alone_and_says_so_once(caplog, nodes):

@@ -54,6 +54,7 @@ class ShimProcess:
             f"http://127.0.0.1:{self.http_port}/query_worker_info",
             data=json.dumps({"instance_id": "all"}).encode(),
             method="POST",
+            headers={"Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=1.0) as reply:
@@ -95,6 +96,9 @@ def _engine(runners: list[GossipRunner], name: str, seeds: list[str]) -> GossipR
         data_address="127.0.0.1:1",
         channel="tcp",
         capacity_bytes=1,
+        chunk_size=256,
+        chunk_count=0,
+        admin_port=None,
         version="test",
     )
     runner = GossipRunner(config=GossipConfig.test(), name=name, host="127.0.0.1", meta=meta)

@@ -88,18 +88,23 @@ def test_key_values_are_typed_like_lmcache_and_reach_both_configs():
     assert (config.mesh_gossip_profile, config.chunk_size) == ("local", 128)
 
 
-@pytest.mark.parametrize(
-    ("extra", "key"),
-    [
-        (("no_such_key=1",), "no_such_key"),
-        (("--verbose",), "--verbose"),
-        (("mesh_vnodes=3",), "mesh_vnodes"),
-    ],
-)
-def test_unknown_or_bad_extra_arguments_name_the_key(extra, key):
+@pytest.mark.parametrize("extra", [("no_such_key=1",), ("--verbose",), ("a=1", "b")])
+def test_unknown_extra_arguments_are_warned_about_and_ignored_as_lmcache_does(extra, caplog):
+    settings, config = _settings(extra=extra)
+    assert settings == _settings()[0] and config == _settings()[1]
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "ignored" in r.message]
+    assert len(warned) == len(extra)
+
+
+def test_a_known_key_with_a_bad_value_is_still_an_error_naming_it():
     with pytest.raises(ConfigError) as caught:
-        _settings(extra=extra)
-    assert caught.value.key == key
+        _settings(extra=("mesh_vnodes=3",))
+    assert caught.value.key == "mesh_vnodes"
+
+
+def test_an_lmcache_engine_key_given_to_the_controller_is_accepted():
+    _, config = _settings(extra=("local_cpu_use_hugepages=True", "chunk_size=128"))
+    assert config.chunk_size == 128
 
 
 def test_file_then_env_then_flags_then_key_values(tmp_path: Path):

@@ -111,7 +111,7 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> Non
 
 
 def test_bad_env_value_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match="LMCACHE_CHUNK_SIZE: 'abc' is not an integer"):
+    with pytest.raises(ConfigError, match="LMCACHE_CHUNK_SIZE: must be an integer, got 'abc'"):
         load_config(environ={"LMCACHE_CHUNK_SIZE": "abc"})
 
 

@@ -16,7 +16,17 @@ PACKAGE = ROOT / "meshkv"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("keys", "wire", "wire_fields", "config", "metrics", "models"),
+    (
+        "keys",
+        "wire",
+        "wire_fields",
+        "member_meta",
+        "lmcache_keys",
+        "lmcache_values",
+        "config",
+        "metrics",
+        "models",
+    ),
     ("ring", "gossip"),
     ("store",),
     ("transfer",),

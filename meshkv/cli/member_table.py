@@ -1,8 +1,7 @@
 """How members are shown: one row per member as a rich table or as JSON-ready dicts.
 
-Metadata keys are the ones `meshkv.node.membership.member_meta` advertises (``ns``, ``role``);
-they are spelled here rather than imported: importing `meshkv.node` loads the whole node
-(store, transfer, numpy), which a command that only lists members should not pay for.
+Metadata keys are read through `meshkv.member_meta` (a light module: listing members does not
+load the node, its store or numpy).
 
 This module knows nothing of sockets or of how the member list was obtained.
 """
@@ -14,10 +13,9 @@ from typing import Any
 
 from rich.table import Table
 
+from meshkv import member_meta
 from meshkv.gossip.member import MemberState, MemberView
 
-NAMESPACE_META_KEY = "ns"
-ROLE_META_KEY = "role"
 UNSET = "-"
 """Shown for a member that does not advertise the key (e.g. a gossip-only member)."""
 _STATE_STYLES = {
@@ -33,11 +31,11 @@ def status_of(member: MemberView) -> str:
 
 
 def namespace_of(member: MemberView) -> str:
-    return str(member.meta.get(NAMESPACE_META_KEY, UNSET))
+    return member_meta.namespace_of(member.meta) or UNSET
 
 
 def role_of(member: MemberView) -> str:
-    return str(member.meta.get(ROLE_META_KEY, UNSET))
+    return member_meta.role_of(member.meta) or UNSET
 
 
 def member_rows(members: Iterable[MemberView]) -> list[dict[str, Any]]:

@@ -3,8 +3,9 @@
 The flags are LMCache's, spelled and typed the same (``--config``, ``--host``, ``--port``,
 ``--monitor-ports``, ``--monitor-port``, ``--health-check-interval``,
 ``--lmcache-worker-timeout``) and any number of ``key=value`` overrides; see
-`meshkv.compat.controller_settings` for what each key means here. A bad flag or key is one line
-on stderr and exit status 2; a port that cannot be bound is one line and exit status 1.
+`meshkv.compat.controller_settings` for what each key means here. An unknown ``key=value`` is
+a warning; a bad flag or value is one line on stderr and exit status 2; a port that cannot be
+bound is one line and exit status 1.
 
 The process runs until SIGINT or SIGTERM, then leaves the mesh gracefully.
 
@@ -95,6 +96,8 @@ def parse_command_line(argv: Sequence[str] | None, prog: str = "lmcache_controll
 def main(argv: Sequence[str] | None = None, prog: str = "lmcache_controller") -> int:
     """Runs the shim until SIGINT/SIGTERM; returns the exit status."""
     command_line = parse_command_line(argv, prog)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("vllm.meshkv").setLevel(logging.INFO)
     try:
         settings, config = load_settings(command_line)
     except ConfigError as exc:
@@ -102,8 +105,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "lmcache_controller") ->
         return EXIT_USAGE
     from meshkv.compat.controller_shim import ControllerShim  # here: --help and errors stay fast
 
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    logging.getLogger("vllm.meshkv").setLevel(logging.INFO)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda _signum, _frame: stop.set())

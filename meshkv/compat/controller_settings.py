@@ -4,8 +4,9 @@ LMCache's controller config has six keys (``controller_host``, ``controller_port
 ``controller_monitor_ports``, ``health_check_interval``, ``lmcache_worker_timeout``,
 ``extra_config``); the shim adds one of its own, ``mesh_state_file``. Every other key given to
 the shim must be a meshkv config key (``mesh_secret``, ``mesh_gossip_profile``, ``chunk_size``,
-``mesh_seeds``, ...) and goes to `meshkv.config.load_config`; an unknown key is an error that
-names it (LMCache only warns; a typo must not pass silently).
+``mesh_seeds``, ...) and goes to `meshkv.config.load_config`. An unknown key in the file is an
+error that names it (a typo must not pass silently); on the command line, as in LMCache, an
+argument that is not a known ``key=value`` is warned about and ignored.
 
 Sources, later ones winning: defaults < controller file (``--config`` or
 ``LMCACHE_CONTROLLER_CONFIG_FILE``) < ``LMCACHE_CONTROLLER_<KEY>`` environment variables <
@@ -19,6 +20,7 @@ This module knows nothing of sockets, gossip or HTTP.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,6 +31,9 @@ import yaml
 
 from meshkv.config import MeshConfig, load_config
 from meshkv.errors import ConfigError
+from meshkv.lmcache_values import is_lmcache_key
+
+log = logging.getLogger("vllm.meshkv.compat.settings")
 
 CONFIG_FILE_ENV = "LMCACHE_CONTROLLER_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_CONTROLLER_"
@@ -145,15 +150,15 @@ def _port(key: str, name: str, raw: object) -> int | None:
 
 def parse_key_values(args: Sequence[str]) -> dict[str, Any]:
     """LMCache's extra arguments: ``key=value`` (leading dashes dropped); true/false, integers
-    and decimals become bool/int/float, ``{...}``/``[...]`` is JSON, anything else a string."""
+    and decimals become bool/int/float, ``{...}``/``[...]`` is JSON, anything else a string.
+    Anything else is warned about and ignored, as LMCache ignores it."""
     params: dict[str, Any] = {}
     for arg in args:
         key, sep, raw = arg.partition("=")
         key = key.lstrip("-")
         if not sep or not key:
-            raise ConfigError(
-                _shown(arg), "is neither a flag of lmcache_controller nor a key=value"
-            )
+            log.warning("argument %s is neither a flag nor a key=value; ignored", _shown(arg))
+            continue
         params[key] = _scalar(_shown(key), raw)
     return params
 
@@ -206,9 +211,14 @@ def load_settings(
         "lmcache_worker_timeout": command_line.lmcache_worker_timeout,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
-    values.update(parse_key_values(command_line.extra))
+    for key, value in parse_key_values(command_line.extra).items():
+        if key in _CONTROLLER_KEYS or key in _MESH_KEYS or is_lmcache_key(key):
+            values[key] = value
+        else:
+            log.warning("argument %s=... is neither a controller key nor a config key; ignored",
+                        _shown(key))  # fmt: skip
     mine = {k: values.pop(k) for k in _CONTROLLER_KEYS if k in values}
-    unknown = sorted(str(k) for k in values if k not in _MESH_KEYS)  # YAML keys: any type
+    unknown = sorted(str(k) for k in values if k not in _MESH_KEYS and not is_lmcache_key(k))
     if unknown:
         raise ConfigError(_shown(unknown[0]), "is neither a controller key nor a meshkv config key")
     settings = _settings(mine, command_line.monitor_port, env)

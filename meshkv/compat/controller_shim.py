@@ -8,7 +8,8 @@ without the other. Both probe and are probed like any member and learn the whole
 gossip. LMCache's legacy ``--monitor-port`` gives only the pull member. The ``heartbeat`` port
 is accepted and not bound: gossip probes are meshkv's heartbeats.
 
-The HTTP API reads the pull member's table and asks the homes for lookups. Nothing here is on a
+The HTTP API (FastAPI on uvicorn, as LMCache's controller) reads the pull member's table and
+asks the homes for lookups. Nothing here is on a
 data path: killing the shim costs the mesh one seed, nothing else; a restarted shim rejoins
 through the members it remembered (`RememberedSeeds`) and relearns the table by gossip.
 
@@ -24,6 +25,7 @@ import threading
 from meshkv import __version__
 from meshkv.compat.controller_settings import ControllerSettings
 from meshkv.compat.http_api import ControllerApi
+from meshkv.compat.http_app import build_app
 from meshkv.compat.http_server import HttpServer
 from meshkv.compat.mesh_lookup import MeshLookup
 from meshkv.compat.remembered_seeds import RememberedSeeds
@@ -31,8 +33,10 @@ from meshkv.compat.worker_table import LISTED_STATES, WorkerTable
 from meshkv.config import MeshConfig
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
+from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node.membership import ROLE_SEED, peer_of
+from meshkv.member_meta import seed_meta
+from meshkv.node.membership import peer_of
 from meshkv.wire import AuthPolicy
 
 log = logging.getLogger("vllm.meshkv.compat.controller")
@@ -42,6 +46,13 @@ SEED_SAVE_INTERVAL_S = 1.0
 STOP_TIMEOUT_S = 3.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 ROUTE_PROBE_ADDRESS = ("10.255.255.255", 1)
+
+
+def log_member_event(event: MemberEvent) -> None:
+    """Membership changes at INFO (metadata updates, e.g. chunk counts, at DEBUG)."""
+    view = event.member
+    level = logging.DEBUG if event.kind is EventKind.UPDATED else logging.INFO
+    log.log(level, "member %s %s (gossip %s)", view.name, event.kind.value, view.address)
 
 
 def advertised_host(host: str) -> str:
@@ -67,7 +78,7 @@ class ControllerShim:
         auth = AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
         host = advertised_host(settings.host)
         instance = f"lmcache_controller@{host}:{settings.monitor_ports.pull}"
-        meta = {"role": ROLE_SEED, "v": __version__}
+        meta = seed_meta(version=__version__)
         ports = {"pull": settings.monitor_ports.pull, "reply": settings.monitor_ports.reply}
         self.members: dict[str, GossipRunner] = {}
         try:
@@ -94,15 +105,17 @@ class ControllerShim:
             members=self._pull.members,
         )
         self._pull.subscribe(self.workers.on_event)
+        self._pull.subscribe(log_member_event)
         self._pull.subscribe(self.lookup.on_event)
         self.api = ControllerApi(
             members=self._pull.members,
             workers=self.workers,
             lookup=self.lookup,
             lookup_timeout_s=config.lookup_timeout_ms / 1000,
+            message_counts=self._message_counts,
         )
         try:
-            self.http = HttpServer(self.api, settings.host, settings.http_port)
+            self.http = HttpServer(build_app(self.api), settings.host, settings.http_port)
         except OSError as exc:
             self._discard_members()
             self.lookup.close()
@@ -121,11 +134,17 @@ class ControllerShim:
         return [member.address for member in self.members.values()]
 
     def start(self) -> None:
-        """Joins the mesh (through ``mesh_seeds`` and the remembered members) and serves."""
+        """Joins the mesh (through ``mesh_seeds`` and the remembered members) and serves.
+
+        A member stops joining once it knows any member, so the seed members join through
+        the outside seeds only, and through each other only when there are none: a seed
+        member whose first join went to its just-started sibling would know nobody else
+        until some engine's push-pull reached it (15 s and more on the lan profile).
+        """
         own = self.seed_addresses()
         outside = [s for s in [*self.config.mesh_seeds, *self.remembered.load()] if s not in own]
         for member in self.members.values():
-            member.start([*outside, *own])
+            member.start(outside or [a for a in own if a != member.address])
         self.http.start()
         self._saver.start()
         self._log_start(outside)
@@ -141,6 +160,10 @@ class ControllerShim:
         for member in self.members.values():
             member.stop(leave=True, timeout_s=STOP_TIMEOUT_S)
         self.lookup.close()
+
+    def _message_counts(self) -> dict[str, int]:
+        """Gossip messages each seed member received (LMCache's per-socket message counts)."""
+        return {role: member.stats()["rx_ok"] for role, member in self.members.items()}
 
     def _discard_members(self) -> None:
         """Closes members that were built but never started (a later port failed to bind)."""

@@ -1,5 +1,10 @@
-"""The thin HTTP server around `ControllerApi`: stdlib ``ThreadingHTTPServer``, one thread per
-request, a bound on requests in flight and on body size, a socket timeout per connection.
+"""The controller API served by uvicorn (HTTP/1.1 with keep-alive) from a background thread.
+
+The listening socket is bound when the server is built, so a port in use fails the shim's
+start at once (an `OSError`), before anything runs. Bounds: `REQUESTS_IN_FLIGHT_MAX`
+connections and requests at once (uvicorn answers 503 past it), an idle keep-alive connection
+closes after `KEEP_ALIVE_S`, and `stop` waits at most `STOP_TIMEOUT_S` for requests in flight
+(each is bounded by its own deadline).
 
 This module knows nothing of what the calls mean.
 """
@@ -7,91 +12,64 @@ This module knows nothing of what the calls mean.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-from meshkv.compat.http_api import ControllerApi, Reply, json_reply
+import uvicorn
+
+from meshkv.compat.http_app import Asgi
 
 log = logging.getLogger("vllm.meshkv.compat.http")
 
-MAX_BODY_BYTES = 32 << 20
-"""Largest request body (a million tokens as JSON is about 7 MB)."""
 REQUESTS_IN_FLIGHT_MAX = 32
-"""HTTP requests served at once; more are answered 503 at once."""
-SOCKET_TIMEOUT_S = 10.0
-"""How long a connection may take to send its request."""
+"""Connections and requests served at once; more are answered 503 at once."""
+KEEP_ALIVE_S = 5.0
+"""How long an idle HTTP/1.1 connection is kept open for the next request (uvicorn's default)."""
+LISTEN_BACKLOG = 128
+STOP_TIMEOUT_S = 5.0
+"""How long `stop` waits for requests in flight before closing their connections."""
 
 
 class HttpServer:
-    """Serves a `ControllerApi` on ``host:port`` from a background thread."""
+    """Serves an ASGI app on ``host:port`` from a background thread."""
 
-    def __init__(self, api: ControllerApi, host: str, port: int) -> None:
-        in_flight = threading.BoundedSemaphore(REQUESTS_IN_FLIGHT_MAX)
-
-        class Handler(_Handler):
-            pass
-
-        Handler.api = api
-        Handler.in_flight = in_flight
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = False  # stop() waits for requests in flight
-        self.port = self._server.server_address[1]
+    def __init__(self, app: Asgi, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, port))
+            self._socket.listen(LISTEN_BACKLOG)
+        except OSError:
+            self._socket.close()
+            raise
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # uvicorn's records go through logging as configured by the host
+            access_log=False,
+            timeout_keep_alive=int(KEEP_ALIVE_S),
+            limit_concurrency=REQUESTS_IN_FLIGHT_MAX,
+            timeout_graceful_shutdown=int(STOP_TIMEOUT_S),
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="meshkv-controller-http", daemon=True
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="meshkv-controller-http",
+            daemon=True,
         )
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops accepting, then waits for the requests in flight (each bounded by deadlines)."""
+        """Stops accepting, then waits for the requests in flight. Safe to call twice."""
+        self._server.should_exit = True
         if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    api: ControllerApi
-    in_flight: threading.BoundedSemaphore
-    timeout = SOCKET_TIMEOUT_S
-    server_version = "meshkv-lmcache-controller"
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
-        if not self.in_flight.acquire(blocking=False):
-            self._send(json_reply(503, {"detail": "too many requests in flight"}))
-            return
-        try:
-            length = self.headers.get("Content-Length", "0")
-            if not (length.isascii() and length.isdigit()):  # "²" is a digit to isdigit
-                self._send(json_reply(400, {"detail": "Content-Length is not a number"}))
-                return
-            if int(length) > MAX_BODY_BYTES:
-                self._send(json_reply(413, {"detail": f"body over {MAX_BODY_BYTES} bytes"}))
-                return
-            body = self.rfile.read(int(length)) if int(length) else b""
-            self._send(self.api.handle(method, self.path, body))
-        finally:
-            self.in_flight.release()
-
-    def _send(self, reply: Reply) -> None:
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        self.wfile.write(reply.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+            self._thread.join(STOP_TIMEOUT_S + 1.0)
+            if self._thread.is_alive():
+                log.warning("the HTTP server did not stop within %.0f s", STOP_TIMEOUT_S)
+        self._socket.close()

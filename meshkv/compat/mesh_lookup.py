@@ -32,6 +32,7 @@ from meshkv.errors import TransportError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.member import MemberView
 from meshkv.keys import KEY_BYTES, chunk_keys, root_key
+from meshkv.member_meta import chunk_size_of, namespace_of
 from meshkv.node.fetch import locate
 from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED, Membership, Peer
 from meshkv.store import ChunkStore
@@ -42,8 +43,6 @@ log = logging.getLogger("vllm.meshkv.compat.lookup")
 
 LOCATION = "LocalCPUBackend"
 """The location LMCache reports for chunks in CPU memory (where meshkv keeps every chunk)."""
-CHUNK_SIZE_META = "cs"
-"""Member metadata key a member may advertise its chunk size (tokens) under."""
 NAMESPACES_MAX = 256
 """Namespaces tracked; past this, those with no live member are forgotten first."""
 LOOKUP_CLIENTS_MAX = 4
@@ -94,13 +93,13 @@ class MeshLookup:
 
     def on_event(self, event: MemberEvent) -> None:
         view = event.member
-        ns = view.meta.get("ns")
+        ns = namespace_of(view.meta)
         with self._lock:
-            if is_namespace_digest(ns) and ns not in self._rings:
-                self._add_namespace(str(ns))
-            chunk_size = view.meta.get(CHUNK_SIZE_META)
-            if is_namespace_digest(ns) and isinstance(chunk_size, int) and chunk_size > 0:
-                self._chunk_sizes[str(ns)] = chunk_size
+            if ns is not None and is_namespace_digest(ns) and ns not in self._rings:
+                self._add_namespace(ns)
+            chunk_size = chunk_size_of(view.meta)
+            if ns is not None and is_namespace_digest(ns) and chunk_size is not None:
+                self._chunk_sizes[ns] = chunk_size
             rings = list(self._rings.values())
         for membership in rings:
             membership.on_event(event)

@@ -25,14 +25,13 @@ from typing import Any
 
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState, MemberView
+from meshkv.member_meta import admin_port_of, chunk_count_of, namespace_of
 from meshkv.node.membership import ROLE_ENGINE, peer_of
 
 LISTED_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 HEALTH_OK = 0
 HEALTH_WORKER_ERROR = -1001
 """LMCache's code for a worker that did not answer; here: suspected or declared dead."""
-KEY_COUNT_META = "keys"
-"""Member metadata key a member may advertise its chunk count under (None when absent)."""
 TRACKED_BOOTS_MAX = 16384
 """Boots whose first-seen time is kept (as many as gossip tracks members)."""
 
@@ -121,20 +120,23 @@ class WorkerTable:
         first_seen = self._first_seen.setdefault(boot, now)
         alive_until = now if view.state is MemberState.ALIVE else self._alive_until.get(boot, now)
         instance_id, rank = split_name(view.name) or (view.name, 0)
-        data = str(view.meta["data"])
-        host, _, port = data.rpartition(":")
-        keys = view.meta.get(KEY_COUNT_META)
+        host, _, data_port = str(view.meta["data"]).rpartition(":")
+        # LMCache's `port` is the worker's lmcache_worker_ports port; a member serving none
+        # is reached at its data-plane port
+        port = admin_port_of(view.meta) or (
+            int(data_port) if data_port.isascii() and data_port.isdigit() else 0
+        )
         return Worker(
             instance_id=instance_id,
             worker_id=rank,
             ip=host,
-            port=int(port) if port.isascii() and port.isdigit() else 0,
+            port=port,
             peer_init_url=view.address,
             registration_time=first_seen,
             last_heartbeat_time=alive_until,
             state=view.state,
-            namespace=str(view.meta.get("ns", "")),
-            key_count=keys if isinstance(keys, int) and not isinstance(keys, bool) else None,
+            namespace=namespace_of(view.meta) or "",
+            key_count=chunk_count_of(view.meta),
         )
 
 

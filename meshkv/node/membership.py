@@ -1,9 +1,9 @@
 """Who is in this member's ring, and how to reach them: gossip events in, a ring view out.
 
-A member's gossip metadata says which namespace it serves (``ns``: a namespace label, or
-``"*"`` for a storage-only member that serves every namespace), its role and its data-plane
-address. The ring of a namespace is its live members (alive or suspected) plus storage-only
-members; the shim (role ``seed``) and dead or departed members are on no ring.
+A member's gossip metadata (its schema is `meshkv.member_meta`) says which namespace it serves
+(a namespace label, or ``"*"`` for a storage-only member that serves every namespace), its role
+and its data-plane address. The ring of a namespace is its live members (alive or suspected)
+plus storage-only members; the shim (role ``seed``) and dead or departed members are on no ring.
 
 `Membership` is fed member events by the gossip thread and read by the data-plane threads, so
 its state sits behind one lock; the ring it returns is immutable. Peers that die, leave or
@@ -20,13 +20,30 @@ from dataclasses import dataclass
 
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState, MemberView
+from meshkv.member_meta import (
+    ANY_NAMESPACE,
+    ROLE_ENGINE,
+    ROLE_SEED,
+    ROLE_STORAGE,
+    data_address_of,
+    member_meta,
+    namespace_of,
+    role_of,
+)
 from meshkv.ring.hashring import HashRing
 from meshkv.ring.view import RingView
 
-ANY_NAMESPACE = "*"
-ROLE_ENGINE = "engine"
-ROLE_STORAGE = "storage"
-ROLE_SEED = "seed"
+__all__ = [
+    "ANY_NAMESPACE",
+    "ROLE_ENGINE",
+    "ROLE_SEED",
+    "ROLE_STORAGE",
+    "Membership",
+    "Peer",
+    "member_meta",
+    "peer_of",
+]
+
 _ON_RING = (MemberState.ALIVE, MemberState.SUSPECT)
 
 
@@ -39,33 +56,22 @@ class Peer:
     data_address: str
     namespace: str
     role: str
-
-
-def member_meta(
-    *, namespace: str, role: str, data_address: str, channel: str, capacity_bytes: int, version: str
-) -> dict[str, str | int]:
-    """The gossip metadata a member advertises (kept small: it rides in every push-pull)."""
-    return {
-        "ns": namespace,
-        "role": role,
-        "data": data_address,
-        "ch": channel,
-        "cap": capacity_bytes,
-        "v": version,
-    }
+    gossip_address: str = ""
+    """Where it gossips (its ``peer_init_url`` in LMCache's words); "" for this member."""
 
 
 def peer_of(view: MemberView) -> Peer | None:
     """The data-plane view of a gossip member, or None if it advertises no data plane."""
-    data = view.meta.get("data")
-    if not isinstance(data, str) or not data:
+    data = data_address_of(view.meta)
+    if data is None:
         return None
     return Peer(
         name=view.name,
         nonce=view.nonce,
         data_address=data,
-        namespace=str(view.meta.get("ns", "")),
-        role=str(view.meta.get("role", ROLE_ENGINE)),
+        namespace=namespace_of(view.meta) or "",
+        role=role_of(view.meta) or ROLE_ENGINE,
+        gossip_address=view.address,
     )
 
 

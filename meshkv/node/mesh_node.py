@@ -38,6 +38,7 @@ from meshkv.dataplane.server import DataServer
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
+from meshkv.node.chunk_count_advert import ChunkCountAdvert
 from meshkv.node.fetch import fetch, locate, presume
 from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
 from meshkv.node.push import Pusher
@@ -153,20 +154,27 @@ class MeshNode:
             accept_any_epoch=namespace == "*",
         )
         self.data_address = f"{config.p2p_host}:{self.server.port}"
+        meta = member_meta(
+            namespace=namespace,
+            role=role,
+            data_address=self.data_address,
+            channel=config.transfer_channel,
+            capacity_bytes=int(config.max_local_cpu_size * GIB),
+            chunk_size=config.chunk_size,
+            chunk_count=0,
+            admin_port=ports.admin,
+            version=__version__,
+        )
         self.gossip = GossipRunner(
             config=gossip_profile(config),
             name=self.name,
             host=config.p2p_host,
             port=ports.gossip,
-            meta=member_meta(
-                namespace=namespace,
-                role=role,
-                data_address=self.data_address,
-                channel=config.transfer_channel,
-                capacity_bytes=int(config.max_local_cpu_size * GIB),
-                version=__version__,
-            ),
+            meta=meta,
             auth=auth,
+        )
+        self.chunk_count_advert = ChunkCountAdvert(
+            meta=meta, count=lambda: self.store.stats().chunks, publish=self.gossip.update_meta
         )
         self.nonce = self.gossip.me.nonce
         self.channel: Channel = make_channel(
@@ -209,6 +217,7 @@ class MeshNode:
                 "%s: no mesh_seeds and no controller configured; starting a new mesh", self.name
             )
         self.gossip.start(seeds)
+        self.chunk_count_advert.start()
         log.info(
             "%s joined the mesh: gossip %s, data %s, channel %s",
             self.name,
@@ -225,6 +234,7 @@ class MeshNode:
         """
         if leave and self.config.enable_p2p and not self.pusher.hand_off(HAND_OFF_TIMEOUT_S):
             log.warning("%s: hand-off before leaving did not finish in time", self.name)
+        self.chunk_count_advert.stop()
         self.gossip.stop(leave=leave)
         self.pusher.stop()
         self.server.stop()
@@ -456,7 +466,23 @@ class MeshNode:
             if not self.channel.add_peer(peer_name, reply.agent, reply.segments):
                 return False
             self._handshakes[peer_name] = peer.nonce
+        self._log_first_contact(peer)
         return True
+
+    def _log_first_contact(self, peer: Peer) -> None:
+        """LMCache's connection line (users grep for it), then meshkv's own."""
+        log.info(
+            "Established connection to peer_init_url: %s, peer_lookup_url: %s",
+            peer.gossip_address,
+            peer.data_address,
+        )
+        log.info(
+            "%s: transfer channel %s open to %s (boot %016x)",
+            self.name,
+            self.channel.kind,
+            peer.name,
+            peer.nonce,
+        )
 
     def _peer_gone(self, name: str, lost_state: bool) -> None:
         """A peer died, left or restarted: drop its transfer state so nothing waits on it.

