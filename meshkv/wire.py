@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import msgpack
 
@@ -52,6 +53,16 @@ class Protocol(IntEnum):
 
     GOSSIP = 1
     DATA = 2
+
+
+class SecretsConfig(TypingProtocol):
+    """The config keys authentication reads (``meshkv.config.MeshConfig`` has them)."""
+
+    @property
+    def mesh_secret(self) -> str | None: ...
+
+    @property
+    def mesh_previous_secret(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +87,12 @@ class AuthPolicy:
     def from_strings(cls, *secrets: str | None) -> AuthPolicy:
         """Builds a policy from config strings, skipping empty ones (first = signing key)."""
         return cls(secrets=tuple(s.encode() for s in secrets if s))
+
+    @classmethod
+    def from_config(cls, config: SecretsConfig) -> AuthPolicy:
+        """The policy a member's config asks for: ``mesh_secret`` signs, and it and
+        ``mesh_previous_secret`` (a rotation in progress) are accepted."""
+        return cls.from_strings(config.mesh_secret, config.mesh_previous_secret)
 
     @property
     def enabled(self) -> bool:
