@@ -13,8 +13,9 @@ to `transfer_poll_max_s` while nothing completes; that wait is a ``select`` on t
 fds, so a request arriving ends it at once. Over UCX's cma (one host) a write completes inside
 its post, so no write is ever in flight and the loop only sleeps on its sockets.
 
-Other threads reach the core only through `forget_peer`, which queues the name and wakes the
-loop: the core's peer table is changed on the loop thread alone.
+Other threads reach the core only through `forget_peer`, which drops the peer from the channel
+at once (its in-flight writes fail fast) and queues the name for the core, waking the loop: the
+core's peer table is changed on the loop thread alone.
 
 This module knows sockets, the codec and the write channel's handles; not what a get means.
 """
@@ -85,7 +86,7 @@ class DataServer:
         self._writer = path.writer
         self._config = config
         self._handles: dict[int, TransferHandle] = {}  # transfer id -> its posted write
-        self._forgotten: SimpleQueue[str] = SimpleQueue()
+        self._forgotten: SimpleQueue[str] = SimpleQueue()  # drained at every wake-up
         self._wake_in = context.socket(zmq.PAIR)
         self._wake_out = context.socket(zmq.PAIR)
         wake_address = f"inproc://meshkv-data-wake-{id(self)}"
@@ -94,12 +95,12 @@ class DataServer:
         self._wake_lock = threading.Lock()  # guards _wake_out
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshkv-data", daemon=True)
-        self._io_stats: Counter[str] = Counter()
 
     @property
     def stats(self) -> Counter[str]:
-        """Requests by type, refusals and drops by reason, replies sent (a snapshot)."""
-        return self._service.stats + self._io_stats
+        """The data plane's counters: requests by type and refusals (the core's), drops by
+        reason and replies sent (this driver's), in the core's one Counter."""
+        return self._service.stats
 
     def start(self) -> None:
         self._running.set()
@@ -113,9 +114,12 @@ class DataServer:
             self._wake_out.close(linger=0)
 
     def forget_peer(self, name: str) -> None:
-        """Any thread: gossip says ``name`` died, left or restarted (handled on the loop)."""
+        """Any thread: gossip says ``name`` died, left or restarted. Its memory is dropped from
+        the channel now (so its in-flight writes fail fast, before anyone greets its next
+        boot); the core forgets its greeting on the loop thread."""
         self._forgotten.put(name)
         self._wake()
+        self._channel.remove_peer(name)
 
     def _wake(self) -> None:
         with self._wake_lock, contextlib.suppress(zmq.Again, zmq.ZMQError):  # Again: queued
@@ -168,7 +172,6 @@ class DataServer:
             except Empty:
                 return
             self._service.forget_peer(name)
-            self._channel.remove_peer(name)  # its in-flight writes fail fast
 
     def _receive_batch(self) -> bool:
         """Reads, decodes and answers up to RECEIVE_BATCH_MAX frames; True if any came."""
@@ -182,13 +185,13 @@ class DataServer:
                 break
             received = True
             if len(parts) < 2:
-                self._io_stats["drop_bad_parts"] += 1
+                self._service.stats["drop_bad_parts"] += 1
                 continue
             identity, frame, *attachments = parts
             try:
                 request = m.decode(self._codec, frame, attachments)
             except ProtocolError as exc:
-                self._io_stats[f"drop_{exc.reason}"] += 1
+                self._service.stats[f"drop_{exc.reason}"] += 1
                 continue
             step = self._service.handle(
                 identity, request, time.monotonic(), wall_ms=m.wall_clock_ms()
@@ -240,9 +243,9 @@ class DataServer:
             try:
                 frames = m.encode_frames(self._codec, reply.message)
                 self._router.send_multipart([reply.to, *frames], zmq.NOBLOCK, copy=True)
-                self._io_stats[f"tx_{reply.message.TYPE.name.lower()}"] += 1
+                self._service.stats[f"tx_{reply.message.TYPE.name.lower()}"] += 1
             except zmq.Again:
-                self._io_stats["reply_dropped"] += 1
+                self._service.stats["reply_dropped"] += 1
             finally:
                 if reply.on_sent is not None:
                     reply.on_sent()

@@ -113,6 +113,7 @@ class DataService:
         self._transfer_ids = itertools.count(1)
         self._next_sweep_s = 0.0
         self.stats: Counter[str] = Counter()
+        """Requests by type, refusals by reason (the driver adds its drops and sends)."""
 
     @property
     def transfers_in_flight(self) -> int:
