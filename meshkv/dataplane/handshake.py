@@ -36,17 +36,14 @@ def greeting(channel: Channel, *, req: int, name: str, nonce: int) -> m.Hello:
     )
 
 
-def answer_hello(
-    channel: Channel, hello: m.Hello, *, known_nonce: int | None, name: str, nonce: int
-) -> m.HelloReply:
-    """The greeted side: loads the greeter's memory (unless this boot of it is known already,
-    ``known_nonce``) and answers with ours. Raises ProtocolError("channel_mismatch") if the
-    greeter uses another channel kind, ("bad_handshake") if the channel refuses its memory."""
+def answer_hello(channel: Channel, hello: m.Hello, *, name: str, nonce: int) -> m.HelloReply:
+    """The greeted side: loads the greeter's memory and answers with ours. Loading the same
+    memory again is a no-op for the channel, and it reloads memory dropped since (the peer was
+    thought lost and is back). Raises ProtocolError("channel_mismatch") if the greeter uses
+    another channel kind, ("bad_handshake") if the channel refuses its memory."""
     if hello.channel != channel.kind:
         raise ProtocolError("channel_mismatch", f"{hello.channel} != {channel.kind}")
-    if known_nonce != hello.nonce and not channel.add_peer(
-        hello.sender, hello.agent, hello.segments
-    ):
+    if not channel.add_peer(hello.sender, hello.agent, hello.segments):
         raise ProtocolError("bad_handshake", hello.sender)
     return m.HelloReply(
         req=hello.req,

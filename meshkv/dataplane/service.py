@@ -107,7 +107,7 @@ class DataService:
         self._holder_alive = holder_alive
         self._accept_any_epoch = accept_any_epoch
         self._config = config or DataPlaneConfig()
-        self._greeted: dict[str, int] = {}  # member name -> nonce it said hello with
+        self._greeted: set[str] = set()  # members that said hello (since last forgotten)
         self._reserved: dict[tuple[str, bytes], Slot] = {}  # (owner, key) -> reserved slot
         self._pending: dict[int, _PendingGet] = {}  # transfer id -> get awaiting its write
         self._transfer_ids = itertools.count(1)
@@ -164,7 +164,7 @@ class DataService:
 
     def forget_peer(self, name: str) -> None:
         """A peer died, left or restarted: its next get must greet this member again."""
-        self._greeted.pop(name, None)
+        self._greeted.discard(name)
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -173,12 +173,10 @@ class DataService:
     ) -> None:
         match request:
             case m.Hello():
-                known = self._greeted.get(request.sender)
                 reply = answer_hello(
-                    self._path.channel, request, known_nonce=known, name=self._name,
-                    nonce=self._nonce,
-                )  # fmt: skip
-                self._greeted[request.sender] = request.nonce
+                    self._path.channel, request, name=self._name, nonce=self._nonce
+                )
+                self._greeted.add(request.sender)
                 step.replies.append(Reply(peer, reply))
             case m.Lookup():
                 held = self._store.lookup_prefix(request.keys)
