@@ -14,6 +14,12 @@ Every call that talks to other members takes a deadline (``timeout_s``, default 
 ``mesh_transfer_timeout_ms``) and turns any failure into fewer leading chunks: a miss, never an
 exception, never wrong bytes (checksums are verified on arrival).
 
+Parts, built in dependency order: the boot nonce; the store; the channel and its byte path; the
+bound data-plane socket (its address goes into gossip metadata); membership; the greeter; the
+pusher; the service core and its driver; the gossip runner; the get pipeline
+(`meshkv.node.get_pipeline`). Gossip events reach the parts through one callback
+(`_on_member_event`) subscribed last. `meshkv.node.build.build_member` is how processes make one.
+
 Threads: gossip (runner), data-plane service, pusher, and the caller's threads; each thread that
 sends requests gets its own `RequestClient` (ZMQ sockets are single-threaded).
 """
