@@ -71,6 +71,11 @@ def seed_meta(*, version: str) -> dict[str, str | int]:
     return {ROLE: ROLE_SEED, VERSION: version}
 
 
+def gossip_only_meta(*, version: str) -> dict[str, str | int]:
+    """The metadata of a gossip-only member (``meshkv join`` without capacity): its version."""
+    return {VERSION: version}
+
+
 def with_chunk_count(meta: Meta, chunk_count: int) -> dict[str, str | int]:
     """``meta`` with its chunk count replaced (what a member re-advertises as its store fills)."""
     return {**{k: v for k, v in meta.items() if isinstance(v, str | int)}, CHUNK_COUNT: chunk_count}

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar
+from typing import Protocol as TypingProtocol
 
 import msgpack
 
@@ -56,6 +57,16 @@ class Protocol(IntEnum):
 
     GOSSIP = 1
     DATA = 2
+
+
+class SecretsConfig(TypingProtocol):
+    """The config keys authentication reads (``meshkv.config.MeshConfig`` has them)."""
+
+    @property
+    def mesh_secret(self) -> str | None: ...
+
+    @property
+    def mesh_previous_secret(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +91,12 @@ class AuthPolicy:
     def from_strings(cls, *secrets: str | None) -> AuthPolicy:
         """Builds a policy from config strings, skipping empty ones (first = signing key)."""
         return cls(secrets=tuple(s.encode() for s in secrets if s))
+
+    @classmethod
+    def from_config(cls, config: SecretsConfig) -> AuthPolicy:
+        """The policy a member's config asks for: ``mesh_secret`` signs, and it and
+        ``mesh_previous_secret`` (a rotation in progress) are accepted."""
+        return cls.from_strings(config.mesh_secret, config.mesh_previous_secret)
 
     @property
     def enabled(self) -> bool:

@@ -4,8 +4,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshkv.dataplane.client import SEND_HWM
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.node.arrivals import Piece
-from meshkv.node.fetch import FETCH_REQUEST_BYTES, FETCH_REQUESTS_MAX, PIECE_ALIGN, plan
+from meshkv.node.fetch import plan
+
+DEFAULTS = DataPlaneConfig()
+FETCH_REQUEST_BYTES = DEFAULTS.fetch_request_bytes
+FETCH_REQUESTS_MAX = DEFAULTS.fetch_requests_max
+PIECE_ALIGN = DEFAULTS.piece_align_bytes
 
 
 def covered_chunks(requests: list[Piece], start: int, chunk_bytes: int) -> int:

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from meshkv.config import IGNORED_LMCACHE_KEYS, MeshConfig, load_config
 from meshkv.errors import ConfigError
-from meshkv.node.mesh_node import GIB, auth_policy, gossip_profile
+from meshkv.gossip.config import GossipConfig
+from meshkv.node.mesh_node import GIB, member_auth
 from meshkv.store import segment_sizes
 
 FIELDS = sorted(MeshConfig.__dataclass_fields__)
@@ -65,8 +66,8 @@ def usable(config: MeshConfig) -> None:
     """What `MeshNode` computes from a config before binding anything; must not raise."""
     segment_sizes(int(config.max_local_cpu_size * GIB))
     config.ports_for_rank(0, 1)
-    auth_policy(config)
-    gossip_profile(config)
+    member_auth(config)
+    GossipConfig.profile(config.mesh_gossip_profile)
     assert isinstance(config.seeds, list) and isinstance(config.instance_id, str)
     assert math.isfinite(config.mesh_transfer_timeout_ms) and config.chunk_size > 0
 

@@ -17,14 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshkv.dataplane import messages as m
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.node import MeshNode
 from meshkv.node.arrivals import Arrivals
-from meshkv.node.fetch import FETCH_REQUEST_BYTES, plan
+from meshkv.node.fetch import plan
 from meshkv.store import ChunkStore, chunk_checksum, chunk_hasher
 from tests.test_node import Mesh, ask_raw, chunk, keys_for
 from tests.test_node import mesh as mesh  # the same fixture: both channels
 
-LARGE = 2 * FETCH_REQUEST_BYTES + 12288  # three pieces, the last one short
+LARGE = 2 * DataPlaneConfig().fetch_request_bytes + 12288  # three pieces, the last one short
 OWNER = "reader"
 
 

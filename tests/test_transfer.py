@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshkv.errors import ConfigError, UsageError
-from meshkv.store import ChunkStore, Region
+from meshkv.errors import ConfigError
+from meshkv.store import ChunkStore
 from meshkv.transfer import TcpChannel, make_channel
 
 
@@ -16,16 +16,12 @@ def test_make_channel_refuses_an_unknown_kind() -> None:
     assert err.value.key == "transfer_channel"
 
 
-def test_tcp_channel_handshakes_but_never_moves_bytes() -> None:
+def test_tcp_channel_handshakes_and_has_no_way_to_move_bytes() -> None:
     store = ChunkStore.with_budget(1 << 20, segment_bytes=1 << 20)
     channel = make_channel("tcp", "m-1", store.pool)
     assert isinstance(channel, TcpChannel) and channel.kind == "tcp"
     assert channel.metadata() == b"" and channel.segments() == []
     assert channel.add_peer("other", b"", [])
-    region = Region(segment_id=0, offset=0, nbytes=4096)
-    with pytest.raises(UsageError):
-        channel.post_write("other", [region], [])
-    with pytest.raises(UsageError):
-        channel.write("other", [region], [], deadline_s=0.0)
+    assert not hasattr(channel, "post_write") and not hasattr(channel, "write")
     channel.remove_peer("other")
     channel.close()

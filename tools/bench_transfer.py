@@ -16,7 +16,7 @@ runs of (each run moves a batch of that many chunks of that size):
 - ``meshkv_get``: ``MeshNode.get`` of a reader member in this process from a storage member
   (a ``--holder`` process, the same UCX transport) that holds the chunks: the get requests
   (the holder is the chunks' home, so no lookup goes first; a chunk larger than
-  ``FETCH_REQUEST_BYTES`` goes in pieces), the holder's WRITEs into the reader's reserved
+  ``fetch_request_bytes`` goes in pieces), the holder's WRITEs into the reader's reserved
   slots, the checksum check of every chunk as it lands and the pins: everything an engine's
   load waits for. Every get reads fresh keys (the holder stores them untimed first), so
   nothing is local;
@@ -41,7 +41,8 @@ each row also keeps the median per-repeat ratios channel / nixl_raw and meshkv_g
 A measure is an entry of the ``measures`` table in `bench_transport` (seconds for one batch).
 
 ``--request-sizes 2M,4M,16M`` adds one ``get@<size>`` measure per size: the same get with
-`meshkv.node.fetch.FETCH_REQUEST_BYTES` set to it, in the same turns (what its default rests on).
+the reader's ``DataPlaneConfig.fetch_request_bytes`` set to it, in the same turns (what its
+default rests on).
 
 Writes DIR/transfer.json and DIR/transfer.png and prints a table (GB/s = 1e9 bytes/s).
 
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import itertools
 import json
@@ -76,7 +78,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshkv.config import MeshConfig
-from meshkv.node import MeshNode, fetch
+from meshkv.node import MeshNode
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
 from meshkv.store import Region, SegmentPool, chunk_checksum, segment_sizes
 from meshkv.store import Slot as StoreSlot
@@ -268,17 +270,20 @@ class Reader:
 
     def get(self, regions: list[Region], request_bytes: int | None = None) -> float:
         """One timed get of fresh keys, as many chunks of the size of ``regions``, with
-        `meshkv.node.fetch.FETCH_REQUEST_BYTES` set to ``request_bytes`` if given."""
+        the reader's ``fetch_request_bytes`` (`DataPlaneConfig`) set to ``request_bytes`` if
+        given."""
         chunk_bytes = regions[0].nbytes
         keys = self._cold_keys(chunk_bytes, len(regions))
-        default = fetch.FETCH_REQUEST_BYTES
-        fetch.FETCH_REQUEST_BYTES = request_bytes or default
+        gets = self.node.gets
+        default = gets.config
+        if request_bytes:
+            gets.config = dataclasses.replace(default, fetch_request_bytes=request_bytes)
         try:
             started = time.perf_counter()
             lease = self.node.get(keys, chunk_bytes, timeout_s=WRITE_DEADLINE_S)
             elapsed = time.perf_counter() - started
         finally:
-            fetch.FETCH_REQUEST_BYTES = default
+            gets.config = default
         with lease:
             if lease.count != len(keys):
                 raise RuntimeError(
@@ -597,7 +602,7 @@ def main() -> None:
         "--request-sizes",
         type=parse_sizes,
         default=[],
-        help="also time meshkv get with FETCH_REQUEST_BYTES set to each, e.g. 2M,4M,16M",
+        help="also time meshkv get with fetch_request_bytes set to each, e.g. 2M,4M,16M",
     )
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)  # internal: run the target
     parser.add_argument("--holder", help=argparse.SUPPRESS)  # internal: CHANNEL:BUDGET_BYTES
@@ -659,7 +664,7 @@ def table(rows: list[dict]) -> str:
 
 
 def sweep_table(rows: list[dict], request_sizes: list[int]) -> str:
-    """meshkv get's GB/s per FETCH_REQUEST_BYTES, and its time ratio to raw NIXL."""
+    """meshkv get's GB/s per fetch_request_bytes, and its time ratio to raw NIXL."""
     names = [sweep_name(n) for n in request_sizes]
     lines = [
         f"{'transport':9} {'chunk':>8} {'batch':>5} "

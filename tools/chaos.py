@@ -554,11 +554,9 @@ class Chaos:
         self.clients: list[MeshNode] = []
         self.faults: list[dict[str, Any]] = []
         self.threads: list[threading.Thread] = []
-        profile = {"lan": GossipConfig.lan, "local": GossipConfig.local, "test": GossipConfig.test}
-        self.codec = gossip_codec(
-            profile[settings.profile](), AuthPolicy.from_strings(self.secret, None)
-        )
-        self.intruder = Intruder(self.secret, profile[settings.profile]())
+        profile = GossipConfig.profile(settings.profile)
+        self.codec = gossip_codec(profile, AuthPolicy.from_strings(self.secret, None))
+        self.intruder = Intruder(self.secret, profile)
         self.lateness: list[float] = []  # how late this process's sampler woke: host load
 
     # -- set up and tear down --
@@ -877,7 +875,7 @@ def client_main(args: argparse.Namespace) -> int:
     node = MeshNode(config, namespace=NAMESPACE)
     node.start()
     codec = gossip_codec(
-        GossipConfig.local() if args.profile == "local" else GossipConfig.test(),
+        GossipConfig.profile(args.profile),
         AuthPolicy.from_strings(args.secret, None),
     )
     print(json.dumps({"ready": node.name, "nonce": node.nonce}), flush=True)

@@ -15,10 +15,10 @@ import typer
 
 from meshkv.config import MeshConfig, load_config
 from meshkv.errors import ConfigError, TransportError
+from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberView
 from meshkv.gossip.messages import gossip_codec
 from meshkv.gossip.runner import query_members
-from meshkv.node.mesh_node import gossip_profile
 from meshkv.wire import AuthPolicy, FrameCodec
 
 EXIT_FAILURE = 1
@@ -51,12 +51,10 @@ def load_or_exit(path: Path | None, overrides: Mapping[str, Any]) -> MeshConfig:
         fail(f"config error: {exc}", EXIT_CONFIG)
 
 
-def auth_of(config: MeshConfig) -> AuthPolicy:
-    return AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
-
-
 def codec_of(config: MeshConfig) -> FrameCodec:
-    return gossip_codec(gossip_profile(config), auth_of(config))
+    return gossip_codec(
+        GossipConfig.profile(config.mesh_gossip_profile), AuthPolicy.from_config(config)
+    )
 
 
 def query_any_seed(config: MeshConfig, timeout_s: float) -> list[MemberView]:

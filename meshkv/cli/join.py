@@ -27,12 +27,10 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from meshkv import __version__
 from meshkv.cli.common import (
     EXIT_CONFIG,
     ConfigOption,
     SeedsOption,
-    auth_of,
     fail,
     load_or_exit,
 )
@@ -41,9 +39,9 @@ from meshkv.config import MeshConfig
 from meshkv.errors import TransportError, UsageError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node import MeshNode
-from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
-from meshkv.node.mesh_node import gossip_profile
+from meshkv.node import build_member
+from meshkv.node.build import ROLE_GOSSIP
+from meshkv.node.membership import ROLE_STORAGE
 
 REFRESH_S = 0.5
 """How often the live table (or the plain event log) is brought up to date."""
@@ -100,18 +98,11 @@ def start_member(
     """Builds and starts this process's member; returns its gossip runner, its stop and its
     counters."""
     if storage:
-        node = MeshNode(config, namespace=ANY_NAMESPACE, role=ROLE_STORAGE)
+        node = build_member(config, ROLE_STORAGE)
         node.start()
         print(f"storage member {node.name}: data plane at {node.data_address}", flush=True)
         return node.gossip, lambda: node.stop(leave=True), node.stats
-    runner = GossipRunner(
-        config=gossip_profile(config),
-        name=f"{config.instance_id}/0",
-        host=config.p2p_host,
-        port=config.ports_for_rank(0, 1).gossip,
-        meta={"v": __version__},
-        auth=auth_of(config),
-    )
+    runner = build_member(config, ROLE_GOSSIP)
     runner.start(config.seeds)
     return runner, lambda: runner.stop(leave=True, timeout_s=STOP_TIMEOUT_S), runner.stats
 

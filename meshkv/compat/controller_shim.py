@@ -22,7 +22,6 @@ import logging
 import socket
 import threading
 
-from meshkv import __version__
 from meshkv.compat.controller_settings import ControllerSettings
 from meshkv.compat.http_api import ControllerApi
 from meshkv.compat.http_app import build_app
@@ -32,10 +31,10 @@ from meshkv.compat.remembered_seeds import RememberedSeeds
 from meshkv.compat.worker_table import LISTED_STATES, WorkerTable
 from meshkv.config import MeshConfig
 from meshkv.errors import TransportError
-from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import GossipRunner
-from meshkv.member_meta import seed_meta
+from meshkv.member_meta import ROLE_SEED
+from meshkv.node.build import build_member
 from meshkv.node.membership import peer_of
 from meshkv.wire import AuthPolicy
 
@@ -74,23 +73,16 @@ class ControllerShim:
     def __init__(self, settings: ControllerSettings, config: MeshConfig) -> None:
         self.settings = settings
         self.config = config
-        gossip = getattr(GossipConfig, config.mesh_gossip_profile)()
-        auth = AuthPolicy.from_strings(config.mesh_secret, config.mesh_previous_secret)
+        auth = AuthPolicy.from_config(config)
         host = advertised_host(settings.host)
         instance = f"lmcache_controller@{host}:{settings.monitor_ports.pull}"
-        meta = seed_meta(version=__version__)
         ports = {"pull": settings.monitor_ports.pull, "reply": settings.monitor_ports.reply}
         self.members: dict[str, GossipRunner] = {}
         try:
             for role, port in ports.items():
                 if port is not None:
-                    self.members[role] = GossipRunner(
-                        config=gossip,
-                        name=f"{instance}/{role}",
-                        host=host,
-                        port=port,
-                        meta=meta,
-                        auth=auth,
+                    self.members[role] = build_member(
+                        config, ROLE_SEED, name=f"{instance}/{role}", host=host, port=port
                     )
         except TransportError:
             self._discard_members()

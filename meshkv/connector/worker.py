@@ -45,8 +45,10 @@ from meshkv.connector.copy_queue import CopyQueue
 from meshkv.connector.geometry import BlockCopier, ChunkGeometry, geometry_of
 from meshkv.connector.identity import namespace_for, worker_rank, worker_world_size
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.keys import chunk_keys, root_key
-from meshkv.node import ChunkLease, MeshNode
+from meshkv.node import ChunkLease, MeshNode, build_member
+from meshkv.node.membership import ROLE_ENGINE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -54,19 +56,6 @@ if TYPE_CHECKING:
     from meshkv.config import MeshConfig
 
 logger = logging.getLogger("vllm.meshkv.connector.worker")
-
-FETCH_QUEUE_MAX = 256
-"""Fetch and async-load jobs waiting for the fetch thread; past it a fetch finds nothing and an
-async load fails (vLLM recomputes)."""
-STAGED_REQUESTS_MAX = 64
-"""Requests whose fetched chunks are pinned awaiting their load; past it a fetch finds nothing."""
-LOCAL_GET_TIMEOUT_S = 0.5
-"""Deadline of re-pinning staged chunks at load time (they are local: no network is involved
-unless they were evicted, which only an expired pin allows)."""
-FETCH_SHARE_OF_LOOKUP_TIMEOUT = 0.9
-"""A fetch gets this share of ``lookup_timeout_ms`` (the scheduler's clock started earlier,
-when it queued the fetch), so its answer usually arrives before the scheduler gives up."""
-CLOSE_JOIN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,9 +92,12 @@ class _LoadJob:
 class MeshWorker:
     """MeshKVConnector(role=WORKER) logic for one worker (a TP rank of a pipeline stage)."""
 
-    def __init__(self, vllm_config: VllmConfig, config: MeshConfig) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, config: MeshConfig, tuning: DataPlaneConfig | None = None
+    ) -> None:
         self._vllm_config = vllm_config
         self._config = config
+        self._tuning = tuning = tuning or DataPlaneConfig()
         self._geometry: ChunkGeometry | None = None
         self._copies: CopyQueue | None = None
         self._layer_index: dict[str, int] = {}
@@ -122,7 +114,7 @@ class MeshWorker:
         self._found: dict[int, int] = {}
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
-        self._jobs: queue.Queue[_FetchJob | _LoadJob | None] = queue.Queue(FETCH_QUEUE_MAX)
+        self._jobs: queue.Queue[_FetchJob | _LoadJob | None] = queue.Queue(tuning.fetch_queue_max)
         self._thread: threading.Thread | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -158,11 +150,13 @@ class MeshWorker:
             pp_rank=place.pp_rank,
         )
         self._root_digest = namespace.digest()
-        node = MeshNode(
+        node = build_member(
             self._config,
+            ROLE_ENGINE,
             namespace=namespace.digest().hex(),  # the shim derives chunk keys from it
             rank=self._rank,
             world_size=worker_world_size(vc),
+            dataplane=self._tuning,
         )
         self._pin_store(node, copies.device)
         try:
@@ -223,7 +217,7 @@ class MeshWorker:
         """Stop the fetch thread, finish every copy, release every pin, leave the mesh."""
         if self._thread is not None:
             self._jobs.put(None)
-            self._thread.join(CLOSE_JOIN_S)
+            self._thread.join(self._tuning.close_join_s)
             self._thread = None
         with self._lock:
             staged, self._staged = self._staged, {}
@@ -304,7 +298,9 @@ class MeshWorker:
         ready = self._node is not None and keys
         if ready and fetch.stage:
             with self._lock:
-                ready = len(self._staged) + len(self._inflight_fetch) < STAGED_REQUESTS_MAX
+                ready = (
+                    len(self._staged) + len(self._inflight_fetch) < self._tuning.staged_requests_max
+                )
         if ready:
             try:
                 self._jobs.put_nowait(_FetchJob(fetch, keys))
@@ -319,7 +315,7 @@ class MeshWorker:
     def _run_fetch(self, job: _FetchJob) -> None:
         fetch, node = job.fetch, self._node
         assert node is not None and self._geometry is not None
-        timeout_s = fetch.timeout_ms / 1000 * FETCH_SHARE_OF_LOOKUP_TIMEOUT
+        timeout_s = fetch.timeout_ms / 1000 * self._tuning.fetch_share_of_lookup_timeout
         started = time.perf_counter()
         lease: ChunkLease | None = None
         if fetch.stage:
@@ -402,7 +398,7 @@ class MeshWorker:
                     expected,
                 )
             else:
-                timeout_s = LOCAL_GET_TIMEOUT_S if not load.is_async else None
+                timeout_s = self._tuning.local_get_timeout_s if not load.is_async else None
                 lease = node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False)
                 held = lease.count * g.blocks_per_chunk - (load.skip_blocks if lease.count else 0)
                 copies.load(

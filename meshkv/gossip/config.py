@@ -117,6 +117,16 @@ class GossipConfig:
     while this member knows no other), default 10."""
 
     @classmethod
+    def profile(cls, name: str) -> GossipConfig:
+        """The named profile (``mesh_gossip_profile``): "lan", "local" or "test"."""
+        profiles = {"lan": cls.lan, "local": cls.local, "test": cls.test}
+        if name not in profiles:
+            raise ConfigError(
+                "mesh_gossip_profile", f'must be "lan", "local" or "test", got {name!r}'
+            )
+        return profiles[name]()
+
+    @classmethod
     def lan(cls) -> GossipConfig:
         """Members on a data-center network: the defaults."""
         return cls()

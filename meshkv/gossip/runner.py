@@ -59,7 +59,9 @@ LEAVE_LINGER_S = 0.3
 class GossipRunner:
     """One gossip member: binds its port at construction, runs once `start` is called.
 
-    ``name`` is ``"instance_id/rank"``; ``port`` 0 binds any free port (see `address`).
+    ``name`` is ``"instance_id/rank"``; ``port`` 0 binds any free port (see `address`);
+    ``nonce`` identifies this boot (random if None; a member whose data plane is built first
+    draws it itself, since its NIXL agent name carries it).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class GossipRunner:
         name: str,
         host: str,
         port: int = 0,
+        nonce: int | None = None,
         meta: Mapping[str, MetaValue] | None = None,
         auth: AuthPolicy | None = None,
         limits: TransportLimits | None = None,
@@ -80,7 +83,7 @@ class GossipRunner:
         try:
             self.me = MemberInfo(
                 name=name,
-                nonce=int.from_bytes(os.urandom(8), "big"),
+                nonce=int.from_bytes(os.urandom(8), "big") if nonce is None else nonce,
                 address=self._transport.address,
                 meta=dict(meta or {}),
             )

@@ -1,5 +1,7 @@
 """A mesh member: membership, fetching, pushing, and the `MeshNode` facade."""
 
-from meshkv.node.mesh_node import ChunkLease, MeshNode
+from meshkv.node.build import build_member
+from meshkv.node.get_pipeline import ChunkLease
+from meshkv.node.mesh_node import MeshNode
 
-__all__ = ["ChunkLease", "MeshNode"]
+__all__ = ["ChunkLease", "MeshNode", "build_member"]

@@ -28,27 +28,19 @@ from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.membership import Membership
 from meshkv.ring.hashring import HashRing
 from meshkv.store import ChunkStore
 
-FETCH_REQUEST_BYTES = 4 << 20
-"""Bytes a get request asks for, at least: a run of chunks goes as several requests sent at
-once, and each is checked here as its reply arrives, while later ones are still being
-written, so only the last request's check adds to the get's time. Smaller requests would
-shorten that tail but add a round of request handling at the holder each."""
-FETCH_REQUESTS_MAX = 16
-"""Requests per run at most (larger requests past that): well inside the socket's send queue
-(`meshkv.dataplane.client.SEND_HWM`), whose overflow would drop requests."""
-PIECE_ALIGN = 4096
-"""Pieces of a chunk start on this boundary."""
 UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
 """How long past the get's deadline the slots of an unanswered request stay reserved: its
 holder may still write into them until LATE_WRITE_MS past that deadline by its own clock, so
 this tolerates clocks up to LATE_WRITE_MS apart (`meshkv.dataplane.messages.Get.time_left_s`).
-"""
+A fact of the wire protocol, not a tuning knob."""
+DEFAULT_CONFIG = DataPlaneConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +170,7 @@ def fetch(
     reply_max: int | None,
     owner: str,
     deadline_s: float,
+    config: DataPlaneConfig = DEFAULT_CONFIG,
 ) -> set[int]:
     """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
 
@@ -196,12 +189,12 @@ def fetch(
         peer = membership.peer(holders[start])
         if peer is None or not handshake(holders[start], deadline_s):
             break
-        planned = plan(start, end, chunk_bytes, reply_max)
+        planned = plan(start, end, chunk_bytes, reply_max, config=config)
         covered = planned[-1].end if planned else start
         reserved = arrivals.reserve(start, covered, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
         budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
         if reserved < covered:
-            planned = plan(start, reserved, chunk_bytes, reply_max)
+            planned = plan(start, reserved, chunk_bytes, reply_max, config=config)
         for piece in planned:
             dest = arrivals.expect(piece)
             get = m.Get(
@@ -224,37 +217,47 @@ def fetch(
     return arrivals.finish()
 
 
-def plan(start: int, end: int, chunk_bytes: int, request_max: int | None = None) -> list[Piece]:
+def plan(
+    start: int,
+    end: int,
+    chunk_bytes: int,
+    request_max: int | None = None,
+    *,
+    config: DataPlaneConfig = DEFAULT_CONFIG,
+) -> list[Piece]:
     """The get requests for a run of chunks [start, end) at one holder.
 
-    At most FETCH_REQUESTS_MAX requests, each of FETCH_REQUEST_BYTES at least (unless the run is
-    smaller). A chunk larger than a request goes in pieces, one request each. With
+    At most ``fetch_requests_max`` requests, each of ``fetch_request_bytes`` at least (unless
+    the run is smaller). A chunk larger than a request goes in pieces, one request each. With
     ``request_max`` (the most bytes one reply carries, tcp channel) no request asks for more;
     the requests then may cover only the leading chunks of the run (none, for a chunk that
-    does not fit in FETCH_REQUESTS_MAX pieces).
+    does not fit in ``fetch_requests_max`` pieces).
     """
+    requests_max, align = config.fetch_requests_max, config.piece_align_bytes
     chunks = end - start
-    request_bytes = max(FETCH_REQUEST_BYTES, -(-chunks * chunk_bytes // FETCH_REQUESTS_MAX))
-    count = min(-(-chunk_bytes // request_bytes), FETCH_REQUESTS_MAX // max(1, chunks))
+    request_bytes = max(config.fetch_request_bytes, -(-chunks * chunk_bytes // requests_max))
+    count = min(-(-chunk_bytes // request_bytes), requests_max // max(1, chunks))
     if count <= 1:  # whole chunks, as many per request as fit
-        per = max(1, request_bytes // chunk_bytes, -(-chunks // FETCH_REQUESTS_MAX))
+        per = max(1, request_bytes // chunk_bytes, -(-chunks // requests_max))
         if request_max is not None and per * chunk_bytes > request_max:
-            return _capped(start, end, chunk_bytes, request_max)
+            return _capped(start, end, chunk_bytes, request_max, requests_max, align)
         return [Piece(i, min(i + per, end)) for i in range(start, end, per)]
-    size = -(-chunk_bytes // count // PIECE_ALIGN) * PIECE_ALIGN
+    size = -(-chunk_bytes // count // align) * align
     if request_max is not None and size > request_max:
-        return _capped(start, end, chunk_bytes, request_max)
+        return _capped(start, end, chunk_bytes, request_max, requests_max, align)
     return _pieces(start, end, chunk_bytes, size)
 
 
-def _capped(start: int, end: int, chunk_bytes: int, request_max: int) -> list[Piece]:
-    """The leading chunks of [start, end) that FETCH_REQUESTS_MAX requests of ``request_max``
-    bytes at most can carry: whole chunks if one fits, else pieces."""
+def _capped(
+    start: int, end: int, chunk_bytes: int, request_max: int, requests_max: int, align: int
+) -> list[Piece]:
+    """The leading chunks of [start, end) that ``requests_max`` requests of ``request_max``
+    bytes at most can carry: whole chunks if one fits, else pieces (``align``-ed)."""
     per = request_max // chunk_bytes
     if per:
-        return [Piece(i, min(i + per, end)) for i in range(start, end, per)][:FETCH_REQUESTS_MAX]
-    size = request_max // PIECE_ALIGN * PIECE_ALIGN
-    fit = FETCH_REQUESTS_MAX // -(-chunk_bytes // size) if size else 0
+        return [Piece(i, min(i + per, end)) for i in range(start, end, per)][:requests_max]
+    size = request_max // align * align
+    fit = requests_max // -(-chunk_bytes // size) if size else 0
     return _pieces(start, min(end, start + fit), chunk_bytes, size)
 
 

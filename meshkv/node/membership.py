@@ -6,16 +6,16 @@ and its data-plane address. The ring of a namespace is its live members (alive o
 plus storage-only members; the shim (role ``seed``) and dead or departed members are on no ring.
 
 `Membership` is fed member events by the gossip thread and read by the data-plane threads, so
-its state sits behind one lock; the ring it returns is immutable. Peers that die, leave or
-restart are reported to ``on_peer_gone`` so transfer handles and sockets to them are dropped;
-members that join (or come back with a new boot) to ``on_peer_joined``, so the chunks whose
-home they now are can be pointed out to them.
+its state sits behind one lock; the ring it returns is immutable. Each event it is fed returns
+the `PeerChange` it made: peers that died, left or restarted (so transfer handles and sockets
+to them are dropped) and members that joined or came back with a new boot (so the chunks whose
+home they now are can be pointed out to them).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshkv.gossip.events import EventKind, MemberEvent
@@ -60,6 +60,15 @@ class Peer:
     """Where it gossips (its ``peer_init_url`` in LMCache's words); "" for this member."""
 
 
+@dataclass(frozen=True, slots=True)
+class PeerChange:
+    """What one gossip event changed among the live peers."""
+
+    gone: str | None = None  # died, left or restarted: drop its transfer state
+    lost_state: bool = False  # it left or restarted: whatever it held is gone
+    joined: str | None = None  # joined, or came back with a new boot
+
+
 def peer_of(view: MemberView) -> Peer | None:
     """The data-plane view of a gossip member, or None if it advertises no data plane."""
     data = data_address_of(view.meta)
@@ -78,21 +87,12 @@ def peer_of(view: MemberView) -> Peer | None:
 class Membership:
     """The ring view of one namespace, kept current from gossip events."""
 
-    def __init__(
-        self,
-        *,
-        me: Peer,
-        vnodes: int,
-        on_peer_gone: Callable[[str, bool], None] = lambda name, lost_state: None,
-        on_peer_joined: Callable[[str], None] = lambda name: None,
-    ) -> None:
+    def __init__(self, *, me: Peer, vnodes: int) -> None:
         self.me = me
         self._lock = threading.Lock()
         self._live: dict[str, Peer] = {}
         self._on_ring = me.role != ROLE_SEED
         self._view = RingView([me.name] if self._on_ring else [], vnodes)
-        self._on_peer_gone = on_peer_gone
-        self._on_peer_joined = on_peer_joined
 
     def ring(self) -> RingView:
         with self._lock:
@@ -119,11 +119,12 @@ class Membership:
                 state_kind = EventKind.JOINED if view.state in _ON_RING else EventKind.DEAD
                 self.on_event(MemberEvent(kind=state_kind, member=view))
 
-    def on_event(self, event: MemberEvent) -> None:
-        """Gossip callback (runs on the gossip thread; short and non-blocking)."""
+    def on_event(self, event: MemberEvent) -> PeerChange:
+        """Gossip callback (runs on the gossip thread; short and non-blocking); returns what
+        the event changed among the live peers."""
         view = event.member
         if view.name == self.me.name:
-            return
+            return PeerChange()
         gone: str | None = None
         lost_state = False  # the peer left or restarted: whatever it held is gone
         joined: str | None = None
@@ -142,10 +143,7 @@ class Membership:
                         joined = view.name
                     self._live[view.name] = peer
             self._view.update(self._ring_members())
-        if gone is not None:
-            self._on_peer_gone(gone, lost_state)
-        if joined is not None:
-            self._on_peer_joined(joined)
+        return PeerChange(gone, lost_state, joined)
 
     def ring_of(self, namespace: str) -> HashRing:
         """The ring another namespace's members compute (a storage-only member serves them

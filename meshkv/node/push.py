@@ -2,8 +2,8 @@
 
 After a prefill the connector stores each full chunk locally (`MeshNode.put`) and queues it
 here. The pusher thread asks each home on the key's preference list to reserve slots for the
-chunks it lacks, WRITEs them (or sends them inline on the tcp channel), then commits with their
-checksums, which the home verifies before publishing.
+chunks it lacks, WRITEs them (or sends them inline on the tcp channel: `BytePath.push`), then
+commits with their checksums, which the home verifies before publishing.
 
 Under bandwidth pressure the queue fills; then the chunks are announced instead (``HELD_AT``:
 "ask me for these"), so the home still answers lookups for them and nothing waits. Every step
@@ -22,20 +22,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
+from meshkv.dataplane.byte_path import BytePath
 from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.config import DataPlaneConfig
+from meshkv.dataplane.handshake import Greeter
 from meshkv.node.membership import Membership
-from meshkv.store import ChunkStore
-from meshkv.transfer import Channel
+from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
 
-PUSH_QUEUE_MAX = 64
-"""Push jobs (one per put call) waiting; past this, chunks are announced with HELD_AT."""
-NOTICE_QUEUE_MAX = 1024
-PUSH_DEADLINE_S = 5.0
-"""Budget of one push batch to one home (reserve + transfer + commit)."""
-PUSH_BATCH_BYTES = 16 << 20
-"""Chunk bytes per push request: bounded frames on the tcp channel, bounded posts on NIXL."""
+QUEUE_WAIT_S = 0.1
+"""Longest the pusher thread waits on an empty job queue before it looks at the notices."""
+HAND_OFF_POLL_S = 0.01
+"""How often a graceful leave checks whether the hand-off is done."""
+SIZE_PIN_S = 1.0
+"""Deadline of the pin that reads a chunk's size to size a push batch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,19 +55,21 @@ class Pusher:
         *,
         membership: Membership,
         store: ChunkStore,
-        channel: Channel,
+        path: BytePath,
         client_factory: Callable[[], RequestClient],
-        handshake: Callable[[RequestClient, str, float], bool],
+        greeter: Greeter,
         replicas: int,
+        config: DataPlaneConfig,
     ) -> None:
         self._membership = membership
         self._store = store
-        self._channel = channel
+        self._path = path
         self._client_factory = client_factory
-        self._handshake = handshake
+        self._greeter = greeter
         self._replicas = replicas
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(PUSH_QUEUE_MAX)
-        self._notices: queue.Queue[_Job] = queue.Queue(NOTICE_QUEUE_MAX)
+        self._config = config
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(config.push_queue_max)
+        self._notices: queue.Queue[_Job] = queue.Queue(config.notice_queue_max)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshkv-push", daemon=True)
         self.stats: Counter[str] = Counter()
@@ -103,7 +106,7 @@ class Pusher:
             return False
         deadline_s = time.monotonic() + timeout_s
         while not self.idle() and time.monotonic() < deadline_s:
-            time.sleep(0.01)
+            time.sleep(HAND_OFF_POLL_S)
         return self.idle()
 
     def point_out_to(self, newcomer: str) -> None:
@@ -129,7 +132,7 @@ class Pusher:
                     else:
                         self._point_out(client, notice.newcomer)
                 try:
-                    job = self._jobs.get(timeout=0.1)
+                    job = self._jobs.get(timeout=QUEUE_WAIT_S)
                 except queue.Empty:
                     continue
                 try:
@@ -186,26 +189,31 @@ class Pusher:
         for home, home_keys in self._targets(keys, leaving=leaving).items():
             stored = 0
             for batch in _batches(home_keys, self._batch_keys(home_keys[0])):
-                stored += self._push_to(client, home, batch, time.monotonic() + PUSH_DEADLINE_S)
+                deadline_s = time.monotonic() + self._config.push_deadline_s
+                stored += self._push_to(client, home, batch, deadline_s)
             self.stats["pushed"] += stored
             self.stats["push_skipped"] += len(home_keys) - stored
 
     def _batch_keys(self, key: bytes) -> int:
-        """Keys per push request, so one request carries about `PUSH_BATCH_BYTES`."""
-        slots = self._store.pin([key], owner="push:size", deadline_s=time.monotonic() + 1)
+        """Keys per push request, so one request carries about ``push_batch_bytes``."""
+        batch_bytes = self._config.push_batch_bytes
+        slots = self._store.pin([key], owner="push:size", deadline_s=time.monotonic() + SIZE_PIN_S)
         self._store.unpin(slots, owner="push:size")
-        chunk_bytes = slots[0].region.nbytes if slots else PUSH_BATCH_BYTES
-        return max(1, PUSH_BATCH_BYTES // chunk_bytes)
+        chunk_bytes = slots[0].region.nbytes if slots else batch_bytes
+        return max(1, batch_bytes // chunk_bytes)
 
     def _push_to(
         self, client: RequestClient, home: str, keys: list[bytes], deadline_s: float
     ) -> int:
-        """One batch to one home: reserve, write (or send inline), commit; returns stored."""
+        """One batch to one home: greet, pin, store through the byte path; returns stored."""
         peer = self._membership.peer(home)
-        if peer is None or not self._handshake(client, home, deadline_s):
+        if peer is None or not self._greeter.ensure(
+            client, peer=home, peer_nonce=peer.nonce, address=peer.data_address,
+            deadline_s=deadline_s,
+        ):  # fmt: skip
             return 0
         owner = f"push:{home}:{client.next_id()}"
-        slots = [  # each key on its own: these keys are a set, not a prefix chain
+        slots: list[Slot] = [  # each key on its own: these keys are a set, not a prefix chain
             slot
             for key in keys
             for slot in self._store.pin([key], owner=owner, deadline_s=deadline_s)
@@ -213,46 +221,12 @@ class Pusher:
         if not slots:
             return 0
         try:
-            return self._send_batch(client, peer.data_address, home, slots, deadline_s)
+            return self._path.push(
+                client, address=peer.data_address, home=home, slots=slots,
+                epoch=self._membership.ring().epoch, deadline_s=deadline_s,
+            )  # fmt: skip
         finally:
             self._store.unpin(slots, owner=owner)
-
-    def _send_batch(
-        self, client: RequestClient, address: str, home: str, slots: list, deadline_s: float
-    ) -> int:
-        keys = [slot.key for slot in slots]
-        epoch = self._membership.ring().epoch
-        chunk_bytes = slots[0].region.nbytes
-        if self._channel.kind == "tcp":
-            put = m.Put(
-                req=client.next_id(),
-                epoch=epoch,
-                keys=keys,
-                chunk_bytes=chunk_bytes,
-                checksums=[s.checksum for s in slots],
-                payloads=[memoryview(self._store.view(s)) for s in slots],  # pinned
-            )
-            reply = client.call(address, put, deadline_s)
-            return reply.stored if isinstance(reply, m.PutReply) else 0
-        put = m.Put(req=client.next_id(), epoch=epoch, keys=keys, chunk_bytes=chunk_bytes)
-        reply = client.call(address, put, deadline_s)
-        if not isinstance(reply, m.PutReply):
-            return 0
-        chosen = [(s, ref) for s, ref in zip(slots, reply.slots, strict=False) if ref]
-        if not chosen or not self._write(home, chosen, deadline_s):
-            return 0
-        commit = m.Commit(
-            req=client.next_id(),
-            keys=[s.key for s, _ in chosen],
-            checksums=[s.checksum for s, _ in chosen],
-        )
-        done = client.call(address, commit, deadline_s)
-        return done.stored if isinstance(done, m.CommitReply) else 0
-
-    def _write(self, home: str, chosen: list, deadline_s: float) -> bool:
-        return self._channel.write(
-            home, [s.region for s, _ in chosen], [ref for _, ref in chosen], deadline_s
-        )
 
 
 def _batches(keys: list[bytes], size: int) -> list[list[bytes]]:

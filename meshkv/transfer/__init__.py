@@ -8,6 +8,7 @@ from meshkv.transfer.channel import (
     SlotAddress,
     TransferHandle,
     TransferState,
+    WriteChannel,
 )
 from meshkv.transfer.tcp_channel import TcpChannel
 
@@ -39,5 +40,6 @@ __all__ = [
     "TcpChannel",
     "TransferHandle",
     "TransferState",
+    "WriteChannel",
     "make_channel",
 ]

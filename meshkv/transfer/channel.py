@@ -1,13 +1,14 @@
 """The transfer channel contract: how a member moves chunk bytes into a peer's store slots.
 
-A channel knows this member's registered memory (the store's segments) and, after a handshake,
-each peer's. The data plane asks it to WRITE local regions into a peer's slots and polls the
-transfer until it completes, fails, or the caller's deadline passes; the caller always
-`release`s the handle. A peer that died or froze is dropped with `remove_peer`, which makes its
-in-flight transfers fail fast instead of hanging.
+A `Channel` is the handshake half: this member's registered memory (the store's segments) as a
+handshake describes it, and each peer's after one. Both channels implement it: NIXL (UCX WRITE,
+the default) and tcp (no memory to describe: the data plane carries the bytes inline in its own
+messages, `meshkv.dataplane.byte_path`).
 
-Two channels implement it: NIXL (UCX WRITE, the default) and tcp, which moves no bytes itself:
-with ``kind == "tcp"`` the data plane carries the bytes inline in its own messages.
+A `WriteChannel` also moves bytes (NIXL only): it WRITEs local regions into a peer's slots, and
+the caller polls the transfer until it completes, fails, or the caller's deadline passes, then
+always `release`s the handle. A peer that died or froze is dropped with `remove_peer`, which
+makes its in-flight transfers fail fast instead of hanging.
 
 This module knows nothing of keys, rings or the data-plane protocol.
 """
@@ -53,6 +54,8 @@ class TransferHandle:
 
 
 class Channel(Protocol):
+    """What a handshake exchanges, and the peers learnt from it."""
+
     kind: str
     """"nixl" or "tcp": both ends of a transfer must use the same kind."""
 
@@ -71,6 +74,12 @@ class Channel(Protocol):
     def remove_peer(self, name: str) -> None:
         """Forgets a peer; its in-flight transfers fail."""
         ...
+
+    def close(self) -> None: ...
+
+
+class WriteChannel(Channel, Protocol):
+    """A channel that WRITEs local regions into peers' slots (batched, polled, with deadlines)."""
 
     def post_write(
         self, peer: str, local: Sequence[Region], remote: Sequence[SlotAddress]
@@ -91,5 +100,3 @@ class Channel(Protocol):
     ) -> bool:
         """Posts, polls until done or ``deadline_s`` (time.monotonic), releases; True if done."""
         ...
-
-    def close(self) -> None: ...

@@ -1,25 +1,17 @@
 """The tcp channel: for hosts without NIXL/UCX, chunk bytes ride with data-plane messages.
 
-It has no memory registration and no transfers of its own; the data plane sees
-``kind == "tcp"`` and sends payloads with `GetReply` and `Put` messages over ZMQ (as frames
-after the message's, see `meshkv.dataplane.messages`), where
-the receiver checks each chunk's checksum before publishing it, exactly as for NIXL. This class
-exists so the handshake and peer bookkeeping read the same for both channels; asking it to move
-bytes is a bug on our side.
+It has no memory registration and moves no bytes: it is only the handshake half of the channel
+contract (`Channel`), so greetings and peer bookkeeping read the same for both channels. The
+bytes travel inline, as frames after a `GetReply`'s or a `Put`'s own
+(`meshkv.dataplane.byte_path.InlineBytes`), and the receiver checks each chunk's checksum
+before publishing it, exactly as for NIXL.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshkv.errors import UsageError
-from meshkv.store import Region
-from meshkv.transfer.channel import (
-    SegmentInfo,
-    SlotAddress,
-    TransferHandle,
-    TransferState,
-)
+from meshkv.transfer.channel import SegmentInfo
 
 
 class TcpChannel:
@@ -36,22 +28,6 @@ class TcpChannel:
 
     def remove_peer(self, name: str) -> None:
         return None
-
-    def post_write(
-        self, peer: str, local: Sequence[Region], remote: Sequence[SlotAddress]
-    ) -> TransferHandle:
-        raise UsageError("the tcp channel carries bytes inline; there is nothing to post")
-
-    def poll(self, handle: TransferHandle) -> TransferState:
-        raise UsageError("the tcp channel has no transfers to poll")
-
-    def release(self, handle: TransferHandle, *, failed: bool) -> None:
-        raise UsageError("the tcp channel has no transfers to release")
-
-    def write(
-        self, peer: str, local: Sequence[Region], remote: Sequence[SlotAddress], deadline_s: float
-    ) -> bool:
-        raise UsageError("the tcp channel carries bytes inline; there is nothing to write")
 
     def close(self) -> None:
         return None

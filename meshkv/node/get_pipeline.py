@@ -1,0 +1,217 @@
+"""A member's get, step by step: presume → fetch → locate → refetch → pin → verify → repair.
+
+1. presume: guess each leading key's holder with no round trip (`meshkv.node.fetch.presume`);
+2. fetch straight from those guesses (one round trip when chunks sit at their homes);
+3. locate: if the guesses missed, ask the homes (and, after a membership change, the previous
+   homes) who holds the rest;
+4. refetch from the located holders, unless the first one is the holder just asked (asking it
+   again would refetch a chunk that failed its checksum);
+5. pin the leading chunks now here, local copies and fetched ones, for the caller's lease;
+6. verify the local ones against their checksums (fetched ones were checked on arrival);
+7. repair: chunks found only at a previous home are pushed to their new homes.
+
+Every step is bounded by the caller's deadline and every failure is fewer leading chunks: a
+miss, never an exception, never wrong bytes.
+
+This module knows membership, the store, the requester's data-plane calls and the pusher's
+queue; not sockets, threads or vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.config import DataPlaneConfig
+from meshkv.dataplane.directory import HolderDirectory
+from meshkv.dataplane.handshake import Greeter
+from meshkv.metrics import NodeMetrics
+from meshkv.node.fetch import fetch, locate, presume
+from meshkv.node.membership import Membership
+from meshkv.store import ChunkStore, Slot
+
+log = logging.getLogger("vllm.meshkv.node")
+
+
+@dataclass
+class ChunkLease:
+    """Leading chunks pinned in the local store: read ``views``, then `release` them."""
+
+    views: list[np.ndarray]
+    _store: ChunkStore
+    _slots: list[Slot]
+    _owner: str
+    _released: bool = field(default=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.views)
+
+    def intact(self, index: int) -> bool:
+        """True if chunk ``index`` still holds the bytes its checksum names.
+
+        Check it after reading the chunk out. A leased slot is changed only by a write that
+        outlived its own get: a holder frozen in the middle of a NIXL post and thawed after
+        this member gave up and reused the slot (cma writes straight into this process).
+        Such a write is never undone, so a chunk that matches after the copy was copied whole.
+        """
+        slot = self._slots[index]
+        return self._store.checksum(slot) == slot.checksum
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._store.unpin(self._slots, owner=self._owner)
+
+    def __enter__(self) -> ChunkLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class GetPipeline:
+    """Runs gets and lookups for one member (any thread, each with its own client)."""
+
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        store: ChunkStore,
+        directory: HolderDirectory,
+        greeter: Greeter,
+        reply_max_bytes: int | None,
+        repair: Callable[[list[bytes]], None],
+        metrics: NodeMetrics,
+        config: DataPlaneConfig,
+    ) -> None:
+        self._membership = membership
+        self._store = store
+        self._directory = directory
+        self._greeter = greeter
+        self._reply_max_bytes = reply_max_bytes
+        self._repair = repair
+        self._metrics = metrics
+        self.config = config
+        """Read at every get (a benchmark may swap it between gets to sweep a knob)."""
+
+    @property
+    def _me(self) -> str:
+        return self._membership.me.name
+
+    def count_held(self, keys: list[bytes], client: RequestClient, deadline_s: float) -> int:
+        """How many leading ``keys`` some live member holds (a lookup: no bytes move)."""
+        located = locate(
+            keys,
+            membership=self._membership,
+            store=self._store,
+            directory=self._directory,
+            client=client,
+            deadline_s=deadline_s,
+        )
+        return len(located.holders)
+
+    def get(
+        self,
+        keys: Sequence[bytes],
+        chunk_bytes: int,
+        *,
+        client: RequestClient,
+        owner: str,
+        deadline_s: float,
+        verify: bool,
+    ) -> ChunkLease:
+        """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
+        guesses = presume(keys, membership=self._membership, store=self._store,
+                          directory=self._directory)  # fmt: skip
+        fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        held = self._leading_held(keys, guesses, fetched)
+        fallbacks = 0
+        if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
+            located = locate(
+                keys[held:],
+                membership=self._membership,
+                store=self._store,
+                directory=self._directory,
+                client=client,
+                deadline_s=deadline_s,
+            )
+            fallbacks = located.fallbacks
+            retry = located.holders[:1] != guesses[held : held + 1]  # not the holder just asked
+            if retry:  # (asking it again would refetch a chunk that failed its checksum)
+                fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
+                                       deadline_s)  # fmt: skip
+        slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s + self.config.lease_hold_s)
+        if verify:
+            slots = self._verified(slots, fetched, owner)
+        self._count(keys, slots, fetched)
+        if fallbacks:
+            self._repair([s.key for s in slots])  # read repair at the new homes
+        return ChunkLease([self._store.view(s) for s in slots], self._store, slots, owner)
+
+    def _fetch(
+        self,
+        keys: Sequence[bytes],
+        holders: Sequence[str],
+        start: int,
+        chunk_bytes: int,
+        client: RequestClient,
+        owner: str,
+        deadline_s: float,
+    ) -> set[int]:
+        """Fetches keys[start + i] from holders[i]; the indexes (into ``keys``) committed."""
+        if all(holder == self._me for holder in holders):
+            return set()
+        fetched = fetch(
+            keys[start : start + len(holders)],
+            holders,
+            chunk_bytes=chunk_bytes,
+            membership=self._membership,
+            store=self._store,
+            client=client,
+            handshake=lambda peer, d: self._greet(client, peer, d),
+            reply_max=self._reply_max_bytes,
+            owner=owner,
+            deadline_s=deadline_s,
+            config=self.config,
+        )
+        return {start + i for i in fetched}
+
+    def _greet(self, client: RequestClient, peer_name: str, deadline_s: float) -> bool:
+        peer = self._membership.peer(peer_name)
+        if peer is None:
+            return False
+        return self._greeter.ensure(client, peer=peer_name, peer_nonce=peer.nonce,
+                                    address=peer.data_address, deadline_s=deadline_s)  # fmt: skip
+
+    def _leading_held(self, keys: Sequence[bytes], guesses: list[str], fetched: set[int]) -> int:
+        """How many leading keys are here now: local copies and chunks just fetched."""
+        for i in range(len(keys)):
+            if i not in fetched and not (i < len(guesses) and guesses[i] == self._me):
+                return i
+        return len(keys)
+
+    def _verified(self, slots: list[Slot], fetched: set[int], owner: str) -> list[Slot]:
+        """Cuts the lease at the first chunk whose bytes no longer match their checksum (memory
+        corrupted in this store): wrong KV must never reach the engine. Chunks fetched by this
+        call (indexes in ``fetched``) were checked on arrival."""
+        for i, slot in enumerate(slots):
+            if i not in fetched and self._store.checksum(slot) != slot.checksum:
+                log.error("%s: chunk %s is corrupted in the local store", self._me, slot.key.hex())
+                self._store.unpin(slots[i:], owner=owner)
+                return slots[:i]
+        return slots
+
+    def _count(self, keys: Sequence[bytes], slots: list[Slot], fetched: set[int]) -> None:
+        metrics = self._metrics
+        metrics.lookups.inc()
+        fetched_here = [slot for i, slot in enumerate(slots) if i in fetched]
+        metrics.chunks_hit_local.inc(len(slots) - len(fetched_here))
+        metrics.chunks_fetched.inc(len(fetched_here))
+        metrics.bytes_fetched.inc(sum(slot.region.nbytes for slot in fetched_here))
+        metrics.chunks_missed.inc(len(keys) - len(slots))
