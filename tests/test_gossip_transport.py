@@ -211,3 +211,16 @@ def test_forget_closes_the_peer_socket_and_the_next_send_opens_a_fresh_one(opene
     assert a.stats["transport.peer_sockets_closed"] == 1
     a.send(b.address, b"two")
     assert [i.frame for i in _receive(b, a)] == [b"two"]
+
+
+def test_wait_drains_a_wake_up(opened):
+    """A wake() is consumed by the next wait, not left pending: a pending one would make every
+    later wait return at once and the gossip loop spin at 100 % CPU."""
+    transport = opened()
+    transport.wake()
+    assert transport.wait(1.0) == []
+    try:
+        leftover = transport._wake_recv.recv(1)
+    except BlockingIOError:
+        leftover = b""
+    assert leftover == b""

@@ -226,7 +226,10 @@ class GossipTransport:
         """
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
+        # by descriptor: pyzmq reports a ready Python socket by its file number, so a wake-up
+        # checked as the socket object would never be drained (the loop then spins on it)
+        wake_fd = self._wake_recv.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         now_s = time.monotonic()
         waiting = []
         for peer in self._peers.values():
@@ -242,7 +245,7 @@ class GossipTransport:
         for peer in waiting:
             if ready.get(peer.sock, 0) & zmq.POLLOUT:
                 self._flush_pending(peer)
-        if self._wake_recv in ready:
+        if wake_fd in ready:
             self._drain_wake()
         if self._router not in ready:
             return []

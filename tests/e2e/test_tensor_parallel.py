@@ -39,17 +39,16 @@ from meshkv.node.fetch import locate
 from meshkv.node.membership import ROLE_SEED, Membership, Peer
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES
+from tests.conftest import free_port, wait_until
 from tests.e2e.conftest import (
     MAX_BATCHED_TOKENS,
     MESH_WAIT_S,
     QUERY_CONFIG,
     REPO,
     START_TIMEOUT_S,
-    free_port,
     mesh_agrees,
     mesh_yaml,
     table_of,
-    wait_for,
 )
 from tests.e2e.test_two_engines import RETRIEVED, answer, assert_same, prompt
 
@@ -162,11 +161,11 @@ def members_named_in_log(engine: EngineProcess) -> dict[int, str]:
 def engine_members(mesh: Mesh) -> dict[str, MemberView]:
     """Every rank of both engines alive in every one's table; the seed's table."""
     names = {f"{instance_of(e)}/{r}" for e in mesh.engines.values() for r in range(TP)}
-    table = wait_for(
+    table = wait_until(
         "all four ranks see each other alive",
         lambda: mesh_agrees(mesh.seed, names),
         MESH_WAIT_S,
-        lambda: sorted(table_of(mesh.seed)),
+        explain=lambda: sorted(table_of(mesh.seed)),
     )
     return {name: view for name, view in table.items() if name in names}
 
