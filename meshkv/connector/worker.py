@@ -59,11 +59,10 @@ logger = logging.getLogger("vllm.meshkv.connector.worker")
 
 IDLE_STEP_FETCH_WAIT_S = 0.05
 """Longest an idle step (no forward) waits for the fetches it ordered before reporting. Their
-results then reach the scheduler with this step: without the wait it spins empty steps asking
-again, and those steps compete with the fetch for the core and the GIL (measured: 2-17 steps
-and 3-60 ms per mesh hit). Only idle steps wait, so no forward is ever delayed; a request that
-arrives meanwhile waits at most this long to be scheduled. A fetch still out after it is
-reported at a later step as before."""
+results then reach the scheduler with this step; without the wait it spins empty steps asking
+again (measured: 2-17 per mesh hit) that share the core and the GIL with the fetch. Only idle
+steps wait, so no forward is ever delayed; a request that arrives meanwhile waits at most this
+long to be scheduled. A fetch still out after it is reported at a later step, as before."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
