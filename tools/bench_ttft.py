@@ -9,12 +9,15 @@ MeshKVConnector with the chosen transfer channel and loading mode; ``plain`` (co
              "Retrieved"); asked right after ``one`` answered, as a user would;
   4. local:  P to ``plain`` again: vLLM's own prefix cache holds it;
   5. repeat: P to ``two`` again: its prefix cache holds it too (the connector may top it up).
-Every timed request runs alone on core 1: the engines it does not need are stopped (SIGSTOP to
-their process groups) around it and resumed (SIGCONT) after, so no idle engine spins beside it
-(vLLM's workers busy-poll for a second after each step). ``plain`` is timed with both mesh
-engines stopped together (neither can suspect the other while both are stopped); ``two`` with
-``plain`` stopped and ``one`` running on core 0, since it may serve the chunks. Lengths run in
-a shuffled order each repetition so drift spreads evenly.
+Every timed request runs with no idle engine spinning beside it (vLLM's engine and worker
+processes busy-poll for a second after each step, then sleep), in one of two ways:
+``--isolation stop`` (default): the engines it does not need are stopped (SIGSTOP to their
+process groups) around it and resumed (SIGCONT) after: ``plain`` is timed with both mesh
+engines stopped together (neither can suspect the other while both are stopped), ``two`` with
+``plain`` stopped and ``one`` running on core 0, since it may serve the chunks.
+``--isolation idle``: nothing is stopped; each timed request waits until every engine but the
+producer has been idle for `IDLE_SPIN_S` (the mesh request still follows the producer at once).
+Lengths run in a shuffled order each repetition so drift spreads evenly.
 
 The mesh engines log meshkv's timing lines (``vllm.meshkv`` at DEBUG through a logging config
 this script writes), so each mesh request is also split into segments
@@ -22,7 +25,8 @@ this script writes), so each mesh request is also split into segments
 back, the load, the forward.
 
     python tools/bench_ttft.py [--lengths 512,1024,2048,3400] [--reps 10] [--channel nixl]
-                               [--async-loading] [--out bench-results/ttft]
+                               [--isolation stop|idle] [--async-loading]
+                               [--out bench-results/ttft]
 
 Writes <out>.json (every sample and timeline, p50/p90 per cell, the ratios of p50s mesh/local
 and mesh/cold, the load average before each repetition) and <out>.png (p50 TTFT per length).
@@ -59,6 +63,9 @@ RETRIEVED = re.compile(r"Retrieved (\d+) out of total (\d+) tokens")
 START_TIMEOUT_S = 600.0
 LOG_WAIT_S = 5.0
 LOG_POLL_S = 0.05
+IDLE_SPIN_S = 1.2
+"""vLLM's shm message queues busy-poll for 1 s after their last read (SpinCondition), then
+sleep on a socket: an engine idle this long no longer competes for a core."""
 
 
 def tokens(seed: int, count: int) -> list[int]:
@@ -152,8 +159,35 @@ def warm_up(engines: tuple[EngineProcess, ...]) -> None:
     timed(plain, tokens(1, 2048))
 
 
-def measure(engines: tuple[EngineProcess, ...], lengths: list[int], reps: int) -> dict:
+class Isolation:
+    """Keeps the engines a timed request does not need off the cores while it runs."""
+
+    def __init__(self, how: str, engines: tuple[EngineProcess, ...]) -> None:
+        self.how = how
+        self._last_busy_s = {id(engine): time.monotonic() for engine in engines}
+
+    @contextlib.contextmanager
+    def around(
+        self, others: tuple[EngineProcess, ...], quiet: tuple[EngineProcess, ...]
+    ) -> Iterator[None]:
+        """Stops ``others`` (stop), or first waits until ``quiet`` engines idled (idle)."""
+        if self.how == "stop":
+            with paused(others):
+                yield
+            return
+        last = max(self._last_busy_s[id(engine)] for engine in quiet)
+        time.sleep(max(0.0, last + IDLE_SPIN_S - time.monotonic()))
+        yield
+
+    def used(self, engine: EngineProcess) -> None:
+        self._last_busy_s[id(engine)] = time.monotonic()
+
+
+def measure(
+    engines: tuple[EngineProcess, ...], lengths: list[int], reps: int, isolation: str
+) -> dict:
     one, two, plain = engines
+    isolate = Isolation(isolation, engines)
     samples: dict[str, dict[int, list[float]]] = {m: {n: [] for n in lengths} for m in MODES}
     hits: dict[str, dict[int, list[int]]] = {m: {n: [] for n in lengths} for m in MODES}
     timelines: dict[int, list[dict | None]] = {n: [] for n in lengths}
@@ -172,9 +206,12 @@ def measure(engines: tuple[EngineProcess, ...], lengths: list[int], reps: int) -
                 produced_at = one.log_size()
                 if mode == "mesh":
                     timed(one, prompt)  # the producer computes it and saves it to the mesh
+                    isolate.used(one)
                 offset = engine.log_size()
-                with paused(stopped):
+                quiet = tuple(e for e in engines if mode != "mesh" or e is not one)
+                with isolate.around(stopped, quiet):
                     sent_s, first_s = timed(engine, prompt)
+                isolate.used(engine)
                 samples[mode][length].append((first_s - sent_s) * 1000)
                 hits[mode][length].append(retrieved_tokens(engine, offset, mode == "mesh"))
                 if mode == "mesh":
@@ -272,6 +309,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--channel", default="nixl", choices=("nixl", "tcp"))
     parser.add_argument("--async-loading", action="store_true", help="enable_async_loading")
+    parser.add_argument("--isolation", default="stop", choices=("stop", "idle"))
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "ttft")
     parser.add_argument("--no-plot", action="store_true")
@@ -282,7 +320,7 @@ def main() -> None:
     engines = start_engines(model, args.channel, args.async_loading, workdir)
     try:
         warm_up(engines)
-        result = measure(engines, lengths, args.reps)
+        result = measure(engines, lengths, args.reps, args.isolation)
     finally:
         for engine in engines:
             engine.stop()
@@ -291,6 +329,7 @@ def main() -> None:
         reps=args.reps,
         channel=args.channel,
         loading="async" if args.async_loading else "sync",
+        isolation=args.isolation,
         machine=platform.platform(),
         load_average_end=os.getloadavg(),
         logs=str(workdir),
