@@ -150,8 +150,10 @@ def test_a_hit_waits_for_the_lookup_then_loads_the_chunks(tiny_model):
     (fetch,) = orders.fetches
     assert (fetch.first_chunk, fetch.num_chunks, fetch.stage) == (0, 2, True)
 
+    assert orders.idle_step  # no forward: the workers may wait for the fetch in this step
     out, orders = engine.step()
     assert out.num_scheduled_tokens == {"a": 600 - 512}
+    assert not orders.idle_step
     (load,) = orders.loads
     blocks = engine.scheduler.kv_cache_manager.get_block_ids("a")[0]
     assert (load.first_chunk, load.num_chunks, load.skip_blocks) == (0, 2, 0)

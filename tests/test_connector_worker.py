@@ -149,6 +149,21 @@ def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
         assert torch.equal(two_caches[name][[10, 11, 12]], one_caches[name][[4, 7, 8]])
 
 
+def test_an_idle_step_reports_the_fetches_it_ordered(pair):
+    """A step with no forward waits for its fetches, so the scheduler learns the hit at the
+    end of that step rather than spinning empty steps; a step with a forward does not wait."""
+    (one, _), (two, _) = pair
+    two_chunks_saved_by_one_staged_at_two(one, two, first_token=500)
+    two.start_step(MeshStepOrders(unstage=["b"]))
+    fetches = [
+        Fetch(fetch_id=n, req_id=req_id, first_chunk=0, num_chunks=2, stage=True, timeout_ms=2000)
+        for n, req_id in ((1, "b"), (2, "unknown"))
+    ]
+    orders = MeshStepOrders(fetches=fetches, idle_step=True)
+    step(two, orders)
+    assert two.take_report().found == {0: {1: 2, 2: 0}}
+
+
 def test_async_load_reports_when_done_and_a_miss_reports_its_blocks(pair):
     (one, one_caches), (two, two_caches) = pair
     tokens = np.arange(7, 7 + CHUNK)

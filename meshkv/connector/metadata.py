@@ -103,6 +103,10 @@ class MeshStepOrders(KVConnectorMetadata):
     """Requests whose staged chunks will not be loaded (miss, timeout, or already loaded)."""
     forget: list[str] = field(default_factory=list)
     """Finished requests: drop every trace of them once this step's saves are done."""
+    idle_step: bool = False
+    """vLLM scheduled no tokens this step (no forward): a worker may wait a little for this
+    step's fetches, so their results go back with this step rather than after the empty steps
+    the scheduler would otherwise spin while it asks again."""
 
     def is_empty(self) -> bool:
         return not (

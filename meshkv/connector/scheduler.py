@@ -79,6 +79,9 @@ class RequestState:
     full_chunks: int
     phase: Phase
     lookup_deadline_s: float = 0.0
+    lookup_started_s: float = 0.0
+    asks_again: int = 0
+    """Steps answered None ("ask again") while this lookup was out (for the timing log)."""
     fetch_id: int = -1
     fetch_first_chunk: int = 0
     rank_found: dict[int, int] = field(default_factory=dict)
@@ -114,6 +117,7 @@ class MeshScheduler:
         if state.phase is Phase.LOOKING:
             if len(state.rank_found) < p.world_size:
                 if self.clock() < state.lookup_deadline_s:
+                    state.asks_again += 1
                     return None, False
                 logger.warning(
                     "mesh lookup for request %s timed out after %d ms; computing it",
@@ -156,7 +160,8 @@ class MeshScheduler:
         if p.may_load and num_computed_tokens < useful_tokens:
             state.phase = Phase.LOOKING
             state.staged = not p.async_loading
-            state.lookup_deadline_s = self.clock() + p.lookup_timeout_ms / 1000
+            state.lookup_started_s = self.clock()
+            state.lookup_deadline_s = state.lookup_started_s + p.lookup_timeout_ms / 1000
             state.fetch_id = self._next_fetch_id
             state.fetch_first_chunk = first_chunk
             self._next_fetch_id += 1
@@ -193,6 +198,15 @@ class MeshScheduler:
         if state.staged and state.hit_chunks == 0:
             self._unstage(state)
         state.next_save_chunk = max(state.next_save_chunk, state.hit_chunks)
+        logger.debug(
+            "lookup of %s: %d of %d chunks after %.2f ms and %d asks again, at wall %.6f",
+            state.req_id,
+            state.hit_chunks,
+            state.full_chunks,
+            (self.clock() - state.lookup_started_s) * 1000,
+            state.asks_again,
+            time.time(),
+        )
 
     def _unstage(self, state: RequestState) -> None:
         if state.staged:
@@ -233,6 +247,7 @@ class MeshScheduler:
         """This step's orders. Queued loads are handed over first, so that a failure while
         planning saves (optional work) can never lose a load vLLM was promised."""
         orders, self._pending = self._pending, MeshStepOrders()
+        orders.idle_step = scheduler_output.total_num_scheduled_tokens == 0
         if self.policy.may_save:
             try:
                 self._plan_saves(scheduler_output, orders)

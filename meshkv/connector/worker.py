@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.meshkv.connector.worker")
 
+IDLE_STEP_FETCH_WAIT_S = 0.05
+"""Longest an idle step (no forward) waits for the fetches it ordered before reporting. Their
+results then reach the scheduler with this step; without the wait it spins empty steps asking
+again (measured: 2-17 per mesh hit) that share the core and the GIL with the fetch. Only idle
+steps wait, so no forward is ever delayed; a request that arrives meanwhile waits at most this
+long to be scheduled. A fetch still out after it is reported at a later step, as before."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerPlace:
@@ -79,6 +86,8 @@ class _Staged:
 class _FetchJob:
     fetch: Fetch
     keys: list[bytes]
+    queued_s: float
+    """time.perf_counter() when the order reached this worker (for the timing log)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,8 @@ class MeshWorker:
         self._root_digest = b""
         self._keys: dict[str, list[bytes]] = {}  # model thread only
         self._lock = threading.Lock()
+        self._fetch_ended = threading.Condition(self._lock)
+        self._step_fetch_ids: list[int] = []  # model thread only: idle step's fetches
         self._staged: dict[str, _Staged] = {}
         self._inflight_fetch: dict[str, int] = {}
         self._cancelled_fetches: set[int] = set()
@@ -238,6 +249,7 @@ class MeshWorker:
             self._keys[intro.req_id] = chunk_keys(root, intro.token_ids, self._config.chunk_size)
         for fetch in orders.fetches:
             self._queue_fetch(fetch)
+        self._step_fetch_ids = [f.fetch_id for f in orders.fetches] if orders.idle_step else []
         forward_mark: CopyEvent | None = None
         for load in orders.loads:
             if not load.is_async:
@@ -271,7 +283,14 @@ class MeshWorker:
             self._keys.pop(req_id, None)
 
     def take_report(self) -> MeshWorkerReport:
+        """Fetch results since the last report; an idle step first waits (at most
+        `IDLE_STEP_FETCH_WAIT_S`) for the fetches it ordered, releasing the GIL meanwhile."""
+        waiting, self._step_fetch_ids = self._step_fetch_ids, []
         with self._lock:
+            if waiting:
+                self._fetch_ended.wait_for(
+                    lambda: all(i in self._found for i in waiting), IDLE_STEP_FETCH_WAIT_S
+                )
             found, self._found = self._found, {}
         return MeshWorkerReport(found={self._rank: found} if found else {})
 
@@ -303,7 +322,7 @@ class MeshWorker:
                 )
         if ready:
             try:
-                self._jobs.put_nowait(_FetchJob(fetch, keys))
+                self._jobs.put_nowait(_FetchJob(fetch, keys, time.perf_counter()))
             except queue.Full:
                 ready = False
         with self._lock:
@@ -323,7 +342,8 @@ class MeshWorker:
             found = lease.count
         else:
             found = node.lookup(job.keys, timeout_s=timeout_s)
-        fetch_s = time.perf_counter() - started
+        ended = time.perf_counter()
+        fetch_s = ended - started
         previous: _Staged | None = None
         with self._lock:
             if self._inflight_fetch.get(fetch.req_id) == fetch.fetch_id:
@@ -335,11 +355,23 @@ class MeshWorker:
                 previous = self._staged.pop(fetch.req_id, None)
                 self._staged[fetch.req_id] = _Staged(lease, fetch_s)
             self._found[fetch.fetch_id] = found
+            self._fetch_ended.notify_all()
         if previous is not None:
             previous.lease.release()
         if lease is not None and not keep:
             lease.release()
-        logger.debug("rank %d: fetch %d found %d chunks", self._rank, fetch.fetch_id, found)
+        logger.debug(
+            "rank %d: fetch %d of %s found %d of %d chunks: queued %.2f ms, get %.2f ms, "
+            "ended at wall %.6f",
+            self._rank,
+            fetch.fetch_id,
+            fetch.req_id,
+            found,
+            len(job.keys),
+            (started - job.queued_s) * 1000,
+            fetch_s * 1000,
+            time.time() - (time.perf_counter() - ended),
+        )
 
     def _unstage(self, req_id: str) -> None:
         with self._lock:
@@ -451,7 +483,18 @@ class MeshWorker:
                 load.req_id,
             )
         if g is not None and written:
-            self._log_retrieved(load, written, g, fetch_s + time.perf_counter() - started)
+            copy_s = time.perf_counter() - started
+            self._log_retrieved(load, written, g, fetch_s + copy_s)
+            logger.debug(
+                "rank %d: load of %s: %d blocks, staged fetch %.2f ms, get and copy %.2f ms, "
+                "done at wall %.6f",
+                self._rank,
+                load.req_id,
+                written,
+                fetch_s * 1000,
+                copy_s * 1000,
+                time.time(),
+            )
 
     def _log_retrieved(self, load: Load, blocks: int, g: ChunkGeometry, cost_s: float) -> None:
         size_gb = blocks * g.block_bytes * g.num_layers / 1e9
@@ -497,7 +540,13 @@ class MeshWorker:
         node = self._node
         if node is not None:
             stored = node.put(keys[: len(chunks)], chunks)
-            logger.debug("rank %d: saved %d/%d chunks", self._rank, stored, len(chunks))
+            logger.debug(
+                "rank %d: saved %d/%d chunks (queued for their homes) at wall %.6f",
+                self._rank,
+                stored,
+                len(chunks),
+                time.time(),
+            )
 
     # -- fetch thread --------------------------------------------------------------------------
     def _run_jobs(self) -> None:
@@ -516,3 +565,4 @@ class MeshWorker:
                     with self._lock:
                         self._inflight_fetch.pop(job.fetch.req_id, None)
                         self._found[job.fetch.fetch_id] = 0
+                        self._fetch_ended.notify_all()

@@ -5,9 +5,12 @@ here. The pusher thread asks each home on the key's preference list to reserve s
 chunks it lacks, WRITEs them (or sends them inline on the tcp channel: `BytePath.push`), then
 commits with their checksums, which the home verifies before publishing.
 
-Under bandwidth pressure the queue fills; then the chunks are announced instead (``HELD_AT``:
-"ask me for these"), so the home still answers lookups for them and nothing waits. Every step
-has a deadline; a home that fails is simply skipped (its lookups miss; our copy stays).
+Each push first points its home at this member's copy (``HELD_AT``: "ask me for these", one
+message, no reply), so a lookup that reaches the home while the bytes are still on their way
+finds this copy instead of missing (a prompt asked for on another engine right after this one
+computed it). Under bandwidth pressure the queue fills; then the chunks are only announced, so
+the home still answers lookups for them and nothing waits. Every step has a deadline; a home
+that fails is simply skipped (its lookups miss; our copy stays).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class Pusher:
                 while not self._notices.empty():
                     notice = self._notices.get_nowait()
                     if notice.newcomer is None:
-                        self._announce(client, notice.keys)
+                        self.stats["announced"] += self._announce(client, notice.keys)
                     else:
                         self._point_out(client, notice.newcomer)
                 try:
@@ -158,15 +161,24 @@ class Pusher:
                     targets.setdefault(member, []).append(key)
         return targets
 
-    def _announce(self, client: RequestClient, keys: list[bytes]) -> None:
+    def _announce(
+        self,
+        client: RequestClient,
+        keys: list[bytes],
+        targets: dict[str, list[bytes]] | None = None,
+    ) -> int:
+        """Sends each home of ``keys`` (or ``targets``) a HELD_AT naming this member; returns
+        the keys announced."""
         me = self._membership.me.name
         epoch = self._membership.ring().epoch
-        for home, home_keys in self._targets(keys).items():
+        announced = 0
+        for home, home_keys in (self._targets(keys) if targets is None else targets).items():
             peer = self._membership.peer(home)
             if peer is not None:
                 notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=home_keys, holder=me)
                 if client.send_only(peer.data_address, notice):  # HELD_AT has no reply
-                    self.stats["announced"] += len(home_keys)
+                    announced += len(home_keys)
+        return announced
 
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
@@ -186,11 +198,23 @@ class Pusher:
                 self.stats["pointed_out"] += len(notice.keys)
 
     def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
-        for home, home_keys in self._targets(keys, leaving=leaving).items():
+        targets = self._targets(keys, leaving=leaving)
+        if not leaving:  # lookups at the homes find our copy while the bytes are on their way
+            self.stats["pointed_ahead"] += self._announce(client, keys, targets)
+        for home, home_keys in targets.items():
             stored = 0
+            started_s = time.monotonic()
             for batch in _batches(home_keys, self._batch_keys(home_keys[0])):
                 deadline_s = time.monotonic() + self._config.push_deadline_s
                 stored += self._push_to(client, home, batch, deadline_s)
+            log.debug(
+                "pushed %d of %d chunks to %s in %.2f ms, at wall %.6f",
+                stored,
+                len(home_keys),
+                home,
+                (time.monotonic() - started_s) * 1000,
+                time.time(),
+            )
             self.stats["pushed"] += stored
             self.stats["push_skipped"] += len(home_keys) - stored
 
