@@ -57,12 +57,17 @@ def test_past_the_bound_the_least_recently_used_entries_go_whole() -> None:
 
 
 def test_an_answer_stops_at_a_dead_holder_and_at_a_chunk_this_member_no_longer_has() -> None:
-    keys = prompt(6)
-    chained = ["me/0", "me/0", "x/0", "x/0", "me/0", "y/0"]
-    names, runs = answer_lookup("me/0", keys, 2, chained, lambda ks: [], lambda n: True)
-    assert (names, runs) == (["x/0"], [2])  # position 4: "me/0" but not held here (evicted)
+    keys = prompt(7)
+    chained = ["me/0", "me/0", "x/0", "x/0", "me/0", "me/0", "y/0"]
+
+    def held_here(asked: list[bytes]) -> set[bytes]:
+        return {keys[4]} & set(asked)  # keys[5] was evicted here
+
+    names, runs = answer_lookup("me/0", keys, 2, chained, lambda ks: [], lambda n: True,
+                                held_here)  # fmt: skip
+    assert (names, runs) == (["x/0", "me/0"], [2, 1])  # position 5: "me/0", not held
     names, runs = answer_lookup("me/0", keys, 2, chained[:3], lambda ks: ["z/0"] * len(ks),
-                                lambda n: n != "z/0")  # fmt: skip
+                                lambda n: n != "z/0", held_here)  # fmt: skip
     assert (names, runs) == (["x/0"], [1])  # the directory's holder is dead
 
 

@@ -141,25 +141,32 @@ def answer_lookup(
     chained: Sequence[str],
     directory_holders: Callable[[Sequence[bytes]], list[str]],
     alive: Callable[[str], bool],
+    held_among: Callable[[Sequence[bytes]], set[bytes]],
 ) -> tuple[list[str], list[int]]:
     """The runs a member answers a lookup of ``keys`` with, after the ``held`` leading keys it
     holds itself: (holder of each run, keys in each run), stopping at the first key with no live
     holder known.
 
     ``chained`` names holders of the chain's leading keys (`ChainIndex.holders`); past it,
-    ``directory_holders`` is asked (once) for the keys that are left. A holder naming this
-    member (``me``) without the chunk held here (it was evicted) ends the answer there.
+    ``directory_holders`` is asked (once) for the keys that are left. A key the answer names
+    this member (``me``) for must be held here (``held_among``, asked once): the answer ends at
+    one that is not (it was evicted).
     """
-    names: list[str] = []
-    counts: list[int] = []
-    verdicts: dict[str, bool] = {me: False}
     holders = list(chained[held:])
     if held + len(holders) < len(keys):
         holders += directory_holders(keys[held + len(holders) :])
-    for holder in holders:
-        ok = verdicts.get(holder)
-        if ok is None:
-            ok = verdicts[holder] = alive(holder)
+    mine = [keys[held + i] for i, holder in enumerate(holders) if holder == me]
+    here = held_among(mine) if mine else set()
+    names: list[str] = []
+    counts: list[int] = []
+    verdicts: dict[str, bool] = {}
+    for i, holder in enumerate(holders):
+        if holder == me:
+            ok = keys[held + i] in here
+        else:
+            ok = verdicts.get(holder)
+            if ok is None:
+                ok = verdicts[holder] = alive(holder)
         if not ok:
             break
         if names and names[-1] == holder:

@@ -213,7 +213,7 @@ class DataService:
             chained = self._directory.chains.holders(keys)
             pointers, runs = answer_lookup(
                 self._name, keys, held, chained, self._directory.leading_holders,
-                self._holder_alive,
+                self._holder_alive, self._store.held_among,
             )  # fmt: skip
         return trusted(
             m.LookupReply,

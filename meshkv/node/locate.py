@@ -170,8 +170,9 @@ def _answer_here(
     """This member's own answer as home of ``keys[0]`` (what its service would reply)."""
     held = store.lookup_prefix(keys)
     names, runs = answer_lookup(
-        me, keys, held, directory.chains.holders(keys), directory.leading_holders, alive
-    )
+        me, keys, held, directory.chains.holders(keys), directory.leading_holders, alive,
+        store.held_among,
+    )  # fmt: skip
     return m.LookupReply(req=0, epoch=0, held=held, pointers=names, runs=runs).holders(me)
 
 
