@@ -30,6 +30,7 @@ This module knows keys and member names; not sockets, rings, gossip or the store
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -148,30 +149,28 @@ def answer_lookup(
     holder known.
 
     ``chained`` names holders of the chain's leading keys (`ChainIndex.holders`); past it,
-    ``directory_holders`` is asked (once) for the keys that are left. A key the answer names
-    this member (``me``) for must be held here (``held_among``, asked once): the answer ends at
-    one that is not (it was evicted).
+    ``directory_holders`` is asked (once) for the keys that are left. Work is per run of one
+    holder, not per key: ``alive`` once a run; a run naming this member (``me``) is checked in
+    its store (``held_among``), and the answer ends at a key no longer held here (evicted).
     """
     holders = list(chained[held:])
     if held + len(holders) < len(keys):
         holders += directory_holders(keys[held + len(holders) :])
-    mine = [keys[held + i] for i, holder in enumerate(holders) if holder == me]
-    here = held_among(mine) if mine else set()
     names: list[str] = []
     counts: list[int] = []
-    verdicts: dict[str, bool] = {}
-    for i, holder in enumerate(holders):
-        if holder == me:
-            ok = keys[held + i] in here
-        else:
-            ok = verdicts.get(holder)
-            if ok is None:
-                ok = verdicts[holder] = alive(holder)
-        if not ok:
-            break
-        if names and names[-1] == holder:
-            counts[-1] += 1
-        else:
+    at = held  # the position in ``keys`` of the run looked at
+    for holder, run in itertools.groupby(holders):
+        length = len(list(run))
+        count = length
+        if holder == me:  # only as far as the chunks are still here
+            here = held_among(keys[at : at + length])
+            count = next((i for i in range(length) if keys[at + i] not in here), length)
+        elif not alive(holder):
+            count = 0
+        if count:
             names.append(holder)
-            counts.append(1)
+            counts.append(count)
+        if count < length:
+            break
+        at += length
     return names, counts

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import random
 import signal
@@ -14,14 +15,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import zmq
 
-from tools.bench.common import free_port, read_json_line, wait_for_tcp
+from tools.bench.common import cpu_ns, free_port, read_json_line, wait_for_tcp
+from tools.bench.lookup.aggregate import collect, order, summarize
 from tools.bench.lookup.paths import Answer, LookupPath, RequesterGroup
 from tools.bench.lookup.settings import (
+    AGGREGATE_START_DELAY_S,
     BOOTS,
     CHILD_STOP_TIMEOUT_S,
     CONTROLLER_START_TIMEOUT_S,
@@ -29,7 +31,13 @@ from tools.bench.lookup.settings import (
     PROMPTS_PER_CELL,
     SCRIPT,
 )
-from tools.bench.lookup.workload import Holdings, Prompt, lmcache_cases, make_prompt
+from tools.bench.lookup.workload import (
+    CHAIN_CHUNKS,
+    Holdings,
+    Prompt,
+    lmcache_cases,
+    make_prompt,
+)
 
 MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups never read it)
 MESH_STORE_GIB = 0.05
@@ -83,8 +91,27 @@ def wait_for_ring(node, members: int, timeout_s: float) -> int:
         time.sleep(MESH_CONVERGE_POLL_S)
 
 
+def record_chains(node, chains: Sequence[dict]) -> int:
+    """Fills the node's chain index with the chains whose first key it is home for, each run
+    of one holder as a producer's ``CHAIN_AT`` would (the holders are the keys' ring homes,
+    where this benchmark stores every chunk); returns the keys recorded."""
+    recorded = 0
+    for chain in chains:
+        keys = [bytes.fromhex(k) for k in chain["keys"]]
+        holders = chain["holders"]
+        start = 0
+        for end in range(1, len(keys) + 1):
+            if end == len(keys) or holders[end] != holders[start]:
+                recorded += node.directory.chains.record(
+                    keys[0], start, keys[start:end], holders[start]
+                )
+                start = end
+    return recorded
+
+
 def start_mesh_node(spec: dict):
-    """A real MeshNode holding spec's keys (its ring home keys), started and joined."""
+    """A real MeshNode holding spec's keys (its ring home keys) and the chain entries of the
+    prompts whose first chunk is homed at it, started and joined."""
     from meshkv.node import MeshNode
 
     node = MeshNode(
@@ -97,6 +124,7 @@ def start_mesh_node(spec: dict):
     stored = node.put(keys, [chunk_payload(k) for k in keys]) if keys else 0
     if stored != len(keys):
         raise RuntimeError(f"{node.name} stored {stored} of its {len(keys)} home keys")
+    record_chains(node, spec.get("chains", []))
     return node
 
 
@@ -107,17 +135,66 @@ def mesh_member(spec_path: Path) -> None:
     ready = {"gossip": node.gossip_address, "data": node.data_address}
     sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
-    sys.stdin.read()
+    for line in sys.stdin:  # aggregate-load orders (`aggregate`), until stdin closes
+        order = json.loads(line)
+        done = ask_for(node, **order)
+        sys.stdout.write(json.dumps(done) + "\n")
+        sys.stdout.flush()
     node.stop(leave=False)
 
 
+def ask_for(
+    node,
+    prompts: list[list[str]],
+    expected: list[int],
+    start_at: float,
+    seconds: float,
+    in_flight: int,
+) -> dict:
+    """(A member under aggregate load) from wall time ``start_at``, keeps ``in_flight`` lookups
+    of ``prompts`` in flight with `MeshNode.lookup_async` for ``seconds``; the counts."""
+    keys = [[bytes.fromhex(k) for k in p] for p in prompts]
+    rng = random.Random(node.name)
+    counts = {"completed": 0, "wrong": 0}
+    lock = threading.Lock()
+    idle = threading.Condition(lock)
+    active = [0]
+    end_s = 0.0
+
+    def start() -> None:
+        i = rng.randrange(len(keys))
+        node.lookup_async(keys[i], lambda hits: finished(i, hits), timeout_s=LOOKUP_DEADLINE_S)
+
+    def finished(i: int, hits: int) -> None:
+        with lock:
+            counts["completed"] += 1
+            counts["wrong"] += hits != expected[i]
+            again = time.monotonic() < end_s
+            if not again:
+                active[0] -= 1
+                idle.notify_all()
+        if again:
+            start()
+
+    time.sleep(max(0.0, start_at - time.time()))  # every member starts at once
+    end_s = time.monotonic() + seconds
+    with lock:
+        active[0] = in_flight
+    for _ in range(in_flight):
+        start()
+    with lock:
+        idle.wait_for(lambda: active[0] == 0, timeout=seconds + 2 * LOOKUP_DEADLINE_S)
+        return {**counts, "unfinished": active[0]}
+
+
 class NodeLookupGroup(RequesterGroup):
-    """Requesters calling the asker's `MeshNode.lookup` (ring, local store, homes' `lookup`).
+    """Requesters calling the asker's `MeshNode.lookup` (ring, local store, the prompt's first
+    home and, only if needed, other homes).
 
     In the poll loop's own thread (``background`` False: the answer is there when `begin`
-    returns, no thread hop in the latency) or one thread per requester, each with its own
-    RequestClient as MeshNode gives every calling thread; answers come back through an
-    inproc socket the poll loop watches.
+    returns, no thread hop in the latency), or through `MeshNode.lookup_async`: every
+    requester's lookups in flight on the node's one request loop, answers handed back through
+    an inproc socket the poll loop watches.
     """
 
     def __init__(self, node, context: zmq.Context, count: int, background: bool) -> None:
@@ -130,7 +207,6 @@ class NodeLookupGroup(RequesterGroup):
             self._pull.bind(self._address)
             self._context = context
             self._done: queue.SimpleQueue[tuple[int, Answer]] = queue.SimpleQueue()
-            self._pool = ThreadPoolExecutor(count, thread_name_prefix="bench-requester")
             self._thread_sockets = threading.local()
             self._pushes: list[zmq.Socket] = []
             self._pushes_lock = threading.Lock()
@@ -147,11 +223,13 @@ class NodeLookupGroup(RequesterGroup):
     def begin(self, slot: int, prompt: Prompt) -> Answer | None:
         if not self._background:
             return self._ask(prompt)
-        self._pool.submit(self._run, slot, prompt)
+        self._node.lookup_async(
+            prompt.keys, lambda hits: self._answered(slot, Answer(hits=hits)), LOOKUP_DEADLINE_S
+        )
         return None
 
-    def _run(self, slot: int, prompt: Prompt) -> None:
-        answer = self._ask(prompt)
+    def _answered(self, slot: int, answer: Answer) -> None:
+        """On the node's request loop (or the caller's thread, for a lookup of local keys)."""
         push = getattr(self._thread_sockets, "push", None)
         if push is None:
             push = self._thread_sockets.push = self._context.socket(zmq.PUSH)
@@ -172,12 +250,11 @@ class NodeLookupGroup(RequesterGroup):
         return out
 
     def abandon(self, slot: int) -> None:
-        """Nothing to do: MeshNode.lookup keeps its own deadline and always returns."""
+        """Nothing to do: MeshNode.lookup keeps its own deadline and always answers."""
 
     def close(self) -> None:
         if self._background:
-            self._pool.shutdown(wait=True)
-            for push in self._pushes:
+            for push in self._pushes:  # (the loop thread's socket: its last use has passed)
                 push.close(linger=0)
             self._pull.close(linger=0)
 
@@ -243,12 +320,25 @@ class MeshkvPath(LookupPath):
             home = ring.home(key)
             self._homes[key] = home
             by_home[home].append(key.hex())
+        chains: dict[str, list[dict]] = {f"{i}/0": [] for i in ids}
+        for keys in holdings.member_keys:  # each member's keys are whole prompt chains
+            for start in range(0, len(keys), CHAIN_CHUNKS):
+                chain = keys[start : start + CHAIN_CHUNKS]
+                chains[self._homes[chain[0]]].append(
+                    {"keys": [k.hex() for k in chain], "holders": [self._homes[k] for k in chain]}
+                )
         join = self._start_seed(n, ROLE_SEED)
         self._members = []
         for wave in range(1, n, MESH_START_WAVE):  # a wave starts once the last is running
             started = [
                 self._spawn(
-                    {"instance_id": i, "role": ROLE_ENGINE, **join, "keys": by_home[f"{i}/0"]},
+                    {
+                        "instance_id": i,
+                        "role": ROLE_ENGINE,
+                        **join,
+                        "keys": by_home[f"{i}/0"],
+                        "chains": chains[f"{i}/0"],
+                    },
                     f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
                 )
                 for i in ids[wave : wave + MESH_START_WAVE]
@@ -262,6 +352,7 @@ class MeshkvPath(LookupPath):
                 "role": ROLE_ENGINE,
                 **join,
                 "keys": by_home[self._asker_name],
+                "chains": chains[self._asker_name],
             }
         )
         started_s = time.monotonic() - t0
@@ -336,12 +427,35 @@ class MeshkvPath(LookupPath):
         return NodeLookupGroup(self._asker, self._context, count, background or count > 1)
 
     def servers_asked(self, prompt: Prompt) -> int:
-        """Distinct homes other than the asker among the prompt's keys: MeshNode.lookup asks
-        them all at once (past the asker's leading local chunks)."""
-        return len({self._ring.home(k) for k in prompt.keys} - {self._asker_name})
+        """Members one lookup asks (`meshkv.node.locate`): none if every key is local or the
+        asker is the prompt's first home (it answers from its own chain index), else that home
+        alone; every prompt here is a whole chain its first home has an entry for."""
+        if all(self._homes.get(k) == self._asker_name for k in prompt.keys):
+            return 0
+        return int(self._ring.home(prompt.keys[0]) != self._asker_name)
 
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
+
+    def aggregate(self, prompts: Sequence[Prompt], seconds: float, in_flight: int) -> dict:
+        """Every member asks at once (`meshkv.node.MeshNode.lookup_async`), the asker in this
+        process included; CPU of every member (and this process) counted."""
+        spec = order(prompts, seconds, in_flight, time.time() + AGGREGATE_START_DELAY_S,
+                     hashes=False)  # fmt: skip
+        line = (json.dumps(spec) + "\n").encode()
+        pids = [*self.server_pids(), os.getpid()]
+        cpu0 = cpu_ns(pids)[0]
+        for member in self._members:
+            member.stdin.write(line)
+            member.stdin.flush()
+        asked: list[dict] = []
+        asker = threading.Thread(target=lambda: asked.append(ask_for(self._asker, **spec)))
+        asker.start()
+        counts = collect(self._members, seconds)
+        asker.join(seconds + AGGREGATE_START_DELAY_S + 4 * LOOKUP_DEADLINE_S)
+        for key in counts:
+            counts[key] += asked[0][key] if asked else 0
+        return summarize(counts, cpu_ns(pids)[0] - cpu0, seconds)
 
     def kill_server(self) -> str:
         self._seed.send_signal(signal.SIGKILL)
