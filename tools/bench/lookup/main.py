@@ -18,7 +18,8 @@ from tools.bench import lookup
 from tools.bench.lookup.aggregate import lmcache_asker
 from tools.bench.lookup.failure import run_failure
 from tools.bench.lookup.measure import measure_member_count
-from tools.bench.lookup.meshkv_path import MeshkvPath, mesh_member
+from tools.bench.lookup.mesh_member import mesh_member
+from tools.bench.lookup.meshkv_path import MeshkvPath
 from tools.bench.lookup.paths import (
     EchoPath,
     LMCachePath,
