@@ -130,3 +130,22 @@ def test_a_silent_peer_costs_its_batch_the_deadline_and_a_callback_may_ask_again
         loop.close()
         live.close()
         silent.close(linger=0)
+
+
+def test_closing_answers_every_batch_in_flight_and_every_later_submit(
+    context: zmq.Context,
+) -> None:
+    silent = context.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    address = f"127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}"
+    loop = RequestLoop(context, CODEC)
+    answers: list[list[m.Message | None]] = []
+    try:
+        loop.submit([(address, lookup(loop, 1))], time.monotonic() + 60, answers.append)
+        wait_until("the request is out", lambda: loop.stats["sent"] == 1)
+        loop.close()
+        assert answers == [[None]]  # answered at close, not 60 s later
+        loop.submit([(address, lookup(loop, 1))], time.monotonic() + 60, answers.append)
+        assert answers == [[None], [None]]
+    finally:
+        silent.close(linger=0)

@@ -200,6 +200,7 @@ class RequestLoop:
         self._deadlines: list[tuple[float, int, _Batch]] = []  # heap of (deadline, seq, batch)
         self._seq = itertools.count()
         self._in_flight = 0
+        self._closing = False
         self._on_loop = threading.local()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -218,6 +219,9 @@ class RequestLoop:
         """Sends ``requests`` (from any thread); ``done`` gets their replies on the loop's
         thread once all are in or ``deadline_s`` passed. Never blocks."""
         batch = _Batch(requests, deadline_s, done, [None] * len(requests))
+        if self._closing:
+            self._callback(batch)
+            return
         if getattr(self._on_loop, "running", False):
             self._start(batch)  # a callback's next batch: no wake-up needed
             return
@@ -226,7 +230,9 @@ class RequestLoop:
             os.write(self._wake_write, b"x")
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stops the loop; batches still in flight get no callback."""
+        """Stops the loop; batches still in flight are answered with the replies they have
+        (None for the others), and batches submitted from then on at once."""
+        self._closing = True
         self._inbox.put(None)
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_write, b"x")
@@ -251,6 +257,9 @@ class RequestLoop:
                     self._answered(reply)
                 self._expire(time.monotonic())
         finally:
+            self._closing = True
+            self._take_inbox()  # (answered at once: closing)
+            self._expire(float("inf"))
             self._client.close()
             os.close(self._wake_read)
 
@@ -266,16 +275,16 @@ class RequestLoop:
             self._start(batch)
 
     def _start(self, batch: _Batch) -> None:
-        if self._in_flight >= LOOP_BATCHES_MAX:
-            self._client.stats["loop_full"] += 1
-            batch.done(batch.replies)
+        if self._closing or self._in_flight >= LOOP_BATCHES_MAX:
+            self._client.stats["loop_closed" if self._closing else "loop_full"] += 1
+            self._callback(batch)
             return
         for index, (address, request) in enumerate(batch.requests):
             if self._client.send_only(address, request):
                 self._by_req[request.req] = (batch, index)
                 batch.waiting += 1
         if not batch.waiting:
-            batch.done(batch.replies)
+            self._callback(batch)
             return
         self._in_flight += 1
         heapq.heappush(self._deadlines, (batch.deadline_s, next(self._seq), batch))
@@ -310,6 +319,9 @@ class RequestLoop:
     def _finish(self, batch: _Batch) -> None:
         """Calls the batch's callback; its heap entry goes once it reaches the top."""
         self._in_flight -= 1
+        self._callback(batch)
+
+    def _callback(self, batch: _Batch) -> None:
         try:
             batch.done(batch.replies)
         except Exception:  # a caller's bug must not stop every other caller's lookups

@@ -9,7 +9,8 @@ all of one round trip together), is sent their replies (None for no reply), and 
    its chain index (`meshkv.dataplane.chain_index`: what producers told it they hold of this
    prompt) and its held-at pointers. If that home is this member, it is answered here;
 3. only if that answer stops short, and the first key it does not cover is homed at another
-   member, the homes of the keys left are asked, all at once (one more round trip);
+   member, the homes of the keys left are asked, all at once (one more round trip; the first
+   home too, for its later groups: its first answer stopped at the gap);
 4. a miss at a home that changed with the last membership change falls back once to the
    previous epoch's home.
 
@@ -25,6 +26,7 @@ sockets or threads (the clients own those).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +37,8 @@ from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.membership import Membership
 from meshkv.ring.hashring import HashRing
 from meshkv.store import ChunkStore
+
+log = logging.getLogger("vllm.meshkv.node.locate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ def lookup_steps(
         covered = _leading(keys, answers)
         if covered < len(keys) and current.home(keys[covered]) != first_home:
             rest = [k for k in keys[covered:] if k not in answers]
-            asks = _asks(_by_home(rest, current, me, first_home, answers, directory, membership),
+            asks = _asks(_by_home(rest, current, me, None, answers, directory, membership),
                          membership)  # fmt: skip
             asked += len(asks)
             if asks:
@@ -141,8 +145,9 @@ def locate_async(
     deadline_s: float,
     done: Callable[[Located], None],
 ) -> None:
-    """Starts the lookup of ``keys`` on ``loop``; ``done`` gets its answer, on the loop's thread
-    (or on this one, if no member had to be asked). Never blocks on the network."""
+    """Starts the lookup of ``keys`` on ``loop``; ``done`` gets its answer exactly once, on the
+    loop's thread (or on this one, if no member had to be asked), a miss if anything failed.
+    Never blocks on the network."""
     steps = lookup_steps(keys, membership=membership, store=store, directory=directory)
     epoch = membership.ring().epoch
 
@@ -151,6 +156,10 @@ def locate_async(
             asks = next(steps) if replies is None else steps.send(replies)
         except StopIteration as finished:
             done(finished.value)
+            return
+        except Exception:  # a failure is a miss: the caller always hears back
+            log.exception("lookup of %d keys failed; answered as a miss", len(keys))
+            done(Located([], 0))
             return
         requests = [
             (a.address, m.Lookup(req=loop.next_id(), epoch=epoch, keys=a.keys)) for a in asks

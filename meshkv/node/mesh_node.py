@@ -262,18 +262,20 @@ class MeshNode:
             done(len(answer.holders))
 
         try:
-            locate_async(
-                list(keys),
-                membership=self.membership,
-                store=self.store,
-                directory=self.directory,
-                loop=self._loop(),
-                deadline_s=self._deadline(timeout_s),
-                done=located,
-            )
+            loop = self._loop()
         except Exception:  # a failure is a miss, never an exception into the caller
             log.exception("%s: lookup failed; answered as a miss", self.name)
             done(0)
+            return
+        locate_async(
+            list(keys),
+            membership=self.membership,
+            store=self.store,
+            directory=self.directory,
+            loop=loop,
+            deadline_s=self._deadline(timeout_s),
+            done=located,
+        )
 
     def get(
         self,
