@@ -47,7 +47,6 @@ class Located:
 
     holders: list[str]
     fallbacks: int  # keys found only through the previous epoch's home (to repair)
-    asked: int = 0  # members asked (lookup requests sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,22 +73,19 @@ def lookup_steps(
     answers: dict[bytes, str] = dict.fromkeys(store.held_among(keys), me)
     view = membership.ring()
     current, previous = view.current, view.previous
-    asked = 0
     if len(answers) < len(keys) and current.members:
         first_home = current.home(keys[0])
         if first_home == me:
             _take(answers, keys, _answer_here(me, keys, store, directory, membership.is_alive))
         else:
             asks = _asks({first_home: list(keys)}, membership)
-            asked += len(asks)
             if asks:
                 _take_replies(answers, asks, (yield asks))
         covered = _leading(keys, answers)
         if covered < len(keys) and current.home(keys[covered]) != first_home:
             rest = [k for k in keys[covered:] if k not in answers]
-            asks = _asks(_by_home(rest, current, me, None, answers, directory, membership),
+            asks = _asks(_by_home(rest, current, me, answers, directory, membership),
                          membership)  # fmt: skip
-            asked += len(asks)
             if asks:
                 _take_replies(answers, asks, (yield asks))
     holders: list[str] = []
@@ -99,9 +95,8 @@ def lookup_steps(
         if holder is None and _home_moved(key, previous, current):
             assert previous is not None  # (_home_moved)
             later = [k for k in keys[index:] if k not in answers]
-            asks = _asks(_by_home(later, previous, me, None, answers, directory, membership),
+            asks = _asks(_by_home(later, previous, me, answers, directory, membership),
                          membership)  # fmt: skip
-            asked += len(asks)
             if asks:
                 _take_replies(answers, asks, (yield asks))
             holder = answers.get(key)
@@ -109,7 +104,7 @@ def lookup_steps(
         if holder is None:
             break
         holders.append(holder)
-    return Located(holders, fallbacks, asked)
+    return Located(holders, fallbacks)
 
 
 def locate(
@@ -216,20 +211,19 @@ def _by_home(
     keys: list[bytes],
     ring: HashRing,
     me: str,
-    skip: str | None,
     answers: dict[bytes, str],
     directory: HolderDirectory,
     membership: Membership,
 ) -> dict[str, list[bytes]]:
     """``keys`` grouped by their home in ``ring``; keys homed here are answered from the
-    directory at once, keys homed at ``skip`` (already asked) are left out."""
+    directory at once."""
     by_home: dict[str, list[bytes]] = {}
     for key, home in zip(keys, ring.homes_of(keys), strict=True):
         if home == me:
             holder = directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
                 answers[key] = holder
-        elif home != skip:
+        else:
             by_home.setdefault(home, []).append(key)
     return by_home
 
