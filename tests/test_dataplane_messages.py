@@ -19,8 +19,9 @@ SAMPLES = [
             segments=[SegmentInfo(segment=0, address=4096, nbytes=1 << 20)]),
     m.HelloReply(req=1, sender="b/0", nonce=8, channel="tcp", agent=b"", segments=[]),
     m.Lookup(req=2, epoch=3, keys=[KEY, KEY]),
-    m.LookupReply(req=2, epoch=3, held=2, pointers=["a/0"]),
+    m.LookupReply(req=2, epoch=3, held=2, pointers=["a/0"], runs=[3]),
     m.LookupReply(req=2, epoch=3, held=0),
+    m.ChainAt(req=9, epoch=3, head=KEY, start=0, keys=[KEY, KEY[::-1]], holder="a/0"),
     m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 4096)], budget_ms=100,
           sent_ms=1_790_000_000_000),
     m.Get(req=4, epoch=3, sender="a/0", keys=[KEY], dest=[m.SlotRef(0, 8192)], budget_ms=100,
@@ -71,8 +72,8 @@ def test_the_mac_covers_a_get_reply_s_payloads() -> None:
 def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_holds() -> None:
     frame = m.encode(CODEC, m.Lookup(req=1, epoch=0, keys=[KEY, KEY[::-1]]))
     assert KEY + KEY[::-1] in frame
-    reply = m.LookupReply(req=1, epoch=0, held=2, pointers=["c/0"])
-    assert reply.holders("b/0") == ["b/0", "b/0", "c/0"]
+    reply = m.LookupReply(req=1, epoch=0, held=2, pointers=["c/0", "d/0"], runs=[2, 1])
+    assert reply.holders("b/0") == ["b/0", "b/0", "c/0", "c/0", "d/0"]
 
 
 @pytest.mark.parametrize(
@@ -83,9 +84,17 @@ def test_keys_travel_packed_and_a_lookup_reply_names_the_responder_for_what_it_h
         (m.MessageType.LOOKUP, {"req": -1, "epoch": 0, "keys": b""}, "malformed"),
         (m.MessageType.LOOKUP, {"req": 1, "epoch": 0, "keys": KEY * (m.MAX_KEYS + 1)}, "too_many"),
         (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": m.MAX_KEYS,
-                                   "pointers": ["a/0"]}, "too_many"),
-        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": [""]},
-         "malformed"),
+                                   "pointers": ["a/0"], "runs": [1]}, "too_many"),
+        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": [""],
+                                   "runs": [1]}, "malformed"),
+        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": ["a/0"],
+                                   "runs": []}, "malformed"),  # a holder for no run
+        (m.MessageType.LOOKUP_REPLY, {"req": 1, "epoch": 0, "held": 1, "pointers": ["a/0"],
+                                   "runs": [0]}, "malformed"),  # an empty run
+        (m.MessageType.CHAIN_AT, {"req": 1, "epoch": 0, "head": KEY, "start": 0,
+                               "keys": KEY[::-1], "holder": "a/0"}, "malformed"),  # not its head
+        (m.MessageType.CHAIN_AT, {"req": 1, "epoch": 0, "head": b"short", "start": 1,
+                               "keys": KEY, "holder": "a/0"}, "malformed"),
         (m.MessageType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY,
                           "dest": [[0, 0], [0, 1]], "budget_ms": 1}, "malformed"),
         (m.MessageType.GET, {"req": 1, "epoch": 0, "sender": "a", "keys": KEY * 2, "dest": [],
@@ -107,8 +116,8 @@ def test_bad_fields_are_refused(message_type: int, fields: dict, reason: str) ->
 
 @settings(suppress_health_check=[HealthCheck.too_slow])  # a busy CI host draws slowly
 @given(st.integers(0, 20), st.dictionaries(st.sampled_from(["req", "epoch", "keys", "sender",
-       "held", "pointers", "dest", "slots", "checksums", "payloads", "budget_ms", "reason",
-       "offset", "nbytes", "sent_ms"]),
+       "held", "pointers", "runs", "head", "start", "holder", "dest", "slots", "checksums",
+       "payloads", "budget_ms", "reason", "offset", "nbytes", "sent_ms"]),
        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20), st.text(max_size=5),
                  st.lists(st.binary(max_size=17), max_size=3), st.none())))  # fmt: skip
 def test_random_fields_never_escape_as_anything_but_protocol_error(t: int, fields: dict) -> None:

@@ -91,8 +91,34 @@ def test_a_lookup_answers_the_held_prefix_then_live_pointers_up_to_the_first_gap
     core.directory.record(elsewhere[2:], "other/0")
     reply = core.only_reply(m.Lookup(req=1, epoch=0, keys=held + elsewhere))
     assert isinstance(reply, m.LookupReply)
-    assert (reply.held, reply.pointers, reply.epoch) == (2, ["other/0"], core.ring.epoch)
+    assert (reply.held, reply.pointers, reply.runs) == (2, ["other/0"], [1])
+    assert reply.epoch == core.ring.epoch
     assert core.service.stats["rx_lookup"] == 1
+
+
+def test_a_chain_entry_answers_for_the_whole_prompt_in_runs_up_to_a_dead_holder() -> None:
+    core = Core()
+    prompt = core.hold(2) + [secrets.token_bytes(16) for _ in range(6)]
+    core.alive.add("far/0")
+    notice = m.ChainAt(req=3, epoch=999, head=prompt[0], start=0, keys=prompt[:5], holder="far/0")
+    assert core.ask(notice).replies == []  # one-way, any epoch
+    slice_2 = m.ChainAt(req=4, epoch=0, head=prompt[0], start=5, keys=prompt[5:], holder="dead/0")
+    assert core.ask(slice_2).replies == []  # a later slice of the same prompt: the same entry
+    assert len(core.directory.chains) == 1 and core.directory.chains.chunks == 8
+    reply = core.only_reply(m.Lookup(req=1, epoch=0, keys=prompt))
+    assert isinstance(reply, m.LookupReply)
+    assert (reply.held, reply.pointers, reply.runs) == (2, ["far/0"], [3])  # dead/0: stops
+    core.alive.add("dead/0")
+    reply = core.only_reply(m.Lookup(req=2, epoch=0, keys=prompt))
+    assert reply.holders(ME) == [ME] * 2 + ["far/0"] * 3 + ["dead/0"] * 3
+
+
+def test_a_chain_slice_that_leaves_a_gap_is_dropped_and_counted() -> None:
+    core = Core()
+    prompt = [secrets.token_bytes(16) for _ in range(4)]
+    core.ask(m.ChainAt(req=3, epoch=0, head=prompt[0], start=2, keys=prompt[2:], holder="a/0"))
+    assert len(core.directory.chains) == 0
+    assert core.service.stats["chain_at_dropped"] == 1
 
 
 def test_a_held_at_hint_is_recorded_whatever_its_epoch_and_needs_no_reply() -> None:

@@ -152,6 +152,8 @@ def test_a_newcomer_finds_chunks_homed_at_it_through_pointers(mesh: Mesh) -> Non
     a.put(keys, [chunk(k) for k in keys])
     mesh.settle()
     b = mesh.add("b")  # home of some keys it never saw; a points them out on its join
+    homed_at_b = [k for k in keys if b.membership.ring().current.home(k) == "b/0"]
+    wait_until("a's pointers reach b", lambda: all(b.directory.holder_of(k) for k in homed_at_b))
     wait_until("b finds all 32", lambda: b.lookup(keys) == 32, 5)
     with b.get(keys, CHUNK_BYTES) as lease:
         assert lease.count == 32

@@ -4,6 +4,10 @@ The frames these encode to were captured, with and without auth, from the hand-w
 message classes at commit 4586c3a (tests/golden/wire_frames.json); the message mechanism in
 `meshkv.wire` must keep producing and accepting exactly those bytes. Never regenerate the
 golden file from new code: a change here is a wire change, and needs a protocol version bump.
+
+Data-plane v6 (tools: the bodies of every data-plane message other than ``lookup_reply*`` were
+checked byte for byte against the v5 frames before the v6 frames were written): the header's
+version byte (and so every MAC) changed; ``lookup_reply*`` gained ``runs``; ``chain_at`` is new.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ DATA: dict[str, Any] = {
     "hello_reply": dm.HelloReply(req=1, sender="b/0", nonce=8, channel="tcp", agent=b"",
                                  segments=[]),
     "lookup": dm.Lookup(req=2, epoch=3, keys=[KEY, KEY[::-1]]),
-    "lookup_reply": dm.LookupReply(req=2, epoch=3, held=2, pointers=["a/0", "c/0"]),
+    "lookup_reply": dm.LookupReply(req=2, epoch=3, held=2, pointers=["a/0", "c/0"], runs=[1, 3]),
     "lookup_reply_empty": dm.LookupReply(req=2, epoch=3, held=0),
     "get": dm.Get(req=4, epoch=3, sender="a/0", keys=[KEY, KEY[::-1]],
                   dest=[dm.SlotRef(0, 4096), dm.SlotRef(2, 0)], budget_ms=100, sent_ms=SENT_MS),
@@ -76,4 +80,5 @@ DATA: dict[str, Any] = {
     "commit_reply": dm.CommitReply(req=6, stored=1),
     "held_at": dm.HeldAt(req=7, epoch=3, keys=[KEY], holder="a/0"),
     "error": dm.Error(req=8, reason="stale_epoch"),
+    "chain_at": dm.ChainAt(req=9, epoch=3, head=KEY, start=16, keys=[KEY[::-1]], holder="a/0"),
 }  # fmt: skip

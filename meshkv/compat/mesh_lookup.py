@@ -4,7 +4,9 @@ LMCache's controller keeps every chunk key of every worker in one table (and los
 restart). The shim keeps none: for each member namespace among the live engines it computes
 the prompt's chunk keys (``ns`` in member metadata is the namespace digest in hex, so the shim
 can), builds that namespace's ring exactly as its members do (a `Membership` fed by gossip
-events), and asks the homes with `meshkv.node.fetch.locate` over the data plane, one round trip.
+events), and asks the homes with `meshkv.node.locate.locate_async` over the data plane: the
+prompt's first home first, the others only for what it did not cover. Every namespace's lookup
+and every concurrent HTTP request share one `RequestLoop` (one socket per member, one thread).
 
 The answer keeps LMCache's shape and meaning: ``{instance_id: (location, matched_tokens)}``
 where ``matched_tokens`` is the end of the last chunk of the prompt's leading run that the
@@ -18,22 +20,21 @@ This module knows nothing of HTTP or of the command line.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 
 import zmq
 
 from meshkv.dataplane import messages as m
-from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.client import RequestLoop
 from meshkv.dataplane.directory import HolderDirectory
-from meshkv.errors import TransportError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.member import MemberView
 from meshkv.keys import KEY_BYTES, chunk_keys, root_key
 from meshkv.member_meta import chunk_size_of, namespace_of
-from meshkv.node.fetch import locate
+from meshkv.node.locate import Located, locate_async
 from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED, Membership, Peer
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES
@@ -45,8 +46,9 @@ LOCATION = "LocalCPUBackend"
 """The location LMCache reports for chunks in CPU memory (where meshkv keeps every chunk)."""
 NAMESPACES_MAX = 256
 """Namespaces tracked; past this, those with no live member are forgotten first."""
-LOOKUP_CLIENTS_MAX = 4
-"""Lookups in flight at once (one data-plane client each); more wait for a free client."""
+CALLBACK_SLACK_S = 0.5
+"""How long past its deadline a lookup's answer is waited for (the request loop answers every
+lookup by its deadline; this only bounds a wait on a loop that stopped)."""
 MAX_LOOKUP_FRAME_BYTES = 4 << 20
 """Largest data-plane reply accepted (a lookup reply names at most MAX_KEYS holders)."""
 
@@ -85,8 +87,7 @@ class MeshLookup:
         self._directory = HolderDirectory(max_entries=1)
         self._context = zmq.Context(io_threads=1)
         self._codec = m.make_codec(MAX_LOOKUP_FRAME_BYTES, auth)
-        self._clients: queue.Queue[RequestClient] = queue.Queue()
-        self._clients_made = 0
+        self._loop = RequestLoop(self._context, self._codec, "meshkv-shim-lookups")
         self._warned_no_chunk_size: set[str] = set()
 
     # -- gossip side (runs on the gossip thread: short, no I/O) ----------------------------
@@ -123,41 +124,35 @@ class MeshLookup:
         with self._lock:
             rings = dict(self._rings)
             sizes = dict(self._chunk_sizes)
-        per_namespace: dict[str, dict[str, int]] = {}
         ranks_of: dict[str, set[str]] = {}  # instance -> namespaces its engine ranks serve
-        client = self._take_client(deadline_s)
-        try:
-            for ns, membership in rings.items():
-                for peer in membership.peers():
-                    if peer.role == ROLE_ENGINE and peer.namespace == ns:
-                        ranks_of.setdefault(_instance_of(peer.name), set()).add(ns)
-                if not membership.ring().current.members:
-                    continue
-                chunk_size = sizes.get(ns) or self._chunk_size_fallback(ns)
-                keys = chunk_keys(root_key(bytes.fromhex(ns)), tokens, chunk_size)[: m.MAX_KEYS]
-                if keys:
-                    holders = self._holders(keys, membership, client, deadline_s)
-                    per_namespace[ns] = matched_tokens(holders, chunk_size)
-        finally:
-            self._clients.put(client)
+        pending: dict[str, tuple[Future[Located], int]] = {}  # ns -> its lookup, chunk size
+        for ns, membership in rings.items():
+            for peer in membership.peers():
+                if peer.role == ROLE_ENGINE and peer.namespace == ns:
+                    ranks_of.setdefault(_instance_of(peer.name), set()).add(ns)
+            if not membership.ring().current.members:
+                continue
+            chunk_size = sizes.get(ns) or self._chunk_size_fallback(ns)
+            keys = chunk_keys(root_key(bytes.fromhex(ns)), tokens, chunk_size)[: m.MAX_KEYS]
+            if keys:
+                located: Future[Located] = Future()
+                pending[ns] = (located, chunk_size)
+                locate_async(
+                    keys, membership=membership, store=self._store, directory=self._directory,
+                    loop=self._loop, deadline_s=deadline_s, done=located.set_result,
+                )  # fmt: skip
+        left_s = max(0.0, deadline_s - time.monotonic()) + CALLBACK_SLACK_S
+        wait([future for future, _ in pending.values()], timeout=left_s)  # answered by deadline_s
+        per_namespace = {
+            ns: matched_tokens(future.result().holders, chunk_size)
+            for ns, (future, chunk_size) in pending.items()
+            if future.done()
+        }
         return {
             instance: (LOCATION, count)
             for instance, count in combine_namespaces(per_namespace, ranks_of).items()
             if count > 0
         }
-
-    def _holders(
-        self, keys: list[bytes], membership: Membership, client: RequestClient, deadline_s: float
-    ) -> list[str]:
-        located = locate(
-            keys,
-            membership=membership,
-            store=self._store,
-            directory=self._directory,
-            client=client,
-            deadline_s=deadline_s,
-        )
-        return located.holders
 
     def _chunk_size_fallback(self, ns: str) -> int:
         if ns not in self._warned_no_chunk_size:
@@ -170,20 +165,6 @@ class MeshLookup:
             )
         return self._default_chunk_size
 
-    def _take_client(self, deadline_s: float) -> RequestClient:
-        try:
-            return self._clients.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._clients_made < LOOKUP_CLIENTS_MAX:
-                self._clients_made += 1
-                return RequestClient(self._context, self._codec)
-        try:
-            return self._clients.get(timeout=max(0.0, deadline_s - time.monotonic()))
-        except queue.Empty:
-            raise TransportError(f"{LOOKUP_CLIENTS_MAX} lookups already in flight") from None
-
     def namespaces(self) -> list[str]:
         with self._lock:
             return sorted(self._rings)
@@ -191,11 +172,7 @@ class MeshLookup:
     def close(self) -> None:
         """Closes the data-plane sockets; call once no lookup runs (the HTTP server joined its
         request threads)."""
-        while True:
-            try:
-                self._clients.get_nowait().close()
-            except queue.Empty:
-                break
+        self._loop.close()
         self._context.destroy(linger=0)
 
 

@@ -47,7 +47,7 @@ from meshkv.connector.identity import namespace_for, worker_rank, worker_world_s
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.keys import chunk_keys, root_key
-from meshkv.node import ChunkLease, MeshNode, build_member
+from meshkv.node import ChainSlice, ChunkLease, MeshNode, build_member
 from meshkv.node.membership import ROLE_ENGINE
 
 if TYPE_CHECKING:
@@ -517,29 +517,33 @@ class MeshWorker:
         if g is None or copies is None or self._node is None:
             return
         keys: list[bytes] = []
+        slices: list[ChainSlice] = []  # which prompt, from where: one chain entry per prompt
         chunks: list[tuple[int, ...]] = []
         per_chunk = g.blocks_per_chunk
         for save in orders.saves:
             first = save.first_chunk
-            req_keys = self._keys.get(save.req_id, [])[first : first + save.num_chunks]
+            prompt_keys = self._keys.get(save.req_id, [])
+            req_keys = prompt_keys[first : first + save.num_chunks]
             if len(req_keys) != save.num_chunks or len(save.block_ids) != len(req_keys) * per_chunk:
                 continue
             keys.extend(req_keys)
+            slices.append(ChainSlice(prompt_keys[0], first, len(req_keys)))
             chunks.extend(
                 save.block_ids[i * per_chunk : (i + 1) * per_chunk] for i in range(save.num_chunks)
             )
         if chunks:
-            taken = copies.open_saves(chunks, functools.partial(self._put, keys))
+            taken = copies.open_saves(chunks, functools.partial(self._put, keys, slices))
             if taken < len(chunks):
                 logger.debug(
                     "rank %d: %d chunks not saved this step", self._rank, len(chunks) - taken
                 )
 
-    def _put(self, keys: list[bytes], chunks: list[np.ndarray]) -> None:
-        """A save batch reached host memory: hand its chunks to the mesh."""
+    def _put(self, keys: list[bytes], slices: list[ChainSlice], chunks: list[np.ndarray]) -> None:
+        """A save batch reached host memory: hand its chunks to the mesh, each prompt's slice
+        named by the prompt's first key (so its first home answers lookups of all of it)."""
         node = self._node
         if node is not None:
-            stored = node.put(keys[: len(chunks)], chunks)
+            stored = node.put(keys[: len(chunks)], chunks, chains=slices)
             logger.debug(
                 "rank %d: saved %d/%d chunks (queued for their homes) at wall %.6f",
                 self._rank,

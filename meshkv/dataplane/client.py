@@ -1,4 +1,4 @@
-"""Blocking data-plane requests with deadlines: a DEALER per peer, many requests in flight.
+"""Data-plane requests with deadlines: a DEALER per peer, many requests in flight.
 
 A `RequestClient` belongs to one thread (ZMQ sockets are not thread-safe). `call_many` sends
 every request first and then waits for all replies together, so a fan-out to k homes costs one
@@ -9,16 +9,28 @@ Replies are matched by request id; late replies to requests that already gave up
 Nothing here can wait past the caller's deadline: a peer that is dead, frozen or slow yields no
 reply (`None` in `call_many`), which callers treat as a miss.
 
+A `RequestLoop` is the asynchronous form: one thread, one `RequestClient`, one poll loop. Any
+thread `submit`s a batch of requests with a deadline and a callback; the loop sends them, and
+calls the callback (on its thread) with every reply, or None for those that did not come by the
+deadline. So one client keeps many callers' requests in flight at once, with no thread per
+caller; a callback may submit the next batch at once (a lookup's second round trip).
+
 This module knows the wire codec and sockets, not what a lookup or a get means.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import itertools
 import logging
+import os
+import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 
 import zmq
 
@@ -32,6 +44,11 @@ PEER_SOCKETS_MAX = 128
 """Open DEALER sockets kept per client; the least recently used closes past this."""
 SEND_HWM = 64
 """Requests ZMQ queues per peer connection before sends fail fast."""
+LOOP_BATCHES_MAX = 4096
+"""Batches a `RequestLoop` keeps in flight; a submit past it is answered at once with no
+replies (a miss), so nothing waits on a loop that is overwhelmed."""
+LOOP_IDLE_WAIT_MS = 200
+"""Longest a `RequestLoop` sleeps with nothing in flight (submits wake it at once)."""
 
 
 class RequestClient:
@@ -76,7 +93,12 @@ class RequestClient:
                 self.stats["timeout"] += len(waiting)
                 return
             for sock, _ in self._poller.poll(remaining_ms):
-                yield from self._drain(sock, waiting)
+                for reply in self._read(sock):
+                    index = waiting.pop(reply.req, None)
+                    if index is None:
+                        self.stats["late_reply"] += 1
+                        continue
+                    yield index, reply
 
     def send_only(self, address: str, message: m.Message) -> bool:
         """Sends a one-way message (no reply expected); False if it could not be queued."""
@@ -103,22 +125,34 @@ class RequestClient:
         self.stats["sent"] += 1
         return True
 
-    def _drain(self, sock: zmq.Socket, waiting: dict[int, int]) -> Iterator[tuple[int, m.Message]]:
+    def receive(self, timeout_ms: int, wake_fd: int) -> tuple[list[m.Message], bool]:
+        """Waits up to ``timeout_ms`` for replies or for ``wake_fd`` to be readable; returns
+        every reply that came (any request) and whether ``wake_fd`` is readable."""
+        self._poller.register(wake_fd, zmq.POLLIN)
+        try:
+            ready = self._poller.poll(timeout_ms)
+        finally:
+            self._poller.unregister(wake_fd)
+        replies: list[m.Message] = []
+        woken = False
+        for sock, _ in ready:
+            if sock == wake_fd:
+                woken = True
+            else:
+                replies.extend(self._read(sock))
+        return replies, woken
+
+    def _read(self, sock: zmq.Socket) -> Iterator[m.Message]:
+        """Every reply waiting on ``sock``, decoded; malformed ones are dropped and counted."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # read in place
             except zmq.Again:
                 return
             try:
-                reply = m.decode(self._codec, frames[0].buffer, [f.buffer for f in frames[1:]])
+                yield m.decode(self._codec, frames[0].buffer, [f.buffer for f in frames[1:]])
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
-                continue
-            index = waiting.pop(reply.req, None)
-            if index is None:
-                self.stats["late_reply"] += 1
-                continue
-            yield index, reply
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
@@ -138,3 +172,157 @@ class RequestClient:
         self._sockets[address] = sock
         self._poller.register(sock, zmq.POLLIN)
         return sock
+
+
+Done = Callable[[list["m.Message | None"]], None]
+"""A batch's callback: one reply (or None) per request, in the order submitted."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    requests: Sequence[tuple[str, m.Message]]
+    deadline_s: float
+    done: Done
+    replies: list[m.Message | None] = field(default_factory=list)
+    waiting: int = 0
+
+
+class RequestLoop:
+    """Many callers' requests in flight on one client and one thread (see the module)."""
+
+    def __init__(self, context: zmq.Context, codec: FrameCodec, name: str = "meshkv-requests"):
+        self._client = RequestClient(context, codec)
+        self._inbox: SimpleQueue[_Batch | None] = SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._by_req: dict[int, tuple[_Batch, int]] = {}  # request id -> (batch, index)
+        self._deadlines: list[tuple[float, int, _Batch]] = []  # heap of (deadline, seq, batch)
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._closing = False
+        self._on_loop = threading.local()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> Counter[str]:
+        return self._client.stats
+
+    def next_id(self) -> int:
+        """A request id (any thread: the counter's step is atomic)."""
+        return self._client.next_id()
+
+    def submit(
+        self, requests: Sequence[tuple[str, m.Message]], deadline_s: float, done: Done
+    ) -> None:
+        """Sends ``requests`` (from any thread); ``done`` gets their replies on the loop's
+        thread once all are in or ``deadline_s`` passed. Never blocks."""
+        batch = _Batch(requests, deadline_s, done, [None] * len(requests))
+        if self._closing:
+            self._callback(batch)
+            return
+        if getattr(self._on_loop, "running", False):
+            self._start(batch)  # a callback's next batch: no wake-up needed
+            return
+        self._inbox.put(batch)
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is already pending
+            os.write(self._wake_write, b"x")
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stops the loop; batches still in flight are answered with the replies they have
+        (None for the others), and batches submitted from then on at once."""
+        self._closing = True
+        self._inbox.put(None)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"x")
+        self._thread.join(timeout_s)
+        os.close(self._wake_write)
+
+    def _run(self) -> None:
+        self._on_loop.running = True
+        try:
+            while True:
+                if not self._take_inbox():
+                    return
+                wait_ms = LOOP_IDLE_WAIT_MS
+                if self._deadlines:
+                    wait_ms = max(0, int((self._deadlines[0][0] - time.monotonic()) * 1000) + 1)
+                replies, woken = self._client.receive(wait_ms, self._wake_read)
+                if woken:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self._wake_read, 4096):
+                            pass
+                for reply in replies:
+                    self._answered(reply)
+                self._expire(time.monotonic())
+        finally:
+            self._closing = True
+            self._take_inbox()  # (answered at once: closing)
+            self._expire(float("inf"))
+            self._client.close()
+            os.close(self._wake_read)
+
+    def _take_inbox(self) -> bool:
+        """Starts every submitted batch; False once close was asked."""
+        while True:
+            try:
+                batch = self._inbox.get_nowait()
+            except Empty:
+                return True
+            if batch is None:
+                return False
+            self._start(batch)
+
+    def _start(self, batch: _Batch) -> None:
+        if self._closing or self._in_flight >= LOOP_BATCHES_MAX:
+            self._client.stats["loop_closed" if self._closing else "loop_full"] += 1
+            self._callback(batch)
+            return
+        for index, (address, request) in enumerate(batch.requests):
+            if self._client.send_only(address, request):
+                self._by_req[request.req] = (batch, index)
+                batch.waiting += 1
+        if not batch.waiting:
+            self._callback(batch)
+            return
+        self._in_flight += 1
+        heapq.heappush(self._deadlines, (batch.deadline_s, next(self._seq), batch))
+
+    def _answered(self, reply: m.Message) -> None:
+        entry = self._by_req.pop(reply.req, None)
+        if entry is None:
+            self._client.stats["late_reply"] += 1
+            return
+        batch, index = entry
+        batch.replies[index] = reply
+        batch.waiting -= 1
+        if batch.waiting == 0:
+            self._finish(batch)
+
+    def _expire(self, now_s: float) -> None:
+        """Answers every batch past its deadline (None for its missing replies); drops the heap
+        entries of batches already answered."""
+        while self._deadlines:
+            deadline_s, _, batch = self._deadlines[0]
+            if not batch.waiting:
+                heapq.heappop(self._deadlines)
+                continue
+            if deadline_s > now_s:
+                return
+            self._client.stats["timeout"] += batch.waiting
+            for _, request in batch.requests:
+                self._by_req.pop(request.req, None)
+            batch.waiting = 0
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Calls the batch's callback; its heap entry goes once it reaches the top."""
+        self._in_flight -= 1
+        self._callback(batch)
+
+    def _callback(self, batch: _Batch) -> None:
+        try:
+            batch.done(batch.replies)
+        except Exception:  # a caller's bug must not stop every other caller's lookups
+            log.exception("a request callback failed")

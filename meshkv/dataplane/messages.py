@@ -1,4 +1,4 @@
-"""Data-plane wire messages: handshake, lookup, get, put, commit, held-at, error.
+"""Data-plane wire messages: handshake, lookup, get, put, commit, held-at, chain-at, error.
 
 Requests travel DEALER -> ROUTER and carry a request id (``req``) that the reply echoes, so a
 requester may have many requests in flight on one connection (no lock-step, no head-of-line
@@ -49,6 +49,10 @@ VERSION_HISTORY = {
     5: "a get carries ``sent_ms``, the requester's clock when it sent it, so that a holder "
     "that reads it late (it was frozen, or its queue was long) refuses it once the requester "
     "has given up, rather than write into slots the requester may have reused",
+    6: "a lookup reply's ``pointers`` name one holder per run of keys, with ``runs`` (keys per "
+    "run), not one name per key; ``CHAIN_AT`` (one-way) tells the home of a prompt's first "
+    "chunk which keys of the prompt's chain a member holds, so that one member can answer a "
+    "lookup of the whole prompt",
 }
 """What each data-plane protocol version changed. Append on any incompatible change; never
 edit an entry."""
@@ -86,6 +90,7 @@ class MessageType(IntEnum):
     COMMIT_REPLY = 10
     HELD_AT = 11
     ERROR = 12
+    CHAIN_AT = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,25 +147,33 @@ class Lookup(WireMessage):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LookupReply(WireMessage):
-    """The responder holds the first ``held`` keys; ``pointers[i]`` names a member known to
-    hold key ``held + i``. The answer stops at the first key with neither."""
+    """The responder holds the first ``held`` keys; after those, ``pointers[i]`` names a member
+    known to hold the next ``runs[i]`` keys. The answer stops at the first key with neither."""
 
     TYPE: ClassVar[MessageType] = MessageType.LOOKUP_REPLY
     req: int = wire_field("req", REQ, "the lookup's request id")
     epoch: int = wire_field("epoch", EPOCH, "the responder's ring epoch")
     held: int = wire_field("held", COUNT, "leading keys the responder holds")
     pointers: list[str] = wire_field(
-        "pointers", Items(NAME, MAX_KEYS), "holders of the keys after those",
+        "pointers", Items(NAME, MAX_KEYS), "a holder per run of the keys after those",
         default_factory=list,
     )  # fmt: skip
+    runs: list[int] = wire_field(
+        "runs", Items(UInt(MAX_KEYS), MAX_KEYS), "keys in each run", default_factory=list
+    )
 
     def validate(self) -> None:
-        if self.held + len(self.pointers) > MAX_KEYS:
-            raise InvalidField("too_many", "held and pointers name more keys than a request")
+        if len(self.pointers) != len(self.runs) or 0 in self.runs:
+            raise InvalidField("malformed", "pointers and runs differ, or a run is empty")
+        if self.held + sum(self.runs) > MAX_KEYS:
+            raise InvalidField("too_many", "held and runs name more keys than a request")
 
     def holders(self, responder: str) -> list[str]:
         """The holder of each leading key, ``responder`` being the member that answered."""
-        return [responder] * self.held + self.pointers
+        out = [responder] * self.held
+        for name, count in zip(self.pointers, self.runs, strict=True):
+            out += [name] * count
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -298,6 +311,26 @@ class HeldAt(WireMessage):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ChainAt(WireMessage):
+    """One-way, to the home of ``head``: ``holder`` keeps ``keys``, positions ``start``.. of
+    the chain whose first key is ``head`` (`meshkv.dataplane.chain_index`; no bytes moved)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CHAIN_AT
+    req: int = wire_field("req", REQ, "request id (no reply)")
+    epoch: int = wire_field("epoch", EPOCH, "the sender's ring epoch")
+    head: bytes = wire_field("head", Blob(KEY_BYTES), "the chain's first key")
+    start: int = wire_field("start", UInt(MAX_KEYS - 1), "the position of keys[0] in the chain")
+    keys: list[bytes] = wire_field("keys", KEYS, "chunk keys held, in chain order")
+    holder: str = wire_field("holder", NAME, "the member that holds them")
+
+    def validate(self) -> None:
+        if len(self.head) != KEY_BYTES:
+            raise InvalidField("malformed", f"head must be {KEY_BYTES} bytes")
+        if self.start == 0 and self.keys and self.keys[0] != self.head:
+            raise InvalidField("malformed", "a chain from position 0 starts with its head")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Error(WireMessage):
     """The request ``req`` was refused; ``reason`` is a short label (e.g. "not_home")."""
 
@@ -319,12 +352,13 @@ Message = (
     | CommitReply
     | HeldAt
     | Error
+    | ChainAt
 )
 MESSAGES = MessageSet(
     Protocol.DATA,
     VERSION_HISTORY,
     [Hello, HelloReply, Lookup, LookupReply, Get, GetReply, Put, PutReply, Commit, CommitReply,
-     HeldAt, Error],
+     HeldAt, Error, ChainAt],
 )  # fmt: skip
 VERSION = MESSAGES.version
 

@@ -1,6 +1,7 @@
 """The data-plane service core: decoded requests and a clock in; replies and writes out.
 
-`DataService` answers one member's peers: hello, lookup, get, put, commit, held-at. It owns the
+`DataService` answers one member's peers: hello, lookup, get, put, commit, held-at, chain-at. It
+owns the
 table of peers that greeted this member and the put reservations awaiting a commit; it reads
 and pins the store and asks the byte path how a get's bytes travel. It has no sockets, no
 threads and reads no clock: the driver (`meshkv.dataplane.server`) passes ``now`` in, sends the
@@ -22,6 +23,11 @@ requester gave up (this member was frozen, or its queue long) is refused as expi
 requester may have reused the slots it named. On the NIXL path its chunks stay pinned until the
 write ends; a transport that copies while it posts (UCX's cma) has then finished at once.
 
+Lookups take the lean path: the request's keys as decoded (one packed field), one probe of the
+store's leading run, one of the chain index (the entry of the lookup's first key, if this
+member is its home) and, for what is left, one batched probe of the held-at directory; the
+reply names a holder per run of keys, not per key (`chain_index.answer_lookup`).
+
 Puts need agreement on the ring: one whose epoch is neither our current nor our previous one
 is refused ("stale_epoch"). Held-at pointers are hints, taken whatever the epoch, and reads are
 answered whatever the epoch: bytes are checked against the chunk checksum on arrival, so a
@@ -42,13 +48,14 @@ from typing import Literal
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.byte_path import BytePath, WriteOrder
+from meshkv.dataplane.chain_index import answer_lookup
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import answer_hello
 from meshkv.errors import ProtocolError, UsageError
 from meshkv.ring.view import RingView
 from meshkv.store import ChunkStore, Refusal, Region, Slot, chunk_checksum
-from meshkv.wire import Buffer
+from meshkv.wire import Buffer, trusted
 
 TransferOutcome = Literal["done", "failed", "timeout", "stopped"]
 """How a posted write ended: completed; failed (or never started); past its deadline;
@@ -179,14 +186,7 @@ class DataService:
                 self._greeted.add(request.sender)
                 step.replies.append(Reply(peer, reply))
             case m.Lookup():
-                held = self._store.lookup_prefix(request.keys)
-                lookup_reply = m.LookupReply(
-                    req=request.req,
-                    epoch=self._ring().epoch,
-                    held=held,
-                    pointers=self._pointers(request.keys[held:]),
-                )
-                step.replies.append(Reply(peer, lookup_reply))
+                step.replies.append(Reply(peer, self._lookup(request)))
             case m.Get():
                 self._get(peer, request, now_s, wall_ms, step)
             case m.Put():
@@ -196,18 +196,29 @@ class DataService:
                 step.replies.append(Reply(peer, m.CommitReply(req=request.req, stored=stored)))
             case m.HeldAt():  # a hint: whoever follows it checks the bytes, so any epoch
                 self._directory.record(request.keys, request.holder)
+            case m.ChainAt():  # a hint too, any epoch
+                chains = self._directory.chains
+                if not chains.record(request.head, request.start, request.keys, request.holder):
+                    self.stats["chain_at_dropped"] += 1
             case _:
                 raise ProtocolError("unexpected_type", request.TYPE.name)
 
-    def _pointers(self, keys: list[bytes]) -> list[str]:
-        """Live holders the directory knows for the leading ``keys`` (stops at the first gap)."""
-        holders: list[str] = []
-        for key in keys:
-            holder = self._directory.holder_of(key)
-            if holder is None or not self._holder_alive(holder):
-                break
-            holders.append(holder)
-        return holders
+    def _lookup(self, lookup: m.Lookup) -> m.LookupReply:
+        """The lean path (module docstring): the reply is built from values already checked."""
+        keys = lookup.keys
+        held = self._store.lookup_prefix(keys)
+        pointers: list[str] = []
+        runs: list[int] = []
+        if held < len(keys):
+            chained = self._directory.chains.holders(keys)
+            pointers, runs = answer_lookup(
+                self._name, keys, held, chained, self._directory.leading_holders,
+                self._holder_alive, self._store.held_among,
+            )  # fmt: skip
+        return trusted(
+            m.LookupReply,
+            req=lookup.req, epoch=self._ring().epoch, held=held, pointers=pointers, runs=runs,
+        )  # fmt: skip
 
     def _get(self, peer: bytes, get: m.Get, now_s: float, wall_ms: int, step: Step) -> None:
         owner = f"get:{peer.hex()}:{get.req}"

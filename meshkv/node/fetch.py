@@ -3,12 +3,7 @@
 `presume` guesses who holds each key with no round trip at all: this member for a local copy,
 else the key's home (or, for a key homed here, the holder its directory names). A get first
 fetches straight from those guesses, so a load of chunks that sit at their homes costs one
-round trip; only the keys the guess missed go through `locate`.
-
-`locate` answers "who holds each of these keys?" for a prefix chain: keys homed here are
-answered from the local store and directory with no round trip; the rest are asked of their
-homes, all homes at once (one round trip). A miss at a home that changed with the last
-membership change falls back once to the previous epoch's home.
+round trip; only the keys the guess missed go through `meshkv.node.locate`.
 
 `fetch` then moves the located chunks into local slots: each holder's run of consecutive keys
 goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all in
@@ -21,10 +16,8 @@ Both stop at the first miss: only the leading run of keys is useful to vLLM.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
@@ -32,7 +25,6 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.membership import Membership
-from meshkv.ring.hashring import HashRing
 from meshkv.store import ChunkStore
 
 UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
@@ -41,14 +33,6 @@ holder may still write into them until LATE_WRITE_MS past that deadline by its o
 this tolerates clocks up to LATE_WRITE_MS apart (`meshkv.dataplane.messages.Get.time_left_s`).
 A fact of the wire protocol, not a tuning knob."""
 DEFAULT_CONFIG = DataPlaneConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class Located:
-    """The leading keys that some member holds, and who (this member's name for local ones)."""
-
-    holders: list[str]
-    fallbacks: int  # keys found only through the previous epoch's home (to repair)
 
 
 def presume(
@@ -72,90 +56,6 @@ def presume(
             home = holder
         guesses.append(home)
     return guesses
-
-
-def locate(
-    keys: Sequence[bytes],
-    *,
-    membership: Membership,
-    store: ChunkStore,
-    directory: HolderDirectory,
-    client: RequestClient,
-    deadline_s: float,
-) -> Located:
-    """Holders of the leading ``keys`` (stops at the first key nobody is known to hold).
-
-    Keys held here are answered as held here, wherever their home is: a local copy never
-    costs a round trip and is never fetched again.
-    """
-    me = membership.me.name
-    answers = dict.fromkeys(store.held_among(keys), me)
-    remote = [key for key in keys if key not in answers]
-    view = membership.ring()
-    ask = functools.partial(
-        _ask_homes, me=me, membership=membership, directory=directory, client=client
-    )
-    current, previous = view.current, view.previous
-    if remote and current.members:
-        answers.update(ask(remote, current, deadline_s=deadline_s))
-    holders: list[str] = []
-    fallbacks = 0
-    for index, key in enumerate(keys):
-        holder = answers.get(key)
-        if holder is None and _home_moved(key, previous, current):
-            later = [k for k in keys[index:] if k not in answers]
-            answers.update(ask(later, previous, deadline_s=deadline_s))
-            holder = answers.get(key)
-            fallbacks += holder is not None
-        if holder is None:
-            break
-        holders.append(holder)
-    return Located(holders, fallbacks)
-
-
-def _home_moved(key: bytes, previous: HashRing | None, current: HashRing) -> bool:
-    """True if the last membership change moved ``key`` to another home (empty rings: none)."""
-    if previous is None or not previous.members:
-        return False
-    return not current.members or previous.home(key) != current.home(key)
-
-
-def _ask_homes(
-    keys: list[bytes],
-    ring: HashRing,
-    *,
-    me: str,
-    membership: Membership,
-    directory: HolderDirectory,
-    client: RequestClient,
-    deadline_s: float,
-) -> dict[bytes, str]:
-    """One round trip to every home of ``keys`` in ``ring`` (none for keys homed here)."""
-    answers: dict[bytes, str] = {}
-    by_home: dict[str, list[bytes]] = {}
-    for key, home in zip(keys, ring.homes_of(keys), strict=True):
-        if home == me:
-            holder = directory.holder_of(key)
-            if holder is not None and membership.is_alive(holder):
-                answers[key] = holder
-        else:
-            by_home.setdefault(home, []).append(key)
-    asked: list[str] = []
-    requests: list[tuple[str, m.Message]] = []
-    epoch = membership.ring().epoch
-    for home, home_keys in by_home.items():
-        peer = membership.peer(home)
-        if peer is not None:
-            asked.append(home)
-            requests.append(
-                (peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=home_keys))
-            )
-    for home, (_, lookup), reply in zip(
-        asked, requests, client.call_many(requests, deadline_s), strict=True
-    ):
-        if isinstance(reply, m.LookupReply):
-            answers.update(zip(lookup.keys, reply.holders(home), strict=False))
-    return answers
 
 
 def fetch(

@@ -31,7 +31,8 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
 from meshkv.metrics import NodeMetrics
-from meshkv.node.fetch import fetch, locate, presume
+from meshkv.node.fetch import fetch, presume
+from meshkv.node.locate import locate
 from meshkv.node.membership import Membership
 from meshkv.store import ChunkStore, Slot
 

@@ -5,9 +5,11 @@ This is the plain Python API the vLLM connector, the CLI and the benchmarks use:
     node = MeshNode(config, namespace=ns.label(), rank=r, world_size=w)
     node.start()
     node.put(keys, chunks)                    # store locally, push to homes in the background
+    node.put(keys, chunks, chains=[ChainSlice(head, start, len(keys))])   # ... as part of a prompt
     with node.get(keys, chunk_bytes) as lease:   # leading chunks, local or fetched, pinned
         for view in lease.views: ...
     node.lookup(keys)                         # how many leading keys the mesh holds
+    node.lookup_async(keys, done)             # the same, answered through a callback
     node.stop()
 
 Every call that talks to other members takes a deadline (``timeout_s``, default the config's
@@ -21,7 +23,9 @@ pusher; the service core and its driver; the gossip runner; the get pipeline
 (`_on_member_event`) subscribed last. `meshkv.node.build.build_member` is how processes make one.
 
 Threads: gossip (runner), data-plane service, pusher, and the caller's threads; each thread that
-sends requests gets its own `RequestClient` (ZMQ sockets are single-threaded).
+sends requests gets its own `RequestClient` (ZMQ sockets are single-threaded). `lookup_async`
+keeps every caller's lookups in flight on one `RequestLoop` (one more thread, made at its first
+use).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
@@ -39,7 +43,7 @@ from meshkv import __version__
 from meshkv.config import MeshConfig
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.byte_path import byte_path_for
-from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.client import RequestClient, RequestLoop
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
@@ -49,8 +53,10 @@ from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
+from meshkv.node.chains import ChainSlice, announce
 from meshkv.node.chunk_count_advert import ChunkCountAdvert
 from meshkv.node.get_pipeline import ChunkLease, GetPipeline
+from meshkv.node.locate import Located, locate_async
 from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
 from meshkv.node.push import Pusher
 from meshkv.store import ChunkStore, Refusal, chunk_checksum
@@ -120,6 +126,7 @@ class MeshNode:
         self._clients = threading.local()
         self._all_clients: list[RequestClient] = []
         self._clients_lock = threading.Lock()
+        self._request_loop: RequestLoop | None = None  # made at the first lookup_async
         self._greeter = Greeter(
             self.channel, name=self.name, nonce=self.nonce, on_greeted=self._log_first_contact
         )
@@ -229,6 +236,9 @@ class MeshNode:
         self.pusher.stop()
         self.server.stop()
         with self._clients_lock:
+            if self._request_loop is not None:
+                self._request_loop.close()
+                self._request_loop = None
             for client in self._all_clients:
                 client.close()
             self._all_clients.clear()
@@ -240,6 +250,32 @@ class MeshNode:
     def lookup(self, keys: Sequence[bytes], timeout_s: float | None = None) -> int:
         """How many leading ``keys`` some live member holds (0 on any failure)."""
         return self.gets.count_held(list(keys), self._client(), self._deadline(timeout_s))
+
+    def lookup_async(
+        self, keys: Sequence[bytes], done: Callable[[int], None], timeout_s: float | None = None
+    ) -> None:
+        """Starts a lookup of ``keys``; ``done`` gets how many leading keys some live member
+        holds (0 on any failure), on the request loop's thread (or this one, if nobody had to be
+        asked). Never blocks: many lookups from any threads share one client."""
+
+        def located(answer: Located) -> None:
+            done(len(answer.holders))
+
+        try:
+            loop = self._loop()
+        except Exception:  # a failure is a miss, never an exception into the caller
+            log.exception("%s: lookup failed; answered as a miss", self.name)
+            done(0)
+            return
+        locate_async(
+            list(keys),
+            membership=self.membership,
+            store=self.store,
+            directory=self.directory,
+            loop=loop,
+            deadline_s=self._deadline(timeout_s),
+            done=located,
+        )
 
     def get(
         self,
@@ -264,10 +300,18 @@ class MeshNode:
             verify=verify,
         )
 
-    def put(self, keys: Sequence[bytes], chunks: Sequence[np.ndarray | bytes]) -> int:
+    def put(
+        self,
+        keys: Sequence[bytes],
+        chunks: Sequence[np.ndarray | bytes],
+        *,
+        chains: Sequence[ChainSlice] = (),
+    ) -> int:
         """Stores chunks here and queues them for their homes; returns how many were stored.
 
-        A key already held counts as stored. Never blocks on the network.
+        A key already held counts as stored. Never blocks on the network. ``chains`` cut
+        ``keys`` (in order) into slices of prompts: each prompt's first home is told which of
+        its keys this member holds (`meshkv.node.chains`).
         """
         owner = f"put:{threading.get_ident()}"
         stored: list[bytes] = []
@@ -288,6 +332,9 @@ class MeshNode:
         self.metrics.chunks_put.inc(len(stored))
         if stored and self.config.enable_p2p:
             self.pusher.submit(stored)
+            if chains:
+                announce(keys, chains, set(stored), membership=self.membership,
+                         directory=self.directory, client=self._client())  # fmt: skip
         return len(stored)
 
     def members(self) -> list[Peer]:
@@ -344,6 +391,15 @@ class MeshNode:
             self._all_clients.append(client)
         return client
 
+    def _loop(self) -> RequestLoop:
+        with self._clients_lock:
+            if self._request_loop is None:
+                codec = m.make_codec(self.dataplane.max_frame_bytes, self._auth)
+                self._request_loop = RequestLoop(
+                    self._context, codec, f"meshkv-lookups-{self.name}"
+                )
+            return self._request_loop
+
     def _client(self) -> RequestClient:
         client = getattr(self._clients, "client", None)
         if client is None:
@@ -387,4 +443,4 @@ class MeshNode:
             self.pusher.point_out_to(change.joined)
 
 
-__all__ = ["ROLE_ENGINE", "ROLE_STORAGE", "ChunkLease", "MeshNode"]
+__all__ = ["ROLE_ENGINE", "ROLE_STORAGE", "ChainSlice", "ChunkLease", "MeshNode"]

@@ -15,9 +15,11 @@ from pathlib import Path
 import zmq
 
 from tools.bench import lookup
+from tools.bench.lookup.aggregate import lmcache_asker
 from tools.bench.lookup.failure import run_failure
 from tools.bench.lookup.measure import measure_member_count
-from tools.bench.lookup.meshkv_path import MeshkvPath, mesh_member
+from tools.bench.lookup.mesh_member import mesh_member
+from tools.bench.lookup.meshkv_path import MeshkvPath
 from tools.bench.lookup.paths import (
     EchoPath,
     LMCachePath,
@@ -85,6 +87,8 @@ def bench(args: argparse.Namespace) -> dict:
             "rounds": args.rounds,
             "block": args.block,
             "throughput_s": args.throughput_s,
+            "aggregate_s": args.aggregate_s,
+            "aggregate_rounds": args.aggregate_rounds,
             "seed": args.seed,
         },
         "paths": [p.name for p in paths],
@@ -128,6 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     echo.add_argument("--port", type=int, required=True)
     member = sub.add_parser("mesh-member", help="(internal) one meshkv member process")
     member.add_argument("--spec", type=Path, required=True)
+    asker = sub.add_parser("lmcache-asker", help="(internal) one LMCache worker under load")
+    asker.add_argument("--url", required=True)
     parser.add_argument("--no-meshkv", action="store_true", help="LMCache and echo only")
     parser.add_argument(
         "--mesh-seed",
@@ -147,6 +153,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block", type=int, default=60, help="lookups per latency block")
     parser.add_argument("--throughput-s", type=float, default=0.4, help="seconds per block")
     parser.add_argument("--idle-s", type=float, default=1.0, help="idle CPU window per path")
+    parser.add_argument(
+        "--aggregate-s", type=float, default=2.0, help="seconds per aggregate-load block"
+    )
+    parser.add_argument(
+        "--aggregate-rounds", type=int, default=3, help="aggregate blocks per path and N; 0: skip"
+    )
     parser.add_argument("--failure-members", type=int, default=8, help="N for the kill; 0: skip")
     parser.add_argument("--failure-before-s", type=float, default=3.0)
     parser.add_argument("--failure-after-s", type=float, default=30.0)
@@ -166,6 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.block = 20
         args.throughput_s = 0.2
         args.idle_s = 0.2
+        args.aggregate_s = 1.0
+        args.aggregate_rounds = 1
         args.failure_members = 2
         args.failure_before_s = 1.0
         args.failure_after_s = 3.0
@@ -182,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "mesh-member":
         mesh_member(args.spec)
+        return
+    if args.command == "lmcache-asker":
+        lmcache_asker(args.url)
         return
     # SIGTERM unwinds like Ctrl-C, so every child is stopped by the finally blocks
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

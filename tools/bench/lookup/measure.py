@@ -14,7 +14,11 @@ import zmq
 
 from tools.bench.common import cpu_ns, percentile
 from tools.bench.lookup.paths import Answer, LookupPath, RequesterGroup, run_one
-from tools.bench.lookup.settings import LOOKUP_DEADLINE_S, THROUGHPUT_PROMPT_CHUNKS
+from tools.bench.lookup.settings import (
+    AGGREGATE_IN_FLIGHT,
+    LOOKUP_DEADLINE_S,
+    THROUGHPUT_PROMPT_CHUNKS,
+)
 from tools.bench.lookup.workload import Holdings, Prompt
 
 
@@ -49,6 +53,9 @@ class Cell:
             "server_cpu_us_per_lookup_net_of_idle": net_cpu / max(1, self.lookups) / 1e3,
             "server_cpu_stat_us_per_lookup": self.server_cpu_stat_ns / max(1, self.lookups) / 1e3,
             "client_cpu_us_per_lookup": self.client_cpu_ns / max(1, self.lookups) / 1e3,
+            "cpu_us_per_lookup_client_plus_server": (self.client_cpu_ns + self.server_cpu_ns)
+            / max(1, self.lookups)
+            / 1e3,
         }
 
 
@@ -230,6 +237,7 @@ def measure_member_count(
                     group = load_groups[(p.name, c)]
                     throughput_block(p, group, c, mixes[p.name], args.throughput_s, tcell)
             print(f"[bench_lookup] N={holdings.members} round {round_index + 1}/{args.rounds}")
+        aggregate = aggregate_rounds(paths, mixes, args, rng)
     finally:
         for group in [*latency_groups.values(), *load_groups.values()]:
             group.close()
@@ -246,4 +254,41 @@ def measure_member_count(
             {"path": name, "concurrency": c, **cell.summary(idle[name])}
             for (name, c), cell in sorted(tput.items())
         ],
+        "aggregate": aggregate,
     }
+
+
+def aggregate_rounds(
+    paths: Sequence[LookupPath], mixes: dict[str, list[Prompt]], args, rng: random.Random
+) -> list[dict]:
+    """Aggregate load (`tools.bench.lookup.aggregate`), the paths that have it alternating in
+    shuffled order, ``aggregate_rounds`` blocks each; per path, every block and the medians."""
+    loaded = [p for p in paths if hasattr(p, "aggregate")]
+    blocks: dict[str, list[dict]] = {p.name: [] for p in loaded}
+    for _ in range(args.aggregate_rounds):
+        for p in rng.sample(loaded, len(loaded)):
+            try:
+                blocks[p.name].append(p.aggregate(mixes[p.name], args.aggregate_s,
+                                                  AGGREGATE_IN_FLIGHT))  # fmt: skip
+            except Exception as exc:  # recorded, and the other path still measured
+                blocks[p.name].append({"error": f"{type(exc).__name__}: {exc}"[:300]})
+    out = []
+    for name, runs in blocks.items():
+        good = [b for b in runs if "error" not in b]
+        out.append(
+            {
+                "path": name,
+                "in_flight_per_asker": AGGREGATE_IN_FLIGHT,
+                "blocks": runs,
+                "lookups_per_s_median": statistics.median(b["lookups_per_s"] for b in good)
+                if good
+                else None,
+                "cpu_us_per_lookup_median": statistics.median(
+                    b["cpu_us_per_lookup_client_plus_server"] for b in good
+                )
+                if good
+                else None,
+                "wrong": sum(b["wrong"] for b in good),
+            }
+        )
+    return out

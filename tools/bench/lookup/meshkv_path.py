@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import random
 import signal
@@ -14,14 +15,16 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import zmq
 
-from tools.bench.common import free_port, read_json_line, wait_for_tcp
+from tools.bench.common import cpu_ns, free_port, read_json_line, wait_for_tcp
+from tools.bench.lookup.aggregate import collect, order, summarize
+from tools.bench.lookup.mesh_member import ask_for, start_mesh_node, wait_for_ring
 from tools.bench.lookup.paths import Answer, LookupPath, RequesterGroup
 from tools.bench.lookup.settings import (
+    AGGREGATE_START_DELAY_S,
     BOOTS,
     CHILD_STOP_TIMEOUT_S,
     CONTROLLER_START_TIMEOUT_S,
@@ -29,95 +32,32 @@ from tools.bench.lookup.settings import (
     PROMPTS_PER_CELL,
     SCRIPT,
 )
-from tools.bench.lookup.workload import Holdings, Prompt, lmcache_cases, make_prompt
+from tools.bench.lookup.workload import (
+    CHAIN_CHUNKS,
+    Holdings,
+    Prompt,
+    lmcache_cases,
+    make_prompt,
+)
 
-MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups never read it)
-MESH_STORE_GIB = 0.05
 MESH_READY_TIMEOUT_S = 300.0
 MESH_START_WAVE = 8
 """Members started at once. 64 processes importing together on 2 cores starve the gossip of
 those already running for a minute; suspicions, refutations and ring changes then feed on the
 CPU they cost, and the mesh took longer than MESH_READY_TIMEOUT_S to settle."""
-MESH_CONVERGE_POLL_S = 0.05
 MESH_STOP_TIMEOUT_S = 15.0  # all members together, then SIGKILL
-MESH_NAMESPACE = "bench-lookup"
 MESH_SEED_ID = "bench-seed"
 MESH_ASKER_ID = "bench-asker"
 
 
-def mesh_config(instance_id: str, seeds: Sequence[str], controller: Sequence[str] = ()):
-    """A member on 127.0.0.1 with any free ports, tcp channel, one-host gossip timing.
-
-    ``controller``: the shim's pull and reply addresses, given the way an LMCache config gives
-    them (enable_controller, controller_pull_url, controller_reply_url).
-    """
-    from meshkv.config import MeshConfig
-
-    return MeshConfig(
-        lmcache_instance_id=instance_id,
-        p2p_host="127.0.0.1",
-        p2p_init_ports=0,
-        p2p_lookup_ports=0,
-        transfer_channel="tcp",
-        max_local_cpu_size=MESH_STORE_GIB,
-        mesh_seeds=list(seeds),
-        mesh_gossip_profile="local",
-        enable_p2p=False,  # each member stores only its own home keys: nothing to push
-        enable_controller=bool(controller),
-        controller_pull_url=controller[0] if controller else None,
-        controller_reply_url=controller[1] if controller else None,
-    )
-
-
-def chunk_payload(key: bytes) -> bytes:
-    return (key * (MESH_CHUNK_BYTES // len(key) + 1))[:MESH_CHUNK_BYTES]
-
-
-def wait_for_ring(node, members: int, timeout_s: float) -> int:
-    """Polls until the node's ring has `members` members; returns the count it saw."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        seen = len(node.membership.ring().current.members)
-        if seen >= members or time.monotonic() >= deadline:
-            return seen
-        time.sleep(MESH_CONVERGE_POLL_S)
-
-
-def start_mesh_node(spec: dict):
-    """A real MeshNode holding spec's keys (its ring home keys), started and joined."""
-    from meshkv.node import MeshNode
-
-    node = MeshNode(
-        mesh_config(spec["instance_id"], spec["seeds"], spec.get("controller", ())),
-        namespace=MESH_NAMESPACE,
-        role=spec["role"],
-    )
-    node.start()
-    keys = [bytes.fromhex(k) for k in spec["keys"]]
-    stored = node.put(keys, [chunk_payload(k) for k in keys]) if keys else 0
-    if stored != len(keys):
-        raise RuntimeError(f"{node.name} stored {stored} of its {len(keys)} home keys")
-    return node
-
-
-def mesh_member(spec_path: Path) -> None:
-    """(Subprocess) one meshkv member: spec from a file, ready line on stdout, stop at EOF."""
-    spec = json.loads(spec_path.read_text())
-    node = start_mesh_node(spec)
-    ready = {"gossip": node.gossip_address, "data": node.data_address}
-    sys.stdout.write(json.dumps(ready) + "\n")
-    sys.stdout.flush()
-    sys.stdin.read()
-    node.stop(leave=False)
-
-
 class NodeLookupGroup(RequesterGroup):
-    """Requesters calling the asker's `MeshNode.lookup` (ring, local store, homes' `lookup`).
+    """Requesters calling the asker's `MeshNode.lookup` (ring, local store, the prompt's first
+    home and, only if needed, other homes).
 
     In the poll loop's own thread (``background`` False: the answer is there when `begin`
-    returns, no thread hop in the latency) or one thread per requester, each with its own
-    RequestClient as MeshNode gives every calling thread; answers come back through an
-    inproc socket the poll loop watches.
+    returns, no thread hop in the latency), or through `MeshNode.lookup_async`: every
+    requester's lookups in flight on the node's one request loop, answers handed back through
+    an inproc socket the poll loop watches.
     """
 
     def __init__(self, node, context: zmq.Context, count: int, background: bool) -> None:
@@ -130,7 +70,6 @@ class NodeLookupGroup(RequesterGroup):
             self._pull.bind(self._address)
             self._context = context
             self._done: queue.SimpleQueue[tuple[int, Answer]] = queue.SimpleQueue()
-            self._pool = ThreadPoolExecutor(count, thread_name_prefix="bench-requester")
             self._thread_sockets = threading.local()
             self._pushes: list[zmq.Socket] = []
             self._pushes_lock = threading.Lock()
@@ -147,11 +86,13 @@ class NodeLookupGroup(RequesterGroup):
     def begin(self, slot: int, prompt: Prompt) -> Answer | None:
         if not self._background:
             return self._ask(prompt)
-        self._pool.submit(self._run, slot, prompt)
+        self._node.lookup_async(
+            prompt.keys, lambda hits: self._answered(slot, Answer(hits=hits)), LOOKUP_DEADLINE_S
+        )
         return None
 
-    def _run(self, slot: int, prompt: Prompt) -> None:
-        answer = self._ask(prompt)
+    def _answered(self, slot: int, answer: Answer) -> None:
+        """On the node's request loop (or the caller's thread, for a lookup of local keys)."""
         push = getattr(self._thread_sockets, "push", None)
         if push is None:
             push = self._thread_sockets.push = self._context.socket(zmq.PUSH)
@@ -172,12 +113,11 @@ class NodeLookupGroup(RequesterGroup):
         return out
 
     def abandon(self, slot: int) -> None:
-        """Nothing to do: MeshNode.lookup keeps its own deadline and always returns."""
+        """Nothing to do: MeshNode.lookup keeps its own deadline and always answers."""
 
     def close(self) -> None:
         if self._background:
-            self._pool.shutdown(wait=True)
-            for push in self._pushes:
+            for push in self._pushes:  # (the loop thread's socket: its last use has passed)
                 push.close(linger=0)
             self._pull.close(linger=0)
 
@@ -243,12 +183,25 @@ class MeshkvPath(LookupPath):
             home = ring.home(key)
             self._homes[key] = home
             by_home[home].append(key.hex())
+        chains: dict[str, list[dict]] = {f"{i}/0": [] for i in ids}
+        for keys in holdings.member_keys:  # each member's keys are whole prompt chains
+            for start in range(0, len(keys), CHAIN_CHUNKS):
+                chain = keys[start : start + CHAIN_CHUNKS]
+                chains[self._homes[chain[0]]].append(
+                    {"keys": [k.hex() for k in chain], "holders": [self._homes[k] for k in chain]}
+                )
         join = self._start_seed(n, ROLE_SEED)
         self._members = []
         for wave in range(1, n, MESH_START_WAVE):  # a wave starts once the last is running
             started = [
                 self._spawn(
-                    {"instance_id": i, "role": ROLE_ENGINE, **join, "keys": by_home[f"{i}/0"]},
+                    {
+                        "instance_id": i,
+                        "role": ROLE_ENGINE,
+                        **join,
+                        "keys": by_home[f"{i}/0"],
+                        "chains": chains[f"{i}/0"],
+                    },
                     f"meshkv-{i}-n{n}-{next(BOOTS)}.log",
                 )
                 for i in ids[wave : wave + MESH_START_WAVE]
@@ -262,6 +215,7 @@ class MeshkvPath(LookupPath):
                 "role": ROLE_ENGINE,
                 **join,
                 "keys": by_home[self._asker_name],
+                "chains": chains[self._asker_name],
             }
         )
         started_s = time.monotonic() - t0
@@ -336,12 +290,35 @@ class MeshkvPath(LookupPath):
         return NodeLookupGroup(self._asker, self._context, count, background or count > 1)
 
     def servers_asked(self, prompt: Prompt) -> int:
-        """Distinct homes other than the asker among the prompt's keys: MeshNode.lookup asks
-        them all at once (past the asker's leading local chunks)."""
-        return len({self._ring.home(k) for k in prompt.keys} - {self._asker_name})
+        """Members one lookup asks (`meshkv.node.locate`): none if every key is local or the
+        asker is the prompt's first home (it answers from its own chain index), else that home
+        alone; every prompt here is a whole chain its first home has an entry for."""
+        if all(self._homes.get(k) == self._asker_name for k in prompt.keys):
+            return 0
+        return int(self._ring.home(prompt.keys[0]) != self._asker_name)
 
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
+
+    def aggregate(self, prompts: Sequence[Prompt], seconds: float, in_flight: int) -> dict:
+        """Every member asks at once (`meshkv.node.MeshNode.lookup_async`), the asker in this
+        process included; CPU of every member (and this process) counted."""
+        spec = order(prompts, seconds, in_flight, time.time() + AGGREGATE_START_DELAY_S,
+                     hashes=False)  # fmt: skip
+        line = (json.dumps(spec) + "\n").encode()
+        pids = [*self.server_pids(), os.getpid()]
+        cpu0 = cpu_ns(pids)[0]
+        for member in self._members:
+            member.stdin.write(line)
+            member.stdin.flush()
+        asked: list[dict] = []
+        asker = threading.Thread(target=lambda: asked.append(ask_for(self._asker, **spec)))
+        asker.start()
+        counts = collect(self._members, seconds)
+        asker.join(seconds + AGGREGATE_START_DELAY_S + 4 * LOOKUP_DEADLINE_S)
+        for key in counts:
+            counts[key] += asked[0][key] if asked else 0
+        return summarize(counts, cpu_ns(pids)[0] - cpu0, seconds)
 
     def kill_server(self) -> str:
         self._seed.send_signal(signal.SIGKILL)

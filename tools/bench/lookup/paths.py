@@ -227,9 +227,11 @@ class LMCachePath(LookupPath):
         self._controller: subprocess.Popen | None = None
         self._workers: subprocess.Popen | None = None
         self._reply_url = ""
+        self._members = 0
+        self._askers = None  # LMCacheAskers, made at the first aggregate run
 
     def setup(self, holdings: Holdings) -> dict:
-        n = holdings.members
+        n = self._members = holdings.members
         http_port, pull_port, reply_port = free_port(), free_port(), free_port()
         self._reply_url = f"tcp://127.0.0.1:{reply_port}"
         controller_bin = self._python.parent / "lmcache_controller"
@@ -287,6 +289,15 @@ class LMCachePath(LookupPath):
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._controller, self._workers) if p and p.poll() is None]
 
+    def aggregate(self, prompts: Sequence[Prompt], seconds: float, in_flight: int) -> dict:
+        """N LMCache workers (one process each) asking the controller at once; CPU of the
+        controller, the registered workers' process and every asker counted."""
+        from tools.bench.lookup.aggregate import LMCacheAskers
+
+        if self._askers is None:
+            self._askers = LMCacheAskers(self._reply_url, self._members, self._log_dir)
+        return self._askers.run(prompts, seconds, in_flight, self.server_pids())
+
     def controller_pid(self) -> list[int]:
         return (
             [self._controller.pid] if self._controller and self._controller.poll() is None else []
@@ -298,6 +309,9 @@ class LMCachePath(LookupPath):
         return f"lmcache_controller (pid {self._controller.pid}), SIGKILL"
 
     def teardown(self) -> None:
+        if self._askers is not None:
+            self._askers.close()
+            self._askers = None
         if self._workers is not None and self._workers.poll() is None:
             with contextlib.suppress(OSError):
                 self._workers.stdin.close()

@@ -103,6 +103,11 @@ def evaluate_targets(results: dict) -> list[dict]:
             TARGETS["cpu_ratio"],
             ratio_stat(n, "server_cpu_us_per_lookup_net_of_idle", "meshkv", "lmcache"),
         )
+        add(
+            f"meshkv / lmcache CPU per lookup, client + server, at N={n}",
+            TARGETS["cpu_ratio"],
+            ratio_stat(n, "cpu_us_per_lookup_client_plus_server", "meshkv", "lmcache"),
+        )
     if len(members) > 1:
         lo, hi = min(members), max(members)
         a, b = _cells(results, "meshkv", hi), _cells(results, "meshkv", lo)
@@ -130,6 +135,24 @@ def evaluate_targets(results: dict) -> list[dict]:
                 value = tp[("meshkv", c)] / tp[("lmcache", c)]
                 name = f"meshkv / lmcache throughput, {c} requesters, N={run['members']}"
                 add(name, TARGETS["throughput_ratio_32_at_64"], _worst_and_median([value]), False)
+    for run in results["runs"]:
+        agg = {row["path"]: row for row in run.get("aggregate", [])}
+        mesh, lm = agg.get("meshkv"), agg.get("lmcache")
+        if mesh and lm and mesh["lookups_per_s_median"] and lm["lookups_per_s_median"]:
+            n = run["members"]
+            value = mesh["lookups_per_s_median"] / lm["lookups_per_s_median"]
+            add(
+                f"meshkv / lmcache aggregate lookups/s (all {n} ask at once), N={n}",
+                TARGETS["aggregate_throughput_ratio"],
+                _worst_and_median([value]),
+                False,
+            )
+            cpu = mesh["cpu_us_per_lookup_median"] / lm["cpu_us_per_lookup_median"]
+            add(
+                f"meshkv / lmcache aggregate CPU per lookup (client + server), N={n}",
+                TARGETS["cpu_ratio"],
+                _worst_and_median([cpu]),
+            )
     failure = results.get("failure")
     if failure:
         for lane in failure["lanes"]:
@@ -174,6 +197,22 @@ def print_table(results: dict) -> None:
                 if (p, c) in cells
             )
             print(line)
+    print("\naggregate load (every asker at once; medians of the blocks)")
+    for run in results["runs"]:
+        for row in run.get("aggregate", []):
+            print(
+                f"N={run['members']:>3} {row['path']:<8} lookups/s {row['lookups_per_s_median']}"
+                f"  cpu us/lookup (client+server) {row['cpu_us_per_lookup_median']}"
+                f"  wrong {row['wrong']}"
+            )
+    print("\nlatency cells: CPU us per lookup, client + server")
+    for run in results["runs"]:
+        for row in run["latency"]:
+            print(
+                f"N={run['members']:>3} {row['path']:<8} {row['case']:<10} {row['chunks']:>4}"
+                f"  {row['cpu_us_per_lookup_client_plus_server']:>8.1f}"
+                f"  asked {row['servers_asked_mean']:.2f}"
+            )
     for target in results.get("targets", []):
         print(f"  {target}")
     if results.get("failure"):

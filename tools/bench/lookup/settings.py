@@ -45,6 +45,11 @@ REQUESTER_INSTANCE_ID = "bench-requester"
 PROMPTS_PER_CELL = 32  # distinct prompts cycled through per (case, prompt size)
 THROUGHPUT_PROMPT_CHUNKS = 32
 
+AGGREGATE_IN_FLIGHT = 4
+"""Lookups every asker keeps in flight under aggregate load (LMCache worker or meshkv member)."""
+AGGREGATE_START_DELAY_S = 0.5
+"""Time from the order to the common start, so every asker starts at once."""
+
 CONTROLLER_START_TIMEOUT_S = 120.0
 WORKERS_READY_TIMEOUT_S = 300.0
 CHILD_STOP_TIMEOUT_S = 5.0
@@ -60,4 +65,5 @@ TARGETS = {
     "p50_over_echo": 1.3,
     "cpu_ratio": 0.5,
     "throughput_ratio_32_at_64": 2.0,
+    "aggregate_throughput_ratio": 2.0,
 }
