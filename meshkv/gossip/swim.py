@@ -28,7 +28,7 @@ from types import MappingProxyType
 from meshkv.errors import ProtocolError, UsageError
 from meshkv.gossip import antientropy, awareness
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.events import MemberEvent, Outgoing
+from meshkv.gossip.events import EventKind, MemberEvent, Outgoing
 from meshkv.gossip.member import (
     MemberInfo,
     MemberState,
@@ -64,6 +64,7 @@ _INF = float("inf")
 _LEAVE_FANOUT = 8  # members told at once of a graceful leave
 
 _RX_KEYS = {kind: f"rx_{kind.name.lower()}" for kind in MessageType}
+_EVENT_KEYS = {kind: f"event_{kind.value}" for kind in EventKind}
 
 
 class Swim:
@@ -144,6 +145,7 @@ class Swim:
         """Runs every timer that is due: relays, suspicions, probes, push-pull, joins, gossip."""
         self._now = now = max(self._now, now_s)
         deaths, suspects = self._table.expire(now, self._prober.verify_timeout_s())
+        self.stats["dead_declared"] += len(deaths)
         for dead in deaths:
             self._enqueue(dead)
         for suspect in suspects:
@@ -201,8 +203,12 @@ class Swim:
         return self._out.take()
 
     def take_events(self) -> list[MemberEvent]:
-        """Changes in other members since the last call (never about this member)."""
-        return self._table.take_events()
+        """Changes in other members since the last call (never about this member); each is
+        counted as ``event_<kind>`` (how often members were seen suspected, dead...)."""
+        events = self._table.take_events()
+        for event in events:
+            self.stats[_EVENT_KEYS[event.kind]] += 1
+        return events
 
     def members(self) -> list[MemberView]:
         """Every listed member, this one included, sorted by name."""

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import zmq
@@ -47,6 +48,7 @@ from meshkv.dataplane.server import DataServer, bind_router
 from meshkv.dataplane.service import DataService
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import MemberEvent
+from meshkv.gossip.runner import HEALTH_COUNTERS as GOSSIP_HEALTH_COUNTERS
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
 from meshkv.node.chunk_count_advert import ChunkCountAdvert
@@ -331,7 +333,12 @@ class MeshNode:
             "Malformed, unauthenticated or oversized frames",
             self.dropped_frames,
         )
+        for key, doc in GOSSIP_HEALTH_COUNTERS.items():
+            metrics.gauge(f"meshkv_gossip_{key}", doc, partial(self._gossip_counter, key))
         return metrics
+
+    def _gossip_counter(self, key: str) -> float:
+        return self.gossip.stats()[key]
 
     def _deadline(self, timeout_s: float | None) -> float:
         return time.monotonic() + (self._timeout_s if timeout_s is None else timeout_s)
