@@ -1,8 +1,9 @@
 """The gossip driver: runs one member's SWIM core on a thread with real sockets and real time.
 
 `GossipRunner` owns a `GossipTransport` and a `Swim` core and runs the member's main loop on
-one daemon thread: wait for frames until the core's next deadline, feed them in, tick, send
-what the core wants sent, hand the core's events to subscribers. Timers use `time.monotonic`;
+one daemon thread: wait for frames until the core's next deadline, feed them in (and the
+transport's link changes), tick, send what the core wants sent, hand the core's events to
+subscribers. Timers use `time.monotonic`;
 only the incarnation start reads the wall clock (so a restarted member outranks its old boot).
 
 Other threads reach the core only through `GossipRunner`'s methods, which run a function on the
@@ -246,6 +247,8 @@ class GossipRunner:
             wait_s = max(min(swim.next_deadline_s() - waited_from_s, IDLE_WAIT_MAX_S), 0.0)
             inbound_frames = transport.wait(wait_s)
             self._count_lateness(time.monotonic() - waited_from_s - wait_s)
+            for address, up in transport.take_link_changes().items():
+                swim.link_changed(address, up)
             for inbound in inbound_frames:
                 swim.receive(inbound.frame, time.monotonic(), reply_to=inbound.reply_to)
             swim.tick(time.monotonic())

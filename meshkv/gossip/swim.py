@@ -109,6 +109,7 @@ class Swim:
         self._prober = Prober(config=config, me=self._me, table=self._table, out=self._out,
                               rng=rng, stats=self.stats, now_s=now_s)  # fmt: skip
         self._seeds: list[str] = []
+        self._links_up: set[str] = set()  # bounded by the driver's open connections
         self._join_attempts = 0
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
@@ -144,8 +145,10 @@ class Swim:
     def tick(self, now_s: float) -> None:
         """Runs every timer that is due: relays, suspicions, probes, push-pull, joins, gossip."""
         self._now = now = max(self._now, now_s)
-        deaths, suspects = self._table.expire(now, self._prober.verify_timeout_s())
+        table = self._table
+        deaths, suspects = table.expire(now, self._prober.verify_timeout_s(), self._links_up)
         self.stats["dead_declared"] += len(deaths)
+        self.stats["death_held_link_up"] = table.deaths_held
         for dead in deaths:
             self._enqueue(dead)
         for suspect in suspects:
@@ -170,6 +173,18 @@ class Swim:
         if len(self._out.queue) and self.config.gossip_fanout:
             deadline = min(deadline, self._next_gossip_s)
         return deadline
+
+    def link_changed(self, address: str, up: bool) -> None:
+        """The driver's word on the member at gossip ``address``: ``up`` while its process
+        answers at the transport level without running its gossip loop (ZMQ heartbeats, answered
+        by ZMQ's I/O thread, which needs no GIL), False once that stops (closed, killed, frozen,
+        unreachable). A suspect whose link is up is held for up to ``stall_grace_s`` before it
+        is declared dead: a busy engine can hold its GIL for seconds; a crashed or frozen one
+        cannot answer heartbeats. Never called (a simulation): suspicions end by their timeout."""
+        if up:
+            self._links_up.add(address)
+        else:
+            self._links_up.discard(address)
 
     def leave(self, now_s: float) -> None:
         """Announces a graceful leave to several members at once and stops probing; keep
