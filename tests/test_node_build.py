@@ -106,6 +106,6 @@ def test_a_member_serves_its_gossip_health_counters_as_metrics() -> None:
     try:
         text = generate_latest(node.metrics.registry).decode()
         for key in HEALTH_COUNTERS:
-            assert f'meshkv_gossip_{key}{{member="m/0"}} 0.0' in text
+            assert f'meshkv_gossip_{key.replace(".", "_")}{{member="m/0"}} 0.0' in text
     finally:
         node.stop(leave=False)

@@ -116,6 +116,9 @@ def scrape(port: int) -> dict[str, float] | None:
         name = line.partition("{")[0]
         if name.startswith("meshkv_gossip_"):
             values[name.removeprefix("meshkv_gossip_")] = float(line.rpartition(" ")[2])
+    for key in HEALTH_COUNTERS:  # served with dots as underscores
+        if "." in key and key.replace(".", "_") in values:
+            values[key] = values.pop(key.replace(".", "_"))
     return values or None
 
 

@@ -65,13 +65,17 @@ HEALTH_COUNTERS = {
     "refute": "Suspicions or deaths of this member that it refuted (it was alive)",
     "probe_failed": "Probes of others that got no ack, direct or indirect",
     "probe_late": "Probe rounds that ended late because this member itself stalled",
+    "death_held_link_up": "Expired suspicions held because the suspect's link was up",
+    "transport.link_up": "Links to members that came up (ZMTP handshake done)",
+    "transport.link_down": "Links to members that went down (closed, heartbeats unanswered)",
     **{
         f"loop_late_{int(bound_s * 1000)}ms": f"Gossip loop turns at least {bound_s:g} s late"
         for bound_s in LATE_BOUNDS_S
     },
     "loop_late_max_ms": "The latest gossip loop turn so far, in ms (not a count)",
 }
-"""Keys of `stats` that tell how healthy the membership is, with what each counts."""
+"""Keys of `stats` that tell how healthy the membership is, with what each counts (served as
+``meshkv_gossip_<key>``, dots as underscores)."""
 
 
 class GossipRunner:

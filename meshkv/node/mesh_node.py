@@ -334,7 +334,8 @@ class MeshNode:
             self.dropped_frames,
         )
         for key, doc in GOSSIP_HEALTH_COUNTERS.items():
-            metrics.gauge(f"meshkv_gossip_{key}", doc, partial(self._gossip_counter, key))
+            name = f"meshkv_gossip_{key.replace('.', '_')}"
+            metrics.gauge(name, doc, partial(self._gossip_counter, key))
         return metrics
 
     def _gossip_counter(self, key: str) -> float:
