@@ -324,11 +324,12 @@ def report(args, window_s, first, last, series, load, cpu_before, cpu_after, nam
         _, on_cpu_before_s, waiting_before_s = cpu_before.get(key, (process, 0.0, 0.0))
         used = on_cpu_s - on_cpu_before_s
         thread = names.get(key, "")
-        if used > 0.01 * window_s or thread.startswith("gossip-"):
+        waited = waiting_s - waiting_before_s
+        if max(used, waited) > 0.01 * window_s or thread.startswith("gossip-"):
             threads.append({
                 "pid": key[0], "tid": key[1], "process": process, "thread": thread,
                 "cpu_s": round(used, 2), "cpu_pct": round(100 * used / window_s, 1),
-                "runqueue_wait_s": round(waiting_s - waiting_before_s, 2),
+                "runqueue_wait_s": round(waited, 2),
             })  # fmt: skip
     threads.sort(key=lambda t: -t["cpu_s"])
     return {
