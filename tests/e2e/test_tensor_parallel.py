@@ -71,6 +71,8 @@ PROMPT_TOKENS = 1000
 FULL_CHUNKS = PROMPT_TOKENS // CHUNK
 SEEDS = {"one": 31, "two": 32}
 """Prompt seed per producer."""
+WARM_UP_SEED = 99
+WARM_UP_TOKENS = 300
 RANK_CHUNK_BYTES = 4 * CHUNK * 1 * 2 * 64 * 2
 """One rank's chunk of the tiny Llama: 4 layers x 256 tokens x 1 of its 2 KV heads x (K, V) x
 head size 64 x 2 bytes (bfloat16)."""
@@ -133,6 +135,10 @@ def mesh(tmp_path_factory) -> Iterator[Mesh]:
             )
             running[name] = EngineProcess(spec).start()
             running[name].wait_ready(START_TIMEOUT_S)
+            # an engine's first request stalls its workers for tens of seconds on 2 cores
+            # (first forward, logprobs kernel, first NIXL connection); a measured request
+            # would then miss its own load deadline, whatever gossip does
+            running[name].complete(prompt(WARM_UP_SEED, WARM_UP_TOKENS), max_tokens=2)
         yield Mesh(running, seed, admin_ports, reference)
     finally:
         for engine in running.values():
