@@ -107,25 +107,25 @@ def mesh(tmp_path_factory) -> Iterator[Mesh]:
     reference = _reference_answers(work, common)
     gossip_ports = [free_port() for _ in range(TP)]
     seed = f"127.0.0.1:{gossip_ports[0]}"
-    admin_ports = {name: [free_port() for _ in range(TP)] for name in ("one", "two")}
-    yamls = {
-        "one": mesh_yaml(
-            work / "one.yaml",
-            p2p_init_ports=gossip_ports,
-            lmcache_worker_ports=admin_ports["one"],
-            mesh_seeds=[seed],  # rank 1 joins through rank 0; rank 0 skips itself
-        ),
-        "two": mesh_yaml(
-            work / "two.yaml",
-            enable_async_loading=True,
-            lmcache_worker_ports=admin_ports["two"],
-            mesh_seeds=[seed],
-        ),
+    settings = {
+        "one": {"p2p_init_ports": gossip_ports},  # rank 1 joins through rank 0, the seed
+        "two": {"enable_async_loading": True},
     }
+    admin_ports: dict[str, list[int]] = {}
     running: dict[str, EngineProcess] = {}
     try:
         # one at a time: four ranks starting at once on two cores starve each other's gossip
-        for name, path in yamls.items():
+        for name, values in settings.items():
+            # ports picked just before the start: a port free a minute earlier may be taken
+            # by then (other tests bind ports on this host), and the rank then runs as a
+            # pass-through
+            admin_ports[name] = [free_port() for _ in range(TP)]
+            path = mesh_yaml(
+                work / f"{name}.yaml",
+                lmcache_worker_ports=admin_ports[name],
+                mesh_seeds=[seed],
+                **values,
+            )
             spec = EngineSpec(
                 name=name,
                 port=free_port(),
