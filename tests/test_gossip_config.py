@@ -28,6 +28,7 @@ def test_profiles_are_valid(profile) -> None:
         ({"max_meta_bytes": 0}, "gossip.max_meta_bytes"),
         ({"max_members": 0}, "gossip.max_members"),
         ({"gossip_interval_s": -1.0}, "gossip.gossip_interval_s"),
+        ({"stall_grace_s": -1.0}, "gossip.stall_grace_s"),
     ],
 )
 def test_invalid_values_name_their_key(change: dict, key: str) -> None:
@@ -38,6 +39,10 @@ def test_invalid_values_name_their_key(change: dict, key: str) -> None:
 
 def test_zero_disables_optional_mechanisms() -> None:
     config = GossipConfig().replace(
-        indirect_checks=0, gossip_fanout=0, push_pull_interval_s=0, dead_retention_s=0
+        indirect_checks=0,
+        gossip_fanout=0,
+        push_pull_interval_s=0,
+        dead_retention_s=0,
+        stall_grace_s=0,
     )
     assert config.gossip_fanout == 0

@@ -173,3 +173,73 @@ def test_graceful_leave_is_seen_as_left() -> None:
     sim.crash("inst30/0")  # the process exits after leaving: it stays LEFT, never DEAD
     sim.run_for(5)
     assert all(sim.state_seen(o, "inst30/0") is MemberState.LEFT for o in sim.up_names())
+
+
+def _four_members(seed: int) -> SimNet:
+    sim = SimNet(seed=seed, config=GossipConfig.local())
+    _boot(sim, 4, seeds=1)
+    _converge(sim, timeout_s=10)
+    return sim
+
+
+def _seen_dead_by_all(sim: SimNet, victim: str) -> bool:
+    return all(sim.state_seen(o, victim) is MemberState.DEAD for o in sim.up_names() if o != victim)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_stalled_member_whose_link_is_up_is_held_not_declared_dead(seed: int) -> None:
+    # a busy engine: its gossip loop stalls for 10 s (GIL held elsewhere), but its ZMQ I/O
+    # thread answers heartbeats, so the others' drivers report its link up
+    sim = _four_members(seed)
+    sim.set_link("inst1/0", True)
+    sim.stall("inst1/0", 10.0)
+    sim.run_for(10.5)
+    assert not any(sim.state_seen(o, "inst1/0") is MemberState.DEAD for o in sim.up_names())
+    held = sum(m.swim.stats["death_held_link_up"] for m in sim.members.values())
+    assert held > 0  # the suspicion ran out and was held, not just never raised
+    _converge(sim, timeout_s=5)  # it refuted once it ran again
+    assert sim.members["inst1/0"].swim.stats["refute"] > 0
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_the_same_stall_without_a_link_is_declared_dead(seed: int) -> None:
+    sim = _four_members(seed)
+    sim.stall("inst1/0", 10.0)
+    took = sim.run_until_true(lambda: _seen_dead_by_all(sim, "inst1/0"), timeout_s=10)
+    sim.check(took is not None and took <= 3.0, f"stall without a link seen dead in {took} s")
+    deaths = sum(m.swim.stats["dead_declared"] for m in sim.members.values())
+    suspicions = sum(m.swim.stats["suspect_raised"] for m in sim.members.values())
+    seen_dead = sum(m.swim.stats["event_dead"] for m in sim.members.values())
+    assert deaths >= 1 and suspicions >= 1 and seen_dead == 3
+
+
+def test_a_held_suspect_is_declared_dead_once_its_link_goes_down() -> None:
+    sim = _four_members(7)
+    sim.set_link("inst1/0", True)
+    sim.stall("inst1/0", 60.0)
+    sim.run_for(5.0)
+    assert not _seen_dead_by_all(sim, "inst1/0")
+    sim.set_link("inst1/0", False)  # frozen or killed: heartbeats stop
+    took = sim.run_until_true(lambda: _seen_dead_by_all(sim, "inst1/0"), timeout_s=5)
+    sim.check(took is not None and took <= 1.0, f"link down, seen dead in {took} s")
+
+
+def test_a_held_suspect_is_declared_dead_after_the_stall_grace() -> None:
+    sim = _four_members(8)
+    grace_s = sim.config.stall_grace_s
+    sim.set_link("inst1/0", True)
+    sim.stall("inst1/0", 2 * grace_s)
+    sim.run_for(grace_s - 1.0)
+    assert not _seen_dead_by_all(sim, "inst1/0")
+    took = sim.run_until_true(lambda: _seen_dead_by_all(sim, "inst1/0"), timeout_s=5)
+    sim.check(took is not None, "a wedged member with its link up was never declared dead")
+
+
+def test_no_stall_grace_declares_a_stalled_member_dead_even_with_its_link_up() -> None:
+    sim = SimNet(seed=9, config=GossipConfig.local().replace(stall_grace_s=0))
+    _boot(sim, 4, seeds=1)
+    _converge(sim, timeout_s=10)
+    sim.set_link("inst1/0", True)
+    sim.stall("inst1/0", 10.0)
+    took = sim.run_until_true(lambda: _seen_dead_by_all(sim, "inst1/0"), timeout_s=10)
+    sim.check(took is not None and took <= 3.0, f"stall_grace_s=0, seen dead in {took} s")

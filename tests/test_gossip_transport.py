@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -224,3 +228,89 @@ def test_wait_drains_a_wake_up(opened):
     except BlockingIOError:
         leftover = b""
     assert leftover == b""
+
+
+# ---------------------------------------------------------------- links (ZMTP heartbeats)
+
+HEARTBEATS = {"heartbeat_interval_s": 0.05, "heartbeat_timeout_s": 0.3}
+
+
+def _link_changes(transport: GossipTransport, duration_s: float) -> list[dict[str, bool]]:
+    """Every non-empty `take_link_changes` while ``transport`` alone is pumped for
+    ``duration_s``."""
+    seen = []
+    end = time.monotonic() + duration_s
+    while time.monotonic() < end:
+        transport.wait(0.02)
+        if changes := transport.take_link_changes():
+            seen.append(changes)
+    return seen
+
+
+def _link_change(transport: GossipTransport, address: str) -> bool:
+    """The next change of the link to ``address`` (fails past DEADLINE_S)."""
+    end = time.monotonic() + DEADLINE_S
+    while time.monotonic() < end:
+        transport.wait(0.02)
+        changes = transport.take_link_changes()
+        if address in changes:
+            return changes[address]
+    pytest.fail(f"no link change to {address} within {DEADLINE_S} s")
+
+
+def test_a_link_is_up_while_the_peer_runs_even_if_it_never_reads(opened):
+    """The peer's ZMQ I/O thread answers heartbeats: a member whose gossip thread cannot run
+    (its process holds the GIL elsewhere) still has its link up."""
+    a, b = opened(**HEARTBEATS), opened(**HEARTBEATS)
+    a.send(b.address, b"ping")
+    assert _link_change(a, b.address) is True
+    assert _link_changes(a, 5 * HEARTBEATS["heartbeat_timeout_s"]) == []  # b never waited
+    assert a.stats["transport.link_down"] == 0
+
+
+def test_a_link_goes_down_when_the_peer_closes_and_when_forgotten(opened):
+    a, b, c = opened(**HEARTBEATS), opened(**HEARTBEATS), opened(**HEARTBEATS)
+    a.send(b.address, b"ping")
+    assert _link_change(a, b.address) is True
+    a.send(c.address, b"ping")
+    assert _link_change(a, c.address) is True
+    b.close()
+    assert _link_change(a, b.address) is False
+    a.forget(c.address)
+    assert a.take_link_changes() == {c.address: False}
+
+
+def test_no_heartbeats_no_links(opened):
+    a, b = opened(heartbeat_interval_s=0), opened()
+    a.send(b.address, b"ping")
+    assert [i.frame for i in _receive(b, a)] == [b"ping"]
+    assert a.take_link_changes() == {}
+
+
+_PEER_PROCESS = """
+import sys, time
+from meshkv.gossip.transport import GossipTransport, TransportLimits
+t = GossipTransport("127.0.0.1", 0, limits=TransportLimits(max_frame_bytes=4096))
+print(t.address, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.processes
+def test_a_link_goes_down_when_the_peer_process_is_frozen(opened):
+    """SIGSTOP stops the peer's ZMQ I/O thread too: its heartbeats stop and the link goes
+    down after the heartbeat timeout."""
+    peer = subprocess.Popen(
+        [sys.executable, "-c", _PEER_PROCESS], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert peer.stdout is not None
+        address = peer.stdout.readline().strip()
+        a = opened(**HEARTBEATS)
+        a.send(address, b"ping")
+        assert _link_change(a, address) is True
+        os.kill(peer.pid, signal.SIGSTOP)
+        assert _link_change(a, address) is False
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait()

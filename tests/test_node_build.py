@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import generate_latest
 
 from meshkv import __version__
 from meshkv.config import MeshConfig
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.errors import ConfigError, UsageError
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.runner import GossipRunner
+from meshkv.gossip.runner import HEALTH_COUNTERS, GossipRunner
 from meshkv.node import MeshNode, build_member
 from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.wire import AuthPolicy
@@ -97,3 +98,14 @@ def test_a_bad_data_plane_setting_names_its_key(key: str, value: float) -> None:
 def test_a_tcp_get_asks_for_a_frame_less_its_headroom() -> None:
     tuning = DataPlaneConfig(max_frame_bytes=64 << 20, inline_reply_headroom_bytes=1 << 20)
     assert tuning.inline_reply_max_bytes == 63 << 20
+
+
+def test_a_member_serves_its_gossip_health_counters_as_metrics() -> None:
+    node = build_member(config(max_local_cpu_size=0.0625), ROLE_STORAGE, namespace="ignored")
+    node.start()
+    try:
+        text = generate_latest(node.metrics.registry).decode()
+        for key in HEALTH_COUNTERS:
+            assert f'meshkv_gossip_{key.replace(".", "_")}{{member="m/0"}} 0.0' in text
+    finally:
+        node.stop(leave=False)

@@ -56,6 +56,15 @@ class GossipConfig:
     """How many independent confirmations shrink a suspicion to its minimum, default 2 (capped
     at N-2). More is safer against one bad observer but slower. 0 means the minimum at once."""
 
+    stall_grace_s: float = 30.0
+    """How long a suspect whose process still answers at the transport level is held before it
+    is declared dead (s), default 30. Its ZMQ I/O thread answers heartbeats without the GIL, so
+    the process runs but its gossip loop does not: an engine whose model runner, compiler or
+    collective holds the GIL (measured on 2 cores: gossip loop turns up to 15 s late). A crash
+    or SIGSTOP drops the link (at once, or after the transport's heartbeat timeout) and is
+    declared dead on the normal timeout. Longer tolerates longer stalls; a process wedged with
+    its GIL held is declared dead this much later. 0 disables holding."""
+
     retransmit_mult: float = 3.0
     """lambda: each member sends each update it learns ``ceil(lambda * ln(N + 1))`` times,
     default 3 (13 sends at 64 members, 21 at 1000). A member is missed by every send with
@@ -166,6 +175,7 @@ class GossipConfig:
             "gossip_fanout",
             "push_pull_interval_s",
             "dead_retention_s",
+            "stall_grace_s",
             "max_piggyback",
             "join_max_attempts",
         )

@@ -192,6 +192,7 @@ class Prober:
             source=self._me.name,
         )
         if self._table.apply(suspect, now_s):
+            self._stats["suspect_raised"] += 1
             self._out.enqueue(suspect)
 
     def _n(self) -> int:

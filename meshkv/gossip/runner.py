@@ -1,8 +1,9 @@
 """The gossip driver: runs one member's SWIM core on a thread with real sockets and real time.
 
 `GossipRunner` owns a `GossipTransport` and a `Swim` core and runs the member's main loop on
-one daemon thread: wait for frames until the core's next deadline, feed them in, tick, send
-what the core wants sent, hand the core's events to subscribers. Timers use `time.monotonic`;
+one daemon thread: wait for frames until the core's next deadline, feed them in (and the
+transport's link changes), tick, send what the core wants sent, hand the core's events to
+subscribers. Timers use `time.monotonic`;
 only the incarnation start reads the wall clock (so a restarted member outranks its old boot).
 
 Other threads reach the core only through `GossipRunner`'s methods, which run a function on the
@@ -54,6 +55,27 @@ _FRESH_CONNECTION_EVENTS = (EventKind.JOINED, EventKind.DEAD, EventKind.LEFT)
 ZMQ's reconnect backoff), and nothing keeps reconnecting to a dead or departed member."""
 LEAVE_LINGER_S = 0.3
 """How long the Left broadcast may take to leave the sockets after a graceful stop."""
+LATE_BOUNDS_S = (0.1, 0.5, 1.0, 2.0)
+"""A loop turn that returns this much later than planned is counted (``loop_late_<ms>ms``)."""
+HEALTH_COUNTERS = {
+    "suspect_raised": "Members this member suspected after a probe got no ack",
+    "dead_declared": "Members this member declared dead (their suspicion ran out unrefuted)",
+    "event_suspect": "Times this member saw another suspected",
+    "event_dead": "Times this member saw another declared dead",
+    "refute": "Suspicions or deaths of this member that it refuted (it was alive)",
+    "probe_failed": "Probes of others that got no ack, direct or indirect",
+    "probe_late": "Probe rounds that ended late because this member itself stalled",
+    "death_held_link_up": "Expired suspicions held because the suspect's link was up",
+    "transport.link_up": "Links to members that came up (ZMTP handshake done)",
+    "transport.link_down": "Links to members that went down (closed, heartbeats unanswered)",
+    **{
+        f"loop_late_{int(bound_s * 1000)}ms": f"Gossip loop turns at least {bound_s:g} s late"
+        for bound_s in LATE_BOUNDS_S
+    },
+    "loop_late_max_ms": "The latest gossip loop turn so far, in ms (not a count)",
+}
+"""Keys of `stats` that tell how healthy the membership is, with what each counts (served as
+``meshkv_gossip_<key>``, dots as underscores)."""
 
 
 class GossipRunner:
@@ -225,12 +247,28 @@ class GossipRunner:
         swim.join(self._seeds, time.monotonic())
         self._flush()
         while not self._stop_requested.is_set():
-            wait_s = min(swim.next_deadline_s() - time.monotonic(), IDLE_WAIT_MAX_S)
-            for inbound in transport.wait(max(wait_s, 0.0)):
+            waited_from_s = time.monotonic()
+            wait_s = max(min(swim.next_deadline_s() - waited_from_s, IDLE_WAIT_MAX_S), 0.0)
+            inbound_frames = transport.wait(wait_s)
+            self._count_lateness(time.monotonic() - waited_from_s - wait_s)
+            for address, up in transport.take_link_changes().items():
+                swim.link_changed(address, up)
+            for inbound in inbound_frames:
                 swim.receive(inbound.frame, time.monotonic(), reply_to=inbound.reply_to)
             swim.tick(time.monotonic())
             self._run_calls()
             self._flush()
+
+    def _count_lateness(self, late_s: float) -> None:
+        """Counts loop turns that came back later than planned: this thread got no CPU or no
+        GIL (``loop_late_<bound>`` for each bound passed, and the worst, in ms)."""
+        if late_s < LATE_BOUNDS_S[0]:
+            return
+        stats = self._swim.stats
+        for bound_s in LATE_BOUNDS_S:
+            if late_s >= bound_s:
+                stats[f"loop_late_{int(bound_s * 1000)}ms"] += 1
+        stats["loop_late_max_ms"] = max(stats["loop_late_max_ms"], int(late_s * 1000))
 
     def _flush(self) -> None:
         """Publishes events, then sends: a restarted peer's stale socket is closed first."""

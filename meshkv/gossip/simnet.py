@@ -163,6 +163,14 @@ class SimNet:
         member.stalled_until_s = self.now_s + duration_s
         self._push(member.stalled_until_s, _RESUME, member, None)
 
+    def set_link(self, name: str, up: bool) -> None:
+        """Tells every other member that ``name``'s process answers (or no longer answers) at
+        the transport level, as a driver's heartbeats would (`Swim.link_changed`)."""
+        address = self.members[name].address
+        for other in self.members.values():
+            if other.name != name and other.up:
+                other.swim.link_changed(address, up)
+
     def partition(self, *groups: Iterable[str]) -> None:
         """Members in different groups cannot reach each other; ungrouped reach everyone."""
         self._groups = {name: index for index, group in enumerate(groups) for name in group}

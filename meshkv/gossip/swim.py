@@ -28,7 +28,7 @@ from types import MappingProxyType
 from meshkv.errors import ProtocolError, UsageError
 from meshkv.gossip import antientropy, awareness
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.events import MemberEvent, Outgoing
+from meshkv.gossip.events import EventKind, MemberEvent, Outgoing
 from meshkv.gossip.member import (
     MemberInfo,
     MemberState,
@@ -64,6 +64,7 @@ _INF = float("inf")
 _LEAVE_FANOUT = 8  # members told at once of a graceful leave
 
 _RX_KEYS = {kind: f"rx_{kind.name.lower()}" for kind in MessageType}
+_EVENT_KEYS = {kind: f"event_{kind.value}" for kind in EventKind}
 
 
 class Swim:
@@ -108,6 +109,7 @@ class Swim:
         self._prober = Prober(config=config, me=self._me, table=self._table, out=self._out,
                               rng=rng, stats=self.stats, now_s=now_s)  # fmt: skip
         self._seeds: list[str] = []
+        self._links_up: set[str] = set()  # bounded by the driver's open connections
         self._join_attempts = 0
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
@@ -143,7 +145,10 @@ class Swim:
     def tick(self, now_s: float) -> None:
         """Runs every timer that is due: relays, suspicions, probes, push-pull, joins, gossip."""
         self._now = now = max(self._now, now_s)
-        deaths, suspects = self._table.expire(now, self._prober.verify_timeout_s())
+        table = self._table
+        deaths, suspects = table.expire(now, self._prober.verify_timeout_s(), self._links_up)
+        self.stats["dead_declared"] += len(deaths)
+        self.stats["death_held_link_up"] = table.deaths_held
         for dead in deaths:
             self._enqueue(dead)
         for suspect in suspects:
@@ -168,6 +173,18 @@ class Swim:
         if len(self._out.queue) and self.config.gossip_fanout:
             deadline = min(deadline, self._next_gossip_s)
         return deadline
+
+    def link_changed(self, address: str, up: bool) -> None:
+        """The driver's word on the member at gossip ``address``: ``up`` while its process
+        answers at the transport level without running its gossip loop (ZMQ heartbeats, answered
+        by ZMQ's I/O thread, which needs no GIL), False once that stops (closed, killed, frozen,
+        unreachable). A suspect whose link is up is held for up to ``stall_grace_s`` before it
+        is declared dead: a busy engine can hold its GIL for seconds; a crashed or frozen one
+        cannot answer heartbeats. Never called (a simulation): suspicions end by their timeout."""
+        if up:
+            self._links_up.add(address)
+        else:
+            self._links_up.discard(address)
 
     def leave(self, now_s: float) -> None:
         """Announces a graceful leave to several members at once and stops probing; keep
@@ -201,8 +218,12 @@ class Swim:
         return self._out.take()
 
     def take_events(self) -> list[MemberEvent]:
-        """Changes in other members since the last call (never about this member)."""
-        return self._table.take_events()
+        """Changes in other members since the last call (never about this member); each is
+        counted as ``event_<kind>`` (how often members were seen suspected, dead...)."""
+        events = self._table.take_events()
+        for event in events:
+            self.stats[_EVENT_KEYS[event.kind]] += 1
+        return events
 
     def members(self) -> list[MemberView]:
         """Every listed member, this one included, sorted by name."""

@@ -15,7 +15,7 @@ import collections
 import heapq
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -109,6 +109,7 @@ class MemberTable:
         self.owner = owner  # our own name: the source of the deaths we declare
         self.order = ProbeOrder(rng)
         self.full_drops = 0
+        self.deaths_held = 0  # expired suspicions held because the suspect's link was up
         self._rng = rng
         self._members: dict[str, Member] = {}
         self._names: list[str] = []  # same members, for O(1) random picks
@@ -294,10 +295,16 @@ class MemberTable:
         forget_s = self._forget[0][0] if self._forget else _INF
         return min(suspicion_s, forget_s)
 
-    def expire(self, now_s: float, verify_s: float) -> tuple[list[Dead], list[Member]]:
+    def expire(
+        self, now_s: float, verify_s: float, links_up: Set[str] = frozenset()
+    ) -> tuple[list[Dead], list[Member]]:
         """Runs out suspicions: a suspicion whose timeout passed is verified first (returned,
         for the caller to ping the suspect, with ``verify_s`` to answer); one whose
-        verification passed unanswered becomes a death (returned, to gossip)."""
+        verification passed unanswered becomes a death (returned, to gossip).
+
+        A suspect whose address is in ``links_up`` (its process answers at the transport
+        level, see `Swim.link_changed`) is held instead, verified again every probe interval,
+        until ``stall_grace_s`` after its suspicion began (counted in ``deaths_held``)."""
         deaths: list[Dead] = []
         verify: list[Member] = []
         heap = self._suspicions
@@ -310,6 +317,12 @@ class MemberTable:
             assert suspicion is not None
             if suspicion.verify_by_s is None:
                 suspicion.verify_by_s = now_s + verify_s
+                self._schedule(member.name, suspicion)
+                verify.append(member)
+                continue
+            if member.address in links_up and now_s - suspicion.start_s < self.config.stall_grace_s:
+                self.deaths_held += 1
+                suspicion.verify_by_s = now_s + self.config.probe_interval_s
                 self._schedule(member.name, suspicion)
                 verify.append(member)
                 continue

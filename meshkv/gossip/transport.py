@@ -14,6 +14,11 @@ with ZMQ's framing, reconnects and authentication hooks. This module gives exact
   yet, so its first frames wait in a small bounded buffer for at most ``connect_grace_s`` and go
   out as soon as the connection opens. A peer restarted at the same address is reconnected by
   ZMQ on its own; `forget` skips ZMQ's reconnect backoff when the caller knows it restarted.
+- links: each outbound connection sends ZMTP heartbeats, which the peer's ZMQ I/O thread answers
+  without Python's GIL; `take_link_changes` reports each peer whose link went up (handshake
+  done) or down (closed, or heartbeats unanswered for ``heartbeat_timeout_s``). A peer process
+  that runs but whose gossip thread cannot (it waits for the GIL) keeps its link up; a killed,
+  frozen or unreachable one loses it.
 
 Every socket here belongs to the thread that calls `wait`/`send`/`reply`; only `wake` may be
 called from any thread. This module knows nothing of SWIM or of what a frame means.
@@ -31,6 +36,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from meshkv.errors import TransportError, UsageError
 
@@ -63,6 +69,12 @@ class TransportLimits:
     """Frames `wait` returns at most per call, so timers run even under a flood."""
     reconnect_max_ms: int = 1000
     """Upper bound of ZMQ's reconnect backoff to a vanished peer, in ms."""
+    heartbeat_interval_s: float = 0.25
+    """How often each outbound connection sends a ZMTP heartbeat (s); 0 = none, and then no
+    link is ever reported up. The peer's ZMQ I/O thread answers it without the GIL."""
+    heartbeat_timeout_s: float = 1.0
+    """A connection whose peer answered no heartbeat for this long is closed and its link
+    reported down (a frozen or vanished peer); ZMQ then reconnects."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,8 +88,9 @@ class TransportLimits:
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"TransportLimits.{name} must be positive")
-        if self.connect_grace_s < 0:
-            raise UsageError("TransportLimits.connect_grace_s must not be negative")
+        for name in ("connect_grace_s", "heartbeat_interval_s", "heartbeat_timeout_s"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"TransportLimits.{name} must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +105,20 @@ class Inbound:
 class _Peer:
     sock: zmq.Socket
     connect_deadline_s: float
+    monitor: zmq.Socket | None = None
+    """ZMQ's event socket for ``sock``: handshakes and disconnects (None without heartbeats)."""
+    link_up: bool = False
     pending: deque[bytes] = field(default_factory=deque)
+
+
+_LINK_EVENTS = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: True,
+    zmq.EVENT_DISCONNECTED: False,
+    zmq.EVENT_CLOSED: False,
+    zmq.EVENT_MONITOR_STOPPED: False,
+}
+"""Monitor events that change a link: a completed ZMTP handshake means the peer's ZMQ runs."""
+_MONITOR_EVENTS = sum(_LINK_EVENTS)
 
 
 class GossipTransport:
@@ -103,6 +129,7 @@ class GossipTransport:
         self.stats: collections.Counter[str] = collections.Counter()
         self._ctx = zmq.Context(io_threads=1)
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
+        self._link_changes: dict[str, bool] = {}  # bounded by the peers: one entry each
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -163,7 +190,7 @@ class GossipTransport:
         peer = self._peers.pop(address, None)
         if peer is not None:
             self._drop_pending(peer)
-            peer.sock.close(linger=0)
+            self._close_peer(address, peer, linger_ms=0)
             self.stats["transport.peer_sockets_closed"] += 1
 
     def _peer(self, address: str, now_s: float) -> _Peer | None:
@@ -177,20 +204,62 @@ class GossipTransport:
         sock.setsockopt(zmq.SNDHWM, self.limits.peer_send_hwm)
         sock.setsockopt(zmq.RCVHWM, 1)  # members answer on our ROUTER, never on this socket
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.limits.reconnect_max_ms)
+        monitor = None
+        if self.limits.heartbeat_interval_s > 0:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, math.ceil(self.limits.heartbeat_interval_s * 1000))
+            sock.setsockopt(
+                zmq.HEARTBEAT_TIMEOUT, math.ceil(self.limits.heartbeat_timeout_s * 1000)
+            )
+            monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             sock.connect(f"tcp://{address}")
         except zmq.ZMQError as exc:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close()
             self.stats["transport.bad_address"] += 1
             log.debug("cannot connect to %r: %s", address, exc)
             return None
         if len(self._peers) >= self.limits.peer_sockets_max:
-            _, evicted = self._peers.popitem(last=False)
-            evicted.sock.close(linger=0)
+            evicted_address, evicted = self._peers.popitem(last=False)
+            self._close_peer(evicted_address, evicted, linger_ms=0)
             self.stats["transport.peer_sockets_evicted"] += 1
-        peer = _Peer(sock=sock, connect_deadline_s=now_s + self.limits.connect_grace_s)
+        peer = _Peer(
+            sock=sock, connect_deadline_s=now_s + self.limits.connect_grace_s, monitor=monitor
+        )
         self._peers[address] = peer
         return peer
+
+    def _close_peer(self, address: str, peer: _Peer, *, linger_ms: int) -> None:
+        if peer.monitor is not None:
+            peer.sock.disable_monitor()
+            peer.monitor.close(linger=0)
+        peer.sock.close(linger=linger_ms)
+        if peer.link_up:
+            peer.link_up = False
+            self._link_changes[address] = False
+
+    def take_link_changes(self) -> dict[str, bool]:
+        """Peers whose link went up or down since the last call: address -> up. Up means a
+        ZMTP handshake completed and the peer has answered heartbeats since (its process runs,
+        whether or not its gossip thread does); down means the connection closed or its
+        heartbeats stopped for ``heartbeat_timeout_s``."""
+        changes, self._link_changes = self._link_changes, {}
+        return changes
+
+    def _read_monitor(self, address: str, peer: _Peer) -> None:
+        assert peer.monitor is not None
+        while True:
+            try:
+                event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            up = _LINK_EVENTS.get(event["event"])
+            if up is not None and up != peer.link_up:
+                peer.link_up = up
+                self._link_changes[address] = up
+                self.stats["transport.link_up" if up else "transport.link_down"] += 1
 
     def _hold(self, peer: _Peer, frame: bytes, now_s: float) -> bool:
         """Keeps a frame for a connection still opening, or drops it (unreachable or full)."""
@@ -233,6 +302,8 @@ class GossipTransport:
         now_s = time.monotonic()
         waiting = []
         for peer in self._peers.values():
+            if peer.monitor is not None:
+                poller.register(peer.monitor, zmq.POLLIN)
             if not peer.pending:
                 continue
             if now_s >= peer.connect_deadline_s:
@@ -245,6 +316,9 @@ class GossipTransport:
         for peer in waiting:
             if ready.get(peer.sock, 0) & zmq.POLLOUT:
                 self._flush_pending(peer)
+        for address, peer in self._peers.items():
+            if peer.monitor is not None and peer.monitor in ready:
+                self._read_monitor(address, peer)
         if wake_fd in ready:
             self._drain_wake()
         if self._router not in ready:
@@ -287,9 +361,9 @@ class GossipTransport:
         deadline_s = time.monotonic() + linger_s
         self._flush_pending_until(deadline_s)
         linger_ms = max(0, math.ceil((deadline_s - time.monotonic()) * 1000))
-        for peer in self._peers.values():
+        for address, peer in self._peers.items():
             self._drop_pending(peer)
-            peer.sock.close(linger=linger_ms)
+            self._close_peer(address, peer, linger_ms=linger_ms)
         self._peers.clear()
         self._router.close(linger=linger_ms)
         self._ctx.term()

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import zmq
@@ -51,6 +52,7 @@ from meshkv.dataplane.server import DataServer, bind_router
 from meshkv.dataplane.service import DataService
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import MemberEvent
+from meshkv.gossip.runner import HEALTH_COUNTERS as GOSSIP_HEALTH_COUNTERS
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
 from meshkv.node.chains import ChainSlice, announce
@@ -378,7 +380,13 @@ class MeshNode:
             "Malformed, unauthenticated or oversized frames",
             self.dropped_frames,
         )
+        for key, doc in GOSSIP_HEALTH_COUNTERS.items():
+            name = f"meshkv_gossip_{key.replace('.', '_')}"
+            metrics.gauge(name, doc, partial(self._gossip_counter, key))
         return metrics
+
+    def _gossip_counter(self, key: str) -> float:
+        return self.gossip.stats()[key]
 
     def _deadline(self, timeout_s: float | None) -> float:
         return time.monotonic() + (self._timeout_s if timeout_s is None else timeout_s)

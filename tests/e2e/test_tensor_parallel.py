@@ -57,9 +57,9 @@ pytestmark = [
     pytest.mark.processes,
     pytest.mark.timeout(900),
     pytest.mark.xfail(
-        reason="issue 14 open: on 2 cores, four TP ranks oversubscribe the cores and gossip "
-        "declares the other engine's members dead mid-request ([two-one] fails); see the "
-        "session 7 note",
+        reason="issue 14 open: on 2 cores an engine's workers can stall for over 30 s (its "
+        "first request: [one-two] failed after the gossip fix, the consumer silent ~37 s, past "
+        "its own load deadline and stall_grace_s); not yet 3 green runs in a row here",
         strict=False,
     ),
 ]
@@ -71,6 +71,8 @@ PROMPT_TOKENS = 1000
 FULL_CHUNKS = PROMPT_TOKENS // CHUNK
 SEEDS = {"one": 31, "two": 32}
 """Prompt seed per producer."""
+WARM_UP_SEED = 99
+WARM_UP_TOKENS = 300
 RANK_CHUNK_BYTES = 4 * CHUNK * 1 * 2 * 64 * 2
 """One rank's chunk of the tiny Llama: 4 layers x 256 tokens x 1 of its 2 KV heads x (K, V) x
 head size 64 x 2 bytes (bfloat16)."""
@@ -105,25 +107,25 @@ def mesh(tmp_path_factory) -> Iterator[Mesh]:
     reference = _reference_answers(work, common)
     gossip_ports = [free_port() for _ in range(TP)]
     seed = f"127.0.0.1:{gossip_ports[0]}"
-    admin_ports = {name: [free_port() for _ in range(TP)] for name in ("one", "two")}
-    yamls = {
-        "one": mesh_yaml(
-            work / "one.yaml",
-            p2p_init_ports=gossip_ports,
-            lmcache_worker_ports=admin_ports["one"],
-            mesh_seeds=[seed],  # rank 1 joins through rank 0; rank 0 skips itself
-        ),
-        "two": mesh_yaml(
-            work / "two.yaml",
-            enable_async_loading=True,
-            lmcache_worker_ports=admin_ports["two"],
-            mesh_seeds=[seed],
-        ),
+    settings = {
+        "one": {"p2p_init_ports": gossip_ports},  # rank 1 joins through rank 0, the seed
+        "two": {"enable_async_loading": True},
     }
+    admin_ports: dict[str, list[int]] = {}
     running: dict[str, EngineProcess] = {}
     try:
         # one at a time: four ranks starting at once on two cores starve each other's gossip
-        for name, path in yamls.items():
+        for name, values in settings.items():
+            # ports picked just before the start: a port free a minute earlier may be taken
+            # by then (other tests bind ports on this host), and the rank then runs as a
+            # pass-through
+            admin_ports[name] = [free_port() for _ in range(TP)]
+            path = mesh_yaml(
+                work / f"{name}.yaml",
+                lmcache_worker_ports=admin_ports[name],
+                mesh_seeds=[seed],
+                **values,
+            )
             spec = EngineSpec(
                 name=name,
                 port=free_port(),
@@ -133,6 +135,10 @@ def mesh(tmp_path_factory) -> Iterator[Mesh]:
             )
             running[name] = EngineProcess(spec).start()
             running[name].wait_ready(START_TIMEOUT_S)
+            # an engine's first request stalls its workers for tens of seconds on 2 cores
+            # (first forward, logprobs kernel, first NIXL connection); a measured request
+            # would then miss its own load deadline, whatever gossip does
+            running[name].complete(prompt(WARM_UP_SEED, WARM_UP_TOKENS), max_tokens=2)
         yield Mesh(running, seed, admin_ports, reference)
     finally:
         for engine in running.values():
