@@ -31,7 +31,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshkv.config import config_from_vllm_extra
 from meshkv.connector.geometry import UnsupportedCache, geometry_of
-from meshkv.connector.identity import check_parallelism, engine_instance_id, worker_world_size
+from meshkv.connector.identity import (
+    check_parallelism,
+    engine_instance_id,
+    worker_rank,
+    worker_world_size,
+)
 from meshkv.connector.metadata import MeshStepOrders, MeshWorkerReport
 from meshkv.connector.scheduler import MeshScheduler, SchedulingPolicy
 from meshkv.errors import ConfigError
@@ -212,6 +217,25 @@ class MeshKVConnector(KVConnectorBase_V1):
                 why,
             )
             logger.debug("meshkv: why registration failed", exc_info=True)
+            self._worker.pass_through(rank=self._rank_in_engine())
+
+    def _rank_in_engine(self) -> int:
+        """This worker's rank, so a pass-through rank still answers fetches as itself (the
+        scheduler side waits for every rank); 0 where vLLM set up no process groups (one
+        worker)."""
+        from vllm.distributed.parallel_state import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            model_parallel_is_initialized,
+        )
+
+        if not model_parallel_is_initialized():
+            return 0
+        return worker_rank(
+            self._vllm_config,
+            tp_rank=get_tensor_model_parallel_rank(),
+            pp_rank=get_pp_group().rank_in_group,
+        )
 
     def _register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Judge the cache first (`UnsupportedCache`), then ask vLLM where this worker sits."""

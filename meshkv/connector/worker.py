@@ -129,6 +129,11 @@ class MeshWorker:
         self._thread: threading.Thread | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
+    def pass_through(self, *, rank: int) -> None:
+        """Registration failed: hold nothing, but answer every fetch (found nothing) and load
+        (failed) as worker ``rank``."""
+        self._rank = rank
+
     def register(
         self,
         kv_caches: dict[str, torch.Tensor],
