@@ -1,27 +1,30 @@
 """Finding and fetching chunks held by other members, with deadlines (the requester's side).
 
 `presume` guesses who holds each key with no round trip at all: this member for a local copy,
-else the key's home (or, for a key homed here, the holder its directory names). A get first
-fetches straight from those guesses, so a load of chunks that sit at their homes costs one
-round trip; only the keys the guess missed go through `locate`.
+else the members of the key's preference list (`mesh_replicas` of them: the home first), with
+the holder its directory names in place of this member, and members just found silent last
+(`meshkv.node.hedging`). A get first fetches straight from those guesses, so a load of chunks
+that sit at their homes costs one round trip; only the keys the guess missed go through
+`locate`.
 
-`locate` answers "who holds each of these keys?" for a prefix chain: keys homed here are
-answered from the local store and directory with no round trip; the rest are asked of their
-homes, all homes at once (one round trip). A miss at a home that changed with the last
+`locate` answers "who holds each of these keys?" for a prefix chain: keys held here are
+answered with no round trip; the rest are asked of their preference lists, all groups at once
+(one round trip when the first members answer). A miss at a home that changed with the last
 membership change falls back once to the previous epoch's home.
 
-`fetch` then moves the located chunks into local slots: each holder's run of consecutive keys
-goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all in
-parallel; each chunk is checked against its checksum before it is committed
+`fetch` then moves the located chunks into local slots: each run of keys with the same
+candidates goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all
+in parallel; each chunk is checked against its checksum before it is committed
 (`meshkv.node.arrivals`), so a corrupted or torn chunk is a miss, never loaded. Fetched chunks
 stay here as local copies (a repeat of the prompt on this engine is local).
 
-Both stop at the first miss: only the leading run of keys is useful to vLLM.
+Every lookup and get is hedged (`meshkv.node.hedged_calls`): a member silent for the hedge
+delay has the next candidate asked as well, so a frozen or dead holder costs one hedge delay,
+not the deadline. Both stop at the first miss: only the leading run of keys is useful to vLLM.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.node.arrivals import Arrivals, Piece
+from meshkv.node.hedged_calls import HedgeState, call_hedged
 from meshkv.node.membership import Membership
 from meshkv.ring.hashring import HashRing
 from meshkv.store import ChunkStore
@@ -51,27 +55,45 @@ class Located:
     fallbacks: int  # keys found only through the previous epoch's home (to repair)
 
 
-def presume(
-    keys: Sequence[bytes], *, membership: Membership, store: ChunkStore, directory: HolderDirectory
-) -> list[str]:
-    """The likely holder of each leading key (see the module docstring); stops at the first key
-    with none (homed here, not held here, no live holder known)."""
-    me = membership.me.name
-    ring = membership.ring().current
-    homes = ring.homes_of(keys) if ring.members else [me] * len(keys)
-    local = store.held_among(keys)
-    guesses: list[str] = []
-    for key, home in zip(keys, homes, strict=True):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Readers:
+    """What every step of a read shares: who we are, what we know, how we hedge."""
+
+    membership: Membership
+    store: ChunkStore
+    directory: HolderDirectory
+    hedge: HedgeState
+    replicas: int  # copies on each key's preference list (`mesh_replicas`)
+
+
+def presume(keys: Sequence[bytes], readers: Readers) -> list[list[str]]:
+    """The likely holders of each leading key, best first (see the module docstring); stops
+    at the first key with none (not held here, no live holder known)."""
+    me = readers.membership.me.name
+    ring = readers.membership.ring().current
+    local = readers.store.held_among(keys)
+    lists = ring.preference_lists_of(keys, readers.replicas) if ring.members else None
+    guesses: list[list[str]] = []
+    for index, key in enumerate(keys):
         if key in local:
-            guesses.append(me)
+            guesses.append([me])
             continue
-        if home == me:
-            holder = directory.holder_of(key)
-            if holder is None or not membership.is_alive(holder):
-                break
-            home = holder
-        guesses.append(home)
+        names = _others(key, lists[index] if lists else [me], readers)
+        if not names:
+            break
+        guesses.append(names)
     return guesses
+
+
+def _others(key: bytes, names: Sequence[str], readers: Readers) -> list[str]:
+    """``names`` without this member (which lacks ``key``): in its place the live holder its
+    directory names, if any; the avoided ones last."""
+    me, membership = readers.membership.me.name, readers.membership
+    if me in names:
+        holder = readers.directory.holder_of(key)
+        pointed = [holder] if holder is not None and membership.is_alive(holder) else []
+        names = [*pointed, *(n for n in names if n not in (me, holder))]
+    return readers.hedge.order(names)
 
 
 def locate(
@@ -82,29 +104,42 @@ def locate(
     directory: HolderDirectory,
     client: RequestClient,
     deadline_s: float,
+    hedge: HedgeState | None = None,
+    replicas: int = 1,
 ) -> Located:
     """Holders of the leading ``keys`` (stops at the first key nobody is known to hold).
 
     Keys held here are answered as held here, wherever their home is: a local copy never
-    costs a round trip and is never fetched again.
+    costs a round trip and is never fetched again. The rest are asked of the first members
+    of their preference lists (``replicas`` + 1 of them: the one past the replicas holds the
+    producer's pointer), hedged to the next one when a member is silent (``hedge``: the
+    member's hedging state; None starts afresh).
     """
-    me = membership.me.name
-    answers = dict.fromkeys(store.held_among(keys), me)
+    readers = Readers(membership=membership, store=store, directory=directory,
+                      hedge=hedge or HedgeState(DEFAULT_CONFIG), replicas=replicas)  # fmt: skip
+    return locate_for(keys, readers, client=client, deadline_s=deadline_s)
+
+
+def locate_for(
+    keys: Sequence[bytes], readers: Readers, *, client: RequestClient, deadline_s: float
+) -> Located:
+    """`locate` for a member's reader."""
+    me = readers.membership.me.name
+    answers = dict.fromkeys(readers.store.held_among(keys), me)
     remote = [key for key in keys if key not in answers]
-    view = membership.ring()
-    ask = functools.partial(
-        _ask_homes, me=me, membership=membership, directory=directory, client=client
-    )
+    view = readers.membership.ring()
     current, previous = view.current, view.previous
     if remote and current.members:
-        answers.update(ask(remote, current, deadline_s=deadline_s))
+        lists = current.preference_lists_of(remote, readers.replicas + 1)
+        answers.update(_ask(remote, lists, readers, client=client, deadline_s=deadline_s))
     holders: list[str] = []
     fallbacks = 0
     for index, key in enumerate(keys):
         holder = answers.get(key)
-        if holder is None and _home_moved(key, previous, current):
+        if holder is None and previous is not None and _home_moved(key, previous, current):
             later = [k for k in keys[index:] if k not in answers]
-            answers.update(ask(later, previous, deadline_s=deadline_s))
+            homes = [[home] for home in previous.homes_of(later)]
+            answers.update(_ask(later, homes, readers, client=client, deadline_s=deadline_s))
             holder = answers.get(key)
             fallbacks += holder is not None
         if holder is None:
@@ -120,51 +155,56 @@ def _home_moved(key: bytes, previous: HashRing | None, current: HashRing) -> boo
     return not current.members or previous.home(key) != current.home(key)
 
 
-def _ask_homes(
+def _ask(
     keys: list[bytes],
-    ring: HashRing,
+    lists: Sequence[Sequence[str]],
+    readers: Readers,
     *,
-    me: str,
-    membership: Membership,
-    directory: HolderDirectory,
     client: RequestClient,
     deadline_s: float,
 ) -> dict[bytes, str]:
-    """One round trip to every home of ``keys`` in ``ring`` (none for keys homed here)."""
+    """Asks who holds ``keys``: one lookup per group of keys with the same candidates (the
+    members of ``lists``, this member answering from its directory), hedged; one round trip
+    when the first candidates answer."""
+    membership = readers.membership
     answers: dict[bytes, str] = {}
-    by_home: dict[str, list[bytes]] = {}
-    for key, home in zip(keys, ring.homes_of(keys), strict=True):
-        if home == me:
-            holder = directory.holder_of(key)
+    groups: dict[tuple[str, ...], list[bytes]] = {}
+    for key, names in zip(keys, lists, strict=True):
+        if names and names[0] == membership.me.name:
+            holder = readers.directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
                 answers[key] = holder
-        else:
-            by_home.setdefault(home, []).append(key)
-    asked: list[str] = []
-    requests: list[tuple[str, m.Message]] = []
+                continue
+        others = tuple(_others(key, [n for n in names if n != membership.me.name], readers))
+        if others:
+            groups.setdefault(others, []).append(key)
+    tasks = list(groups.values())
     epoch = membership.ring().epoch
-    for home, home_keys in by_home.items():
-        peer = membership.peer(home)
-        if peer is not None:
-            asked.append(home)
-            requests.append(
-                (peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=home_keys))
-            )
-    for home, (_, lookup), reply in zip(
-        asked, requests, client.call_many(requests, deadline_s), strict=True
-    ):
-        if isinstance(reply, m.LookupReply):
-            answers.update(zip(lookup.keys, reply.holders(home), strict=False))
+
+    def request(task: int, holder: str) -> tuple[str, m.Message] | None:
+        peer = membership.peer(holder)
+        if peer is None:
+            return None
+        return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=tasks[task])
+
+    def on_reply(task: int, holder: str, reply: m.Message) -> bool:
+        if not isinstance(reply, m.LookupReply):
+            return False
+        for key, found in zip(tasks[task], reply.holders(holder), strict=False):
+            answers.setdefault(key, found)
+        return True
+
+    call_hedged(client, list(groups), request=request, on_reply=on_reply,
+                state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
     return answers
 
 
 def fetch(
     keys: Sequence[bytes],
-    holders: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    readers: Readers,
     *,
     chunk_bytes: int,
-    membership: Membership,
-    store: ChunkStore,
     client: RequestClient,
     handshake: Callable[[str, float], bool],
     reply_max: int | None,
@@ -174,46 +214,59 @@ def fetch(
 ) -> set[int]:
     """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
 
-    ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
-    ``reply_max`` None the holder WRITEs the bytes into the slots reserved here (NIXL); else it
-    sends them inline in its replies, of ``reply_max`` bytes at most (tcp channel). Each run of
-    one holder's chunks goes as the requests `plan` gives, all sent at once; `Arrivals` checks
-    and commits what lands.
+    ``candidates[i]`` are the members that may hold ``keys[i]``, best first; a list naming
+    this member alone means the chunk is already local. With ``reply_max`` None the holder
+    WRITEs the bytes into the slots reserved here (NIXL); else it sends them inline in its
+    replies, of ``reply_max`` bytes at most (tcp channel). Each run of keys with the same
+    candidates goes as the requests `plan` gives, all sent at once to the first candidate and
+    hedged to the next (`call_hedged`); `Arrivals` checks and commits what lands.
     """
-    me = membership.me.name
-    arrivals = Arrivals(keys, holders, store, owner)
-    requests: list[tuple[str, m.Get]] = []
+    me = readers.membership.me.name
+    firsts = [names[0] for names in candidates]
+    arrivals = Arrivals(keys, firsts, readers.store, owner)
     pieces: list[Piece] = []
-    epoch = membership.ring().epoch
-    for start, end in _runs(holders, me):
-        peer = membership.peer(holders[start])
-        if peer is None or not handshake(holders[start], deadline_s):
-            break
+    piece_candidates: list[Sequence[str]] = []
+    for start, end in _runs(candidates, me):
         planned = plan(start, end, chunk_bytes, reply_max, config=config)
         covered = planned[-1].end if planned else start
         reserved = arrivals.reserve(start, covered, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
-        budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
         if reserved < covered:
             planned = plan(start, reserved, chunk_bytes, reply_max, config=config)
-        for piece in planned:
-            dest = arrivals.expect(piece)
-            get = m.Get(
-                req=client.next_id(),
-                epoch=epoch,
-                sender=me,
-                keys=list(keys[piece.start : piece.end]),
-                dest=[] if reply_max is not None else dest,
-                budget_ms=budget_ms,
-                sent_ms=m.wall_clock_ms(),
-                offset=piece.offset,
-                nbytes=piece.nbytes,
-            )
-            requests.append((peer.data_address, get))
-            pieces.append(piece)
+        pieces.extend(planned)
+        piece_candidates.extend([candidates[start]] * len(planned))
         if reserved < end:  # no room, or too much for one reply: the leading run ends here
             break
-    for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
-        arrivals.answered(pieces[index], reply)
+    epoch = readers.membership.ring().epoch
+    asked: dict[tuple[int, str], Piece] = {}  # (task, holder) -> the piece that holder was asked
+
+    def request(task: int, holder: str) -> tuple[str, m.Message] | None:
+        peer = readers.membership.peer(holder)
+        piece = arrivals.pending_from(pieces[task])
+        if peer is None or piece is None:
+            return None
+        if not handshake(holder, min(deadline_s, time.monotonic() + readers.hedge.delay_s())):
+            readers.hedge.avoid(holder)  # it did not greet us in time: it is as good as silent
+            return None
+        asked[task, holder] = piece
+        dest = arrivals.expect(piece)
+        get = m.Get(
+            req=client.next_id(),
+            epoch=epoch,
+            sender=me,
+            keys=list(keys[piece.start : piece.end]),
+            dest=[] if reply_max is not None else dest,
+            budget_ms=max(1, int((deadline_s - time.monotonic()) * 1000)),
+            sent_ms=m.wall_clock_ms(),
+            offset=piece.offset,
+            nbytes=piece.nbytes,
+        )
+        return peer.data_address, get
+
+    def on_reply(task: int, holder: str, reply: m.Message) -> bool:
+        return arrivals.answered(asked[task, holder], reply)
+
+    call_hedged(client, piece_candidates, request=request, on_reply=on_reply,
+                state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
     return arrivals.finish()
 
 
@@ -270,13 +323,13 @@ def _pieces(start: int, end: int, chunk_bytes: int, size: int) -> list[Piece]:
     ]
 
 
-def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of consecutive keys with the same remote holder."""
+def _runs(candidates: Sequence[Sequence[str]], me: str) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of consecutive remote keys with the same candidates."""
     runs: list[tuple[int, int]] = []
     start = 0
-    for i in range(1, len(holders) + 1):
-        if i == len(holders) or holders[i] != holders[start]:
-            if holders[start] != me:
+    for i in range(1, len(candidates) + 1):
+        if i == len(candidates) or list(candidates[i]) != list(candidates[start]):
+            if list(candidates[start]) != [me]:
                 runs.append((start, i))
             start = i
     return runs

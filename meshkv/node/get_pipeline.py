@@ -1,9 +1,11 @@
 """A member's get, step by step: presume → fetch → locate → refetch → pin → verify → repair.
 
-1. presume: guess each leading key's holder with no round trip (`meshkv.node.fetch.presume`);
-2. fetch straight from those guesses (one round trip when chunks sit at their homes);
-3. locate: if the guesses missed, ask the homes (and, after a membership change, the previous
-   homes) who holds the rest;
+1. presume: guess each leading key's holders with no round trip (`meshkv.node.fetch.presume`:
+   its replicas, the members just found silent last);
+2. fetch straight from those guesses (one round trip when chunks sit at their homes), hedged
+   to the next replica when a holder is silent for the hedge delay;
+3. locate: if the guesses missed, ask the preference lists (and, after a membership change,
+   the previous homes) who holds the rest;
 4. refetch from the located holders, unless the first one is the holder just asked (asking it
    again would refetch a chunk that failed its checksum);
 5. pin the leading chunks now here, local copies and fetched ones, for the caller's lease;
@@ -31,7 +33,8 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
 from meshkv.metrics import NodeMetrics
-from meshkv.node.fetch import fetch, locate, presume
+from meshkv.node.fetch import Readers, fetch, locate_for, presume
+from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.membership import Membership
 from meshkv.store import ChunkStore, Slot
 
@@ -89,10 +92,15 @@ class GetPipeline:
         repair: Callable[[list[bytes]], None],
         metrics: NodeMetrics,
         config: DataPlaneConfig,
+        replicas: int = 1,
+        hedge: HedgeState | None = None,
     ) -> None:
         self._membership = membership
         self._store = store
-        self._directory = directory
+        self.hedge = hedge or HedgeState(config)
+        """Round trips seen and members avoided (gossip clears a member that is back)."""
+        self._readers = Readers(membership=membership, store=store, directory=directory,
+                                hedge=self.hedge, replicas=replicas)  # fmt: skip
         self._greeter = greeter
         self._reply_max_bytes = reply_max_bytes
         self._repair = repair
@@ -106,14 +114,7 @@ class GetPipeline:
 
     def count_held(self, keys: list[bytes], client: RequestClient, deadline_s: float) -> int:
         """How many leading ``keys`` some live member holds (a lookup: no bytes move)."""
-        located = locate(
-            keys,
-            membership=self._membership,
-            store=self._store,
-            directory=self._directory,
-            client=client,
-            deadline_s=deadline_s,
-        )
+        located = locate_for(keys, self._readers, client=client, deadline_s=deadline_s)
         return len(located.holders)
 
     def get(
@@ -127,24 +128,18 @@ class GetPipeline:
         verify: bool,
     ) -> ChunkLease:
         """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
-        guesses = presume(keys, membership=self._membership, store=self._store,
-                          directory=self._directory)  # fmt: skip
+        guesses = presume(keys, self._readers)
         fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
         held = self._leading_held(keys, guesses, fetched)
         fallbacks = 0
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
-            located = locate(
-                keys[held:],
-                membership=self._membership,
-                store=self._store,
-                directory=self._directory,
-                client=client,
-                deadline_s=deadline_s,
-            )
+            located = locate_for(keys[held:], self._readers, client=client, deadline_s=deadline_s)
             fallbacks = located.fallbacks
-            retry = located.holders[:1] != guesses[held : held + 1]  # not the holder just asked
+            asked = guesses[held][:1] if held < len(guesses) else []
+            retry = located.holders[:1] != asked  # not the holder just asked
             if retry:  # (asking it again would refetch a chunk that failed its checksum)
-                fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
+                holders = [[holder] for holder in located.holders]
+                fetched |= self._fetch(keys, holders, held, chunk_bytes, client, owner,
                                        deadline_s)  # fmt: skip
         slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s + self.config.lease_hold_s)
         if verify:
@@ -157,22 +152,21 @@ class GetPipeline:
     def _fetch(
         self,
         keys: Sequence[bytes],
-        holders: Sequence[str],
+        candidates: Sequence[Sequence[str]],
         start: int,
         chunk_bytes: int,
         client: RequestClient,
         owner: str,
         deadline_s: float,
     ) -> set[int]:
-        """Fetches keys[start + i] from holders[i]; the indexes (into ``keys``) committed."""
-        if all(holder == self._me for holder in holders):
+        """Fetches keys[start + i] from candidates[i]; the indexes (into ``keys``) committed."""
+        if all(list(names) == [self._me] for names in candidates):
             return set()
         fetched = fetch(
-            keys[start : start + len(holders)],
-            holders,
+            keys[start : start + len(candidates)],
+            candidates,
+            self._readers,
             chunk_bytes=chunk_bytes,
-            membership=self._membership,
-            store=self._store,
             client=client,
             handshake=lambda peer, d: self._greet(client, peer, d),
             reply_max=self._reply_max_bytes,
@@ -189,10 +183,12 @@ class GetPipeline:
         return self._greeter.ensure(client, peer=peer_name, peer_nonce=peer.nonce,
                                     address=peer.data_address, deadline_s=deadline_s)  # fmt: skip
 
-    def _leading_held(self, keys: Sequence[bytes], guesses: list[str], fetched: set[int]) -> int:
+    def _leading_held(
+        self, keys: Sequence[bytes], guesses: list[list[str]], fetched: set[int]
+    ) -> int:
         """How many leading keys are here now: local copies and chunks just fetched."""
         for i in range(len(keys)):
-            if i not in fetched and not (i < len(guesses) and guesses[i] == self._me):
+            if i not in fetched and not (i < len(guesses) and guesses[i] == [self._me]):
                 return i
         return len(keys)
 

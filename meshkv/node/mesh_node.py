@@ -46,7 +46,7 @@ from meshkv.dataplane.handshake import Greeter
 from meshkv.dataplane.server import DataServer, bind_router
 from meshkv.dataplane.service import DataService
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.events import MemberEvent
+from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
 from meshkv.node.chunk_count_advert import ChunkCountAdvert
@@ -184,6 +184,7 @@ class MeshNode:
             repair=self.pusher.submit,
             metrics=self.metrics,
             config=tuning,
+            replicas=config.mesh_replicas,
         )
         self.gossip.subscribe(self._on_member_event)
         self._admin_port = ports.admin
@@ -374,9 +375,12 @@ class MeshNode:
         A peer that died, left or restarted loses its transfer state, so nothing waits on it.
         Pointers to it are kept if it merely died (it may be frozen, and come back holding
         everything; lookups skip holders that are not alive), dropped if it left or restarted.
-        A member that joined is told which chunks held here it is now home for.
+        A member that joined is told which chunks held here it is now home for. A member alive
+        again (or back with a new boot) is no longer avoided by hedged reads.
         """
         change = self.membership.on_event(event)
+        if event.kind in (EventKind.ALIVE, EventKind.JOINED):
+            self.gets.hedge.clear(event.member.name)
         if change.gone is not None:
             self._greeter.forget(change.gone)
             self.server.forget_peer(change.gone)
