@@ -26,13 +26,14 @@ not the deadline. Both stop at the first miss: only the leading run of keys is u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
+from meshkv.dataplane.handshake import Greeter
 from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.hedged_calls import HedgeState, call_hedged
 from meshkv.node.membership import Membership
@@ -52,7 +53,16 @@ class Located:
     """The leading keys that some member holds, and who (this member's name for local ones)."""
 
     holders: list[str]
-    fallbacks: int  # keys found only through the previous epoch's home (to repair)
+    fallbacks: list[int]  # indexes of keys found only through the previous epoch's home
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What one `fetch` did, by index into its ``keys``."""
+
+    committed: set[int]  # chunks now here, checked
+    asked: dict[int, set[str]]  # the holders sent a get for each chunk
+    home_lacked: set[int]  # chunks whose home (on the current ring) answered without them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,14 +75,21 @@ class Readers:
     hedge: HedgeState
     replicas: int  # copies on each key's preference list (`mesh_replicas`)
 
+    def pointer_host(self, key: bytes) -> str | None:
+        """The member after ``key``'s replicas: it holds a pointer to the producer's copy
+        (`meshkv.ring.placement`), not the bytes."""
+        names = self.membership.ring().current.preference_list(key, self.replicas + 1)
+        return names[self.replicas] if len(names) > self.replicas else None
+
 
 def presume(keys: Sequence[bytes], readers: Readers) -> list[list[str]]:
-    """The likely holders of each leading key, best first (see the module docstring); stops
-    at the first key with none (not held here, no live holder known)."""
+    """The likely holders of each leading key, best first (see the module docstring), its
+    pointer host last but before avoided members; stops at the first key with none (not
+    held here, no live holder known)."""
     me = readers.membership.me.name
     ring = readers.membership.ring().current
     local = readers.store.held_among(keys)
-    lists = ring.preference_lists_of(keys, readers.replicas) if ring.members else None
+    lists = ring.preference_lists_of(keys, readers.replicas + 1) if ring.members else None
     guesses: list[list[str]] = []
     for index, key in enumerate(keys):
         if key in local:
@@ -133,7 +150,7 @@ def locate_for(
         lists = current.preference_lists_of(remote, readers.replicas + 1)
         answers.update(_ask(remote, lists, readers, client=client, deadline_s=deadline_s))
     holders: list[str] = []
-    fallbacks = 0
+    fallbacks: list[int] = []
     for index, key in enumerate(keys):
         holder = answers.get(key)
         if holder is None and previous is not None and _home_moved(key, previous, current):
@@ -141,7 +158,8 @@ def locate_for(
             homes = [[home] for home in previous.homes_of(later)]
             answers.update(_ask(later, homes, readers, client=client, deadline_s=deadline_s))
             holder = answers.get(key)
-            fallbacks += holder is not None
+            if holder is not None:
+                fallbacks.append(index)
         if holder is None:
             break
         holders.append(holder)
@@ -167,18 +185,20 @@ def _ask(
     members of ``lists``, this member answering from its directory), hedged; one round trip
     when the first candidates answer."""
     membership = readers.membership
+    me = membership.me.name
     answers: dict[bytes, str] = {}
-    groups: dict[tuple[str, ...], list[bytes]] = {}
+    groups: dict[tuple[str, ...], list[bytes]] = {}  # (first in ring order, *asked in order)
     for key, names in zip(keys, lists, strict=True):
-        if names and names[0] == membership.me.name:
+        if names and names[0] == me:
             holder = readers.directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
                 answers[key] = holder
                 continue
-        others = tuple(_others(key, [n for n in names if n != membership.me.name], readers))
+        others = [n for n in names if n != me]
         if others:
-            groups.setdefault(others, []).append(key)
+            groups.setdefault((others[0], *_others(key, others, readers)), []).append(key)
     tasks = list(groups.values())
+    firsts = [group[0] for group in groups]
     epoch = membership.ring().epoch
 
     def request(task: int, holder: str) -> tuple[str, m.Message] | None:
@@ -188,13 +208,17 @@ def _ask(
         return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=tasks[task])
 
     def on_reply(task: int, holder: str, reply: m.Message) -> bool:
+        """Settled by a full answer, or by the first member in ring order (the authority: a
+        replica asked first because that one was avoided may lack what it has)."""
         if not isinstance(reply, m.LookupReply):
             return False
-        for key, found in zip(tasks[task], reply.holders(holder), strict=False):
-            answers.setdefault(key, found)
-        return True
+        found = reply.holders(holder)
+        for key, at in zip(tasks[task], found, strict=False):
+            answers.setdefault(key, at)
+        return len(found) >= len(tasks[task]) or holder == firsts[task]
 
-    call_hedged(client, list(groups), request=request, on_reply=on_reply,
+    asked = [list(group[1:]) for group in groups]
+    call_hedged(client, asked, request=request, on_reply=on_reply,
                 state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
     return answers
 
@@ -206,13 +230,13 @@ def fetch(
     *,
     chunk_bytes: int,
     client: RequestClient,
-    handshake: Callable[[str, float], bool],
+    greeter: Greeter,
     reply_max: int | None,
     owner: str,
     deadline_s: float,
     config: DataPlaneConfig = DEFAULT_CONFIG,
-) -> set[int]:
-    """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
+) -> Fetched:
+    """Copies remote chunks into local slots; returns what it committed and whom it asked.
 
     ``candidates[i]`` are the members that may hold ``keys[i]``, best first; a list naming
     this member alone means the chunk is already local. With ``reply_max`` None the holder
@@ -238,16 +262,26 @@ def fetch(
             break
     epoch = readers.membership.ring().epoch
     asked: dict[tuple[int, str], Piece] = {}  # (task, holder) -> the piece that holder was asked
+    pointer_hosts = [readers.pointer_host(keys[piece.start]) for piece in pieces]
+    looked_up: set[tuple[int, str]] = set()  # (task, pointer host) asked for its pointers
+    sent_to: dict[int, set[str]] = {}
+    home_lacked: set[int] = set()
+    homes = readers.membership.ring().current.homes_of([keys[p.start] for p in pieces])
 
     def request(task: int, holder: str) -> tuple[str, m.Message] | None:
         peer = readers.membership.peer(holder)
         piece = arrivals.pending_from(pieces[task])
         if peer is None or piece is None:
             return None
-        if not handshake(holder, min(deadline_s, time.monotonic() + readers.hedge.delay_s())):
-            readers.hedge.avoid(holder)  # it did not greet us in time: it is as good as silent
-            return None
+        if holder == pointer_hosts[task] and (task, holder) not in looked_up:
+            looked_up.add((task, holder))  # a pointer, not bytes: ask where the chunks are
+            piece_keys = list(keys[piece.start : piece.end])
+            return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=piece_keys)
+        if not greeter.has_greeted(holder, peer.nonce):  # greet first, hedged like a get
+            return peer.data_address, greeter.hello(client.next_id())
         asked[task, holder] = piece
+        for i in range(piece.start, piece.end):
+            sent_to.setdefault(i, set()).add(holder)
         dest = arrivals.expect(piece)
         get = m.Get(
             req=client.next_id(),
@@ -262,12 +296,23 @@ def fetch(
         )
         return peer.data_address, get
 
-    def on_reply(task: int, holder: str, reply: m.Message) -> bool:
-        return arrivals.answered(asked[task, holder], reply)
+    def on_reply(task: int, holder: str, reply: m.Message) -> bool | str:
+        if isinstance(reply, m.LookupReply):  # from a pointer host: ask whom it points at
+            found = reply.holders(holder)[:1]
+            return found[0] if found and found[0] != me else False
+        if isinstance(reply, m.HelloReply):  # greeted: now ask it for the chunks
+            peer = readers.membership.peer(holder)
+            greeted = peer is not None and greeter.accept(holder, peer.nonce, reply)
+            return holder if greeted else False
+        piece = asked[task, holder]
+        whole = arrivals.answered(piece, reply)
+        if not whole and holder == homes[task] and isinstance(reply, m.GetReply):
+            home_lacked.update(range(piece.start + len(reply.checksums), piece.end))
+        return whole
 
     call_hedged(client, piece_candidates, request=request, on_reply=on_reply,
                 state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
-    return arrivals.finish()
+    return Fetched(arrivals.finish(), sent_to, home_lacked)
 
 
 def plan(

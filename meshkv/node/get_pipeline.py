@@ -6,11 +6,12 @@
    to the next replica when a holder is silent for the hedge delay;
 3. locate: if the guesses missed, ask the preference lists (and, after a membership change,
    the previous homes) who holds the rest;
-4. refetch from the located holders, unless the first one is the holder just asked (asking it
-   again would refetch a chunk that failed its checksum);
+4. refetch from the located holders, unless the first one was sent a get for that chunk
+   already (asking it again would refetch a chunk that failed its checksum);
 5. pin the leading chunks now here, local copies and fetched ones, for the caller's lease;
 6. verify the local ones against their checksums (fetched ones were checked on arrival);
-7. repair: chunks found only at a previous home are pushed to their new homes.
+7. repair: chunks found away from their home (at a previous home, or at another replica or
+   the producer after the home answered without them) are pushed to their homes.
 
 Every step is bounded by the caller's deadline and every failure is fewer leading chunks: a
 miss, never an exception, never wrong bytes.
@@ -33,7 +34,7 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
 from meshkv.metrics import NodeMetrics
-from meshkv.node.fetch import Readers, fetch, locate_for, presume
+from meshkv.node.fetch import Fetched, Readers, fetch, locate_for, presume
 from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.membership import Membership
 from meshkv.store import ChunkStore, Slot
@@ -129,24 +130,24 @@ class GetPipeline:
     ) -> ChunkLease:
         """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
         guesses = presume(keys, self._readers)
-        fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        first = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        fetched, stray = first.committed, set(first.home_lacked)
         held = self._leading_held(keys, guesses, fetched)
-        fallbacks = 0
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
             located = locate_for(keys[held:], self._readers, client=client, deadline_s=deadline_s)
-            fallbacks = located.fallbacks
-            asked = guesses[held][:1] if held < len(guesses) else []
-            retry = located.holders[:1] != asked  # not the holder just asked
-            if retry:  # (asking it again would refetch a chunk that failed its checksum)
+            stray.update(held + i for i in located.fallbacks)
+            asked = first.asked.get(held, set())
+            if located.holders[:1] and located.holders[0] not in asked:
+                # (asking it again would refetch a chunk that failed its checksum there)
                 holders = [[holder] for holder in located.holders]
                 fetched |= self._fetch(keys, holders, held, chunk_bytes, client, owner,
-                                       deadline_s)  # fmt: skip
+                                       deadline_s).committed  # fmt: skip
         slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s + self.config.lease_hold_s)
         if verify:
             slots = self._verified(slots, fetched, owner)
         self._count(keys, slots, fetched)
-        if fallbacks:
-            self._repair([s.key for s in slots])  # read repair at the new homes
+        if stray & fetched:  # read repair: found away from their homes, pushed there now
+            self._repair([keys[i] for i in sorted(stray & fetched)])
         return ChunkLease([self._store.view(s) for s in slots], self._store, slots, owner)
 
     def _fetch(
@@ -158,30 +159,27 @@ class GetPipeline:
         client: RequestClient,
         owner: str,
         deadline_s: float,
-    ) -> set[int]:
-        """Fetches keys[start + i] from candidates[i]; the indexes (into ``keys``) committed."""
+    ) -> Fetched:
+        """Fetches keys[start + i] from candidates[i] (`Fetched` indexes are into ``keys``)."""
         if all(list(names) == [self._me] for names in candidates):
-            return set()
+            return Fetched(set(), {}, set())
         fetched = fetch(
             keys[start : start + len(candidates)],
             candidates,
             self._readers,
             chunk_bytes=chunk_bytes,
             client=client,
-            handshake=lambda peer, d: self._greet(client, peer, d),
+            greeter=self._greeter,
             reply_max=self._reply_max_bytes,
             owner=owner,
             deadline_s=deadline_s,
             config=self.config,
         )
-        return {start + i for i in fetched}
-
-    def _greet(self, client: RequestClient, peer_name: str, deadline_s: float) -> bool:
-        peer = self._membership.peer(peer_name)
-        if peer is None:
-            return False
-        return self._greeter.ensure(client, peer=peer_name, peer_nonce=peer.nonce,
-                                    address=peer.data_address, deadline_s=deadline_s)  # fmt: skip
+        return Fetched(
+            {start + i for i in fetched.committed},
+            {start + i: names for i, names in fetched.asked.items()},
+            {start + i for i in fetched.home_lacked},
+        )
 
     def _leading_held(
         self, keys: Sequence[bytes], guesses: list[list[str]], fetched: set[int]

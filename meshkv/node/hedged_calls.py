@@ -6,7 +6,8 @@ candidate, then waits for replies; a holder with requests outstanding that has s
 the hedge delay (`meshkv.node.hedging`) is avoided and each of its unsettled tasks goes to the
 task's next candidate as well. Whichever reply settles a task first wins; later ones are still
 handed to ``on_reply`` only if the task is not settled yet. A task whose reply does not settle
-it (an error, a short answer) goes to its next candidate at once. Nothing waits past the
+it (an error, a short answer) goes to its next candidate at once, or to the holder the reply
+names (a greeted holder asked again, a holder a pointer names). Nothing waits past the
 deadline; what is unanswered then is simply unanswered (a miss).
 
 `HedgeState` is a member's shared hedging state (observed round trips and avoided members)
@@ -76,8 +77,9 @@ class _Attempt:
 
 Request = Callable[[int, str], tuple[str, m.Message] | None]
 """(task, holder) -> (address, request) to send, or None if that holder cannot be asked."""
-OnReply = Callable[[int, str, m.Message], bool]
-"""(task, holder, reply) -> True if the reply settles the task."""
+OnReply = Callable[[int, str, m.Message], bool | str]
+"""(task, holder, reply) -> True if the reply settles the task; False to ask its next
+candidate; a member's name to ask that member now (the same holder again, after a greeting)."""
 
 
 def call_hedged(
@@ -101,31 +103,33 @@ def call_hedged(
     outstanding: dict[str, set[int]] = {}  # per holder: its unanswered attempts
     silent: set[str] = set()  # holders that stayed silent past the hedge delay in this call
 
+    def ask(task: int, holder: str) -> bool:
+        if holder in silent:
+            return False
+        built = request(task, holder)
+        if built is None:
+            return False
+        address, message = built
+        if not client.send_only(address, message):
+            return False
+        now_s = clock()
+        waiting[message.req] = len(attempts)
+        attempts.append(_Attempt(task, holder, now_s))
+        if not outstanding.get(holder):
+            heard_s[holder] = now_s
+        outstanding.setdefault(holder, set()).add(len(attempts) - 1)
+        live[task] += 1
+        return True
+
     def ask_next(task: int) -> None:
-        names = candidates[task]
-        while tried[task] < len(names):
-            holder = names[tried[task]]
+        while tried[task] < len(candidates[task]):
             tried[task] += 1
-            if holder in silent:
-                continue
-            built = request(task, holder)
-            if built is None:
-                continue
-            address, message = built
-            if not client.send_only(address, message):
-                continue
-            now_s = clock()
-            waiting[message.req] = len(attempts)
-            attempts.append(_Attempt(task, holder, now_s))
-            if not outstanding.get(holder):
-                heard_s[holder] = now_s
-            outstanding.setdefault(holder, set()).add(len(attempts) - 1)
-            live[task] += 1
-            return
+            if ask(task, candidates[task][tried[task] - 1]):
+                return
 
     for task in range(len(candidates)):
         ask_next(task)
-    while waiting:
+    while waiting and not all(settled):  # (a silent holder's requests may stay unanswered)
         now_s = clock()
         if now_s >= deadline_s:
             break
@@ -142,11 +146,15 @@ def call_hedged(
             heard_s[holder] = now_s
             outstanding[holder].discard(index)
             live[task] -= 1
+            silent.discard(holder)  # it answered: slow, not gone
             state.clear(holder)
             if settled[task]:
                 continue
-            if on_reply(task, holder, reply):
+            verdict = on_reply(task, holder, reply)
+            if verdict is True:
                 settled[task] = True
+            elif isinstance(verdict, str) and ask(task, verdict):
+                continue
             elif live[task] == 0:
                 ask_next(task)
         now_s = clock()

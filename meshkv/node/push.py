@@ -8,6 +8,12 @@ commits with their checksums, which the home verifies before publishing.
 Under bandwidth pressure the queue fills; then the chunks are announced instead (``HELD_AT``:
 "ask me for these"), so the home still answers lookups for them and nothing waits. Every step
 has a deadline; a home that fails is simply skipped (its lookups miss; our copy stays).
+
+Placement (`meshkv.ring.placement`): each chunk goes to the first ``replicas`` members of its
+preference list, and the member after them gets a pointer to this member (a reader whose
+replicas are all silent finds our copy through it). When a member dies, the chunks it was a
+replica of are re-pushed to their new preference lists by their first surviving replica
+(`restore_after`), so placement stays at ``replicas`` copies through deaths.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.handshake import Greeter
 from meshkv.node.membership import Membership
+from meshkv.ring.placement import pointer_hosts, replica_targets, to_restore
 from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
@@ -45,6 +52,7 @@ class _Job:
     announce_only: bool
     leaving: bool = False  # place on the ring without this member (graceful leave)
     newcomer: str | None = None  # point out every chunk held here that this member is home for
+    gone: str | None = None  # restore the copies this dead member held (keys: empty)
 
 
 class Pusher:
@@ -109,6 +117,14 @@ class Pusher:
             time.sleep(HAND_OFF_POLL_S)
         return self.idle()
 
+    def restore_after(self, gone: str) -> None:
+        """A member died: re-push the chunks it was a replica of that this member is now the
+        first replica of (in the background; never blocks)."""
+        try:
+            self._jobs.put_nowait(_Job([], announce_only=False, gone=gone))
+        except queue.Full:
+            self.stats["restore_dropped"] += 1
+
     def point_out_to(self, newcomer: str) -> None:
         """Tells a member that just joined which chunks held here it is now home for
         (``HELD_AT`` pointers, no bytes), so its lookups find them at once."""
@@ -138,7 +154,10 @@ class Pusher:
                 try:
                     if job is None:
                         return
-                    self._push(client, job.keys, leaving=job.leaving)
+                    if job.gone is not None:
+                        self._restore(client, job.gone)
+                    else:
+                        self._push(client, job.keys, leaving=job.leaving)
                 except Exception:  # a failed push is a lost copy, never a dead pusher
                     log.exception("push failed")
                 finally:
@@ -151,22 +170,35 @@ class Pusher:
         ring = self._membership.ring().current
         if leaving and me in ring.members:
             ring = ring.without_member(me)
-        targets: dict[str, list[bytes]] = {}
-        for key in keys:
-            for member in ring.preference_list(key, self._replicas):
-                if member != me:
-                    targets.setdefault(member, []).append(key)
-        return targets
+        return replica_targets(ring, keys, self._replicas, me=me)
 
     def _announce(self, client: RequestClient, keys: list[bytes]) -> None:
+        self.stats["announced"] += self._point(client, self._targets(keys))
+
+    def _point(self, client: RequestClient, targets: dict[str, list[bytes]]) -> int:
+        """Tells each target that its keys are held here (``HELD_AT``, no reply); returns
+        how many keys were sent."""
+        me, epoch = self._membership.me.name, self._membership.ring().epoch
+        sent = 0
+        for name, keys in targets.items():
+            peer = self._membership.peer(name)
+            if peer is None:
+                continue
+            for start in range(0, len(keys), m.MAX_KEYS):
+                batch = keys[start : start + m.MAX_KEYS]
+                notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=batch, holder=me)
+                if client.send_only(peer.data_address, notice):
+                    sent += len(batch)
+        return sent
+
+    def _restore(self, client: RequestClient, gone: str) -> None:
         me = self._membership.me.name
-        epoch = self._membership.ring().epoch
-        for home, home_keys in self._targets(keys).items():
-            peer = self._membership.peer(home)
-            if peer is not None:
-                notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=home_keys, holder=me)
-                if client.send_only(peer.data_address, notice):  # HELD_AT has no reply
-                    self.stats["announced"] += len(home_keys)
+        ring = self._membership.ring().current
+        keys = to_restore(ring, gone, self._store.keys(), self._replicas, me=me)
+        if keys:
+            log.info("%s: restoring %d chunks %s held a copy of", me, len(keys), gone)
+            self.stats["restored"] += len(keys)
+            self._push(client, keys)
 
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
@@ -186,6 +218,10 @@ class Pusher:
                 self.stats["pointed_out"] += len(notice.keys)
 
     def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
+        if not leaving:  # a leaver's copy is about to go: no pointer to it
+            me, ring = self._membership.me.name, self._membership.ring().current
+            hosts = pointer_hosts(ring, keys, self._replicas, me=me)
+            self.stats["pointed"] += self._point(client, hosts)
         for home, home_keys in self._targets(keys, leaving=leaving).items():
             stored = 0
             for batch in _batches(home_keys, self._batch_keys(home_keys[0])):
