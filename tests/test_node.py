@@ -30,6 +30,7 @@ def make_config(channel: str, seeds: list[str], **extra: object) -> MeshConfig:
         "mesh_seeds": seeds,
         "mesh_gossip_profile": "test",
         "mesh_transfer_timeout_ms": 10000,  # generous: CI machines are small and busy
+        "mesh_replicas": 1,  # one copy at each home: these tests follow it (test_replicas: 2)
     }
     return MeshConfig(**{**settings, **extra})
 

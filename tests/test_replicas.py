@@ -182,3 +182,28 @@ def test_a_member_leaving_gracefully_hands_its_chunks_to_their_next_homes(
             assert count == PROMPT_CHUNKS, "a chunk was lost when its only holder left"
     finally:
         reader.stop(leave=False)
+
+
+def test_with_one_replica_a_frozen_home_falls_back_to_the_producers_pointer(
+    storage_1: list[Holder],
+) -> None:
+    storage, target = storage_1, storage_1[0]
+    ring = HashRing([m.name for m in storage] + ["producer/0", "reader/0"])
+    prompts = prompts_homed(ring, 10, first=target.name, replicas=2)  # pointer host: storage
+    producer = joined("producer", storage, replicas=1)  # it stays, and keeps its copies
+    reader = joined("reader", storage, replicas=1)
+    try:
+        for keys in prompts:
+            assert producer.put(keys, [content(k) for k in keys]) == len(keys)
+        wait_until("the producer's pushes done", producer.pusher.idle, 60)
+        assert producer.pusher.stats["pointed"] >= len(prompts) * PROMPT_CHUNKS
+        wait_until("one ring", lambda: set(reader.membership.ring().current.members)
+                   == set(ring.members), START_S)  # fmt: skip
+        target.signal(signal.SIGSTOP)
+        gets = [timed_get(reader, keys) for keys in prompts]
+    finally:
+        reader.stop(leave=False)
+        producer.stop(leave=False)
+    assert [count for count, _ in gets] == [PROMPT_CHUNKS] * len(prompts)
+    slowest_s = max(elapsed for _, elapsed in gets)
+    assert slowest_s <= DEADLINE_S / 2, f"a get took {slowest_s:.3f} s"
