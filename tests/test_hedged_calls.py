@@ -29,9 +29,10 @@ ANSWER_POLL_MS = 20
 class Holder:
     """A ROUTER on 127.0.0.1 that answers lookups (held: all) while ``answering``."""
 
-    def __init__(self, context: zmq.Context, *, answering: bool) -> None:
+    def __init__(self, context: zmq.Context, *, answering: bool, reply_after_s: float = 0) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.answering = answering
+        self.reply_after_s = reply_after_s  # a slow holder: it answers this late
         self.asked = 0
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -48,6 +49,7 @@ class Holder:
             lookup = m.decode(CODEC, frame)
             self.asked += 1
             if self.answering and isinstance(lookup, m.Lookup):
+                self._stop.wait(self.reply_after_s)
                 reply = m.LookupReply(req=lookup.req, epoch=lookup.epoch, held=len(lookup.keys))
                 self._socket.send_multipart([peer, *m.encode_frames(CODEC, reply)])
 
@@ -77,8 +79,11 @@ def lookups(
         answered.append(name)
         return isinstance(reply, m.LookupReply)
 
+    deadline_s = time.monotonic() + 5.0
     settled = call_hedged(client, [order], request=request, on_reply=on_reply, state=state,
-                          deadline_s=time.monotonic() + 5.0)  # fmt: skip
+                          deadline_s=deadline_s)  # fmt: skip
+    if all(settled):  # a silent holder's request still out does not keep a settled call
+        assert time.monotonic() < deadline_s
     return settled, answered
 
 
@@ -111,6 +116,22 @@ def test_a_reply_clears_an_avoided_holder(context: zmq.Context) -> None:
         assert settled == [True] and answered == ["slow"]
         assert not state.is_avoided("slow")
         assert len(client.stats) and client.stats["timeout"] == 0
+    finally:
+        client.close()
+        for holder in holders.values():
+            holder.close()
+
+
+def test_a_late_answer_from_the_last_holder_ends_the_call(context: zmq.Context) -> None:
+    slow_s = 4 * CONFIG.hedge_delay_initial_s  # silent past the hedge delay, then answers
+    holders = {
+        "frozen": Holder(context, answering=False),
+        "slow": Holder(context, answering=True, reply_after_s=slow_s),
+    }
+    client = RequestClient(context, CODEC)
+    try:  # both silent for a while: the slow one's answer must end the call at once
+        settled, answered = lookups(client, holders, ["frozen", "slow"], HedgeState(CONFIG))
+        assert settled == [True] and answered == ["slow"]
     finally:
         client.close()
         for holder in holders.values():

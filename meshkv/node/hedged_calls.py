@@ -139,6 +139,7 @@ def call_hedged(
         ]
         until_s = min([deadline_s, *overdue_s])
         for index, reply in client.answers(waiting, until_s):
+            sent = len(attempts)
             attempt = attempts[index]
             holder, task = attempt.holder, attempt.task
             now_s = clock()
@@ -153,10 +154,10 @@ def call_hedged(
             verdict = on_reply(task, holder, reply)
             if verdict is True:
                 settled[task] = True
-            elif isinstance(verdict, str) and ask(task, verdict):
-                continue
-            elif live[task] == 0:
+            elif not (isinstance(verdict, str) and ask(task, verdict)) and live[task] == 0:
                 ask_next(task)
+            if all(settled) or len(attempts) > sent:
+                break  # done, or a new request: its hedge time is due sooner than until_s
         now_s = clock()
         for holder, ids in list(outstanding.items()):
             if ids and holder not in silent and now_s >= heard_s[holder] + delay_s:
