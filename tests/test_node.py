@@ -224,8 +224,10 @@ def test_corrupted_chunk_is_never_returned(mesh: Mesh, caplog: pytest.LogCapture
             assert lease.count == 2, reader.name
             for key, view in zip(keys, lease.views, strict=False):
                 assert np.array_equal(view, chunk(key))
-    # c fetched the bad chunk once: its second round does not ask the same holder again
-    assert sum("failed its checksum" in r.getMessage() for r in caplog.records) == 1
+    # c fetched the bad chunk once from each holder it asked (a hedged get may ask a second
+    # one): its second round does not ask the same holder again
+    failed = [r.getMessage() for r in caplog.records if "failed its checksum" in r.getMessage()]
+    assert 1 <= len(failed) == len(set(failed)), failed
 
 
 def test_put_of_a_held_key_counts_and_reserve_refuses(mesh: Mesh) -> None:

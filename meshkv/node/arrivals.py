@@ -90,11 +90,11 @@ class Arrivals:
             self._chunks[i].outstanding += 1
         return [self._dest(i, piece.offset) for i in range(piece.start, piece.end)]
 
-    def answered(self, piece: Piece, reply: m.Message) -> bool:
+    def answered(self, piece: Piece, reply: m.Message, holder: str | None = None) -> bool:
         """Takes the reply to a request for ``piece`` (anything but a `GetReply` brings
         nothing); True if it brought every chunk (or the piece) it asked for. A reply covers
-        the leading chunks its holder had; with payloads (tcp channel) the bytes are copied
-        into the slots first."""
+        the leading chunks its holder had (``holder``: who answered, if not the one named at
+        construction); with payloads (tcp channel) the bytes are copied into the slots first."""
         written = reply.checksums if isinstance(reply, m.GetReply) else []
         payloads = reply.payloads if isinstance(reply, m.GetReply) else []
         whole = len(written) >= piece.end - piece.start
@@ -114,7 +114,7 @@ class Arrivals:
                     whole = False
                     continue
                 view[:] = memoryview(payloads[n])
-            self._land(i, chunk, piece.offset, view.nbytes, written[n])
+            self._land(i, chunk, piece.offset, view.nbytes, written[n], holder)
             whole = whole and not chunk.failed
         return whole
 
@@ -144,7 +144,9 @@ class Arrivals:
         region = self._chunks[i].slot.region
         return m.SlotRef(region.segment_id, region.offset + offset)
 
-    def _land(self, i: int, chunk: _Chunk, offset: int, nbytes: int, checksum: bytes) -> None:
+    def _land(
+        self, i: int, chunk: _Chunk, offset: int, nbytes: int, checksum: bytes, holder: str | None
+    ) -> None:
         if chunk.checksum is None:
             chunk.checksum = checksum
         elif chunk.checksum != checksum:
@@ -159,8 +161,8 @@ class Arrivals:
         if chunk.hashed < view.nbytes:
             return
         if chunk.hasher.digest() != chunk.checksum:
-            key, holder = self._keys[i].hex(), self._holders[i]
-            log.warning("chunk %s from %s failed its checksum", key, holder)
+            key = self._keys[i].hex()
+            log.warning("chunk %s from %s failed its checksum", key, holder or self._holders[i])
             chunk.failed = True
         elif self._store.commit(self._keys[i], chunk.checksum, owner=self._owner) is not None:
             chunk.committed = True

@@ -305,7 +305,7 @@ def fetch(
             greeted = peer is not None and greeter.accept(holder, peer.nonce, reply)
             return holder if greeted else False
         piece = asked[task, holder]
-        whole = arrivals.answered(piece, reply)
+        whole = arrivals.answered(piece, reply, holder)
         if not whole and holder == homes[task] and isinstance(reply, m.GetReply):
             home_lacked.update(range(piece.start + len(reply.checksums), piece.end))
         return whole
