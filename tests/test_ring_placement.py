@@ -58,5 +58,17 @@ def test_after_a_death_exactly_one_survivor_restores_each_copy_it_held(
         assert len(restorers.get(key, [])) == (1 if survived else 0)
 
 
-def test_nothing_to_restore_while_the_member_is_still_on_the_ring() -> None:
-    assert to_restore(HashRing(MEMBERS), "m1/0", KEYS, 2, me="m0/0") == []
+def test_a_restarted_member_gets_its_copies_back_from_the_first_other_replica() -> None:
+    ring = HashRing(MEMBERS)  # m1 is on it again, with a new and empty boot
+    restored: list[bytes] = []
+    for me in ring.members:
+        held = [k for k in KEYS if me in ring.preference_list(k, 2) and me != "m1/0"]
+        for key in to_restore(ring, "m1/0", held, 2, me=me):
+            names = ring.preference_list(key, 2)
+            assert "m1/0" in names and next(n for n in names if n != "m1/0") == me
+            restored.append(key)
+    assert sorted(restored) == sorted(k for k in KEYS if "m1/0" in ring.preference_list(k, 2))
+
+
+def test_nothing_to_restore_on_a_ring_of_the_lost_member_alone() -> None:
+    assert to_restore(HashRing(["m1/0"]), "m1/0", KEYS, 2, me="m0/0") == []

@@ -387,8 +387,8 @@ class MeshNode:
             if change.lost_state:
                 self.directory.forget_holder(change.gone)
             log.info("%s: peer %s is gone; its transfer state is dropped", self.name, change.gone)
-            if event.kind is EventKind.DEAD:  # a leaver handed its chunks off itself
-                self.pusher.restore_after(change.gone)
+            if event.kind is not EventKind.LEFT:  # died or restarted empty (a leaver hands
+                self.pusher.restore_after(change.gone)  # its chunks off itself)
         if change.joined is not None:
             self.pusher.point_out_to(change.joined)
 

@@ -13,7 +13,8 @@ Placement (`meshkv.ring.placement`): each chunk goes to the first ``replicas`` m
 preference list, and the member after them gets a pointer to this member (a reader whose
 replicas are all silent finds our copy through it). When a member dies, the chunks it was a
 replica of are re-pushed to their new preference lists by their first surviving replica
-(`restore_after`), so placement stays at ``replicas`` copies through deaths.
+(`restore_after`; likewise for a member back with a new, empty boot), so placement stays at
+``replicas`` copies through deaths and restarts.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ class Pusher:
         return self.idle()
 
     def restore_after(self, gone: str) -> None:
-        """A member died: re-push the chunks it was a replica of that this member is now the
-        first replica of (in the background; never blocks)."""
+        """A member died or restarted empty: re-push the chunks it was a replica of whose
+        first other replica is this member (in the background; never blocks)."""
         try:
             self._jobs.put_nowait(_Job([], announce_only=False, gone=gone))
         except queue.Full:

@@ -7,8 +7,10 @@ all silent can still find the producer's own copy (with r = 1 the only fallback 
 
 When a member dies, each chunk it held a copy of is re-pushed to its new preference list by
 exactly one member: the first survivor of its old list (it holds a copy). So the chunk is
-back at r copies without a flood of duplicate pushes. Joins need no pushes (a newcomer is
-pointed at the holders) and a graceful leaver pushes its own chunks before leaving.
+back at r copies without a flood of duplicate pushes. A member that restarted (a new boot,
+same name: still on the ring, but empty) gets its copies back the same way. Joins need no
+pushes (a newcomer is pointed at the holders) and a graceful leaver pushes its own chunks
+before leaving.
 
 This module knows rings and keys; not stores, sockets or gossip.
 """
@@ -51,11 +53,12 @@ def pointer_hosts(
 def to_restore(
     ring: HashRing, gone: str, keys: Sequence[bytes], replicas: int, *, me: str
 ) -> list[bytes]:
-    """Which of ``keys`` (held by ``me``) ``me`` must re-push now that ``gone`` has left
-    ``ring``: those ``gone`` was a replica of, whose first surviving replica is ``me``."""
-    if gone in ring.members or not ring.members:
+    """Which of ``keys`` (held by ``me``) ``me`` must re-push now that ``gone`` lost its
+    copies (it left ``ring``, or is on it again with a new, empty boot): those ``gone`` was a
+    replica of, whose first other replica is ``me``."""
+    if not ring.members or ring.members == (gone,):
         return []
-    before = ring.with_member(gone)
+    before = ring if gone in ring.members else ring.with_member(gone)
     restore: list[bytes] = []
     for key, names in zip(keys, before.preference_lists_of(keys, replicas), strict=True):
         if gone in names:
