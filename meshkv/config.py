@@ -148,8 +148,11 @@ class MeshConfig:
         "Ring points per member; more spreads load evenly at the cost of ring memory.", default=256
     )
     mesh_replicas: int = _doc(
-        "Copies of each chunk on the ring's preference list (the producer also keeps one).",
-        default=1,
+        "Copies of each chunk on the ring's preference list (the producer also keeps one). "
+        "With 2 (the default, right for 2-8 engines) a frozen or dead holder costs a reader "
+        "one hedge delay, not a miss, and a death is repaired from the surviving copy; 1 "
+        "halves the memory but then only the producer's own copy covers a sick home.",
+        default=2,
     )
     mesh_secret: str | None = _doc(
         "Shared secret (>= 16 chars); when set every frame is authenticated with HMAC-SHA256.",

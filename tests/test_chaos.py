@@ -97,6 +97,7 @@ def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_cal
     assert report["requests"]["get"] > 100 and report["requests"]["put"] > 50
     assert report["chunks"]["chunks_hit"] > 0, "no read ever found a chunk: nothing was tested"
     assert report["wrong_bytes"] == 0, report["wrong_examples"]
+    assert report["availability"]["ratio"] >= 0.99, report["availability"]  # mesh_replicas: 2
     assert report["deadline_overruns"] == 0, report["overrun_examples"]
     assert report["errors"] == 0, report["error_examples"]
     assert report["reconvergence_s"]["not_reconverged"] == 0, report["fault_log"]

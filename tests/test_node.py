@@ -30,6 +30,7 @@ def make_config(channel: str, seeds: list[str], **extra: object) -> MeshConfig:
         "mesh_seeds": seeds,
         "mesh_gossip_profile": "test",
         "mesh_transfer_timeout_ms": 10000,  # generous: CI machines are small and busy
+        "mesh_replicas": 1,  # one copy at each home: these tests follow it (test_replicas: 2)
     }
     return MeshConfig(**{**settings, **extra})
 
@@ -225,8 +226,10 @@ def test_corrupted_chunk_is_never_returned(mesh: Mesh, caplog: pytest.LogCapture
             assert lease.count == 2, reader.name
             for key, view in zip(keys, lease.views, strict=False):
                 assert np.array_equal(view, chunk(key))
-    # c fetched the bad chunk once: its second round does not ask the same holder again
-    assert sum("failed its checksum" in r.getMessage() for r in caplog.records) == 1
+    # c fetched the bad chunk once from each holder it asked (a hedged get may ask a second
+    # one): its second round does not ask the same holder again
+    failed = [r.getMessage() for r in caplog.records if "failed its checksum" in r.getMessage()]
+    assert 1 <= len(failed) == len(set(failed)), failed
 
 
 def test_put_of_a_held_key_counts_and_reserve_refuses(mesh: Mesh) -> None:

@@ -41,25 +41,34 @@ LANDED_POLL_S = 0.001  # how often to look for a get's first chunk: the fault mu
 class Holder:
     """A `meshkv join --capacity` process on fixed ports (so a restart comes back the same)."""
 
-    def __init__(self, tmp: Path, channel: str) -> None:
+    def __init__(
+        self, tmp: Path, channel: str, *, member_id: str = "holder", extra_yaml: str = ""
+    ) -> None:
+        self.member_id = member_id
         self.gossip_port, self.data_port = free_port(), free_port()
-        self.config = tmp / "holder.yaml"
+        self.config = tmp / f"{member_id}.yaml"
         self.config.write_text(
             f"transfer_channel: {channel}\np2p_host: 127.0.0.1\nmesh_gossip_profile: test\n"
+            + extra_yaml
         )
-        self.out = tmp / "holder.out"  # its stdout, every boot
+        self.out = tmp / f"{member_id}.out"  # its stdout, every boot
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gossip_port}"
 
+    @property
+    def name(self) -> str:
+        """Its member name on the ring."""
+        return f"{self.member_id}/0"
+
     def start(self) -> None:
         env = {**os.environ, "UCX_NET_DEVICES": "lo"}
         with self.out.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "meshkv", "join", "--config", str(self.config),
-                 "--id", "holder", "--port", str(self.gossip_port),
+                 "--id", self.member_id, "--port", str(self.gossip_port),
                  "--data-port", str(self.data_port), "--capacity", "0.25"],
                 env=env, stdout=out, stderr=subprocess.DEVNULL,
             )  # fmt: skip

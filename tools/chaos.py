@@ -14,6 +14,12 @@ by kind, wrong bytes (must be 0), calls past their deadline + 100 ms (must be 0)
 peak RSS against its byte budget + a fixed overhead, and the time to reconverge after each
 fault (from the fault's repair until every member and client lists the same live members).
 
+Next to that safety, availability: of the leading chunks some live member held when a get
+ended (the reader's own copies, the writer's store, and every member neither frozen nor down
+before and after the get, asked with a lookup), the share the get served. With
+``mesh_replicas: 2`` (``--replicas``, the default) it must be >= 99 %: a frozen or dead holder
+costs a hedge, not a miss.
+
     python tools/chaos.py --members 4 --duration 600 --seed 7 --out bench-results/chaos.json
 
 ``python tools/chaos.py client ...`` runs one client as a JSON-lines driver on stdin/stdout (the
@@ -53,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from meshkv.config import MeshConfig
 from meshkv.dataplane import messages as dm
+from meshkv.dataplane.client import RequestClient
 from meshkv.errors import TransportError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState
@@ -113,6 +120,8 @@ class Settings:
     profile: str = "local"
     secret: bool = True  # authenticate every frame (HMAC) during the run
     bad_input_rate_hz: float = 10.0  # malformed/unauthenticated/replayed frames sent per second
+    replicas: int = 2  # mesh_replicas of members and clients
+    availability_min: float = 0.99  # chunks served / chunks a live member held, at least
 
 
 # --- ground truth ---------------------------------------------------------------------------
@@ -368,10 +377,11 @@ class Member:
 
 def write_member_config(path: Path, *, channel: str, host: str | None, profile: str,
                         secret: str | None, timeout_ms: int,
-                        admin_port: int | None = None) -> None:  # fmt: skip
+                        admin_port: int | None = None, replicas: int = 1) -> None:  # fmt: skip
     """The members' YAML file (``host`` None: each member's ``--host`` gives it)."""
     lines = [f"transfer_channel: {channel}", f"mesh_gossip_profile: {profile}",
-             f"mesh_transfer_timeout_ms: {timeout_ms}", "enable_p2p: true"]  # fmt: skip
+             f"mesh_transfer_timeout_ms: {timeout_ms}", "enable_p2p: true",
+             f"mesh_replicas: {replicas}"]  # fmt: skip
     if host:
         lines.append(f"p2p_host: {host}")
     if admin_port:
@@ -558,6 +568,7 @@ class Chaos:
         self.codec = gossip_codec(profile, AuthPolicy.from_strings(self.secret, None))
         self.intruder = Intruder(self.secret, profile)
         self.lateness: list[float] = []  # how late this process's sampler woke: host load
+        self.held_clients: list[RequestClient] = []  # the readers' availability lookups
 
     # -- set up and tear down --
 
@@ -570,7 +581,7 @@ class Chaos:
             write_member_config(config, channel=self.channel, host="127.0.0.1",
                                 profile=self.s.profile, secret=self.secret,
                                 timeout_ms=int(self.s.call_timeout_s * 1000),
-                                admin_port=admin_port)  # fmt: skip
+                                admin_port=admin_port, replicas=self.s.replicas)  # fmt: skip
             member = Member(index=i, host="127.0.0.1", gossip_port=gossip_port,
                             data_port=data_port, config_path=config,
                             log_path=self.workdir / f"m{i}.log", capacity_gib=self.s.capacity_gib,
@@ -593,6 +604,7 @@ class Chaos:
                 max_local_cpu_size=self.s.client_capacity_gib,
                 mesh_transfer_timeout_ms=int(self.s.call_timeout_s * 1000),
                 lmcache_instance_id=role, mesh_secret=self.secret,
+                mesh_replicas=self.s.replicas,
             )  # fmt: skip
             node = MeshNode(config, namespace=NAMESPACE)
             node.start()
@@ -619,6 +631,8 @@ class Chaos:
         self.stop.set()
         for thread in self.threads:
             thread.join(self.s.call_timeout_s + 10)
+        for held_client in self.held_clients:
+            held_client.close()
         self.intruder.close()
         for member in self.members:
             member.check_alive()
@@ -663,8 +677,27 @@ class Chaos:
 
         return write_one
 
+    def held_live(self, keys: list[bytes], client: RequestClient, before: set[str]) -> int:
+        """Leading ``keys`` some live member holds now: the clients, and each member that was
+        live (``before``) and still is, asked with a lookup (held here, not pointers)."""
+        held = [c.store.lookup_prefix(keys) for c in self.clients]
+        live = [m for m in self.members if m.name in before and m.name in self.live_members()]
+        requests = [(f"{m.host}:{m.data_port}", dm.Lookup(req=client.next_id(), epoch=0,
+                                                          keys=keys)) for m in live]  # fmt: skip
+        deadline_s = time.monotonic() + QUERY_TIMEOUT_S
+        for reply in client.call_many(requests, deadline_s):
+            if isinstance(reply, dm.LookupReply):
+                held.append(reply.held)
+        return max(held, default=0)
+
+    def live_members(self) -> set[str]:
+        return {m.name for m in self.members if m.running and not m.frozen}
+
     def reader(self, node: MeshNode, rng: random.Random) -> Callable[[], None]:
         timeout_s = self.s.call_timeout_s
+        auth = AuthPolicy.from_strings(self.secret, None)
+        client = RequestClient(zmq.Context.instance(), dm.make_codec(1 << 20, auth))
+        self.held_clients.append(client)
 
         def read_one() -> None:
             keys = self.ledger.pick(rng)
@@ -677,10 +710,14 @@ class Chaos:
                 if not 0 <= held <= len(keys):
                     self.tally.error(f"lookup said {held} of {len(keys)}")
                 return
+            live = self.live_members()
             with node.get(keys, self.s.chunk_bytes, timeout_s=timeout_s) as lease:
                 elapsed = time.monotonic() - started
                 check_read(keys, lease.views, self.ledger, self.tally)
+                served = lease.count
             self.tally.timed("get", elapsed, timeout_s)
+            held = max(served, self.held_live(keys, client, live))  # a local copy counts too
+            self.tally.add(chunks_held_live=held, chunks_served_of_held=min(served, held))
 
         return read_one
 
@@ -779,6 +816,7 @@ class Chaos:
             for m in self.members
         }  # fmt: skip
         times = [f["reconverge_s"] for f in self.faults if f["reconverge_s"] is not None]
+        held, served = counts["chunks_held_live"], counts["chunks_served_of_held"]
         kinds = Counter(f["kind"] for f in self.faults)
         report = {
             "settings": {**asdict(self.s), "channel": self.channel},
@@ -789,6 +827,12 @@ class Chaos:
             "chunks": {k: counts[k] for k in ("chunks_written", "chunks_hit", "chunks_missed")},
             "prompts_recorded": self.ledger.recorded,
             "faults": {k: kinds[k] for k in FAULT_KINDS} | {"total": len(self.faults)},
+            "availability": {
+                "chunks_served": served,
+                "chunks_held_live": held,
+                "ratio": round(served / held, 5) if held else None,
+                "min": self.s.availability_min,
+            },
             "wrong_bytes": counts["wrong_chunks"],
             "wrong_examples": self.tally.wrong,
             "deadline_overruns": len(self.tally.overruns),
@@ -817,6 +861,7 @@ class Chaos:
             and all(r["ok"] for r in rss.values())
             and report["reconvergence_s"]["not_reconverged"] == 0
             and not report["crashes"]
+            and (not held or served / held >= self.s.availability_min)
         )
         return report
 
@@ -1001,19 +1046,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="go on past --duration to this many faults (at most 2x)")  # fmt: skip
     parser.add_argument("--bad-input-rate", type=float, default=10.0,
                         help="bad frames sent per second (0: none)")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=2, help="mesh_replicas of everyone")
+    parser.add_argument("--availability-min", type=float, default=0.99,
+                        help="fail below this share of held chunks served")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     settings = Settings(members=args.members, duration_s=args.duration, seed=args.seed,
                         channel=args.channel, min_faults=args.min_faults,
-                        bad_input_rate_hz=args.bad_input_rate)  # fmt: skip
+                        bad_input_rate_hz=args.bad_input_rate, replicas=args.replicas,
+                        availability_min=args.availability_min)  # fmt: skip
     with _progress(settings.duration_s) as progress:
         report = run(settings, progress=progress)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    summary = {k: report[k] for k in ("requests", "faults", "wrong_bytes", "deadline_overruns",
-                                      "errors", "crashes", "reconvergence_s", "ok")}  # fmt: skip
+    summary = {k: report[k] for k in ("requests", "faults", "availability", "wrong_bytes",
+                                      "deadline_overruns", "errors", "crashes",
+                                      "reconvergence_s", "ok")}  # fmt: skip
     summary["bad_inputs"] = {k: report["bad_inputs"][k] for k in ("sent", "dropped_counted")}
     summary["peak_rss_mib"] = {n: r["peak_bytes"] >> 20 for n, r in report["peak_rss"].items()}
     print(json.dumps(summary, indent=2))

@@ -29,13 +29,16 @@ import zmq
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestLoop
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.member import MemberView
 from meshkv.keys import KEY_BYTES, chunk_keys, root_key
 from meshkv.member_meta import chunk_size_of, namespace_of
+from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.locate import Located, locate_async
 from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED, Membership, Peer
+from meshkv.node.readers import Readers
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES
 from meshkv.wire import AuthPolicy
@@ -88,6 +91,7 @@ class MeshLookup:
         self._context = zmq.Context(io_threads=1)
         self._codec = m.make_codec(MAX_LOOKUP_FRAME_BYTES, auth)
         self._loop = RequestLoop(self._context, self._codec, "meshkv-shim-lookups")
+        self._hedge = HedgeState(DataPlaneConfig())  # orders candidates (the loop asks the first)
         self._warned_no_chunk_size: set[str] = set()
 
     # -- gossip side (runs on the gossip thread: short, no I/O) ----------------------------
@@ -137,10 +141,16 @@ class MeshLookup:
             if keys:
                 located: Future[Located] = Future()
                 pending[ns] = (located, chunk_size)
+                readers = Readers(
+                    membership=membership,
+                    store=self._store,
+                    directory=self._directory,
+                    hedge=self._hedge,
+                    replicas=1,
+                )
                 locate_async(
-                    keys, membership=membership, store=self._store, directory=self._directory,
-                    loop=self._loop, deadline_s=deadline_s, done=located.set_result,
-                )  # fmt: skip
+                    keys, readers, loop=self._loop, deadline_s=deadline_s, done=located.set_result
+                )
         left_s = max(0.0, deadline_s - time.monotonic()) + CALLBACK_SLACK_S
         wait([future for future, _ in pending.values()], timeout=left_s)  # answered by deadline_s
         per_namespace = {

@@ -87,10 +87,16 @@ class RequestClient:
         for index, (address, request) in enumerate(requests):
             if self._send(address, request):
                 waiting[request.req] = index
+        yield from self.answers(waiting, deadline_s)
+        self.stats["timeout"] += len(waiting)
+
+    def answers(self, waiting: dict[int, int], until_s: float) -> Iterator[tuple[int, m.Message]]:
+        """Yields (``waiting[req]``, reply) for replies to the requests ``waiting`` names (sent
+        with `send_only`), removing each as it arrives, until none is left or ``until_s``
+        passes. The caller may add requests to ``waiting`` between two calls (a hedge)."""
         while waiting:
-            remaining_ms = int((deadline_s - time.monotonic()) * 1000)
+            remaining_ms = int((until_s - time.monotonic()) * 1000)
             if remaining_ms <= 0:
-                self.stats["timeout"] += len(waiting)
                 return
             for sock, _ in self._poller.poll(remaining_ms):
                 for reply in self._read(sock):

@@ -100,6 +100,45 @@ class DataPlaneConfig:
     (s), default 5. The copy is a memcpy; this bounds only a caller that dies mid-copy.
     Must be > 0."""
 
+    # --- hedged reads (the requester's side; `meshkv.node.hedging`) ------------------------
+
+    hedge_quantile: float = 0.99
+    """Quantile of the observed round trips that a holder may stay silent before the next
+    replica is asked as well, default 0.99 (p99: about one request in a hundred is hedged
+    needlessly, each costing one duplicate request). Lower hedges sooner at more duplicates.
+    Must be in (0, 1]."""
+
+    hedge_delay_min_s: float = 0.02
+    """Lower bound of the hedge delay (s), default 20 ms: on a quiet mesh round trips are tens
+    of µs, and thread scheduling on a busy host alone can stall a healthy holder for ms.
+    0 lets the observed quantile alone decide."""
+
+    hedge_delay_max_s: float = 0.25
+    """Upper bound of the hedge delay (s), default 0.25: one slow episode must not stretch the
+    hedges that follow it. Must be >= hedge_delay_min_s."""
+
+    hedge_delay_initial_s: float = 0.05
+    """The hedge delay before hedge_samples_min round trips are known (s), default 50 ms
+    (a fresh member). Must be >= 0."""
+
+    hedge_samples_min: int = 20
+    """Round trips observed before their quantile replaces hedge_delay_initial_s, default 20.
+    Must be >= 1."""
+
+    round_trip_samples_max: int = 512
+    """Recent round trips kept to compute the quantile, default 512 (older ones are
+    forgotten, so the delay follows the host's load). Must be >= hedge_samples_min."""
+
+    avoid_hold_s: float = 10.0
+    """Longest a holder that stayed silent past the hedge delay is asked last (s), default 10;
+    a reply from it or gossip saying it is back ends this sooner. Longer spares readers a
+    sick member for longer; shorter notices a recovered one without gossip sooner. 0 never
+    avoids."""
+
+    avoid_members_max: int = 64
+    """Members avoided at once, at most, default 64; past it the one avoided longest ago is
+    forgotten first. Must be >= 1."""
+
     # --- the pusher (the producer's side of a put) ------------------------------------------
 
     push_queue_max: int = 64
@@ -157,11 +196,13 @@ class DataPlaneConfig:
             "local_put_reservation_s",
             "push_deadline_s",
             "local_get_timeout_s",
+            "hedge_delay_max_s",
         ):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"dataplane.{key}", "must be > 0")
         for key in ("expire_interval_s", "inline_reply_headroom_bytes", "hand_off_timeout_s",
-                    "close_join_s"):  # fmt: skip
+                    "close_join_s", "hedge_delay_min_s", "hedge_delay_initial_s",
+                    "avoid_hold_s"):  # fmt: skip
             if not getattr(self, key) >= 0:
                 raise ConfigError(f"dataplane.{key}", "must be >= 0")
         for key in (
@@ -176,6 +217,8 @@ class DataPlaneConfig:
             "push_batch_bytes",
             "fetch_queue_max",
             "staged_requests_max",
+            "hedge_samples_min",
+            "avoid_members_max",
         ):
             if not getattr(self, key) >= 1:
                 raise ConfigError(f"dataplane.{key}", "must be >= 1")
@@ -183,6 +226,12 @@ class DataPlaneConfig:
             raise ConfigError("dataplane.transfer_poll_max_s", "must be >= transfer_poll_min_s")
         if not self.max_frame_bytes > self.inline_reply_headroom_bytes:
             raise ConfigError("dataplane.max_frame_bytes", "must be > inline_reply_headroom_bytes")
+        if not 0 < self.hedge_quantile <= 1:
+            raise ConfigError("dataplane.hedge_quantile", "must be in (0, 1]")
+        if not self.hedge_delay_max_s >= self.hedge_delay_min_s:
+            raise ConfigError("dataplane.hedge_delay_max_s", "must be >= hedge_delay_min_s")
+        if not self.round_trip_samples_max >= self.hedge_samples_min:
+            raise ConfigError("dataplane.round_trip_samples_max", "must be >= hedge_samples_min")
         if not 0 < self.fetch_share_of_lookup_timeout <= 1:
             raise ConfigError("dataplane.fetch_share_of_lookup_timeout", "must be in (0, 1]")
 

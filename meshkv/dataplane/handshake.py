@@ -85,11 +85,21 @@ class Greeter:
         deadline_s: float,
     ) -> bool:
         """Greets ``peer`` (this boot of it) unless done already; False on any failure."""
+        if self.has_greeted(peer, peer_nonce):
+            return True
+        reply = client.call(address, self.hello(client.next_id()), deadline_s)
+        return reply is not None and self.accept(peer, peer_nonce, reply)
+
+    def has_greeted(self, peer: str, peer_nonce: int) -> bool:
         with self._lock:
-            if self._greeted.get(peer) == peer_nonce:
-                return True
-        hello = greeting(self._channel, req=client.next_id(), name=self._name, nonce=self._nonce)
-        reply = client.call(address, hello, deadline_s)
+            return self._greeted.get(peer) == peer_nonce
+
+    def hello(self, req: int) -> m.Hello:
+        """The hello to send (with `accept` for its reply: a greeting that does not block)."""
+        return greeting(self._channel, req=req, name=self._name, nonce=self._nonce)
+
+    def accept(self, peer: str, peer_nonce: int, reply: m.Message) -> bool:
+        """Takes ``peer``'s reply to `hello`; True if this boot of it is greeted now."""
         if not isinstance(reply, m.HelloReply) or reply.nonce != peer_nonce:
             return False
         with self._lock:

@@ -13,6 +13,13 @@ answered, a chunk that did not complete is aborted. If some request was not answ
 holder may still be writing into the slot until its budget ends, so the slot is left
 reserved: the store expires it after the deadline the caller gave, and does not reuse it
 before then.
+
+A hedged get asks a second replica for chunks the first has not answered for: both requests
+name the same slot, and the first reply that completes the chunk commits it. A reply that
+lacks the chunk (the holder has no copy) leaves it open for the other request; replies for a
+chunk already committed are ignored. Replicas of a chunk are copies of one push, so a late
+write from the slower one writes the same bytes; if it did not, the checksum would catch it
+(on arrival, or `ChunkLease.intact` after the copy out), as for any late write.
 """
 
 from __future__ import annotations
@@ -83,27 +90,44 @@ class Arrivals:
             self._chunks[i].outstanding += 1
         return [self._dest(i, piece.offset) for i in range(piece.start, piece.end)]
 
-    def answered(self, piece: Piece, reply: m.Message) -> None:
-        """Takes the reply to a request for ``piece`` (anything but a `GetReply` is a failure).
-        A reply covers the leading chunks its holder had; with payloads (tcp channel) the bytes
-        are copied into the slots first."""
+    def answered(self, piece: Piece, reply: m.Message, holder: str | None = None) -> bool:
+        """Takes the reply to a request for ``piece`` (anything but a `GetReply` brings
+        nothing); True if it brought every chunk (or the piece) it asked for. A reply covers
+        the leading chunks its holder had (``holder``: who answered, if not the one named at
+        construction); with payloads (tcp channel) the bytes are copied into the slots first."""
         written = reply.checksums if isinstance(reply, m.GetReply) else []
         payloads = reply.payloads if isinstance(reply, m.GetReply) else []
+        whole = len(written) >= piece.end - piece.start
         for n, i in enumerate(range(piece.start, piece.end)):
             chunk = self._chunks[i]
             chunk.outstanding -= 1
+            if chunk.committed:
+                continue  # another replica's reply came first
             if chunk.failed or n >= len(written):
-                chunk.failed = True
+                whole = False
                 continue
             view = self._store.view(chunk.slot)
             if piece.nbytes:
                 view = view[piece.offset : piece.offset + piece.nbytes]
             if payloads:
                 if len(payloads[n]) != view.nbytes:
-                    chunk.failed = True
+                    whole = False
                     continue
                 view[:] = memoryview(payloads[n])
-            self._land(i, chunk, piece.offset, view.nbytes, written[n])
+            self._land(i, chunk, piece.offset, view.nbytes, written[n], holder)
+            whole = whole and not chunk.failed
+        return whole
+
+    def pending_from(self, piece: Piece) -> Piece | None:
+        """What of ``piece`` is still to fetch: its chunks from the first one not committed
+        (a piece of one chunk: the piece itself, unless the chunk is done), or None."""
+        for i in range(piece.start, piece.end):
+            chunk = self._chunks[i]
+            if chunk.failed:
+                return None  # the leading run ends at a chunk that cannot be completed
+            if not chunk.committed:
+                return Piece(i, piece.end, piece.offset, piece.nbytes)
+        return None
 
     def finish(self) -> set[int]:
         """Aborts what did not complete (see the module docstring); returns the indexes of the
@@ -120,7 +144,9 @@ class Arrivals:
         region = self._chunks[i].slot.region
         return m.SlotRef(region.segment_id, region.offset + offset)
 
-    def _land(self, i: int, chunk: _Chunk, offset: int, nbytes: int, checksum: bytes) -> None:
+    def _land(
+        self, i: int, chunk: _Chunk, offset: int, nbytes: int, checksum: bytes, holder: str | None
+    ) -> None:
         if chunk.checksum is None:
             chunk.checksum = checksum
         elif chunk.checksum != checksum:
@@ -135,8 +161,8 @@ class Arrivals:
         if chunk.hashed < view.nbytes:
             return
         if chunk.hasher.digest() != chunk.checksum:
-            key, holder = self._keys[i].hex(), self._holders[i]
-            log.warning("chunk %s from %s failed its checksum", key, holder)
+            key = self._keys[i].hex()
+            log.warning("chunk %s from %s failed its checksum", key, holder or self._holders[i])
             chunk.failed = True
         elif self._store.commit(self._keys[i], chunk.checksum, owner=self._owner) is not None:
             chunk.committed = True

@@ -1,31 +1,36 @@
 """Finding and fetching chunks held by other members, with deadlines (the requester's side).
 
 `presume` guesses who holds each key with no round trip at all: this member for a local copy,
-else the key's home (or, for a key homed here, the holder its directory names). A get first
-fetches straight from those guesses, so a load of chunks that sit at their homes costs one
-round trip; only the keys the guess missed go through `meshkv.node.locate`.
+else the members of the key's preference list (`mesh_replicas` of them: the home first), with
+the holder its directory names in place of this member, and members just found silent last
+(`meshkv.node.hedging`). A get first fetches straight from those guesses, so a load of chunks
+that sit at their homes costs one round trip; only the keys the guess missed go through
+`meshkv.node.locate`.
 
-`fetch` then moves the located chunks into local slots: each holder's run of consecutive keys
-goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all in
-parallel; each chunk is checked against its checksum before it is committed
+`fetch` then moves the located chunks into local slots: each run of keys with the same
+candidates goes as a few `Get` requests (`plan`: whole chunks, or pieces of a large one), all
+in parallel; each chunk is checked against its checksum before it is committed
 (`meshkv.node.arrivals`), so a corrupted or torn chunk is a miss, never loaded. Fetched chunks
 stay here as local copies (a repeat of the prompt on this engine is local).
 
-Both stop at the first miss: only the leading run of keys is useful to vLLM.
+Every get is hedged (`meshkv.node.hedged_calls`): a member silent for the hedge delay has the
+next candidate asked as well, so a frozen or dead holder costs one hedge delay, not the
+deadline. It stops at the first miss: only the leading run of keys is useful to vLLM.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
-from meshkv.dataplane.directory import HolderDirectory
+from meshkv.dataplane.handshake import Greeter
 from meshkv.node.arrivals import Arrivals, Piece
-from meshkv.node.membership import Membership
-from meshkv.store import ChunkStore
+from meshkv.node.hedged_calls import call_hedged
+from meshkv.node.readers import Readers
 
 UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
 """How long past the get's deadline the slots of an unanswered request stay reserved: its
@@ -35,86 +40,125 @@ A fact of the wire protocol, not a tuning knob."""
 DEFAULT_CONFIG = DataPlaneConfig()
 
 
-def presume(
-    keys: Sequence[bytes], *, membership: Membership, store: ChunkStore, directory: HolderDirectory
-) -> list[str]:
-    """The likely holder of each leading key (see the module docstring); stops at the first key
-    with none (homed here, not held here, no live holder known)."""
-    me = membership.me.name
-    ring = membership.ring().current
-    homes = ring.homes_of(keys) if ring.members else [me] * len(keys)
-    local = store.held_among(keys)
-    guesses: list[str] = []
-    for key, home in zip(keys, homes, strict=True):
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What one `fetch` did, by index into its ``keys``."""
+
+    committed: set[int]  # chunks now here, checked
+    asked: dict[int, set[str]]  # the holders sent a get for each chunk
+    home_lacked: set[int]  # chunks whose home (on the current ring) answered without them
+
+
+def presume(keys: Sequence[bytes], readers: Readers) -> list[list[str]]:
+    """The likely holders of each leading key, best first (see the module docstring), its
+    pointer host last but before avoided members; stops at the first key with none (not
+    held here, no live holder known)."""
+    me = readers.membership.me.name
+    ring = readers.membership.ring().current
+    local = readers.store.held_among(keys)
+    lists = ring.preference_lists_of(keys, readers.replicas + 1) if ring.members else None
+    guesses: list[list[str]] = []
+    for index, key in enumerate(keys):
         if key in local:
-            guesses.append(me)
+            guesses.append([me])
             continue
-        if home == me:
-            holder = directory.holder_of(key)
-            if holder is None or not membership.is_alive(holder):
-                break
-            home = holder
-        guesses.append(home)
+        names = readers.others(key, lists[index] if lists else [me])
+        if not names:
+            break
+        guesses.append(names)
     return guesses
 
 
 def fetch(
     keys: Sequence[bytes],
-    holders: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    readers: Readers,
     *,
     chunk_bytes: int,
-    membership: Membership,
-    store: ChunkStore,
     client: RequestClient,
-    handshake: Callable[[str, float], bool],
+    greeter: Greeter,
     reply_max: int | None,
     owner: str,
     deadline_s: float,
     config: DataPlaneConfig = DEFAULT_CONFIG,
-) -> set[int]:
-    """Copies remote chunks into local slots; returns the indexes of the chunks it committed.
+) -> Fetched:
+    """Copies remote chunks into local slots; returns what it committed and whom it asked.
 
-    ``holders[i]`` holds ``keys[i]``; entries naming this member are already local. With
-    ``reply_max`` None the holder WRITEs the bytes into the slots reserved here (NIXL); else it
-    sends them inline in its replies, of ``reply_max`` bytes at most (tcp channel). Each run of
-    one holder's chunks goes as the requests `plan` gives, all sent at once; `Arrivals` checks
-    and commits what lands.
+    ``candidates[i]`` are the members that may hold ``keys[i]``, best first; a list naming
+    this member alone means the chunk is already local. With ``reply_max`` None the holder
+    WRITEs the bytes into the slots reserved here (NIXL); else it sends them inline in its
+    replies, of ``reply_max`` bytes at most (tcp channel). Each run of keys with the same
+    candidates goes as the requests `plan` gives, all sent at once to the first candidate and
+    hedged to the next (`call_hedged`); `Arrivals` checks and commits what lands.
     """
-    me = membership.me.name
-    arrivals = Arrivals(keys, holders, store, owner)
-    requests: list[tuple[str, m.Get]] = []
+    me = readers.membership.me.name
+    firsts = [names[0] for names in candidates]
+    arrivals = Arrivals(keys, firsts, readers.store, owner)
     pieces: list[Piece] = []
-    epoch = membership.ring().epoch
-    for start, end in _runs(holders, me):
-        peer = membership.peer(holders[start])
-        if peer is None or not handshake(holders[start], deadline_s):
-            break
+    piece_candidates: list[Sequence[str]] = []
+    for start, end in _runs(candidates, me):
         planned = plan(start, end, chunk_bytes, reply_max, config=config)
         covered = planned[-1].end if planned else start
         reserved = arrivals.reserve(start, covered, chunk_bytes, deadline_s + UNANSWERED_HOLD_S)
-        budget_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
         if reserved < covered:
             planned = plan(start, reserved, chunk_bytes, reply_max, config=config)
-        for piece in planned:
-            dest = arrivals.expect(piece)
-            get = m.Get(
-                req=client.next_id(),
-                epoch=epoch,
-                sender=me,
-                keys=list(keys[piece.start : piece.end]),
-                dest=[] if reply_max is not None else dest,
-                budget_ms=budget_ms,
-                sent_ms=m.wall_clock_ms(),
-                offset=piece.offset,
-                nbytes=piece.nbytes,
-            )
-            requests.append((peer.data_address, get))
-            pieces.append(piece)
+        pieces.extend(planned)
+        piece_candidates.extend([candidates[start]] * len(planned))
         if reserved < end:  # no room, or too much for one reply: the leading run ends here
             break
-    for index, reply in client.as_answered(requests, deadline_s):  # checks overlap transfers
-        arrivals.answered(pieces[index], reply)
-    return arrivals.finish()
+    epoch = readers.membership.ring().epoch
+    asked: dict[tuple[int, str], Piece] = {}  # (task, holder) -> the piece that holder was asked
+    pointer_hosts = [readers.pointer_host(keys[piece.start]) for piece in pieces]
+    looked_up: set[tuple[int, str]] = set()  # (task, pointer host) asked for its pointers
+    sent_to: dict[int, set[str]] = {}
+    home_lacked: set[int] = set()
+    homes = readers.membership.ring().current.homes_of([keys[p.start] for p in pieces])
+
+    def request(task: int, holder: str) -> tuple[str, m.Message] | None:
+        peer = readers.membership.peer(holder)
+        piece = arrivals.pending_from(pieces[task])
+        if peer is None or piece is None:
+            return None
+        if holder == pointer_hosts[task] and (task, holder) not in looked_up:
+            looked_up.add((task, holder))  # a pointer, not bytes: ask where the chunks are
+            piece_keys = list(keys[piece.start : piece.end])
+            return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=piece_keys)
+        if not greeter.has_greeted(holder, peer.nonce):  # greet first, hedged like a get
+            return peer.data_address, greeter.hello(client.next_id())
+        asked[task, holder] = piece
+        for i in range(piece.start, piece.end):
+            sent_to.setdefault(i, set()).add(holder)
+        dest = arrivals.expect(piece)
+        get = m.Get(
+            req=client.next_id(),
+            epoch=epoch,
+            sender=me,
+            keys=list(keys[piece.start : piece.end]),
+            dest=[] if reply_max is not None else dest,
+            budget_ms=max(1, int((deadline_s - time.monotonic()) * 1000)),
+            sent_ms=m.wall_clock_ms(),
+            offset=piece.offset,
+            nbytes=piece.nbytes,
+        )
+        return peer.data_address, get
+
+    def on_reply(task: int, holder: str, reply: m.Message) -> bool | str:
+        if isinstance(reply, m.LookupReply):  # from a pointer host: ask whom it points at
+            found = reply.holders(holder)[:1]
+            return found[0] if found and found[0] != me else False
+        if isinstance(reply, m.HelloReply):  # greeted: now ask it for the chunks
+            peer = readers.membership.peer(holder)
+            greeted = peer is not None and greeter.accept(holder, peer.nonce, reply)
+            return holder if greeted else False
+        piece = asked[task, holder]
+        whole = arrivals.answered(piece, reply, holder)
+        if not whole and holder == homes[task] and isinstance(reply, m.GetReply):
+            home_lacked.update(range(piece.start + len(reply.checksums), piece.end))
+        return whole
+
+    call_hedged(client, piece_candidates, request=request, on_reply=on_reply,
+                state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
+    return Fetched(arrivals.finish(), sent_to, home_lacked)
 
 
 def plan(
@@ -170,13 +214,13 @@ def _pieces(start: int, end: int, chunk_bytes: int, size: int) -> list[Piece]:
     ]
 
 
-def _runs(holders: Sequence[str], me: str) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of consecutive keys with the same remote holder."""
+def _runs(candidates: Sequence[Sequence[str]], me: str) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of consecutive remote keys with the same candidates."""
     runs: list[tuple[int, int]] = []
     start = 0
-    for i in range(1, len(holders) + 1):
-        if i == len(holders) or holders[i] != holders[start]:
-            if holders[start] != me:
+    for i in range(1, len(candidates) + 1):
+        if i == len(candidates) or list(candidates[i]) != list(candidates[start]):
+            if list(candidates[start]) != [me]:
                 runs.append((start, i))
             start = i
     return runs

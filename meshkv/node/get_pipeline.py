@@ -1,14 +1,18 @@
 """A member's get, step by step: presume → fetch → locate → refetch → pin → verify → repair.
 
-1. presume: guess each leading key's holder with no round trip (`meshkv.node.fetch.presume`);
-2. fetch straight from those guesses (one round trip when chunks sit at their homes);
-3. locate: if the guesses missed, ask the homes (and, after a membership change, the previous
-   homes) who holds the rest;
-4. refetch from the located holders, unless the first one is the holder just asked (asking it
-   again would refetch a chunk that failed its checksum);
+1. presume: guess each leading key's holders with no round trip (`meshkv.node.fetch.presume`:
+   its replicas, the members just found silent last);
+2. fetch straight from those guesses (one round trip when chunks sit at their homes), hedged
+   to the next replica when a holder is silent for the hedge delay;
+3. locate: if the guesses missed, ask who holds the rest (`meshkv.node.locate`: the prompt's
+   first home, which knows its chain, then the preference lists of what it did not cover,
+   hedged; after a membership change, the previous homes);
+4. refetch from the located holders, unless the first one was sent a get for that chunk
+   already (asking it again would refetch a chunk that failed its checksum);
 5. pin the leading chunks now here, local copies and fetched ones, for the caller's lease;
 6. verify the local ones against their checksums (fetched ones were checked on arrival);
-7. repair: chunks found only at a previous home are pushed to their new homes.
+7. repair: chunks found away from their home (at a previous home, or at another replica or
+   the producer after the home answered without them) are pushed to their homes.
 
 Every step is bounded by the caller's deadline and every failure is fewer leading chunks: a
 miss, never an exception, never wrong bytes.
@@ -31,9 +35,11 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
 from meshkv.metrics import NodeMetrics
-from meshkv.node.fetch import fetch, presume
+from meshkv.node.fetch import Fetched, fetch, presume
+from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.locate import locate
 from meshkv.node.membership import Membership
+from meshkv.node.readers import Readers
 from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node")
@@ -90,10 +96,15 @@ class GetPipeline:
         repair: Callable[[list[bytes]], None],
         metrics: NodeMetrics,
         config: DataPlaneConfig,
+        replicas: int = 1,
+        hedge: HedgeState | None = None,
     ) -> None:
         self._membership = membership
         self._store = store
-        self._directory = directory
+        self.hedge = hedge or HedgeState(config)
+        """Round trips seen and members avoided (gossip clears a member that is back)."""
+        self.readers = Readers(membership=membership, store=store, directory=directory,
+                                hedge=self.hedge, replicas=replicas)  # fmt: skip
         self._greeter = greeter
         self._reply_max_bytes = reply_max_bytes
         self._repair = repair
@@ -107,14 +118,7 @@ class GetPipeline:
 
     def count_held(self, keys: list[bytes], client: RequestClient, deadline_s: float) -> int:
         """How many leading ``keys`` some live member holds (a lookup: no bytes move)."""
-        located = locate(
-            keys,
-            membership=self._membership,
-            store=self._store,
-            directory=self._directory,
-            client=client,
-            deadline_s=deadline_s,
-        )
+        located = locate(keys, self.readers, client=client, deadline_s=deadline_s)
         return len(located.holders)
 
     def get(
@@ -128,72 +132,64 @@ class GetPipeline:
         verify: bool,
     ) -> ChunkLease:
         """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
-        guesses = presume(keys, membership=self._membership, store=self._store,
-                          directory=self._directory)  # fmt: skip
-        fetched = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        guesses = presume(keys, self.readers)
+        first = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
+        fetched, stray = first.committed, set(first.home_lacked)
         held = self._leading_held(keys, guesses, fetched)
-        fallbacks = 0
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
-            located = locate(
-                keys[held:],
-                membership=self._membership,
-                store=self._store,
-                directory=self._directory,
-                client=client,
-                deadline_s=deadline_s,
-            )
-            fallbacks = located.fallbacks
-            retry = located.holders[:1] != guesses[held : held + 1]  # not the holder just asked
-            if retry:  # (asking it again would refetch a chunk that failed its checksum)
-                fetched |= self._fetch(keys, located.holders, held, chunk_bytes, client, owner,
-                                       deadline_s)  # fmt: skip
+            located = locate(keys[held:], self.readers, client=client, deadline_s=deadline_s)
+            stray.update(held + i for i in located.fallbacks)
+            asked = first.asked.get(held, set())
+            if located.holders[:1] and located.holders[0] not in asked:
+                # (asking it again would refetch a chunk that failed its checksum there)
+                holders = [[holder] for holder in located.holders]
+                fetched |= self._fetch(keys, holders, held, chunk_bytes, client, owner,
+                                       deadline_s).committed  # fmt: skip
         slots = self._store.pin(keys, owner=owner, deadline_s=deadline_s + self.config.lease_hold_s)
         if verify:
             slots = self._verified(slots, fetched, owner)
         self._count(keys, slots, fetched)
-        if fallbacks:
-            self._repair([s.key for s in slots])  # read repair at the new homes
+        if stray & fetched:  # read repair: found away from their homes, pushed there now
+            self._repair([keys[i] for i in sorted(stray & fetched)])
         return ChunkLease([self._store.view(s) for s in slots], self._store, slots, owner)
 
     def _fetch(
         self,
         keys: Sequence[bytes],
-        holders: Sequence[str],
+        candidates: Sequence[Sequence[str]],
         start: int,
         chunk_bytes: int,
         client: RequestClient,
         owner: str,
         deadline_s: float,
-    ) -> set[int]:
-        """Fetches keys[start + i] from holders[i]; the indexes (into ``keys``) committed."""
-        if all(holder == self._me for holder in holders):
-            return set()
+    ) -> Fetched:
+        """Fetches keys[start + i] from candidates[i] (`Fetched` indexes are into ``keys``)."""
+        if all(list(names) == [self._me] for names in candidates):
+            return Fetched(set(), {}, set())
         fetched = fetch(
-            keys[start : start + len(holders)],
-            holders,
+            keys[start : start + len(candidates)],
+            candidates,
+            self.readers,
             chunk_bytes=chunk_bytes,
-            membership=self._membership,
-            store=self._store,
             client=client,
-            handshake=lambda peer, d: self._greet(client, peer, d),
+            greeter=self._greeter,
             reply_max=self._reply_max_bytes,
             owner=owner,
             deadline_s=deadline_s,
             config=self.config,
         )
-        return {start + i for i in fetched}
+        return Fetched(
+            {start + i for i in fetched.committed},
+            {start + i: names for i, names in fetched.asked.items()},
+            {start + i for i in fetched.home_lacked},
+        )
 
-    def _greet(self, client: RequestClient, peer_name: str, deadline_s: float) -> bool:
-        peer = self._membership.peer(peer_name)
-        if peer is None:
-            return False
-        return self._greeter.ensure(client, peer=peer_name, peer_nonce=peer.nonce,
-                                    address=peer.data_address, deadline_s=deadline_s)  # fmt: skip
-
-    def _leading_held(self, keys: Sequence[bytes], guesses: list[str], fetched: set[int]) -> int:
+    def _leading_held(
+        self, keys: Sequence[bytes], guesses: list[list[str]], fetched: set[int]
+    ) -> int:
         """How many leading keys are here now: local copies and chunks just fetched."""
         for i in range(len(keys)):
-            if i not in fetched and not (i < len(guesses) and guesses[i] == self._me):
+            if i not in fetched and not (i < len(guesses) and guesses[i] == [self._me]):
                 return i
         return len(keys)
 

@@ -1,8 +1,8 @@
 """Who holds a prompt's chunks: one member asked for the whole prompt, others only for the rest.
 
 `lookup_steps` is the lookup as a sans-I/O coroutine: it yields the lookups to send (`Ask`s,
-all of one round trip together), is sent their replies (None for no reply), and returns a
-`Located`. Its steps:
+all of one round trip together), is sent the replies each drew, and returns a `Located`. Its
+steps:
 
 1. keys held here are answered as held here (a local copy never costs a round trip);
 2. the home of the prompt's first key is asked for the whole prompt: it answers from its store,
@@ -14,11 +14,18 @@ all of one round trip together), is sent their replies (None for no reply), and 
 4. a miss at a home that changed with the last membership change falls back once to the
    previous epoch's home.
 
+Each `Ask` names its candidates: the key's preference list (``mesh_replicas`` copies, then the
+pointer host), members just found silent last. `locate` drives the steps on a blocking
+`RequestClient` and hedges (`meshkv.node.hedged_calls`): a candidate silent for the hedge delay
+has the next one asked as well, so a frozen or dead home costs one hedge delay, not the
+deadline. `locate_async` drives them on a `RequestLoop`, so one client keeps many lookups in
+flight; it asks each group's first candidate only (no hedge: its callers, the shim and the
+benchmark, are not on an engine's step).
+
 A chain entry may be stale (a holder evicted the chunk, or died): the lookup then counts a
 chunk that a get will fail to load, which is a miss and a recompute, never wrong KV (bytes are
-checked on arrival). `locate` drives the steps on a blocking `RequestClient`; `locate_async`
-on a `RequestLoop`, so one client keeps many lookups in flight. Both stop at the first miss:
-only the leading run of keys is useful to vLLM.
+checked on arrival). Both drivers stop at the first miss: only the leading run of keys is
+useful to vLLM.
 
 This module knows the ring, the store's and directory's read side and lookup messages; not
 sockets or threads (the clients own those).
@@ -33,10 +40,9 @@ from dataclasses import dataclass
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.chain_index import answer_lookup
 from meshkv.dataplane.client import RequestClient, RequestLoop
-from meshkv.dataplane.directory import HolderDirectory
-from meshkv.node.membership import Membership
+from meshkv.node.hedged_calls import call_hedged
+from meshkv.node.readers import Readers
 from meshkv.ring.hashring import HashRing
-from meshkv.store import ChunkStore
 
 log = logging.getLogger("vllm.meshkv.node.locate")
 
@@ -46,61 +52,61 @@ class Located:
     """The leading keys that some member holds, and who (this member's name for local ones)."""
 
     holders: list[str]
-    fallbacks: int  # keys found only through the previous epoch's home (to repair)
+    fallbacks: list[int]  # indexes of keys found only through the previous epoch's home
 
 
 @dataclass(frozen=True, slots=True)
 class Ask:
-    """One lookup to send: ``keys`` to member ``home`` at ``address``."""
+    """One lookup of ``keys``, sent to ``candidates`` in order (hedged). ``authority`` is the
+    first of them in ring order: its answer settles the ask even if short (a replica asked
+    first, because the authority was avoided, may lack what the authority has)."""
 
-    home: str
-    address: str
+    candidates: list[str]
+    authority: str
     keys: list[bytes]
 
 
-Steps = Generator[list[Ask], list[m.Message | None], Located]
+Replies = list[list[tuple[str, m.Message]]]
+"""Per ask, in order: the (member, reply) pairs it drew (none: unanswered)."""
+Steps = Generator[list[Ask], Replies, Located]
 
 
-def lookup_steps(
-    keys: Sequence[bytes],
-    *,
-    membership: Membership,
-    store: ChunkStore,
-    directory: HolderDirectory,
-) -> Steps:
+def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
     """The lookup of ``keys`` (a prefix chain) as a coroutine (see the module docstring)."""
-    me = membership.me.name
-    answers: dict[bytes, str] = dict.fromkeys(store.held_among(keys), me)
+    membership, me = readers.membership, readers.membership.me.name
+    answers: dict[bytes, str] = dict.fromkeys(readers.store.held_among(keys), me)
     view = membership.ring()
     current, previous = view.current, view.previous
+    copies = readers.replicas + 1  # the replicas, then the pointer host
     if len(answers) < len(keys) and current.members:
-        first_home = current.home(keys[0])
+        names = current.preference_list(keys[0], copies)
+        first_home = names[0]
         if first_home == me:
-            _take(answers, keys, _answer_here(me, keys, store, directory, membership.is_alive))
+            _take(answers, keys, _answer_here(me, keys, readers))
         else:
-            asks = _asks({first_home: list(keys)}, membership)
-            if asks:
-                _take_replies(answers, asks, (yield asks))
+            others = [n for n in names if n != me]
+            ask = Ask(readers.hedge.order(others), others[0], list(keys))
+            _take_replies(answers, [ask], (yield [ask]))
         covered = _leading(keys, answers)
         if covered < len(keys) and current.home(keys[covered]) != first_home:
             rest = [k for k in keys[covered:] if k not in answers]
-            asks = _asks(_by_home(rest, current, me, answers, directory, membership),
-                         membership)  # fmt: skip
+            asks = _grouped(rest, current.preference_lists_of(rest, copies), answers, readers)
             if asks:
                 _take_replies(answers, asks, (yield asks))
     holders: list[str] = []
-    fallbacks = 0
+    fallbacks: list[int] = []
     for index, key in enumerate(keys):
         holder = answers.get(key)
         if holder is None and _home_moved(key, previous, current):
             assert previous is not None  # (_home_moved)
             later = [k for k in keys[index:] if k not in answers]
-            asks = _asks(_by_home(later, previous, me, answers, directory, membership),
-                         membership)  # fmt: skip
+            homes = [[home] for home in previous.homes_of(later)]
+            asks = _grouped(later, homes, answers, readers)
             if asks:
                 _take_replies(answers, asks, (yield asks))
             holder = answers.get(key)
-            fallbacks += holder is not None
+            if holder is not None:
+                fallbacks.append(index)
         if holder is None:
             break
         holders.append(holder)
@@ -108,34 +114,24 @@ def lookup_steps(
 
 
 def locate(
-    keys: Sequence[bytes],
-    *,
-    membership: Membership,
-    store: ChunkStore,
-    directory: HolderDirectory,
-    client: RequestClient,
-    deadline_s: float,
+    keys: Sequence[bytes], readers: Readers, *, client: RequestClient, deadline_s: float
 ) -> Located:
-    """Holders of the leading ``keys``, asked on a blocking client (one caller thread)."""
-    steps = lookup_steps(keys, membership=membership, store=store, directory=directory)
-    epoch = membership.ring().epoch
+    """Holders of the leading ``keys``, asked on a blocking client (one caller thread), each
+    ask hedged to its next candidate when one is silent."""
+    steps = lookup_steps(keys, readers)
+    epoch = readers.membership.ring().epoch
     try:
         asks = next(steps)
         while True:
-            requests = [
-                (a.address, m.Lookup(req=client.next_id(), epoch=epoch, keys=a.keys)) for a in asks
-            ]
-            asks = steps.send(client.call_many(requests, deadline_s))
+            asks = steps.send(_ask_hedged(asks, readers, client, epoch, deadline_s))
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
 
 def locate_async(
     keys: Sequence[bytes],
+    readers: Readers,
     *,
-    membership: Membership,
-    store: ChunkStore,
-    directory: HolderDirectory,
     loop: RequestLoop,
     deadline_s: float,
     done: Callable[[Located], None],
@@ -143,10 +139,11 @@ def locate_async(
     """Starts the lookup of ``keys`` on ``loop``; ``done`` gets its answer exactly once, on the
     loop's thread (or on this one, if no member had to be asked), a miss if anything failed.
     Never blocks on the network."""
-    steps = lookup_steps(keys, membership=membership, store=store, directory=directory)
+    steps = lookup_steps(keys, readers)
+    membership = readers.membership
     epoch = membership.ring().epoch
 
-    def advance(replies: list[m.Message | None] | None) -> None:
+    def advance(replies: Replies | None) -> None:
         try:
             asks = next(steps) if replies is None else steps.send(replies)
         except StopIteration as finished:
@@ -154,43 +151,77 @@ def locate_async(
             return
         except Exception:  # a failure is a miss: the caller always hears back
             log.exception("lookup of %d keys failed; answered as a miss", len(keys))
-            done(Located([], 0))
+            done(Located([], []))
             return
-        requests = [
-            (a.address, m.Lookup(req=loop.next_id(), epoch=epoch, keys=a.keys)) for a in asks
-        ]
-        loop.submit(requests, deadline_s, advance)
+        sent: list[tuple[int, str]] = []  # (ask, member) of each request
+        requests: list[tuple[str, m.Message]] = []
+        for index, ask in enumerate(asks):
+            peer = membership.peer(ask.candidates[0])
+            if peer is not None:
+                sent.append((index, ask.candidates[0]))
+                lookup = m.Lookup(req=loop.next_id(), epoch=epoch, keys=ask.keys)
+                requests.append((peer.data_address, lookup))
+
+        def answered(got: list[m.Message | None]) -> None:
+            per_ask: Replies = [[] for _ in asks]
+            for (index, name), reply in zip(sent, got, strict=True):
+                if reply is not None:
+                    per_ask[index].append((name, reply))
+            advance(per_ask)
+
+        if requests:
+            loop.submit(requests, deadline_s, answered)
+        else:
+            answered([])
 
     advance(None)
 
 
-def _answer_here(
-    me: str,
-    keys: Sequence[bytes],
-    store: ChunkStore,
-    directory: HolderDirectory,
-    alive: Callable[[str], bool],
-) -> list[str]:
+def _ask_hedged(
+    asks: list[Ask], readers: Readers, client: RequestClient, epoch: int, deadline_s: float
+) -> Replies:
+    """Sends ``asks`` at once, hedged; the replies each drew."""
+    replies: Replies = [[] for _ in asks]
+
+    def request(task: int, name: str) -> tuple[str, m.Message] | None:
+        peer = readers.membership.peer(name)
+        if peer is None:
+            return None
+        return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=asks[task].keys)
+
+    def on_reply(task: int, name: str, reply: m.Message) -> bool:
+        """Settled by a full answer, or by the authority's."""
+        if not isinstance(reply, m.LookupReply):
+            return False
+        replies[task].append((name, reply))
+        return len(reply.holders(name)) >= len(asks[task].keys) or name == asks[task].authority
+
+    call_hedged(client, [ask.candidates for ask in asks], request=request, on_reply=on_reply,
+                state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
+    return replies
+
+
+def _answer_here(me: str, keys: Sequence[bytes], readers: Readers) -> list[str]:
     """This member's own answer as home of ``keys[0]`` (what its service would reply)."""
+    store, directory = readers.store, readers.directory
     held = store.lookup_prefix(keys)
     names, runs = answer_lookup(
-        me, keys, held, directory.chains.holders(keys), directory.leading_holders, alive,
-        store.held_among,
+        me, keys, held, directory.chains.holders(keys), directory.leading_holders,
+        readers.membership.is_alive, store.held_among,
     )  # fmt: skip
     return m.LookupReply(req=0, epoch=0, held=held, pointers=names, runs=runs).holders(me)
 
 
 def _take(answers: dict[bytes, str], keys: Sequence[bytes], holders: list[str]) -> None:
     for key, holder in zip(keys, holders, strict=False):
-        answers.setdefault(key, holder)  # held here wins
+        answers.setdefault(key, holder)  # held here (or the first answer) wins
 
 
-def _take_replies(
-    answers: dict[bytes, str], asks: list[Ask], replies: list[m.Message | None]
-) -> None:
-    for ask, reply in zip(asks, replies, strict=True):
-        if isinstance(reply, m.LookupReply):
-            _take(answers, ask.keys, reply.holders(ask.home))
+def _take_replies(answers: dict[bytes, str], asks: list[Ask], replies: Replies) -> None:
+    for ask, drawn in zip(asks, replies, strict=True):
+        for name, reply in drawn:
+            if isinstance(reply, m.LookupReply):
+                _take(answers, ask.keys, reply.holders(name))
 
 
 def _leading(keys: Sequence[bytes], answers: dict[bytes, str]) -> int:
@@ -207,31 +238,24 @@ def _home_moved(key: bytes, previous: HashRing | None, current: HashRing) -> boo
     return not current.members or previous.home(key) != current.home(key)
 
 
-def _by_home(
+def _grouped(
     keys: list[bytes],
-    ring: HashRing,
-    me: str,
+    lists: Sequence[Sequence[str]],
     answers: dict[bytes, str],
-    directory: HolderDirectory,
-    membership: Membership,
-) -> dict[str, list[bytes]]:
-    """``keys`` grouped by their home in ``ring``; keys homed here are answered from the
-    directory at once."""
-    by_home: dict[str, list[bytes]] = {}
-    for key, home in zip(keys, ring.homes_of(keys), strict=True):
-        if home == me:
-            holder = directory.holder_of(key)
+    readers: Readers,
+) -> list[Ask]:
+    """One ask per group of ``keys`` with the same candidates (``lists``: each key's members in
+    ring order); a key whose first member is this one is answered from the directory at once,
+    if it names a live holder, else asked of the others."""
+    membership, me = readers.membership, readers.membership.me.name
+    groups: dict[tuple[str, ...], list[bytes]] = {}  # (authority, *candidates in order)
+    for key, names in zip(keys, lists, strict=True):
+        if names and names[0] == me:
+            holder = readers.directory.holder_of(key)
             if holder is not None and membership.is_alive(holder):
                 answers[key] = holder
-        else:
-            by_home.setdefault(home, []).append(key)
-    return by_home
-
-
-def _asks(by_home: dict[str, list[bytes]], membership: Membership) -> list[Ask]:
-    asks = []
-    for home, home_keys in by_home.items():
-        peer = membership.peer(home)
-        if peer is not None:
-            asks.append(Ask(home, peer.data_address, home_keys))
-    return asks
+                continue
+        others = [n for n in names if n != me]
+        if others:
+            groups.setdefault((others[0], *readers.hedge.order(others)), []).append(key)
+    return [Ask(list(group[1:]), group[0], group_keys) for group, group_keys in groups.items()]

@@ -51,7 +51,7 @@ from meshkv.dataplane.handshake import Greeter
 from meshkv.dataplane.server import DataServer, bind_router
 from meshkv.dataplane.service import DataService
 from meshkv.gossip.config import GossipConfig
-from meshkv.gossip.events import MemberEvent
+from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import HEALTH_COUNTERS as GOSSIP_HEALTH_COUNTERS
 from meshkv.gossip.runner import GossipRunner
 from meshkv.metrics import NodeMetrics
@@ -193,6 +193,7 @@ class MeshNode:
             repair=self.pusher.submit,
             metrics=self.metrics,
             config=tuning,
+            replicas=config.mesh_replicas,
         )
         self.gossip.subscribe(self._on_member_event)
         self._admin_port = ports.admin
@@ -271,9 +272,7 @@ class MeshNode:
             return
         locate_async(
             list(keys),
-            membership=self.membership,
-            store=self.store,
-            directory=self.directory,
+            self.gets.readers,
             loop=loop,
             deadline_s=self._deadline(timeout_s),
             done=located,
@@ -336,7 +335,8 @@ class MeshNode:
             self.pusher.submit(stored)
             if chains:
                 announce(keys, chains, set(stored), membership=self.membership,
-                         directory=self.directory, client=self._client())  # fmt: skip
+                         directory=self.directory, client=self._client(),
+                         replicas=self.config.mesh_replicas)  # fmt: skip
         return len(stored)
 
     def members(self) -> list[Peer]:
@@ -438,15 +438,20 @@ class MeshNode:
         A peer that died, left or restarted loses its transfer state, so nothing waits on it.
         Pointers to it are kept if it merely died (it may be frozen, and come back holding
         everything; lookups skip holders that are not alive), dropped if it left or restarted.
-        A member that joined is told which chunks held here it is now home for.
+        A member that joined is told which chunks held here it is now home for. A member alive
+        again (or back with a new boot) is no longer avoided by hedged reads.
         """
         change = self.membership.on_event(event)
+        if event.kind in (EventKind.ALIVE, EventKind.JOINED):
+            self.gets.hedge.clear(event.member.name)
         if change.gone is not None:
             self._greeter.forget(change.gone)
             self.server.forget_peer(change.gone)
             if change.lost_state:
                 self.directory.forget_holder(change.gone)
             log.info("%s: peer %s is gone; its transfer state is dropped", self.name, change.gone)
+            if event.kind is not EventKind.LEFT:  # died or restarted empty (a leaver hands
+                self.pusher.restore_after(change.gone)  # its chunks off itself)
         if change.joined is not None:
             self.pusher.point_out_to(change.joined)
 

@@ -5,12 +5,19 @@ here. The pusher thread asks each home on the key's preference list to reserve s
 chunks it lacks, WRITEs them (or sends them inline on the tcp channel: `BytePath.push`), then
 commits with their checksums, which the home verifies before publishing.
 
-Each push first points its home at this member's copy (``HELD_AT``: "ask me for these", one
-message, no reply), so a lookup that reaches the home while the bytes are still on their way
-finds this copy instead of missing (a prompt asked for on another engine right after this one
-computed it). Under bandwidth pressure the queue fills; then the chunks are only announced, so
-the home still answers lookups for them and nothing waits. Every step has a deadline; a home
-that fails is simply skipped (its lookups miss; our copy stays).
+Each push first points its homes at this member's copy (``HELD_AT``: "ask me for these", one
+message, no reply), so a lookup that reaches a home while the bytes are still on their way finds
+this copy instead of missing (a prompt asked for on another engine right after this one computed
+it). Under bandwidth pressure the queue fills; then the chunks are only announced, so the homes
+still answer lookups for them and nothing waits. Every step has a deadline; a home that fails is
+simply skipped (its lookups miss; our copy stays).
+
+Placement (`meshkv.ring.placement`): each chunk goes to the first ``replicas`` members of its
+preference list, and the member after them gets a pointer to this member (a reader whose
+replicas are all silent finds our copy through it). When a member dies, the chunks it was a
+replica of are re-pushed to their new preference lists by their first surviving replica
+(`restore_after`; likewise for a member back with a new, empty boot), so placement stays at
+``replicas`` copies through deaths and restarts.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.handshake import Greeter
 from meshkv.node.membership import Membership
+from meshkv.ring.placement import pointer_hosts, replica_targets, to_restore
 from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
@@ -48,6 +56,7 @@ class _Job:
     announce_only: bool
     leaving: bool = False  # place on the ring without this member (graceful leave)
     newcomer: str | None = None  # point out every chunk held here that this member is home for
+    gone: str | None = None  # restore the copies this dead member held (keys: empty)
 
 
 class Pusher:
@@ -112,6 +121,14 @@ class Pusher:
             time.sleep(HAND_OFF_POLL_S)
         return self.idle()
 
+    def restore_after(self, gone: str) -> None:
+        """A member died or restarted empty: re-push the chunks it was a replica of whose
+        first other replica is this member (in the background; never blocks)."""
+        try:
+            self._jobs.put_nowait(_Job([], announce_only=False, gone=gone))
+        except queue.Full:
+            self.stats["restore_dropped"] += 1
+
     def point_out_to(self, newcomer: str) -> None:
         """Tells a member that just joined which chunks held here it is now home for
         (``HELD_AT`` pointers, no bytes), so its lookups find them at once."""
@@ -131,7 +148,7 @@ class Pusher:
                 while not self._notices.empty():
                     notice = self._notices.get_nowait()
                     if notice.newcomer is None:
-                        self.stats["announced"] += self._announce(client, notice.keys)
+                        self._announce(client, notice.keys)
                     else:
                         self._point_out(client, notice.newcomer)
                 try:
@@ -141,7 +158,10 @@ class Pusher:
                 try:
                     if job is None:
                         return
-                    self._push(client, job.keys, leaving=job.leaving)
+                    if job.gone is not None:
+                        self._restore(client, job.gone)
+                    else:
+                        self._push(client, job.keys, leaving=job.leaving)
                 except Exception:  # a failed push is a lost copy, never a dead pusher
                     log.exception("push failed")
                 finally:
@@ -154,31 +174,35 @@ class Pusher:
         ring = self._membership.ring().current
         if leaving and me in ring.members:
             ring = ring.without_member(me)
-        targets: dict[str, list[bytes]] = {}
-        for key in keys:
-            for member in ring.preference_list(key, self._replicas):
-                if member != me:
-                    targets.setdefault(member, []).append(key)
-        return targets
+        return replica_targets(ring, keys, self._replicas, me=me)
 
-    def _announce(
-        self,
-        client: RequestClient,
-        keys: list[bytes],
-        targets: dict[str, list[bytes]] | None = None,
-    ) -> int:
-        """Sends each home of ``keys`` (or ``targets``) a HELD_AT naming this member; returns
-        the keys announced."""
+    def _announce(self, client: RequestClient, keys: list[bytes]) -> None:
+        self.stats["announced"] += self._point(client, self._targets(keys))
+
+    def _point(self, client: RequestClient, targets: dict[str, list[bytes]]) -> int:
+        """Tells each target that its keys are held here (``HELD_AT``, no reply); returns
+        how many keys were sent."""
+        me, epoch = self._membership.me.name, self._membership.ring().epoch
+        sent = 0
+        for name, keys in targets.items():
+            peer = self._membership.peer(name)
+            if peer is None:
+                continue
+            for start in range(0, len(keys), m.MAX_KEYS):
+                batch = keys[start : start + m.MAX_KEYS]
+                notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=batch, holder=me)
+                if client.send_only(peer.data_address, notice):
+                    sent += len(batch)
+        return sent
+
+    def _restore(self, client: RequestClient, gone: str) -> None:
         me = self._membership.me.name
-        epoch = self._membership.ring().epoch
-        announced = 0
-        for home, home_keys in (self._targets(keys) if targets is None else targets).items():
-            peer = self._membership.peer(home)
-            if peer is not None:
-                notice = m.HeldAt(req=client.next_id(), epoch=epoch, keys=home_keys, holder=me)
-                if client.send_only(peer.data_address, notice):  # HELD_AT has no reply
-                    announced += len(home_keys)
-        return announced
+        ring = self._membership.ring().current
+        keys = to_restore(ring, gone, self._store.keys(), self._replicas, me=me)
+        if keys:
+            log.info("%s: restoring %d chunks %s held a copy of", me, len(keys), gone)
+            self.stats["restored"] += len(keys)
+            self._push(client, keys)
 
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
@@ -199,8 +223,12 @@ class Pusher:
 
     def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
         targets = self._targets(keys, leaving=leaving)
-        if not leaving:  # lookups at the homes find our copy while the bytes are on their way
-            self.stats["pointed_ahead"] += self._announce(client, keys, targets)
+        if not leaving:  # a leaver's copy is about to go: no pointer to it
+            # lookups at the replicas find our copy while the bytes are on their way
+            self.stats["pointed_ahead"] += self._point(client, targets)
+            me, ring = self._membership.me.name, self._membership.ring().current
+            hosts = pointer_hosts(ring, keys, self._replicas, me=me)
+            self.stats["pointed"] += self._point(client, hosts)
         for home, home_keys in targets.items():
             stored = 0
             started_s = time.monotonic()

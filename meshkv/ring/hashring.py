@@ -248,6 +248,15 @@ class HashRing:
                 return [self._members[i] for i in owners[np.sort(first_seen)][:wanted]]
             window = min(count, window * 4)
 
+    def preference_lists_of(self, keys: Sequence[bytes], n: int) -> list[list[str]]:
+        """`preference_list` of each chunk key, computed once per distinct ring position (the
+        keys of one home group share a position). Empty lists on an empty ring."""
+        lists: dict[bytes, list[str]] = {}
+        for key in keys:
+            if key[:POSITION_BYTES] not in lists:
+                lists[key[:POSITION_BYTES]] = self.preference_list(key, n)
+        return [lists[key[:POSITION_BYTES]] for key in keys]
+
     def with_member(self, name: str) -> HashRing:
         """This ring plus `name`. Raises `UsageError` if `name` is already a member."""
         if name in self._members:

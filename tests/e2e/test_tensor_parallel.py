@@ -30,12 +30,15 @@ import zmq
 from meshkv.cli.vllm_engine import EngineProcess, EngineSpec
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
+from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.gossip.member import MemberView
 from meshkv.keys import chunk_keys, root_key
 from meshkv.models.tiny_llama import make_tiny_llama
-from meshkv.node.fetch import locate
+from meshkv.node.hedged_calls import HedgeState
+from meshkv.node.locate import locate
 from meshkv.node.membership import ROLE_SEED, Membership, Peer
+from meshkv.node.readers import Readers
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES
 from meshkv.wire import AuthPolicy
@@ -240,13 +243,15 @@ def holders(members: dict[str, MemberView], namespace: str, tokens: list[int]) -
         context, m.make_codec(LOOKUP_FRAME_BYTES, AuthPolicy.from_config(QUERY_CONFIG))
     )
     try:
-        return locate(
-            keys,
+        readers = Readers(
             membership=ring,
             store=ChunkStore.with_budget(PAGE_BYTES),
             directory=HolderDirectory(max_entries=1),
-            client=client,
-            deadline_s=time.monotonic() + LOCATE_TIMEOUT_S,
+            hedge=HedgeState(DataPlaneConfig()),
+            replicas=QUERY_CONFIG.mesh_replicas,
+        )
+        return locate(
+            keys, readers, client=client, deadline_s=time.monotonic() + LOCATE_TIMEOUT_S
         ).holders
     finally:
         client.close()
