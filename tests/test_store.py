@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from meshkv.store import (
     DEFAULT_SEGMENT_BYTES,
@@ -169,3 +170,22 @@ def test_held_among_names_committed_keys_only() -> None:
     put(store, key(3), 4096)
     assert isinstance(store.reserve(key(2), 4096, owner="x", deadline_s=100.0), Slot)
     assert store.held_among([key(i) for i in range(5)]) == {key(1), key(3)}
+
+
+def test_a_reader_waits_for_a_chunk_someone_else_is_writing_here_not_for_its_own() -> None:
+    store = ChunkStore.with_budget(MIB, segment_bytes=MIB)
+    soon = time.monotonic() + 30
+    assert not store.await_arrival(key(1), owner="get", deadline_s=soon)  # nobody writes it
+    slot = store.reserve(key(2), 4096, owner="push", deadline_s=soon)
+    assert isinstance(slot, Slot)
+    writer = threading.Thread(
+        target=lambda: store.commit(key(2), chunk_checksum(store.view(slot)), owner="push")
+    )
+    writer.start()  # commits while the reader waits, or before it looks: both are an arrival
+    assert store.await_arrival(key(2), owner="get", deadline_s=soon)
+    writer.join()
+
+    assert isinstance(store.reserve(key(3), 4096, owner="get", deadline_s=soon), Slot)
+    assert not store.await_arrival(key(3), owner="get", deadline_s=soon)  # its own write
+    assert isinstance(store.reserve(key(4), 4096, owner="push", deadline_s=soon), Slot)
+    assert not store.await_arrival(key(4), owner="get", deadline_s=time.monotonic() + 0.05)

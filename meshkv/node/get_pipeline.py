@@ -3,7 +3,8 @@
 1. presume: guess each leading key's holders with no round trip (`meshkv.node.fetch.presume`:
    its replicas, the members just found silent last);
 2. fetch straight from those guesses (one round trip when chunks sit at their homes), hedged
-   to the next replica when a holder is silent for the hedge delay;
+   to the next replica when a holder is silent for the hedge delay; a chunk being written into
+   this member meanwhile (a push to its home, a read repair) is waited for, not fetched;
 3. locate: if the guesses missed, ask who holds the rest (`meshkv.node.locate`: the prompt's
    first home, which knows its chain, then the preference lists of what it did not cover,
    hedged; after a membership change, the previous homes);
@@ -136,6 +137,10 @@ class GetPipeline:
         first = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
         fetched, stray = first.committed, set(first.home_lacked)
         held = self._leading_held(keys, guesses, fetched)
+        while held < len(keys) and self._store.await_arrival(
+            keys[held], owner=owner, deadline_s=deadline_s
+        ):  # being written here (a push, a repair): take it when it lands, not fetch it again
+            held += 1
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
             located = locate(keys[held:], self.readers, client=client, deadline_s=deadline_s)
             stray.update(held + i for i in located.fallbacks)

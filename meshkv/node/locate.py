@@ -9,7 +9,8 @@ steps:
    its chain index (`meshkv.dataplane.chain_index`: what producers told it they hold of this
    prompt) and its held-at pointers. If that home is this member, it is answered here;
 3. only if that answer stops short, and the first key it does not cover is homed at another
-   member, the homes of the keys left are asked, all at once (one more round trip; the first
+   member (or this member answered: that cost no round trip), the homes of the keys left are
+   asked, all at once, and their other candidates after them (one more round trip; the first
    home too, for its later groups: its first answer stopped at the gap);
 4. a miss at a home that changed with the last membership change falls back once to the
    previous epoch's home.
@@ -88,7 +89,7 @@ def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
             ask = Ask(readers.hedge.order(others), others[0], list(keys))
             _take_replies(answers, [ask], (yield [ask]))
         covered = _leading(keys, answers)
-        if covered < len(keys) and current.home(keys[covered]) != first_home:
+        if covered < len(keys) and (first_home == me or current.home(keys[covered]) != first_home):
             rest = [k for k in keys[covered:] if k not in answers]
             asks = _grouped(rest, current.preference_lists_of(rest, copies), answers, readers)
             if asks:

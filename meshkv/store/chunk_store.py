@@ -21,6 +21,7 @@ copied or hashed. This module knows nothing of peers, transfers or vLLM.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -56,6 +57,7 @@ class ChunkStore:
         self.pool = pool
         self._table = SlotTable([s.nbytes for s in pool.segments])
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # a reservation committed or ended
 
     @classmethod
     def with_budget(
@@ -94,12 +96,29 @@ class ChunkStore:
         expired or was aborted): the bytes written are then not published.
         """
         with self._lock:
+            self._settled.notify_all()
             return self._table.commit(key, checksum, owner=owner)
 
     def abort(self, key: bytes, *, owner: str) -> bool:
         """Frees ``owner``'s reservation of ``key``; False if it held none."""
         with self._lock:
+            self._settled.notify_all()
             return self._table.abort(key, owner=owner)
+
+    def await_arrival(self, key: bytes, *, owner: str, deadline_s: float) -> bool:
+        """True once a committed copy of ``key`` is here: at once if it is; else, while someone
+        other than ``owner`` is writing it into this store (a push from its producer, a read
+        repair, another reader's fetch), after that write commits, waiting until ``deadline_s``
+        at most. False if it is absent and nobody else is writing it, or not committed in time.
+        """
+        with self._settled:
+            while not self._table.lookup(key):
+                writer = self._table.reserved_by(key)
+                left_s = deadline_s - time.monotonic()
+                if writer is None or writer == owner or left_s <= 0:
+                    return False
+                self._settled.wait(left_s)
+            return True
 
     def lookup(self, key: bytes) -> bool:
         """True if a committed copy of ``key`` is here."""
@@ -134,6 +153,7 @@ class ChunkStore:
     def expire(self, now_s: float) -> list[Expired]:
         """Reclaims pins and reservations whose deadline is at or before ``now_s``."""
         with self._lock:
+            self._settled.notify_all()
             return self._table.expire(now_s)
 
     def stats(self) -> StoreStats:

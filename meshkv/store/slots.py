@@ -192,6 +192,11 @@ class SlotTable:
             count += 1
         return count
 
+    def reserved_by(self, key: bytes) -> str | None:
+        """The owner of the reservation of ``key`` being written here, or None."""
+        slot_id = self._reserved.get(key)
+        return None if slot_id is None else self._records[slot_id].owner
+
     def keys(self) -> list[bytes]:
         """Every committed key, in no particular order."""
         return list(self._index)
