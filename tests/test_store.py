@@ -189,3 +189,15 @@ def test_a_reader_waits_for_a_chunk_someone_else_is_writing_here_not_for_its_own
     assert not store.await_arrival(key(3), owner="get", deadline_s=soon)  # its own write
     assert isinstance(store.reserve(key(4), 4096, owner="push", deadline_s=soon), Slot)
     assert not store.await_arrival(key(4), owner="get", deadline_s=time.monotonic() + 0.05)
+
+
+def test_an_owner_reserving_its_own_open_reservation_again_gets_the_same_slot() -> None:
+    store = ChunkStore.with_budget(MIB, segment_bytes=MIB)
+    first = store.reserve(key(1), 4096, owner="get", deadline_s=10.0)
+    again = store.reserve(key(1), 4096, owner="get", deadline_s=20.0)
+    assert isinstance(first, Slot) and isinstance(again, Slot)
+    assert again.region == first.region and store.reserved_by(key(1)) == "get"
+    assert store.reserve(key(1), 4096, owner="other", deadline_s=20.0) is Refusal.IN_FLIGHT
+    assert store.reserve(key(1), 8192, owner="get", deadline_s=20.0) is Refusal.IN_FLIGHT
+    assert store.expire(15.0) == []  # the later deadline holds
+    assert [e.key for e in store.expire(20.0)] == [key(1)]

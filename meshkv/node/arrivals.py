@@ -12,7 +12,8 @@ A chunk's slot is reserved before its requests go out. Once every request for th
 answered, a chunk that did not complete is aborted. If some request was not answered, the
 holder may still be writing into the slot until its budget ends, so the slot is left
 reserved: the store expires it after the deadline the caller gave, and does not reuse it
-before then.
+before then. A later fetch of the same get (its refetch from a located holder) reserves the
+same slot again and may complete it; it never aborts a slot an earlier fetch left reserved.
 
 A hedged get asks a second replica for chunks the first has not answered for: both requests
 name the same slot, and the first reply that completes the chunk commits it. A reply that
@@ -57,6 +58,7 @@ class _Chunk:
     checksum: bytes | None = None  # what the holder says the whole chunk hashes to
     failed: bool = False
     committed: bool = False
+    inherited: bool = False  # reserved by an earlier fetch of the same get, maybe still written
 
 
 class Arrivals:
@@ -75,12 +77,13 @@ class Arrivals:
         """Reserves slots for chunks [start, end); returns where it stopped (the first chunk the
         store had no room for, or ``end``)."""
         for i in range(start, end):
+            inherited = self._store.reserved_by(self._keys[i]) == self._owner
             slot = self._store.reserve(
                 self._keys[i], chunk_bytes, owner=self._owner, deadline_s=deadline_s
             )
             if isinstance(slot, Refusal):
                 return i
-            self._chunks[i] = _Chunk(slot)
+            self._chunks[i] = _Chunk(slot, inherited=inherited)
         return end
 
     def expect(self, piece: Piece) -> list[m.SlotRef]:
@@ -136,7 +139,7 @@ class Arrivals:
         for i, chunk in self._chunks.items():
             if chunk.committed:
                 committed.add(i)
-            elif chunk.outstanding == 0:
+            elif chunk.outstanding == 0 and not chunk.inherited:
                 self._store.abort(self._keys[i], owner=self._owner)
         return committed
 

@@ -120,6 +120,11 @@ class ChunkStore:
                 self._settled.wait(left_s)
             return True
 
+    def reserved_by(self, key: bytes) -> str | None:
+        """Who is writing ``key`` into this store now (its reservation's owner), or None."""
+        with self._lock:
+            return self._table.reserved_by(key)
+
     def lookup(self, key: bytes) -> bool:
         """True if a committed copy of ``key`` is here."""
         with self._lock:

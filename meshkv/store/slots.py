@@ -221,14 +221,21 @@ class SlotTable:
         """A slot for ``owner`` to write ``key`` into until ``deadline_s``, or why there is none.
 
         Makes room by evicting least recently used unpinned chunks (of this size first, then
-        whole segments of other sizes).
+        whole segments of other sizes). An owner that reserves a key it holds a reservation of
+        already gets the same slot again (its deadline the later of the two): a reader that
+        asks another holder after one went silent keeps the slot the silent one may still
+        write into.
         """
         if not key or nbytes <= 0:
             raise UsageError("reserve needs a non-empty key and a positive size")
         if key in self._index:
             return Refusal.PRESENT
         if key in self._reserved:
-            return Refusal.IN_FLIGHT
+            held = self._records[self._reserved[key]]
+            if held.owner != owner or held.nbytes != nbytes:
+                return Refusal.IN_FLIGHT
+            held.deadline_s = max(held.deadline_s, deadline_s)
+            return held.snapshot()
         slot_bytes = slot_bytes_for(nbytes)
         if slot_bytes > max(self._segment_bytes, default=0):
             return Refusal.TOO_LARGE
