@@ -281,10 +281,8 @@ class Member:
 
     def start(self) -> None:
         seeds = [a for s in self.seeds if s != self.address for a in ("--seed", s)]
-        self.boots += 1
-        self.stopped_on_purpose = False
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "meshkv", "join",
                  "--config", str(self.config_path), "--id", f"{self.name_prefix}{self.index}",
                  "--host", self.host, "--port", str(self.gossip_port),
@@ -293,6 +291,11 @@ class Member:
                 stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
+        # In this order: the monitor thread's `check_alive` must never see the new boot's
+        # flag beside the old, killed process (it recorded "boot N exited with -9" as a crash).
+        self.boots += 1
+        self.proc = proc
+        self.stopped_on_purpose = False
 
     def listening(self) -> bool:
         """True once this boot has bound its ports (its log line for this boot is out)."""
