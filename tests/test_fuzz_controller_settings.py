@@ -68,6 +68,7 @@ def test_key_value_arguments_load_or_name_the_key(args: tuple[str, ...]) -> None
 @given(st.sampled_from(CONTROLLER_KEYS), raw_values)
 @example("controller_port", "²")
 @example("lmcache_worker_timeout", "٣")
+@example("mesh_state_file", "~0")  # no user "0": expanduser raised instead of naming the key
 def test_environment_values_load_or_name_the_variable(key: str, raw: str) -> None:
     check(lambda: load_settings(CommandLine(), environ={f"LMCACHE_CONTROLLER_{key.upper()}": raw}))
 

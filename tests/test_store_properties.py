@@ -79,7 +79,12 @@ class StoreMachine(RuleBasedStateMachine):
         if key in self.ready:
             assert got is Refusal.PRESENT
         elif key in self.reserved:
-            assert got is Refusal.IN_FLIGHT
+            held_by, held_until, held = self.reserved[key]
+            if held_by != owner or held.region.nbytes != nbytes:
+                assert got is Refusal.IN_FLIGHT
+            else:  # its own open reservation: the same slot, the later deadline
+                assert not isinstance(got, Refusal) and got.region == held.region
+                self.reserved[key] = (owner, max(held_until, self.now + ttl), held)
         elif isinstance(got, Refusal):
             assert got is Refusal.NO_ROOM
         else:

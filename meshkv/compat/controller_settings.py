@@ -295,4 +295,7 @@ def _state_file(value: object, pull_port: int, env: Mapping[str, str]) -> Path |
         return Path(state_home) / "meshkv" / f"controller-{pull_port}.json"
     if not isinstance(value, str):
         raise ConfigError("mesh_state_file", f"must be a path or empty, got {value!r}")
-    return Path(value).expanduser() if value else None
+    try:
+        return Path(value).expanduser() if value else None
+    except RuntimeError as exc:  # "~user" for a user this system does not know
+        raise ConfigError("mesh_state_file", f"cannot expand {value!r}: {exc}") from None
