@@ -217,7 +217,10 @@ class MeshKVConnector(KVConnectorBase_V1):
                 why,
             )
             logger.debug("meshkv: why registration failed", exc_info=True)
-            self._worker.pass_through(rank=self._rank_in_engine())
+            try:
+                self._worker.pass_through(rank=self._rank_in_engine())
+            except Exception:  # still never raises into vLLM's start
+                logger.exception("meshkv: could not tell this pass-through worker's rank")
 
     def _rank_in_engine(self) -> int:
         """This worker's rank, so a pass-through rank still answers fetches as itself (the
