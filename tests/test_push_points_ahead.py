@@ -9,24 +9,13 @@ every chunk, at the producer, byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 
 from tests.test_node import Mesh, chunk, keys_for
+from tests.test_node import mesh as mesh  # the same fixture: both channels
 
 CHUNK_BYTES = 512 * 1024
 HOME_BUDGET_GIB = 1 / 1024  # 1 MiB: one chunk of 512 KiB at most
-
-
-@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    mesh = Mesh(request.param)
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 def test_a_home_that_lacks_the_bytes_points_readers_at_the_producer(mesh: Mesh) -> None:
