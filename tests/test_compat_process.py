@@ -19,7 +19,7 @@ import pytest
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.member import MemberState
 from meshkv.gossip.runner import GossipRunner
-from meshkv.node.membership import ROLE_ENGINE, member_meta
+from meshkv.member_meta import ROLE_ENGINE, member_meta
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.processes

@@ -13,8 +13,8 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.errors import ConfigError, UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import HEALTH_COUNTERS, GossipRunner
+from meshkv.member_meta import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.node import MeshNode, build_member
-from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.wire import AuthPolicy
 
 SECRET = "a-mesh-secret-of-16+"

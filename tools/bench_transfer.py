@@ -78,8 +78,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshkv.config import MeshConfig
+from meshkv.member_meta import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
 from meshkv.node import MeshNode
-from meshkv.node.membership import ANY_NAMESPACE, ROLE_SEED, ROLE_STORAGE
 from meshkv.store import Region, SegmentPool, chunk_checksum, segment_sizes
 from meshkv.store import Slot as StoreSlot
 from meshkv.transfer import SegmentInfo

@@ -39,9 +39,9 @@ from meshkv.config import MeshConfig
 from meshkv.errors import TransportError, UsageError
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.runner import GossipRunner
+from meshkv.member_meta import ROLE_STORAGE
 from meshkv.node import build_member
 from meshkv.node.build import ROLE_GOSSIP
-from meshkv.node.membership import ROLE_STORAGE
 
 REFRESH_S = 0.5
 """How often the live table (or the plain event log) is brought up to date."""

@@ -28,10 +28,9 @@ from meshkv.cli.common import (
 )
 from meshkv.cli.member_table import namespace_of, role_of, status_of
 from meshkv.gossip.member import MemberState, MemberView
+from meshkv.member_meta import ANY_NAMESPACE, ROLE_SEED
 
 RING_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
-ANY_NAMESPACE = "*"  # as meshkv.node.membership.ANY_NAMESPACE
-SEED_ROLE = "seed"  # as meshkv.node.membership.ROLE_SEED
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
 def rings_of(views: Iterable[MemberView]) -> dict[str, list[MemberView]]:
     """The members of each namespace's ring, by namespace, sorted by name."""
-    live = [v for v in views if v.state in RING_STATES and role_of(v) != SEED_ROLE]
+    live = [v for v in views if v.state in RING_STATES and role_of(v) != ROLE_SEED]
     storage = [v for v in live if namespace_of(v) == ANY_NAMESPACE]
     namespaces = sorted({namespace_of(v) for v in live} - {ANY_NAMESPACE})
     rings = {

@@ -34,10 +34,10 @@ from meshkv.dataplane.directory import HolderDirectory
 from meshkv.gossip.events import MemberEvent
 from meshkv.gossip.member import MemberView
 from meshkv.keys import KEY_BYTES, chunk_keys, root_key
-from meshkv.member_meta import chunk_size_of, namespace_of
+from meshkv.member_meta import ROLE_ENGINE, ROLE_SEED, chunk_size_of, namespace_of
 from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.locate import Located, locate_async
-from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED, Membership, Peer
+from meshkv.node.membership import Membership, Peer
 from meshkv.node.readers import Readers
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES

@@ -25,8 +25,8 @@ from typing import Any
 
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.member import MemberState, MemberView
-from meshkv.member_meta import admin_port_of, chunk_count_of, namespace_of
-from meshkv.node.membership import ROLE_ENGINE, peer_of
+from meshkv.member_meta import ROLE_ENGINE, admin_port_of, chunk_count_of, namespace_of
+from meshkv.node.membership import peer_of
 
 LISTED_STATES = (MemberState.ALIVE, MemberState.SUSPECT)
 HEALTH_OK = 0

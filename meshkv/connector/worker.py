@@ -47,8 +47,8 @@ from meshkv.connector.identity import namespace_for, worker_rank, worker_world_s
 from meshkv.connector.metadata import Fetch, Load, MeshStepOrders, MeshWorkerReport
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.keys import chunk_keys, root_key
+from meshkv.member_meta import ROLE_ENGINE
 from meshkv.node import ChainSlice, ChunkLease, MeshNode, build_member
-from meshkv.node.membership import ROLE_ENGINE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

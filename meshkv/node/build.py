@@ -25,8 +25,14 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.errors import UsageError
 from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.runner import GossipRunner
-from meshkv.member_meta import gossip_only_meta, seed_meta
-from meshkv.node.membership import ANY_NAMESPACE, ROLE_ENGINE, ROLE_SEED, ROLE_STORAGE
+from meshkv.member_meta import (
+    ANY_NAMESPACE,
+    ROLE_ENGINE,
+    ROLE_SEED,
+    ROLE_STORAGE,
+    gossip_only_meta,
+    seed_meta,
+)
 from meshkv.node.mesh_node import MeshNode
 from meshkv.wire import AuthPolicy
 

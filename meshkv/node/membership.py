@@ -26,23 +26,11 @@ from meshkv.member_meta import (
     ROLE_SEED,
     ROLE_STORAGE,
     data_address_of,
-    member_meta,
     namespace_of,
     role_of,
 )
 from meshkv.ring.hashring import HashRing
 from meshkv.ring.view import RingView
-
-__all__ = [
-    "ANY_NAMESPACE",
-    "ROLE_ENGINE",
-    "ROLE_SEED",
-    "ROLE_STORAGE",
-    "Membership",
-    "Peer",
-    "member_meta",
-    "peer_of",
-]
 
 _ON_RING = (MemberState.ALIVE, MemberState.SUSPECT)
 

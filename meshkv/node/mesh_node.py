@@ -54,12 +54,13 @@ from meshkv.gossip.config import GossipConfig
 from meshkv.gossip.events import EventKind, MemberEvent
 from meshkv.gossip.runner import HEALTH_COUNTERS as GOSSIP_HEALTH_COUNTERS
 from meshkv.gossip.runner import GossipRunner
+from meshkv.member_meta import ROLE_ENGINE, ROLE_STORAGE, member_meta
 from meshkv.metrics import NodeMetrics
 from meshkv.node.chains import ChainSlice, announce
 from meshkv.node.chunk_count_advert import ChunkCountAdvert
 from meshkv.node.get_pipeline import ChunkLease, GetPipeline
 from meshkv.node.locate import Located, locate_async
-from meshkv.node.membership import ROLE_ENGINE, ROLE_STORAGE, Membership, Peer, member_meta
+from meshkv.node.membership import Membership, Peer
 from meshkv.node.push import Pusher
 from meshkv.store import ChunkStore, Refusal, chunk_checksum
 from meshkv.transfer import Channel, make_channel

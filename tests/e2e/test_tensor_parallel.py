@@ -34,10 +34,11 @@ from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.gossip.member import MemberView
 from meshkv.keys import chunk_keys, root_key
+from meshkv.member_meta import ROLE_SEED
 from meshkv.models.tiny_llama import make_tiny_llama
 from meshkv.node.hedged_calls import HedgeState
 from meshkv.node.locate import locate
-from meshkv.node.membership import ROLE_SEED, Membership, Peer
+from meshkv.node.membership import Membership, Peer
 from meshkv.node.readers import Readers
 from meshkv.store import ChunkStore
 from meshkv.store.slots import PAGE_BYTES

@@ -29,8 +29,8 @@ import pytest
 
 from meshkv.config import MeshConfig
 from meshkv.keys import chunk_keys, root_key
+from meshkv.member_meta import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.node import MeshNode
-from meshkv.node.membership import ANY_NAMESPACE, ROLE_STORAGE
 from meshkv.ring.hashring import HashRing
 from tests.conftest import wait_until
 from tests.e2e.conftest import (

@@ -169,7 +169,7 @@ class MeshkvPath(LookupPath):
 
     def setup(self, holdings: Holdings) -> dict:
         from meshkv.config import MeshConfig
-        from meshkv.node.membership import ROLE_ENGINE, ROLE_SEED
+        from meshkv.member_meta import ROLE_ENGINE, ROLE_SEED
         from meshkv.ring import HashRing
 
         n = holdings.members
