@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from meshkv.cli.common import codec_of
@@ -36,6 +37,10 @@ START_S = 60.0
 CONVERGE_S = 30.0
 DEAD_LIMIT_S = 60.0
 """A frozen member not dead everywhere by then counts as never (the rule is broken)."""
+SETTLE_S = 3.0
+"""A round starts only after every member listed every member alive this long without a break
+(a member thawed after its death was re-frozen at once and declared dead again: its peers'
+fresh connections to it were not up yet, so nothing held its suspicion)."""
 QUERY_TIMEOUT_S = 0.5
 POLL_S = 0.05
 
@@ -95,6 +100,23 @@ def wait(condition, limit_s: float) -> float | None:
     return time.monotonic() - started
 
 
+def settle(members: Members) -> float | None:
+    """Seconds until every member listed every member alive for SETTLE_S in a row (None past
+    CONVERGE_S)."""
+    started = time.monotonic()
+    alive_since: float | None = None
+    while time.monotonic() - started < CONVERGE_S:
+        now = time.monotonic()
+        if not members.all_alive():
+            alive_since = None
+        elif alive_since is None:
+            alive_since = now
+        elif now - alive_since >= SETTLE_S:
+            return now - started
+        time.sleep(POLL_S)
+    return None
+
+
 def measure(args) -> dict:
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -110,20 +132,20 @@ def measure(args) -> dict:
                 to_dead.append(wait(lambda v=victim: members.dead_at_others(v), DEAD_LIMIT_S))
             finally:
                 os.kill(members.procs[victim].pid, signal.SIGCONT)
-            if wait(members.all_alive, CONVERGE_S) is None:
+            if settle(members) is None:
                 raise TimeoutError(f"f{victim}/0 did not come back after its thaw")
         short_deaths = 0
         for round_index in range(args.rounds):
             victim = round_index % args.members
-            dead_before = _dead_events(work, members.names[victim])
+            frozen_at = datetime.now().strftime("%H:%M:%S.%f")[:-3]  # the members' log clock
             os.kill(members.procs[victim].pid, signal.SIGSTOP)
             try:
                 time.sleep(args.stall_s)  # the freeze itself is the scenario
             finally:
                 os.kill(members.procs[victim].pid, signal.SIGCONT)
-            if wait(members.all_alive, CONVERGE_S) is None:
+            if settle(members) is None:
                 raise TimeoutError(f"f{victim}/0 did not come back after a short freeze")
-            short_deaths += _dead_events(work, members.names[victim]) > dead_before
+            short_deaths += _dead_events_since(work, members.names[victim], frozen_at) > 0
         seen = sorted(t for t in to_dead if t is not None)
         return {
             "command": " ".join(sys.argv),
@@ -139,9 +161,15 @@ def measure(args) -> dict:
         members.stop()
 
 
-def _dead_events(work: Path, name: str) -> int:
-    """How many times the members' logs say ``name`` was declared dead."""
-    return sum(log.read_text().count(f" dead {name} ") for log in work.glob("f*.log"))
+def _dead_events_since(work: Path, name: str, clock: str) -> int:
+    """How many times the members' logs say ``name`` was declared dead at or after ``clock``
+    (their "HH:MM:SS.mmm" line stamps; a run does not cross midnight)."""
+    return sum(
+        line >= clock
+        for log in work.glob("f*.log")
+        for line in log.read_text().splitlines()
+        if f" dead {name} " in line
+    )
 
 
 def main() -> None:
