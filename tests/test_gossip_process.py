@@ -39,6 +39,9 @@ START_S = 30.0  # a process importing meshkv on a loaded 2-core machine: not a t
 CONVERGE_S = 10.0  # joining, rejoining after a restart: generous, it is not a target
 DEAD_WITHIN_S = 3.0  # DESIGN §5: a crash seen by every member in <= 3 s (p99)
 STALL_S = 1.0  # DESIGN §5: no healthy member declared dead under a 1 s stall
+FROZEN_DEAD_WITHIN_S = 10.0
+"""A member frozen for good: its link drops after the 3 s heartbeat timeout, then its expired
+suspicion is a death (about 3.5 s); generous for a loaded machine, but bounded."""
 MARKER = "marker/0"  # an in-process member whose join every member logs after the freeze
 GARBAGE_RUN_S = 0.5  # the member must keep running this long after the garbage
 STOP_TIMEOUT_S = 5.0
@@ -217,6 +220,29 @@ def test_a_member_frozen_for_1s_is_never_declared_dead(full_mesh: Mesh):
         new_lines = member.log()[logs_before[member.index] :].splitlines()
         declared = [line for line in new_lines if f" dead {frozen.name} " in line]
         assert declared == [], f"{member.name} declared {frozen.name} dead: {declared}"
+
+
+def test_a_member_frozen_for_good_is_declared_dead_in_bounded_time_and_refutes_when_thawed(
+    full_mesh: Mesh,
+):
+    frozen = full_mesh.members[2]
+    assert frozen.proc is not None
+    boots = frozen.boots
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+
+        def dead_everywhere() -> bool:
+            tables = [_table(m) for m in full_mesh.others(frozen)]
+            return all(t is not None and t[frozen.name].state is MemberState.DEAD for t in tables)
+
+        wait_until(f"{frozen.name} dead at every other member", dead_everywhere,
+                   FROZEN_DEAD_WITHIN_S)  # fmt: skip
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    # the same boot comes back: it learns it was declared dead and refutes
+    wait_until("thawed member alive everywhere", lambda: _all_alive_everywhere(full_mesh),
+               CONVERGE_S)  # fmt: skip
+    assert frozen.proc.poll() is None and frozen.boots == boots
 
 
 def _bad_frames() -> dict[str, bytes]:

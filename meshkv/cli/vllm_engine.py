@@ -3,10 +3,16 @@
 An `EngineProcess` runs ``python -m vllm.entrypoints.openai.api_server`` for one model, pinned
 to one CPU core per tensor-parallel rank (``VLLM_CPU_OMP_THREADS_BIND``) with a bounded KV cache
 (``VLLM_CPU_KVCACHE_SPACE``), offline (``HF_HUB_OFFLINE``), optionally with MeshKVConnector
-selected by name and a meshkv YAML (``MESHKV_CONFIG_FILE``). It starts in its own session so that
-`stop` ends exactly the processes it started (the API server and the engine and worker
+selected by name and a meshkv YAML (``MESHKV_CONFIG_FILE``). It starts in its own process group
+so that `stop` ends exactly the processes it started (the API server and the engine and worker
 processes it spawns), by process-group id, and it is SIGTERMed by Linux if the process that
 started it dies first. Its output goes to a log file the caller names.
+
+Not in its own session: Linux gives every session its own scheduling group (autogroup), and
+engines in separate groups on shared cores starved each other here: with two TP = 2 engines on
+2 cores, one engine's threads got 0.15-0.3 s of CPU in 4 minutes while runnable, its gossip
+members were declared dead ~30 times a minute, and it answered 1 request to the other's 112
+(``tools/bench_busy_engines.py``; in one session: 378 and 382 requests, no suspicion at all).
 
 This module knows how to launch and talk to vLLM over HTTP; it knows nothing of the mesh.
 """
@@ -163,7 +169,7 @@ class EngineProcess:
             env=self.spec.environment(),
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,
             preexec_fn=_terminate_with_parent,
         )
         log.close()

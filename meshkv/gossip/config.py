@@ -60,10 +60,10 @@ class GossipConfig:
     """How long a suspect whose process still answers at the transport level is held before it
     is declared dead (s), default 30. Its ZMQ I/O thread answers heartbeats without the GIL, so
     the process runs but its gossip loop does not: an engine whose model runner, compiler or
-    collective holds the GIL (measured on 2 cores: gossip loop turns up to 15 s late). A crash
-    or SIGSTOP drops the link (at once, or after the transport's heartbeat timeout) and is
-    declared dead on the normal timeout. Longer tolerates longer stalls; a process wedged with
-    its GIL held is declared dead this much later. 0 disables holding."""
+    collective holds the GIL. A crash drops the link at once, a SIGSTOP after the transport's
+    heartbeat timeout (3 s); the suspect is then declared dead on the normal timeout. Longer
+    tolerates longer stalls; a process wedged with its GIL held is declared dead this much
+    later. 0 disables holding."""
 
     retransmit_mult: float = 3.0
     """lambda: each member sends each update it learns ``ceil(lambda * ln(N + 1))`` times,

@@ -72,9 +72,13 @@ class TransportLimits:
     heartbeat_interval_s: float = 0.25
     """How often each outbound connection sends a ZMTP heartbeat (s); 0 = none, and then no
     link is ever reported up. The peer's ZMQ I/O thread answers it without the GIL."""
-    heartbeat_timeout_s: float = 1.0
+    heartbeat_timeout_s: float = 3.0
     """A connection whose peer answered no heartbeat for this long is closed and its link
-    reported down (a frozen or vanished peer); ZMQ then reconnects."""
+    reported down (a frozen or vanished peer); ZMQ then reconnects. A killed peer's link goes
+    down at once (its kernel closes the connection); this bounds how long a frozen or
+    unreachable one keeps its link, so a frozen member is declared dead about this long after
+    it froze. 3 s: a SIGSTOP of 1 s (DESIGN §5's stall) must not drop the link, which at 1 s it
+    sometimes did (the stall-grace then did not apply)."""
 
     def __post_init__(self) -> None:
         for name in (

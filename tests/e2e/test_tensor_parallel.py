@@ -13,6 +13,11 @@ rank-sized chunks (half the engine's KV heads).
 
 This module's engines are module-scoped and the file sorts before test_two_engines.py, so they
 are stopped before the package's TP = 1 engines (conftest) start.
+
+The engines share the test's session (`EngineProcess` starts each in its own process group
+only): in sessions of their own, Linux's per-session scheduling groups let one engine's pinned
+workers starve the other's for tens of seconds on these 2 cores, and its members were declared
+dead while it warmed up (the flake this file was marked xfail for).
 """
 
 from __future__ import annotations
@@ -60,12 +65,6 @@ pytestmark = [
     pytest.mark.vllm,
     pytest.mark.processes,
     pytest.mark.timeout(900),
-    pytest.mark.xfail(
-        reason="issue 14 open: on 2 cores an engine's workers can stall for over 30 s (its "
-        "first request: [one-two] failed after the gossip fix, the consumer silent ~37 s, past "
-        "its own load deadline and stall_grace_s); not yet 3 green runs in a row here",
-        strict=False,
-    ),
 ]
 
 TP = 2
