@@ -35,6 +35,7 @@ from queue import Empty, SimpleQueue
 import zmq
 
 from meshkv.dataplane import messages as m
+from meshkv.dataplane import parts as frames
 from meshkv.errors import ProtocolError
 from meshkv.wire import FrameCodec
 
@@ -60,6 +61,7 @@ class RequestClient:
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
         self._poller = zmq.Poller()
         self._ids = itertools.count(1)
+        self._wake_fd: int | None = None  # registered in the poller by `receive`
         self.stats: Counter[str] = Counter()
 
     def next_id(self) -> int:
@@ -122,10 +124,8 @@ class RequestClient:
             self.forget(address)
 
     def _send(self, address: str, request: m.Message) -> bool:
-        try:
-            frames = m.encode_frames(self._codec, request)  # copied into ZMQ before return
-            self._socket(address).send_multipart(frames, zmq.NOBLOCK, copy=True)
-        except zmq.Again:
+        # (the frames are copied into ZMQ before send returns)
+        if not frames.send(self._socket(address), m.encode_frames(self._codec, request)):
             self.stats["send_dropped"] += 1
             return False
         self.stats["sent"] += 1
@@ -133,12 +133,14 @@ class RequestClient:
 
     def receive(self, timeout_ms: int, wake_fd: int) -> tuple[list[m.Message], bool]:
         """Waits up to ``timeout_ms`` for replies or for ``wake_fd`` to be readable; returns
-        every reply that came (any request) and whether ``wake_fd`` is readable."""
-        self._poller.register(wake_fd, zmq.POLLIN)
-        try:
-            ready = self._poller.poll(timeout_ms)
-        finally:
-            self._poller.unregister(wake_fd)
+        every reply that came (any request) and whether ``wake_fd`` is readable. The fd stays
+        registered: a client that is given one is used through `receive` alone."""
+        if wake_fd != self._wake_fd:
+            if self._wake_fd is not None:
+                self._poller.unregister(self._wake_fd)
+            self._poller.register(wake_fd, zmq.POLLIN)
+            self._wake_fd = wake_fd
+        ready = self._poller.poll(timeout_ms)
         replies: list[m.Message] = []
         woken = False
         for sock, _ in ready:
@@ -150,13 +152,9 @@ class RequestClient:
 
     def _read(self, sock: zmq.Socket) -> Iterator[m.Message]:
         """Every reply waiting on ``sock``, decoded; malformed ones are dropped and counted."""
-        while True:
+        while (parts := frames.receive(sock, copy=False)) is not None:  # read in place
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # read in place
-            except zmq.Again:
-                return
-            try:
-                yield m.decode(self._codec, frames[0].buffer, [f.buffer for f in frames[1:]])
+                yield m.decode(self._codec, parts[0].buffer, [f.buffer for f in parts[1:]])
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
 
