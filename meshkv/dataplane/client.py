@@ -35,6 +35,8 @@ from queue import Empty, SimpleQueue
 import zmq
 
 from meshkv.dataplane import messages as m
+from meshkv.dataplane import parts as frames
+from meshkv.dataplane.awaited import AwaitedReplies
 from meshkv.errors import ProtocolError
 from meshkv.wire import FrameCodec
 
@@ -58,7 +60,7 @@ class RequestClient:
         self._context = context
         self._codec = codec
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
-        self._poller = zmq.Poller()
+        self._awaited = AwaitedReplies()  # the sockets a poll looks at
         self._ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
 
@@ -89,6 +91,8 @@ class RequestClient:
                 waiting[request.req] = index
         yield from self.answers(waiting, deadline_s)
         self.stats["timeout"] += len(waiting)
+        for req in waiting:
+            self.give_up(req)
 
     def answers(self, waiting: dict[int, int], until_s: float) -> Iterator[tuple[int, m.Message]]:
         """Yields (``waiting[req]``, reply) for replies to the requests ``waiting`` names (sent
@@ -98,13 +102,18 @@ class RequestClient:
             remaining_ms = int((until_s - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 return
-            for sock, _ in self._poller.poll(remaining_ms):
+            for sock, _ in zmq.zmq_poll(self._poll_items(), remaining_ms):
                 for reply in self._read(sock):
                     index = waiting.pop(reply.req, None)
                     if index is None:
                         self.stats["late_reply"] += 1
                         continue
                     yield index, reply
+
+    def give_up(self, req: int) -> None:
+        """No reply to ``req`` is awaited any more: its socket need not be polled for it (a
+        request not given up is polled for `awaited.REPLY_WAIT_MAX_S`)."""
+        self._awaited.answered(req)
 
     def send_only(self, address: str, message: m.Message) -> bool:
         """Sends a one-way message (no reply expected); False if it could not be queued."""
@@ -114,7 +123,7 @@ class RequestClient:
         """Closes the socket to a peer that left or restarted (queued frames are dropped)."""
         sock = self._sockets.pop(address, None)
         if sock is not None:
-            self._poller.unregister(sock)
+            self._awaited.forget_socket(sock)
             sock.close(linger=0)
 
     def close(self) -> None:
@@ -122,23 +131,30 @@ class RequestClient:
             self.forget(address)
 
     def _send(self, address: str, request: m.Message) -> bool:
-        try:
-            frames = m.encode_frames(self._codec, request)  # copied into ZMQ before return
-            self._socket(address).send_multipart(frames, zmq.NOBLOCK, copy=True)
-        except zmq.Again:
+        sock = self._socket(address)
+        # (the frames are copied into ZMQ before send returns)
+        if not frames.send(sock, m.encode_frames(self._codec, request)):
             self.stats["send_dropped"] += 1
             return False
+        if request.TYPE not in m.ONE_WAY_TYPES:
+            self._awaited.sent(request.req, sock, time.monotonic())
         self.stats["sent"] += 1
         return True
+
+    def _poll_items(self, wake_fd: int | None = None) -> list[tuple[zmq.Socket | int, int]]:
+        """What a poll looks at: the sockets a reply is awaited on, and ``wake_fd``."""
+        items: list[tuple[zmq.Socket | int, int]] = [
+            (sock, frames.POLLIN)
+            for sock in self._awaited.sockets(time.monotonic())  # type: ignore[misc]
+        ]
+        if wake_fd is not None:
+            items.append((wake_fd, frames.POLLIN))
+        return items
 
     def receive(self, timeout_ms: int, wake_fd: int) -> tuple[list[m.Message], bool]:
         """Waits up to ``timeout_ms`` for replies or for ``wake_fd`` to be readable; returns
         every reply that came (any request) and whether ``wake_fd`` is readable."""
-        self._poller.register(wake_fd, zmq.POLLIN)
-        try:
-            ready = self._poller.poll(timeout_ms)
-        finally:
-            self._poller.unregister(wake_fd)
+        ready = zmq.zmq_poll(self._poll_items(wake_fd), timeout_ms)
         replies: list[m.Message] = []
         woken = False
         for sock, _ in ready:
@@ -150,15 +166,14 @@ class RequestClient:
 
     def _read(self, sock: zmq.Socket) -> Iterator[m.Message]:
         """Every reply waiting on ``sock``, decoded; malformed ones are dropped and counted."""
-        while True:
+        while (parts := frames.receive(sock, copy=False)) is not None:  # read in place
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)  # read in place
-            except zmq.Again:
-                return
-            try:
-                yield m.decode(self._codec, frames[0].buffer, [f.buffer for f in frames[1:]])
+                reply = m.decode(self._codec, parts[0].buffer, [f.buffer for f in parts[1:]])
             except ProtocolError as exc:
                 self.stats[f"drop_{exc.reason}"] += 1
+                continue
+            self._awaited.answered(reply.req)
+            yield reply
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
@@ -176,7 +191,6 @@ class RequestClient:
         sock.setsockopt(zmq.MAXMSGSIZE, self._codec.max_frame_bytes)
         sock.connect(f"tcp://{address}")
         self._sockets[address] = sock
-        self._poller.register(sock, zmq.POLLIN)
         return sock
 
 
@@ -318,7 +332,8 @@ class RequestLoop:
                 return
             self._client.stats["timeout"] += batch.waiting
             for _, request in batch.requests:
-                self._by_req.pop(request.req, None)
+                if self._by_req.pop(request.req, None) is not None:
+                    self._client.give_up(request.req)
             batch.waiting = 0
             self._finish(batch)
 

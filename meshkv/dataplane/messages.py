@@ -360,6 +360,8 @@ MESSAGES = MessageSet(
     [Hello, HelloReply, Lookup, LookupReply, Get, GetReply, Put, PutReply, Commit, CommitReply,
      HeldAt, Error, ChainAt],
 )  # fmt: skip
+ONE_WAY_TYPES = frozenset({MessageType.HELD_AT, MessageType.CHAIN_AT})
+"""Messages that get no reply (a requester awaits nothing on their socket)."""
 VERSION = MESSAGES.version
 
 

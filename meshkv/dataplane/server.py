@@ -33,6 +33,7 @@ from queue import Empty, SimpleQueue
 import zmq
 
 from meshkv.dataplane import messages as m
+from meshkv.dataplane import parts as frames
 from meshkv.dataplane.byte_path import BytePath, WriteOrder
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.service import DataService, Reply, TransferOutcome
@@ -44,6 +45,25 @@ log = logging.getLogger("vllm.meshkv.dataplane.server")
 
 RECEIVE_BATCH_MAX = 256
 """Frames read per loop turn before in-flight writes are checked again."""
+WAKE_UPS_MAX = 1024
+"""Wake-up frames drained per turn (each is one empty frame; more wait for the next turn)."""
+
+_POLLIN = frames.POLLIN
+_ROUTER = 1
+"""`_poll_ready`'s bit for "the ROUTER socket has frames"."""
+_WAKE = 2
+"""`_poll_ready`'s bit for "the wake-up socket has frames"."""
+_TX_KEYS = {t: f"tx_{t.name.lower()}" for t in m.MessageType}
+"""The replies-sent counter of each message type (``tx_lookup_reply``...)."""
+
+
+def _poll_ready(items: list[tuple[zmq.Socket, int]], timeout_ms: int) -> int:
+    """One ``zmq_poll`` of the ROUTER and wake-up sockets (in that order); the `_ROUTER` and
+    `_WAKE` bits of those with frames."""
+    ready = 0
+    for sock, _ in zmq.zmq_poll(items, timeout_ms):
+        ready |= _ROUTER if sock is items[0][0] else _WAKE
+    return ready
 
 
 def bind_router(
@@ -93,6 +113,10 @@ class DataServer:
         self._wake_in.bind(wake_address)
         self._wake_out.connect(wake_address)
         self._wake_lock = threading.Lock()  # guards _wake_out
+        self._poll_items = [(router, _POLLIN), (self._wake_in, _POLLIN)]
+        self._fds = [router.get(zmq.FD), self._wake_in.get(zmq.FD)]
+        self._next_expire_s = 0.0
+        self._stats = service.stats
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshkv-data", daemon=True)
 
@@ -128,21 +152,21 @@ class DataServer:
     # --- the loop ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
         wait_s = self._config.transfer_poll_min_s
         try:
             while self._running.is_set():
                 if self._handles:
-                    woken = self._wait_on_fds(wait_s)
+                    ready = self._wait_on_fds(wait_s)
                 else:
-                    woken = bool(poller.poll(self._config.idle_wait_ms))
-                self._drain_wake_ups()
-                received = self._receive_batch()
-                completed = self._poll_transfers()
-                self._expire()
-                if woken or received or completed:
+                    ready = _poll_ready(self._poll_items, self._config.idle_wait_ms)
+                if ready & _WAKE:
+                    self._drain_wake_ups()
+                received = bool(ready & _ROUTER) and self._receive_batch()
+                completed = bool(self._handles) and self._poll_transfers()
+                now_s = time.monotonic()
+                if self._handles or now_s >= self._next_expire_s:
+                    self._expire(now_s)
+                if ready or received or completed:
                     wait_s = self._config.transfer_poll_min_s
                 else:
                     wait_s = min(2 * wait_s, self._config.transfer_poll_max_s)
@@ -152,20 +176,22 @@ class DataServer:
             self._router.close(linger=0)
             self._wake_in.close(linger=0)
 
-    def _wait_on_fds(self, timeout_s: float) -> bool:
-        """Waits up to ``timeout_s`` for either socket to become readable; True if one is.
+    def _wait_on_fds(self, timeout_s: float) -> int:
+        """Waits up to ``timeout_s`` for either socket to become readable; which are (the
+        `_ROUTER` and `_WAKE` bits).
 
         ZMQ's fds are edge-triggered: they only say "look at ``zmq.EVENTS``", so events are
         checked before sleeping and after waking."""
-        sockets = (self._router, self._wake_in)
-        if any(s.get(zmq.EVENTS) & zmq.POLLIN for s in sockets):
-            return True
-        select.select([s.get(zmq.FD) for s in sockets], [], [], timeout_s)
-        return any(s.get(zmq.EVENTS) & zmq.POLLIN for s in sockets)
+        ready = _poll_ready(self._poll_items, 0)
+        if ready:
+            return ready
+        select.select(self._fds, [], [], timeout_s)
+        return _poll_ready(self._poll_items, 0)
 
     def _drain_wake_ups(self) -> None:
-        while self._wake_in.get(zmq.EVENTS) & zmq.POLLIN:
-            self._wake_in.recv(zmq.NOBLOCK)
+        with contextlib.suppress(zmq.Again):
+            for _ in range(WAKE_UPS_MAX):
+                self._wake_in.recv(zmq.NOBLOCK)
         while True:
             try:
                 name = self._forgotten.get_nowait()
@@ -174,32 +200,27 @@ class DataServer:
             self._service.forget_peer(name)
 
     def _receive_batch(self) -> bool:
-        """Reads, decodes and answers up to RECEIVE_BATCH_MAX frames; True if any came."""
-        received = False
-        for _ in range(RECEIVE_BATCH_MAX):
-            if not self._router.get(zmq.EVENTS) & zmq.POLLIN:
-                break  # (asking is cheaper than the zmq.Again a recv would raise)
-            try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            received = True
+        """Reads, decodes and answers up to RECEIVE_BATCH_MAX frames, until none is queued;
+        True if any came."""
+        router, codec, service, stats = self._router, self._codec, self._service, self._stats
+        for count in range(RECEIVE_BATCH_MAX):
+            parts = frames.receive(router)
+            if parts is None:  # drained
+                return count > 0
             if len(parts) < 2:
-                self._service.stats["drop_bad_parts"] += 1
+                stats["drop_bad_parts"] += 1
                 continue
             identity, frame, *attachments = parts
             try:
-                request = m.decode(self._codec, frame, attachments)
+                request = m.decode(codec, frame, attachments)
             except ProtocolError as exc:
-                self._service.stats[f"drop_{exc.reason}"] += 1
+                stats[f"drop_{exc.reason}"] += 1
                 continue
-            step = self._service.handle(
-                identity, request, time.monotonic(), wall_ms=m.wall_clock_ms()
-            )
+            step = service.handle(identity, request, time.monotonic(), wall_ms=m.wall_clock_ms())
             self._send(step.replies)
             for order in step.writes:
                 self._post(order)
-        return received
+        return True
 
     def _post(self, order: WriteOrder) -> None:
         assert self._writer is not None, "a byte path without a writer ordered a write"
@@ -224,8 +245,12 @@ class DataServer:
                 ended = True
         return ended
 
-    def _expire(self) -> None:
-        for transfer in self._service.expire(time.monotonic()):
+    def _expire(self, now_s: float) -> None:
+        """Abandons the writes past their deadline; lets the core sweep its pins and
+        reservations (called every turn while writes are in flight, else every
+        `DataPlaneConfig.expire_interval_s`)."""
+        self._next_expire_s = now_s + self._config.expire_interval_s
+        for transfer in self._service.expire(now_s):
             self._end(transfer, "timeout")
 
     def _end(self, transfer: int, outcome: TransferOutcome) -> None:
@@ -241,11 +266,11 @@ class DataServer:
         """Sends replies; their frames are copied into ZMQ before this returns."""
         for reply in replies:
             try:
-                frames = m.encode_frames(self._codec, reply.message)
-                self._router.send_multipart([reply.to, *frames], zmq.NOBLOCK, copy=True)
-                self._service.stats[f"tx_{reply.message.TYPE.name.lower()}"] += 1
-            except zmq.Again:
-                self._service.stats["reply_dropped"] += 1
+                parts = [reply.to, *m.encode_frames(self._codec, reply.message)]
+                if frames.send(self._router, parts):
+                    self._stats[_TX_KEYS[reply.message.TYPE]] += 1
+                else:
+                    self._stats["reply_dropped"] += 1
             finally:
                 if reply.on_sent is not None:
                     reply.on_sent()

@@ -57,6 +57,10 @@ from meshkv.ring.view import RingView
 from meshkv.store import ChunkStore, Refusal, Region, Slot, chunk_checksum
 from meshkv.wire import Buffer, trusted
 
+_RX_KEYS = {t: f"rx_{t.name.lower()}" for t in m.MessageType}
+"""The requests-received counter of each message type (``rx_lookup``...), named once: an
+enum member's name is a Python-level lookup, paid per request otherwise."""
+
 TransferOutcome = Literal["done", "failed", "timeout", "stopped"]
 """How a posted write ended: completed; failed (or never started); past its deadline;
 abandoned because the service is stopping."""
@@ -135,7 +139,7 @@ class DataService:
     def handle(self, peer: bytes, message: m.Message, now_s: float, *, wall_ms: int) -> Step:
         """Answers one decoded request from ``peer`` (a socket identity) at monotonic ``now_s``
         and wall-clock ``wall_ms``; refusals become `Error` replies, never exceptions."""
-        self.stats[f"rx_{message.TYPE.name.lower()}"] += 1
+        self.stats[_RX_KEYS[message.TYPE]] += 1
         step = Step()
         try:
             self._dispatch(peer, message, now_s, wall_ms, step)

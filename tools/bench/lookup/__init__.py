@@ -44,7 +44,9 @@ Modules: `settings` (sizes, timeouts, targets), `workload` (keys, holdings, prom
 (the path interface, the echo floor, LMCache), `meshkv_path`, `mesh_member` (a member
 process), `measure` (latency, throughput, CPU), `aggregate` (every asker at once), `failure`
 (the timeline), `report` (ratios, targets, table, plot), `main`; `member_path` measures a
-member's service core alone (CPU per lookup by phase, and its profile).
+member's service core alone (CPU per lookup by phase, and its profile), `driver_loop` the
+data plane's socket loops alone (a server and a client), `member_cpu` real members' CPU by
+thread (idle, and per lookup, with py-spy profiles).
 
 meshkv code never imports LMCache: everything LMCache runs in its venv's processes, and this
 driver speaks to it over the wire only.

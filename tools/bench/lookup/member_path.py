@@ -35,16 +35,16 @@ ME = "me/0"
 CHUNK_BYTES = 64
 
 
-def build() -> tuple[DataService, ChunkStore, HolderDirectory, RingView]:
+def build() -> tuple[DataService, ChunkStore, HolderDirectory, RingView, InlineBytes]:
     store = ChunkStore.with_budget(64 << 20, segment_bytes=8 << 20)
     directory = HolderDirectory()
     ring = RingView([ME, "other/0", "third/0"], vnodes=256)
+    path = InlineBytes(TcpChannel(), store.pool, reply_max_bytes=1 << 20)
     service = DataService(
-        name=ME, nonce=1, store=store,
-        path=InlineBytes(TcpChannel(), store.pool, reply_max_bytes=1 << 20),
+        name=ME, nonce=1, store=store, path=path,
         directory=directory, ring=lambda: ring, holder_alive=lambda name: True,
     )  # fmt: skip
-    return service, store, directory, ring
+    return service, store, directory, ring, path
 
 
 def hold(store: ChunkStore, count: int) -> list[bytes]:
@@ -86,7 +86,7 @@ def per_lookup_us(work: Callable[[], object], lookups: int, repeats: int) -> flo
 
 
 def measure(lookups: int, repeats: int) -> dict:
-    service, store, directory, ring = build()
+    service, store, directory, ring, _ = build()
     codec = m.make_codec(1 << 20)
     out: dict = {"cases": {}}
     for name, keys in cases(store, directory).items():

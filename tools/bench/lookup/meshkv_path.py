@@ -155,6 +155,11 @@ class MeshkvPath(LookupPath):
         self._ring = None
         self.seed_kind = ""
 
+    @property
+    def asker(self):
+        """The asking `MeshNode` in this process (None before setup)."""
+        return self._asker
+
     def _spawn(self, spec: dict, log_name: str) -> subprocess.Popen:
         """A member process; its spec goes by file (a pipe would block on a slow start)."""
         spec_path = self._log_dir / f"{log_name}.spec.json"
