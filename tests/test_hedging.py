@@ -65,6 +65,19 @@ def test_the_hedge_delay_follows_the_round_trips_within_its_bounds(
     assert len(trips) == min(len(samples), 8)
 
 
+def test_a_full_window_recomputes_its_delay_once_per_sixteen_new_samples() -> None:
+    config = DataPlaneConfig()  # a window of 512: recomputed every 16 samples
+    trips = RoundTrips(config)
+    for _ in range(512):
+        trips.record(0.001)
+    assert trips.hedge_delay_s() == config.hedge_delay_min_s
+    for _ in range(15):
+        trips.record(0.2)
+    assert trips.hedge_delay_s() == config.hedge_delay_min_s  # 15 new: not recomputed yet
+    trips.record(0.2)
+    assert trips.hedge_delay_s() == 0.2  # 16 slow of 512 is past the 99th percentile
+
+
 def test_an_avoided_member_is_asked_last_until_a_reply_clears_it() -> None:
     avoided = AvoidList(CONFIG)
     avoided.avoid("b", now_s=100.0)
