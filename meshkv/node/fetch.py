@@ -20,6 +20,7 @@ deadline. It stops at the first miss: only the leading run of keys is useful to 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from meshkv.dataplane.handshake import Greeter
 from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.hedged_calls import call_hedged
 from meshkv.node.readers import Readers
+
+log = logging.getLogger("vllm.meshkv.node.fetch")
 
 UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
 """How long past the get's deadline the slots of an unanswered request stay reserved: its
@@ -143,6 +146,7 @@ def fetch(
         return peer.data_address, get
 
     def on_reply(task: int, holder: str, reply: m.Message) -> bool | str:
+        log.debug("fetch task %d: %s answered %s", task, holder, _summary(reply, holder))
         if isinstance(reply, m.LookupReply):  # from a pointer host: ask whom it points at
             found = reply.holders(holder)[:1]
             return found[0] if found and found[0] != me else False
@@ -159,6 +163,17 @@ def fetch(
     call_hedged(client, piece_candidates, request=request, on_reply=on_reply,
                 state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
     return Fetched(arrivals.finish(), sent_to, home_lacked)
+
+
+def _summary(reply: m.Message, holder: str) -> str:
+    """A reply in a few words, for the debug log."""
+    if isinstance(reply, m.GetReply):
+        return f"{len(reply.checksums)} chunks"
+    if isinstance(reply, m.LookupReply):
+        return f"lookup {reply.holders(holder)}"
+    if isinstance(reply, m.Error):
+        return f"error {reply.reason}"
+    return type(reply).__name__
 
 
 def plan(

@@ -134,15 +134,19 @@ class GetPipeline:
     ) -> ChunkLease:
         """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
         guesses = presume(keys, self.readers)
+        log.debug("get of %d keys: guesses %s", len(keys), guesses)
         first = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
         fetched, stray = first.committed, set(first.home_lacked)
         held = self._leading_held(keys, guesses, fetched)
+        log.debug("first fetch: %d leading here, asked %s", held, first.asked)
         while held < len(keys) and self._store.await_arrival(
             keys[held], owner=owner, deadline_s=deadline_s
         ):  # being written here (a push, a repair): take it when it lands, not fetch it again
             held += 1
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
             located = locate(keys[held:], self.readers, client=client, deadline_s=deadline_s)
+            log.debug("located from %d: %s (fallbacks %s)", held, located.holders,
+                      located.fallbacks)  # fmt: skip
             stray.update(held + i for i in located.fallbacks)
             asked = first.asked.get(held, set())
             if located.holders[:1] and located.holders[0] not in asked:
