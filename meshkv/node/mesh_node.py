@@ -332,7 +332,8 @@ class MeshNode:
                 stored.append(key)
         self.metrics.chunks_put.inc(len(stored))
         if stored and self.config.enable_p2p:
-            self.pusher.submit(stored)
+            self.pusher.point_ahead(self._client(), stored)  # found here before the bytes move
+            self.pusher.submit(stored, pointed=True)
             if chains:
                 announce(keys, chains, set(stored), membership=self.membership,
                          directory=self.directory, client=self._client(),

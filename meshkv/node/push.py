@@ -5,12 +5,14 @@ here. The pusher thread asks each home on the key's preference list to reserve s
 chunks it lacks, WRITEs them (or sends them inline on the tcp channel: `BytePath.push`), then
 commits with their checksums, which the home verifies before publishing.
 
-Each push first points its homes at this member's copy (``HELD_AT``: "ask me for these", one
-message, no reply), so a lookup that reaches a home while the bytes are still on their way finds
-this copy instead of missing (a prompt asked for on another engine right after this one computed
-it). Under bandwidth pressure the queue fills; then the chunks are only announced, so the homes
-still answer lookups for them and nothing waits. Every step has a deadline; a home that fails is
-simply skipped (its lookups miss; our copy stays).
+A put first points its homes at this member's copy (`point_ahead`: ``HELD_AT``, "ask me for
+these", one message each, no reply), at once on the caller's thread, before the chunks are
+queued: a lookup that reaches a home while the bytes wait in the queue, or are on their way, or
+are stuck behind a silent home's push, finds this copy instead of missing (a prompt asked for on
+another engine right after this one computed it). Under bandwidth pressure the queue fills; the
+chunks were pointed at already, so the homes still answer lookups for them and nothing waits
+(chunks submitted without pointers, read repairs, are then only announced). Every step has a
+deadline; a home that fails is simply skipped (its lookups miss; our copy stays).
 
 Placement (`meshkv.ring.placement`): each chunk goes to the first ``replicas`` members of its
 preference list, and the member after them gets a pointer to this member (a reader whose
@@ -54,6 +56,7 @@ SIZE_PIN_S = 1.0
 class _Job:
     keys: list[bytes]
     announce_only: bool
+    pointed: bool = False  # its homes were pointed at this member's copy already (`point_ahead`)
     leaving: bool = False  # place on the ring without this member (graceful leave)
     newcomer: str | None = None  # point out every chunk held here that this member is home for
     gone: str | None = None  # restore the copies this dead member held (keys: empty)
@@ -85,6 +88,7 @@ class Pusher:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshkv-push", daemon=True)
         self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()  # the pointer counts are kept by callers' threads too
 
     def start(self) -> None:
         self._thread.start()
@@ -95,12 +99,24 @@ class Pusher:
             self._jobs.put_nowait(None)
         self._thread.join(timeout_s)
 
-    def submit(self, keys: list[bytes]) -> None:
-        """Queues ``keys`` (committed locally) for their homes; never blocks."""
+    def point_ahead(self, client: RequestClient, keys: list[bytes]) -> None:
+        """Points the homes and pointer hosts of ``keys`` (committed locally) at this member's
+        copy now, on the caller's ``client`` (one ``HELD_AT`` per member, no reply); never
+        blocks. Then `submit` them with ``pointed``."""
+        me, ring = self._membership.me.name, self._membership.ring().current
+        self._count("pointed_ahead", self._point(client, self._targets(keys)))
+        hosts = pointer_hosts(ring, keys, self._replicas, me=me)
+        self._count("pointed", self._point(client, hosts))
+
+    def submit(self, keys: list[bytes], *, pointed: bool = False) -> None:
+        """Queues ``keys`` (committed locally) for their homes; never blocks. ``pointed``: the
+        caller pointed their homes at this copy already (`point_ahead`)."""
         try:
-            self._jobs.put_nowait(_Job(keys, announce_only=False))
+            self._jobs.put_nowait(_Job(keys, announce_only=False, pointed=pointed))
         except queue.Full:
             self.stats["queue_full"] += 1
+            if pointed:
+                return
             try:
                 self._notices.put_nowait(_Job(keys, announce_only=True))
             except queue.Full:
@@ -161,7 +177,7 @@ class Pusher:
                     if job.gone is not None:
                         self._restore(client, job.gone)
                     else:
-                        self._push(client, job.keys, leaving=job.leaving)
+                        self._push(client, job.keys, leaving=job.leaving, pointed=job.pointed)
                 except Exception:  # a failed push is a lost copy, never a dead pusher
                     log.exception("push failed")
                 finally:
@@ -221,14 +237,21 @@ class Pusher:
             if client.send_only(peer.data_address, notice):
                 self.stats["pointed_out"] += len(notice.keys)
 
-    def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
+    def _count(self, stat: str, count: int) -> None:
+        with self._stats_lock:
+            self.stats[stat] += count
+
+    def _push(
+        self,
+        client: RequestClient,
+        keys: list[bytes],
+        *,
+        leaving: bool = False,
+        pointed: bool = False,
+    ) -> None:
         targets = self._targets(keys, leaving=leaving)
-        if not leaving:  # a leaver's copy is about to go: no pointer to it
-            # lookups at the replicas find our copy while the bytes are on their way
-            self.stats["pointed_ahead"] += self._point(client, targets)
-            me, ring = self._membership.me.name, self._membership.ring().current
-            hosts = pointer_hosts(ring, keys, self._replicas, me=me)
-            self.stats["pointed"] += self._point(client, hosts)
+        if not (leaving or pointed):  # a leaver's copy is about to go: no pointer to it
+            self.point_ahead(client, keys)  # lookups find our copy while the bytes travel
         for home, home_keys in targets.items():
             stored = 0
             started_s = time.monotonic()

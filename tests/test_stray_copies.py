@@ -1,0 +1,62 @@
+"""Copies that readers could not find: the producer's before its push runs, and copies held away
+from their keys' replicas after the ring changed (issue 17: the chaos harness's misses).
+
+Real nodes in this process (real ZMQ on 127.0.0.1, both channels): a put tells its homes where
+its copy is before it queues the bytes, so a reader finds it even when the pusher never runs;
+and after a membership change a member holding a copy away from its key's replicas points the
+replicas at itself, so a reader finds the copy through the home.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from meshkv.node import MeshNode
+from tests.conftest import wait_until
+from tests.test_node import CHUNK_BYTES, Mesh, chunk, keys_for
+
+PROMPT_CHUNKS = 4
+
+
+@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    mesh = Mesh(request.param)
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def prompt_where(fits: Callable[[list[bytes]], bool]) -> list[bytes]:
+    """The keys of the first prompt that ``fits``."""
+    for salt in range(500):
+        keys = keys_for(PROMPT_CHUNKS, salt=f"stray{salt}")
+        if fits(keys):
+            return keys
+    raise AssertionError("no prompt fits")
+
+
+def read_all(reader: MeshNode, keys: list[bytes]) -> int:
+    """How many leading chunks a get brings (each checked against its true bytes)."""
+    with reader.get(keys, CHUNK_BYTES) as lease:
+        for key, view in zip(keys, lease.views, strict=False):
+            assert np.array_equal(view, chunk(key)), "wrong bytes"
+        return lease.count
+
+
+def test_a_put_points_its_homes_at_its_copy_before_the_pusher_runs(mesh: Mesh) -> None:
+    producer, home, reader = mesh.add("a"), mesh.add("b"), mesh.add("c")
+    ring = producer.membership.ring().current
+    keys = prompt_where(lambda ks: ring.preference_list(ks[0], 2) == [home.name, reader.name])
+    producer.pusher.stop()  # the queued bytes never move: only the put's own pointers can help
+    assert producer.put(keys, [chunk(k) for k in keys]) == PROMPT_CHUNKS
+    for member in (home, reader):  # the replica, and the pointer host
+        wait_until(
+            f"{member.name} points at the producer",
+            lambda m=member: m.directory.leading_holders(keys) == [producer.name] * len(keys),
+        )
+    assert home.store.lookup_prefix(keys) == 0
+    assert read_all(reader, keys) == PROMPT_CHUNKS
