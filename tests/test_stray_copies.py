@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from meshkv.node import MeshNode
+from meshkv.ring.hashring import HashRing
+from meshkv.store import Slot, chunk_checksum
 from tests.conftest import wait_until
 from tests.test_node import CHUNK_BYTES, Mesh, chunk, keys_for
 
@@ -39,6 +41,11 @@ def prompt_where(fits: Callable[[list[bytes]], bool]) -> list[bytes]:
     raise AssertionError("no prompt fits")
 
 
+def placed(ring: HashRing, keys: list[bytes]) -> set[str]:
+    """The replica and pointer host of a prompt (``mesh_replicas: 1``: one home group)."""
+    return set(ring.preference_list(keys[0], 2))
+
+
 def read_all(reader: MeshNode, keys: list[bytes]) -> int:
     """How many leading chunks a get brings (each checked against its true bytes)."""
     with reader.get(keys, CHUNK_BYTES) as lease:
@@ -60,3 +67,30 @@ def test_a_put_points_its_homes_at_its_copy_before_the_pusher_runs(mesh: Mesh) -
         )
     assert home.store.lookup_prefix(keys) == 0
     assert read_all(reader, keys) == PROMPT_CHUNKS
+
+
+def test_after_a_join_a_copy_away_from_its_replicas_is_found_through_the_home(
+    mesh: Mesh,
+) -> None:
+    holder, reader = mesh.add("a"), mesh.add("c")
+    mesh.add("b")
+    before = holder.membership.ring().current
+    after = before.with_member("d/0")
+    # The reader is the home on both rings (so no join points anyone at the copy for it, and
+    # no fallback to a previous home finds it); the holder is no replica or pointer host.
+    keys = prompt_where(
+        lambda ks: (
+            before.home(ks[0]) == after.home(ks[0]) == reader.name
+            and holder.name not in placed(before, ks) | placed(after, ks)
+        )
+    )
+    mesh.settle()
+    for key in keys:  # a copy left by an older placement: no push, no pointer to it
+        data = chunk(key)
+        slot = holder.store.reserve(key, data.nbytes, owner="old", deadline_s=1e12)
+        assert isinstance(slot, Slot)
+        holder.store.view(slot)[:] = data
+        assert holder.store.commit(key, chunk_checksum(data), owner="old") is not None
+    assert read_all(reader, keys) == 0  # its replica and pointer host know nothing of it
+    mesh.add("d")  # a membership change: the holder points the new ones at its copy
+    wait_until("found through the home", lambda: read_all(reader, keys) == PROMPT_CHUNKS)

@@ -19,7 +19,9 @@ preference list, and the member after them gets a pointer to this member (a read
 replicas are all silent finds our copy through it). When a member dies, the chunks it was a
 replica of are re-pushed to their new preference lists by their first surviving replica
 (`restore_after`; likewise for a member back with a new, empty boot), so placement stays at
-``replicas`` copies through deaths and restarts.
+``replicas`` copies through deaths and restarts. After every membership change, the copies held
+here away from their keys' replicas (a producer's own, older placements') are pointed out to the
+new replicas and pointer hosts (`point_out_strays`), so readers still find them.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from meshkv.dataplane.byte_path import BytePath
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.handshake import Greeter
+from meshkv.member_meta import ANY_NAMESPACE
 from meshkv.node.membership import Membership
-from meshkv.ring.placement import pointer_hosts, replica_targets, to_restore
+from meshkv.ring.hashring import HashRing
+from meshkv.ring.placement import pointer_hosts, replica_targets, stray_pointers, to_restore
 from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
@@ -60,6 +64,7 @@ class _Job:
     leaving: bool = False  # place on the ring without this member (graceful leave)
     newcomer: str | None = None  # point out every chunk held here that this member is home for
     gone: str | None = None  # restore the copies this dead member held (keys: empty)
+    strays: bool = False  # point out the copies held here away from their replicas
 
 
 class Pusher:
@@ -89,6 +94,7 @@ class Pusher:
         self._thread = threading.Thread(target=self._run, name="meshkv-push", daemon=True)
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()  # the pointer counts are kept by callers' threads too
+        self._strays_queued = threading.Event()  # a strays notice waits: the next one is void
 
     def start(self) -> None:
         self._thread.start()
@@ -153,6 +159,19 @@ class Pusher:
         except queue.Full:
             self.stats["notice_dropped"] += 1
 
+    def point_out_strays(self) -> None:
+        """The ring changed: tells the replicas and pointer host of each chunk held here but
+        not as one of its replicas that this member holds it (``HELD_AT``, in the background;
+        never blocks; one pending notice covers every change before it)."""
+        if self._strays_queued.is_set():
+            return
+        self._strays_queued.set()
+        try:
+            self._notices.put_nowait(_Job([], announce_only=True, strays=True))
+        except queue.Full:
+            self._strays_queued.clear()
+            self.stats["notice_dropped"] += 1
+
     def idle(self) -> bool:
         """True when nothing is queued (tests and benchmarks wait on this)."""
         return self._jobs.unfinished_tasks == 0 and self._notices.empty()
@@ -163,7 +182,9 @@ class Pusher:
             while not self._stopping.is_set():
                 while not self._notices.empty():
                     notice = self._notices.get_nowait()
-                    if notice.newcomer is None:
+                    if notice.strays:
+                        self._point_out_strays(client)
+                    elif notice.newcomer is None:
                         self._announce(client, notice.keys)
                     else:
                         self._point_out(client, notice.newcomer)
@@ -219,6 +240,22 @@ class Pusher:
             log.info("%s: restoring %d chunks %s held a copy of", me, len(keys), gone)
             self.stats["restored"] += len(keys)
             self._push(client, keys)
+
+    def _point_out_strays(self, client: RequestClient) -> None:
+        self._strays_queued.clear()  # changes from now on need a notice of their own
+        me, held = self._membership.me.name, self._store.keys()
+        for ring in self._placement_rings():
+            targets = stray_pointers(ring, held, self._replicas, me=me)
+            self.stats["pointed_strays"] += self._point(client, targets)
+
+    def _placement_rings(self) -> list[HashRing]:
+        """The rings chunks held here are placed on: this member's namespace's; for a storage
+        member (any namespace), the ring of each namespace its live peers are in."""
+        membership = self._membership
+        if membership.me.namespace != ANY_NAMESPACE:
+            return [membership.ring().current]
+        namespaces = {p.namespace for p in membership.peers()} - {ANY_NAMESPACE}
+        return [membership.ring_of(ns) for ns in sorted(namespaces)] or [membership.ring().current]
 
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
