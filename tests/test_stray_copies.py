@@ -1,10 +1,12 @@
-"""Copies that readers could not find: the producer's before its push runs, and copies held away
-from their keys' replicas after the ring changed (issue 17: the chaos harness's misses).
+"""Copies that readers could not find: the producer's before its push runs, copies held away
+from their keys' replicas after the ring changed, and a reader's own copies evicted by its get
+(issue 17: the chaos harness's misses).
 
 Real nodes in this process (real ZMQ on 127.0.0.1, both channels): a put tells its homes where
 its copy is before it queues the bytes, so a reader finds it even when the pusher never runs;
-and after a membership change a member holding a copy away from its key's replicas points the
-replicas at itself, so a reader finds the copy through the home.
+after a membership change a member holding a copy away from its key's replicas points the
+replicas at itself, so a reader finds the copy through the home; and a get that makes room for
+the chunks it fetches never evicts the chunks it found here.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ def read_all(reader: MeshNode, keys: list[bytes]) -> int:
         return lease.count
 
 
+def store_here(member: MeshNode, key: bytes) -> None:
+    """Writes ``key``'s chunk into ``member``'s store directly (no push, no pointer)."""
+    data = chunk(key)
+    slot = member.store.reserve(key, data.nbytes, owner="test", deadline_s=1e12)
+    assert isinstance(slot, Slot)
+    member.store.view(slot)[:] = data
+    assert member.store.commit(key, chunk_checksum(data), owner="test") is not None
+
+
 def test_a_put_points_its_homes_at_its_copy_before_the_pusher_runs(mesh: Mesh) -> None:
     producer, home, reader = mesh.add("a"), mesh.add("b"), mesh.add("c")
     ring = producer.membership.ring().current
@@ -86,11 +97,23 @@ def test_after_a_join_a_copy_away_from_its_replicas_is_found_through_the_home(
     )
     mesh.settle()
     for key in keys:  # a copy left by an older placement: no push, no pointer to it
-        data = chunk(key)
-        slot = holder.store.reserve(key, data.nbytes, owner="old", deadline_s=1e12)
-        assert isinstance(slot, Slot)
-        holder.store.view(slot)[:] = data
-        assert holder.store.commit(key, chunk_checksum(data), owner="old") is not None
+        store_here(holder, key)
     assert read_all(reader, keys) == 0  # its replica and pointer host know nothing of it
     mesh.add("d")  # a membership change: the holder points the new ones at its copy
     wait_until("found through the home", lambda: read_all(reader, keys) == PROMPT_CHUNKS)
+
+
+def test_a_get_making_room_for_what_it_fetches_keeps_the_chunks_it_found_here(
+    mesh: Mesh,
+) -> None:
+    producer = mesh.add("a")
+    reader = mesh.add("c", max_local_cpu_size=PROMPT_CHUNKS * CHUNK_BYTES / (1 << 30))
+    ring = mesh.add("b").membership.ring().current
+    keys = prompt_where(lambda ks: reader.name not in placed(ring, ks))
+    for key in keys[2:]:  # the prompt's tail is here, least recently used ...
+        store_here(reader, key)
+    for key in keys_for(2, salt="filler"):  # ... then two other chunks fill the store
+        store_here(reader, key)
+    assert producer.put(keys, [chunk(k) for k in keys]) == PROMPT_CHUNKS
+    mesh.settle()
+    assert read_all(reader, keys) == PROMPT_CHUNKS  # room made by evicting the fillers
