@@ -746,6 +746,7 @@ class Chaos:
                     self.tally.error(f"lookup said {held} of {len(keys)}")
                 return
             live, states = self.live_members(), self.member_states()
+            here = node.store.held_among(keys)
             self.traces.begin()
             with node.get(keys, self.s.chunk_bytes, timeout_s=timeout_s) as lease:
                 elapsed = time.monotonic() - started
@@ -761,6 +762,7 @@ class Chaos:
                     "at_s": round(started - self.began_s, 3),
                     "age_s": round(started - recorded_s, 3), "elapsed_s": round(elapsed, 4),
                     "keys": len(keys), "served": served,
+                    "local_before": [i for i, key in enumerate(keys) if key in here],
                     "held": held, "held_by": held_by, "states_before": states,
                     "states_after": self.member_states(), "fault": self.current_fault,
                     "reader_ring": list(node.membership.ring().current.members),

@@ -60,18 +60,24 @@ class GetTraces(logging.Handler):
 def cause_of(miss: dict[str, Any]) -> str:
     """The miss's cause, from its record: the first rule that matches.
 
+    - ``evicted_here``: the first missed chunk was in the reader's own store when the get
+      began (the get lost it on the way: evicted to make room);
     - ``producer_only``: when the get ended, only the writer (the producer's own copy) held the
       first missed chunk, and the prompt was younger than ``fresh_s``: its pushes and pointers
       had not reached the replicas yet;
     - ``producer_only_late``: the same, older: its pushes or pointers were lost or stuck;
     - ``silent_holder``: a member the get found silent (frozen, or dead before gossip said so)
       held it;
-    - ``holder_not_asked``: a live member held it and the get never asked that member;
+    - ``off_placement``: only members off the key's preference list on the reader's ring
+      (replicas, then pointer host) held it, and none of its candidates pointed at them;
+    - ``holder_not_asked``: a member on that list held it and the get never asked it;
     - ``asked_holder_lacked``: every member that held it was asked and answered without it
       (it arrived after they answered: a push or a restore landing during the get);
     - ``other``.
     """
     first_missed = miss["served"]
+    if first_missed in miss["local_before"]:
+        return "evicted_here"
     holders = [src for src, held in miss["held_by"].items() if held > first_missed]
     trace = "\n".join(miss["trace"])
     if holders == ["writer"]:
@@ -79,6 +85,9 @@ def cause_of(miss: dict[str, Any]) -> str:
     members = [h for h in holders if h not in ("writer", "reader")]
     if any(f"{h} silent" in trace for h in members):
         return "silent_holder"
+    candidates = set(miss["placement"]["reader"])
+    if members and not candidates & set(members):
+        return "off_placement"
     if any(f"{h} answered" not in trace for h in members):
         return "holder_not_asked"
     if members:
