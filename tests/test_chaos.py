@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tools import chaos
+from tools.chaos_misses import cause_of
 
 pytestmark = pytest.mark.processes
 
@@ -73,6 +74,36 @@ def test_one_ring_needs_every_observer_to_agree_on_names_and_boots() -> None:
     assert not chaos.one_ring([same, {"a/0": 1, "b/0": 3}], names)  # b's old boot
     assert not chaos.one_ring([same, {**same, "c/0": 4}], names)  # c is not gone for all
     assert not chaos.one_ring([{"a/0": 1}, {"a/0": 1}], names)  # b missing everywhere
+
+
+def miss(**fields: object) -> dict[str, object]:
+    """A miss record: 2 keys, none served, by default held by m1 alone, which the get asked."""
+    record: dict[str, object] = {
+        "served": 0, "held": 2, "age_s": 5.0, "fresh_s": 1.0, "local_before": [],
+        "held_by": {"writer": 0, "reader": 0, "m1/0": 2, "m2/0": 0},
+        "placement": {"reader": ["m1/0", "m2/0", "reader/0"]},
+        "trace": ["0.1 fetch task 0: m1/0 answered 0 chunks"],
+    }  # fmt: skip
+    return record | fields
+
+
+@pytest.mark.parametrize(
+    ("record", "cause"),
+    [
+        (miss(local_before=[0]), "evicted_here"),
+        (miss(held_by={"writer": 2, "m1/0": 0}, age_s=0.2), "producer_only"),
+        (miss(held_by={"writer": 2, "m1/0": 0}), "producer_only_late"),
+        (miss(trace=["0.1 m1/0 silent 0.020 s (hedge delay 0.020 s): avoided"]), "silent_holder"),
+        (miss(held_by={"m3/0": 2}), "off_placement"),
+        (miss(trace=["0.1 fetch task 0: m2/0 answered 0 chunks"]), "holder_not_asked"),
+        (miss(), "asked_holder_lacked"),
+        (miss(held_by={"writer": 0, "reader": 2}), "other"),
+    ],
+)
+def test_each_miss_is_given_the_first_cause_its_record_matches(
+    record: dict[str, object], cause: str
+) -> None:
+    assert cause_of(record) == cause
 
 
 def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_calls(
