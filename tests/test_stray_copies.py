@@ -4,9 +4,11 @@ from their keys' replicas after the ring changed, and a reader's own copies evic
 
 Real nodes in this process (real ZMQ on 127.0.0.1, both channels): a put tells its homes where
 its copy is before it queues the bytes, so a reader finds it even when the pusher never runs;
-after a membership change a member holding a copy away from its key's replicas points the
-replicas at itself, so a reader finds the copy through the home; and a get that makes room for
-the chunks it fetches never evicts the chunks it found here.
+a replica without the bytes answers a get's lookup with that pointer, so the get reaches the
+producer without waiting on a dead pointer host; after a membership change a member holding a
+copy away from its key's replicas points the replicas at itself, so a reader finds the copy
+through the home; and a get that makes room for the chunks it fetches never evicts the chunks it
+found here.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ def test_a_put_points_its_homes_at_its_copy_before_the_pusher_runs(mesh: Mesh) -
         )
     assert home.store.lookup_prefix(keys) == 0
     assert read_all(reader, keys) == PROMPT_CHUNKS
+
+
+def test_a_replica_without_the_bytes_points_a_get_at_the_producer_while_the_pointer_host_is_dead(
+    mesh: Mesh,
+) -> None:
+    producer, home, reader, host = mesh.add("a"), mesh.add("b"), mesh.add("c"), mesh.add("d")
+    ring = producer.membership.ring().current
+    keys = prompt_where(lambda ks: ring.preference_list(ks[0], 2) == [home.name, host.name])
+    producer.pusher.stop()  # the bytes stay at the producer; the home has only its pointer
+    assert producer.put(keys, [chunk(k) for k in keys]) == PROMPT_CHUNKS
+    wait_until(
+        "the home points at the producer",
+        lambda: home.directory.leading_holders(keys) == [producer.name] * len(keys),
+    )
+    mesh.nodes.remove(host)
+    host.stop(leave=False)  # silent from now on; the reader still lists it alive
+    with reader.get(keys, CHUNK_BYTES, timeout_s=2.0) as lease:
+        # found through the home's pointer (waiting on the pointer host would take it all)
+        assert lease.count == PROMPT_CHUNKS
 
 
 def test_after_a_join_a_copy_away_from_its_replicas_is_found_through_the_home(
