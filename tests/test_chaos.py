@@ -20,8 +20,8 @@ from tools.chaos_misses import cause_of
 
 pytestmark = pytest.mark.processes
 
-AVAILABILITY_MIN = 0.95
-"""Chunks served / chunks a live member held, at least, with ``mesh_replicas: 2``."""
+AVAILABILITY_MIN = 0.99
+"""Chunks served / chunks a live member held, at least, with ``mesh_replicas: 2`` (issue 17)."""
 
 
 def test_schedule_is_seeded_and_covers_every_kind() -> None:
@@ -131,10 +131,15 @@ def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_cal
     assert report["requests"]["get"] > 100 and report["requests"]["put"] > 50
     assert report["chunks"]["chunks_hit"] > 0, "no read ever found a chunk: nothing was tested"
     assert report["wrong_bytes"] == 0, report["wrong_examples"]
-    # mesh_replicas: 2. Measured 0.977-0.987 on 2 busy cores (issue 17 asks 0.99: not yet met;
-    # the misses are gets whose every candidate was tried while one silent holder still held
-    # the slots); the bar catches a regression to the one-copy behaviour (0 of a sick home's).
-    assert report["availability"]["ratio"] >= AVAILABILITY_MIN, report["availability"]
+    # mesh_replicas: 2. Measured on 2 busy cores (NIXL): these settings 2185/2185 = 1.0;
+    # `tools/chaos.py --members 4 --duration 60 --min-faults 10` seeds 7, 11, 23: 0.9982,
+    # 1.0, 0.9972 (before issue 17's read-path fixes: 0.970-0.987, the misses then mostly
+    # chunks held only by their producer or by members off the key's preference list).
+    availability = report["availability"]
+    assert availability["ratio"] >= AVAILABILITY_MIN, (
+        availability["ratio"],
+        availability["misses"]["chunks_by_cause"],
+    )
     assert report["deadline_overruns"] == 0, report["overrun_examples"]
     assert report["errors"] == 0, report["error_examples"]
     assert report["reconvergence_s"]["not_reconverged"] == 0, report["fault_log"]
