@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from tools import chaos
+from tools.chaos_misses import cause_of
 
 pytestmark = pytest.mark.processes
 
-AVAILABILITY_MIN = 0.95
-"""Chunks served / chunks a live member held, at least, with ``mesh_replicas: 2``."""
+AVAILABILITY_MIN = 0.99
+"""Chunks served / chunks a live member held, at least, with ``mesh_replicas: 2`` (issue 17)."""
 
 
 def test_schedule_is_seeded_and_covers_every_kind() -> None:
@@ -75,6 +76,36 @@ def test_one_ring_needs_every_observer_to_agree_on_names_and_boots() -> None:
     assert not chaos.one_ring([{"a/0": 1}, {"a/0": 1}], names)  # b missing everywhere
 
 
+def miss(**fields: object) -> dict[str, object]:
+    """A miss record: 2 keys, none served, by default held by m1 alone, which the get asked."""
+    record: dict[str, object] = {
+        "served": 0, "held": 2, "age_s": 5.0, "fresh_s": 1.0, "local_before": [],
+        "held_by": {"writer": 0, "reader": 0, "m1/0": 2, "m2/0": 0},
+        "placement": {"reader": ["m1/0", "m2/0", "reader/0"]},
+        "trace": ["0.1 fetch task 0: m1/0 answered 0 chunks"],
+    }  # fmt: skip
+    return record | fields
+
+
+@pytest.mark.parametrize(
+    ("record", "cause"),
+    [
+        (miss(local_before=[0]), "evicted_here"),
+        (miss(held_by={"writer": 2, "m1/0": 0}, age_s=0.2), "producer_only"),
+        (miss(held_by={"writer": 2, "m1/0": 0}), "producer_only_late"),
+        (miss(trace=["0.1 m1/0 silent 0.020 s (hedge delay 0.020 s): avoided"]), "silent_holder"),
+        (miss(held_by={"m3/0": 2}), "off_placement"),
+        (miss(trace=["0.1 fetch task 0: m2/0 answered 0 chunks"]), "holder_not_asked"),
+        (miss(), "asked_holder_lacked"),
+        (miss(held_by={"writer": 0, "reader": 2}), "other"),
+    ],
+)
+def test_each_miss_is_given_the_first_cause_its_record_matches(
+    record: dict[str, object], cause: str
+) -> None:
+    assert cause_of(record) == cause
+
+
 def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_calls(
     tmp_path: Path,
 ) -> None:
@@ -100,10 +131,15 @@ def test_four_members_survive_a_minute_of_faults_with_no_wrong_bytes_or_late_cal
     assert report["requests"]["get"] > 100 and report["requests"]["put"] > 50
     assert report["chunks"]["chunks_hit"] > 0, "no read ever found a chunk: nothing was tested"
     assert report["wrong_bytes"] == 0, report["wrong_examples"]
-    # mesh_replicas: 2. Measured 0.977-0.987 on 2 busy cores (issue 17 asks 0.99: not yet met;
-    # the misses are gets whose every candidate was tried while one silent holder still held
-    # the slots); the bar catches a regression to the one-copy behaviour (0 of a sick home's).
-    assert report["availability"]["ratio"] >= AVAILABILITY_MIN, report["availability"]
+    # mesh_replicas: 2. Measured on 2 busy cores (NIXL): these settings 2185/2185 = 1.0;
+    # `tools/chaos.py --members 4 --duration 60 --min-faults 10` seeds 7, 11, 23: 0.9982,
+    # 1.0, 0.9972 (before issue 17's read-path fixes: 0.970-0.987, the misses then mostly
+    # chunks held only by their producer or by members off the key's preference list).
+    availability = report["availability"]
+    assert availability["ratio"] >= AVAILABILITY_MIN, (
+        availability["ratio"],
+        availability["misses"]["chunks_by_cause"],
+    )
     assert report["deadline_overruns"] == 0, report["overrun_examples"]
     assert report["errors"] == 0, report["error_examples"]
     assert report["reconvergence_s"]["not_reconverged"] == 0, report["fault_log"]

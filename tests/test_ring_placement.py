@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshkv.ring.hashring import HashRing
-from meshkv.ring.placement import pointer_hosts, replica_targets, to_restore
+from meshkv.ring.placement import pointer_hosts, replica_targets, stray_pointers, to_restore
 from tests.test_node import keys_for
 
 MEMBERS = [f"m{i}/0" for i in range(6)]
@@ -72,3 +72,23 @@ def test_a_restarted_member_gets_its_copies_back_from_the_first_other_replica() 
 
 def test_nothing_to_restore_on_a_ring_of_the_lost_member_alone() -> None:
     assert to_restore(HashRing(["m1/0"]), "m1/0", KEYS, 2, me="m0/0") == []
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_a_copy_away_from_its_replicas_is_pointed_out_to_its_replicas_and_pointer_host(
+    replicas: int,
+) -> None:
+    ring = HashRing(MEMBERS)
+    targets = stray_pointers(ring, KEYS, replicas, me="m0/0")
+    assert "m0/0" not in targets
+    for key in KEYS:
+        names = ring.preference_list(key, replicas + 1)
+        pointed = sorted(name for name, keys in targets.items() if key in keys)
+        if "m0/0" in names[:replicas]:
+            assert pointed == []  # a replica: readers ask it anyway
+        else:
+            assert pointed == sorted(n for n in names if n != "m0/0")
+
+
+def test_no_stray_pointers_on_an_empty_ring() -> None:
+    assert stray_pointers(HashRing([]), KEYS, 2, me="m0/0") == {}

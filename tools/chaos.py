@@ -69,6 +69,7 @@ from meshkv.keys import chunk_keys, root_key
 from meshkv.node import MeshNode
 from meshkv.wire import MAGIC, AuthPolicy
 from tools.bench.common import free_ports
+from tools.chaos_misses import GetTraces, MissLog
 
 NAMESPACE = "c4" * 16
 """The clients' namespace label (storage members serve every namespace)."""
@@ -88,6 +89,8 @@ PROMPTS_KEPT_MAX = 4096
 """Recent prompts the readers choose from (older ones are forgotten, not their digests)."""
 WRONG_EXAMPLES_MAX = 20
 FAULT_KINDS = ("kill", "freeze", "restart")
+CLIENT_ROLES = ("writer", "reader")
+"""The client members this process runs, in `Chaos.clients` order."""
 REPLIES_DRAINED_MAX = 64
 """Replies to the intruder's replayed lookups read (and dropped) per bad frame sent."""
 
@@ -156,7 +159,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._digests: dict[bytes, bytes] = {}
         self._refs: Counter[bytes] = Counter()
-        self._prompts: deque[list[bytes]] = deque()
+        self._prompts: deque[tuple[list[bytes], float]] = deque()  # (keys, recorded at)
         self._prompts_max = prompts_max
         self.recorded = 0
 
@@ -165,15 +168,16 @@ class Ledger:
             for key, d in zip(keys, digests, strict=True):
                 self._digests.setdefault(key, d)
                 self._refs[key] += 1
-            self._prompts.append(keys)
+            self._prompts.append((keys, time.monotonic()))
             self.recorded += 1
             if len(self._prompts) > self._prompts_max:
-                for key in self._prompts.popleft():
+                for key in self._prompts.popleft()[0]:
                     self._refs[key] -= 1
                     if self._refs[key] == 0:
                         del self._refs[key], self._digests[key]
 
-    def pick(self, rng: random.Random) -> list[bytes] | None:
+    def pick(self, rng: random.Random) -> tuple[list[bytes], float] | None:
+        """A recent prompt's keys and when it was recorded (monotonic s), or None."""
         with self._lock:
             return rng.choice(self._prompts) if self._prompts else None
 
@@ -572,6 +576,10 @@ class Chaos:
         self.intruder = Intruder(self.secret, profile)
         self.lateness: list[float] = []  # how late this process's sampler woke: host load
         self.held_clients: list[RequestClient] = []  # the readers' availability lookups
+        self.traces = GetTraces()  # the read path's debug lines of each reader's get
+        self.misses = MissLog(fresh_s=settings.call_timeout_s)
+        self.began_s = time.monotonic()  # the workload's start (set again when it starts)
+        self.current_fault: str | None = None  # "kind member" while a fault is applied
 
     # -- set up and tear down --
 
@@ -600,7 +608,7 @@ class Chaos:
         """Two client members: a writer and a reader (each of their threads has its own
         sockets; fewer nodes in this process leave more of its GIL to the timed calls)."""
         seeds = [m.address for m in self.members]
-        for role in ("writer", "reader"):
+        for role in CLIENT_ROLES:
             config = MeshConfig(
                 enable_p2p=True, transfer_channel=self.channel, p2p_host="127.0.0.1",
                 mesh_seeds=seeds, mesh_gossip_profile=self.s.profile,
@@ -634,6 +642,7 @@ class Chaos:
         self.stop.set()
         for thread in self.threads:
             thread.join(self.s.call_timeout_s + 10)
+        self.traces.uninstall()
         for held_client in self.held_clients:
             held_client.close()
         self.intruder.close()
@@ -680,18 +689,40 @@ class Chaos:
 
         return write_one
 
-    def held_live(self, keys: list[bytes], client: RequestClient, before: set[str]) -> int:
-        """Leading ``keys`` some live member holds now: the clients, and each member that was
-        live (``before``) and still is, asked with a lookup (held here, not pointers)."""
-        held = [c.store.lookup_prefix(keys) for c in self.clients]
+    def held_live(
+        self, keys: list[bytes], client: RequestClient, before: set[str]
+    ) -> dict[str, int]:
+        """Leading ``keys`` each live holder holds now: the clients (``writer``, ``reader``),
+        and each member that was live (``before``) and still is, asked with a lookup (held
+        here, not pointers)."""
+        clients = zip(CLIENT_ROLES, self.clients, strict=True)
+        held = {role: node.store.lookup_prefix(keys) for role, node in clients}
         live = [m for m in self.members if m.name in before and m.name in self.live_members()]
         requests = [(f"{m.host}:{m.data_port}", dm.Lookup(req=client.next_id(), epoch=0,
                                                           keys=keys)) for m in live]  # fmt: skip
         deadline_s = time.monotonic() + QUERY_TIMEOUT_S
-        for reply in client.call_many(requests, deadline_s):
+        for member, reply in zip(live, client.call_many(requests, deadline_s), strict=True):
             if isinstance(reply, dm.LookupReply):
-                held.append(reply.held)
-        return max(held, default=0)
+                held[member.name] = reply.held
+        return held
+
+    def placement(self, node: MeshNode, key: bytes) -> dict[str, list[str]]:
+        """``key``'s preference list (replicas, then pointer host) on the reader's ring now and
+        on the ring of every member and client (no fault)."""
+        ring = node.membership.ring().current
+        whole = ring
+        for name in self.names() - set(ring.members):
+            whole = whole.with_member(name)
+        copies = self.s.replicas + 1
+        return {"reader": ring.preference_list(key, copies) if ring.members else [],
+                "whole": whole.preference_list(key, copies)}  # fmt: skip
+
+    def member_states(self) -> dict[str, str]:
+        """Each member's state as the harness made it: up, frozen or down (and its boot)."""
+        return {
+            m.name: f"{'frozen' if m.frozen else 'up' if m.running else 'down'}#{m.boots}"
+            for m in self.members
+        }
 
     def live_members(self) -> set[str]:
         return {m.name for m in self.members if m.running and not m.frozen}
@@ -703,9 +734,10 @@ class Chaos:
         self.held_clients.append(client)
 
         def read_one() -> None:
-            keys = self.ledger.pick(rng)
-            if keys is None:
+            picked = self.ledger.pick(rng)
+            if picked is None:
                 return
+            keys, recorded_s = picked
             started = time.monotonic()
             if rng.random() < self.s.lookup_share:
                 held = node.lookup(keys, timeout_s=timeout_s)
@@ -713,18 +745,37 @@ class Chaos:
                 if not 0 <= held <= len(keys):
                     self.tally.error(f"lookup said {held} of {len(keys)}")
                 return
-            live = self.live_members()
+            live, states = self.live_members(), self.member_states()
+            here = node.store.held_among(keys)
+            self.traces.begin()
             with node.get(keys, self.s.chunk_bytes, timeout_s=timeout_s) as lease:
                 elapsed = time.monotonic() - started
                 check_read(keys, lease.views, self.ledger, self.tally)
                 served = lease.count
+            trace = self.traces.end()
             self.tally.timed("get", elapsed, timeout_s)
-            held = max(served, self.held_live(keys, client, live))  # a local copy counts too
+            held_by = self.held_live(keys, client, live)
+            held = max(served, *held_by.values())  # a local copy counts too
             self.tally.add(chunks_held_live=held, chunks_served_of_held=min(served, held))
+            if served < held:
+                self.misses.add({
+                    "at_s": round(started - self.began_s, 3),
+                    "age_s": round(started - recorded_s, 3), "elapsed_s": round(elapsed, 4),
+                    "keys": len(keys), "served": served,
+                    "local_before": [i for i, key in enumerate(keys) if key in here],
+                    "held": held, "held_by": held_by, "states_before": states,
+                    "states_after": self.member_states(), "fault": self.current_fault,
+                    "reader_ring": list(node.membership.ring().current.members),
+                    "placement": self.placement(node, keys[served]),
+                    "avoided": [n for n in self.names() if node.gets.hedge.is_avoided(n)],
+                    "hedge_delay_s": round(node.gets.hedge.delay_s(), 4), "trace": trace,
+                })  # fmt: skip
 
         return read_one
 
     def start_workload(self) -> None:
+        self.began_s = time.monotonic()
+        self.traces.install()
         rng = random.Random(self.s.seed ^ 0x5EED)
         writer, reader = self.clients
         bodies = [(self.writer(writer, random.Random(rng.getrandbits(64))), self.s.write_rate_hz)
@@ -771,6 +822,14 @@ class Chaos:
     def inject(self, fault: Fault) -> float | None:
         """Applies one fault and repairs it; returns seconds from repair to one ring."""
         member = self.members[fault.member]
+        self.current_fault = f"{fault.kind} {member.name}"
+        try:
+            return self._apply(fault, member)
+        finally:
+            self.current_fault = None
+
+    def _apply(self, fault: Fault, member: Member) -> float | None:
+        phase = f"{fault.kind} {member.name}"
         if fault.kind == "freeze":
             member.send(signal.SIGSTOP)
             self.stop.wait(fault.hold_s)
@@ -781,11 +840,14 @@ class Chaos:
                 member.kill()
                 self.stop.wait(fault.hold_s)
             else:
+                self.current_fault = f"{phase}: leaving"
                 member.leave()
+            self.current_fault = f"{phase}: starting"
             member.start()
             if not member.wait_listening():
                 self.tally.error(f"{member.name} did not restart")
                 return None
+        self.current_fault = f"{phase}: converging"
         return self.wait_converged(self.s.converge_timeout_s)
 
     def run_faults(self, until_s: float, hard_until_s: float) -> None:
@@ -835,6 +897,7 @@ class Chaos:
                 "chunks_held_live": held,
                 "ratio": round(served / held, 5) if held else None,
                 "min": self.s.availability_min,
+                "misses": self.misses.report(),
             },
             "wrong_bytes": counts["wrong_chunks"],
             "wrong_examples": self.tally.wrong,
@@ -1067,6 +1130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {k: report[k] for k in ("requests", "faults", "availability", "wrong_bytes",
                                       "deadline_overruns", "errors", "crashes",
                                       "reconvergence_s", "ok")}  # fmt: skip
+    availability = summary["availability"] = dict(report["availability"])
+    availability["misses_by_cause"] = availability.pop("misses")["chunks_by_cause"]
     summary["bad_inputs"] = {k: report["bad_inputs"][k] for k in ("sent", "dropped_counted")}
     summary["peak_rss_mib"] = {n: r["peak_bytes"] >> 20 for n, r in report["peak_rss"].items()}
     print(json.dumps(summary, indent=2))

@@ -15,11 +15,17 @@ stay here as local copies (a repeat of the prompt on this engine is local).
 
 Every get is hedged (`meshkv.node.hedged_calls`): a member silent for the hedge delay has the
 next candidate asked as well, so a frozen or dead holder costs one hedge delay, not the
-deadline. It stops at the first miss: only the leading run of keys is useful to vLLM.
+deadline. The pointer host is asked a lookup, not a get (it holds pointers, not bytes), and so
+is a candidate that answered a get without some of the chunks: its held-at pointers may name
+the producer or another holder (a put points every replica at the producer's copy before its
+bytes travel), which is then asked at once, not after the other candidates (chaos: a replica
+lacked a fresh chunk, the pointer host was frozen, and the get waited on it until its
+deadline). It stops at the first miss: only the leading run of keys is useful to vLLM.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +37,8 @@ from meshkv.dataplane.handshake import Greeter
 from meshkv.node.arrivals import Arrivals, Piece
 from meshkv.node.hedged_calls import call_hedged
 from meshkv.node.readers import Readers
+
+log = logging.getLogger("vllm.meshkv.node.fetch")
 
 UNANSWERED_HOLD_S = 2 * m.LATE_WRITE_MS / 1000
 """How long past the get's deadline the slots of an unanswered request stay reserved: its
@@ -109,7 +117,8 @@ def fetch(
     epoch = readers.membership.ring().epoch
     asked: dict[tuple[int, str], Piece] = {}  # (task, holder) -> the piece that holder was asked
     pointer_hosts = [readers.pointer_host(keys[piece.start]) for piece in pieces]
-    looked_up: set[tuple[int, str]] = set()  # (task, pointer host) asked for its pointers
+    looked_up: set[tuple[int, str]] = set()  # (task, holder) asked for its pointers
+    lacking: set[tuple[int, str]] = set()  # (task, holder) that answered a get without some
     sent_to: dict[int, set[str]] = {}
     home_lacked: set[int] = set()
     homes = readers.membership.ring().current.homes_of([keys[p.start] for p in pieces])
@@ -119,8 +128,9 @@ def fetch(
         piece = arrivals.pending_from(pieces[task])
         if peer is None or piece is None:
             return None
-        if holder == pointer_hosts[task] and (task, holder) not in looked_up:
-            looked_up.add((task, holder))  # a pointer, not bytes: ask where the chunks are
+        pointers = holder == pointer_hosts[task] or (task, holder) in lacking
+        if pointers and (task, holder) not in looked_up:
+            looked_up.add((task, holder))  # pointers, not bytes: ask where the chunks are
             piece_keys = list(keys[piece.start : piece.end])
             return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=piece_keys)
         if not greeter.has_greeted(holder, peer.nonce):  # greet first, hedged like a get
@@ -143,6 +153,7 @@ def fetch(
         return peer.data_address, get
 
     def on_reply(task: int, holder: str, reply: m.Message) -> bool | str:
+        log.debug("fetch task %d: %s answered %s", task, holder, _summary(reply, holder))
         if isinstance(reply, m.LookupReply):  # from a pointer host: ask whom it points at
             found = reply.holders(holder)[:1]
             return found[0] if found and found[0] != me else False
@@ -152,13 +163,29 @@ def fetch(
             return holder if greeted else False
         piece = asked[task, holder]
         whole = arrivals.answered(piece, reply, holder)
-        if not whole and holder == homes[task] and isinstance(reply, m.GetReply):
+        if whole or not isinstance(reply, m.GetReply):
+            return whole
+        if holder == homes[task]:
             home_lacked.update(range(piece.start + len(reply.checksums), piece.end))
-        return whole
+        if (task, holder) in looked_up:
+            return False
+        lacking.add((task, holder))
+        return holder  # ask its pointers for the rest
 
     call_hedged(client, piece_candidates, request=request, on_reply=on_reply,
                 state=readers.hedge, deadline_s=deadline_s)  # fmt: skip
     return Fetched(arrivals.finish(), sent_to, home_lacked)
+
+
+def _summary(reply: m.Message, holder: str) -> str:
+    """A reply in a few words, for the debug log."""
+    if isinstance(reply, m.GetReply):
+        return f"{len(reply.checksums)} chunks"
+    if isinstance(reply, m.LookupReply):
+        return f"lookup {reply.holders(holder)}"
+    if isinstance(reply, m.Error):
+        return f"error {reply.reason}"
+    return type(reply).__name__
 
 
 def plan(

@@ -15,6 +15,11 @@
 7. repair: chunks found away from their home (at a previous home, or at another replica or
    the producer after the home answered without them) are pushed to their homes.
 
+The fetch's reservations make room by evicting the least recently used chunks; the chunks
+presumed here in step 1 are made the most recently used first, so that other chunks go before
+them (chaos: a get served 2 of 4 chunks, its other 2 evicted by its own fetch). They still go
+when nothing else can: the leading chunks are the ones worth serving.
+
 Every step is bounded by the caller's deadline and every failure is fewer leading chunks: a
 miss, never an exception, never wrong bytes.
 
@@ -134,15 +139,20 @@ class GetPipeline:
     ) -> ChunkLease:
         """The leading chunks of ``keys``, pinned under ``owner`` (see the module docstring)."""
         guesses = presume(keys, self.readers)
+        log.debug("get of %d keys: guesses %s", len(keys), guesses)
+        self._touch_local(keys, guesses, owner, deadline_s)
         first = self._fetch(keys, guesses, 0, chunk_bytes, client, owner, deadline_s)
         fetched, stray = first.committed, set(first.home_lacked)
         held = self._leading_held(keys, guesses, fetched)
+        log.debug("first fetch: %d leading here, asked %s", held, first.asked)
         while held < len(keys) and self._store.await_arrival(
             keys[held], owner=owner, deadline_s=deadline_s
         ):  # being written here (a push, a repair): take it when it lands, not fetch it again
             held += 1
         if held < len(keys) and time.monotonic() < deadline_s:  # guesses missed: ask the homes
             located = locate(keys[held:], self.readers, client=client, deadline_s=deadline_s)
+            log.debug("located from %d: %s (fallbacks %s)", held, located.holders,
+                      located.fallbacks)  # fmt: skip
             stray.update(held + i for i in located.fallbacks)
             asked = first.asked.get(held, set())
             if located.holders[:1] and located.holders[0] not in asked:
@@ -157,6 +167,16 @@ class GetPipeline:
         if stray & fetched:  # read repair: found away from their homes, pushed there now
             self._repair([keys[i] for i in sorted(stray & fetched)])
         return ChunkLease([self._store.view(s) for s in slots], self._store, slots, owner)
+
+    def _touch_local(
+        self, keys: Sequence[bytes], guesses: list[list[str]], owner: str, deadline_s: float
+    ) -> None:
+        """Makes the chunks found here the most recently used (a pin, dropped at once)."""
+        local = [key for key, names in zip(keys, guesses, strict=False) if names == [self._me]]
+        for key in local:
+            self._store.unpin(
+                self._store.pin([key], owner=owner, deadline_s=deadline_s), owner=owner
+            )
 
     def _fetch(
         self,

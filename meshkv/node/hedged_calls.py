@@ -19,6 +19,7 @@ nor membership, the store or sockets.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from meshkv.dataplane import messages as m
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.node.hedging import AvoidList, RoundTrips
+
+log = logging.getLogger("vllm.meshkv.node.hedged_calls")
 
 Clock = Callable[[], float]
 
@@ -108,9 +111,12 @@ def call_hedged(
             return False
         built = request(task, holder)
         if built is None:
+            log.debug("task %d: %s cannot be asked (not a live peer, or nothing left)", task,
+                      holder)  # fmt: skip
             return False
         address, message = built
         if not client.send_only(address, message):
+            log.debug("task %d: %s: send failed", task, holder)
             return False
         now_s = clock()
         waiting[message.req] = len(attempts)
@@ -161,10 +167,14 @@ def call_hedged(
         now_s = clock()
         for holder, ids in list(outstanding.items()):
             if ids and holder not in silent and now_s >= heard_s[holder] + delay_s:
+                log.debug("%s silent %.3f s (hedge delay %.3f s): avoided", holder,
+                          now_s - heard_s[holder], delay_s)  # fmt: skip
                 silent.add(holder)
                 state.avoid(holder)
                 for task in sorted({attempts[i].task for i in ids}):
                     if not settled[task]:
                         ask_next(task)
     client.stats["timeout"] += len(waiting)
+    if waiting:
+        log.debug("deadline: %d requests unanswered", len(waiting))
     return settled

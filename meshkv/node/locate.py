@@ -183,6 +183,8 @@ def _ask_hedged(
 ) -> Replies:
     """Sends ``asks`` at once, hedged; the replies each drew."""
     replies: Replies = [[] for _ in asks]
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("lookup asks %s", [(ask.candidates, len(ask.keys)) for ask in asks])
 
     def request(task: int, name: str) -> tuple[str, m.Message] | None:
         peer = readers.membership.peer(name)
@@ -193,7 +195,9 @@ def _ask_hedged(
     def on_reply(task: int, name: str, reply: m.Message) -> bool:
         """Settled by a full answer, or by the authority's."""
         if not isinstance(reply, m.LookupReply):
+            log.debug("lookup task %d: %s answered %s", task, name, type(reply).__name__)
             return False
+        log.debug("lookup task %d: %s answered %s", task, name, reply.holders(name))
         replies[task].append((name, reply))
         return len(reply.holders(name)) >= len(asks[task].keys) or name == asks[task].authority
 

@@ -333,7 +333,8 @@ class MeshNode:
                 stored.append(key)
         self.metrics.chunks_put.inc(len(stored))
         if stored and self.config.enable_p2p:
-            self.pusher.submit(stored)
+            self.pusher.point_ahead(self._client(), stored)  # found here before the bytes move
+            self.pusher.submit(stored, pointed=True)
             if chains:
                 announce(keys, chains, set(stored), membership=self.membership,
                          directory=self.directory, client=self._client(),
@@ -439,7 +440,8 @@ class MeshNode:
         A peer that died, left or restarted loses its transfer state, so nothing waits on it.
         Pointers to it are kept if it merely died (it may be frozen, and come back holding
         everything; lookups skip holders that are not alive), dropped if it left or restarted.
-        A member that joined is told which chunks held here it is now home for. A member alive
+        A member that joined is told which chunks held here it is now home for, and after any
+        change the chunks held here away from their replicas are pointed out. A member alive
         again (or back with a new boot) is no longer avoided by hedged reads.
         """
         change = self.membership.on_event(event)
@@ -455,6 +457,8 @@ class MeshNode:
                 self.pusher.restore_after(change.gone)  # its chunks off itself)
         if change.joined is not None:
             self.pusher.point_out_to(change.joined)
+        if change.gone is not None or change.joined is not None:
+            self.pusher.point_out_strays()  # copies away from the new replicas: found anyway
 
 
 __all__ = ["ROLE_ENGINE", "ROLE_STORAGE", "ChainSlice", "ChunkLease", "MeshNode"]

@@ -5,19 +5,23 @@ here. The pusher thread asks each home on the key's preference list to reserve s
 chunks it lacks, WRITEs them (or sends them inline on the tcp channel: `BytePath.push`), then
 commits with their checksums, which the home verifies before publishing.
 
-Each push first points its homes at this member's copy (``HELD_AT``: "ask me for these", one
-message, no reply), so a lookup that reaches a home while the bytes are still on their way finds
-this copy instead of missing (a prompt asked for on another engine right after this one computed
-it). Under bandwidth pressure the queue fills; then the chunks are only announced, so the homes
-still answer lookups for them and nothing waits. Every step has a deadline; a home that fails is
-simply skipped (its lookups miss; our copy stays).
+A put first points its homes at this member's copy (`point_ahead`: ``HELD_AT``, "ask me for
+these", one message each, no reply), at once on the caller's thread, before the chunks are
+queued: a lookup that reaches a home while the bytes wait in the queue, or are on their way, or
+are stuck behind a silent home's push, finds this copy instead of missing (a prompt asked for on
+another engine right after this one computed it). Under bandwidth pressure the queue fills; the
+chunks were pointed at already, so the homes still answer lookups for them and nothing waits
+(chunks submitted without pointers, read repairs, are then only announced). Every step has a
+deadline; a home that fails is simply skipped (its lookups miss; our copy stays).
 
 Placement (`meshkv.ring.placement`): each chunk goes to the first ``replicas`` members of its
 preference list, and the member after them gets a pointer to this member (a reader whose
 replicas are all silent finds our copy through it). When a member dies, the chunks it was a
 replica of are re-pushed to their new preference lists by their first surviving replica
 (`restore_after`; likewise for a member back with a new, empty boot), so placement stays at
-``replicas`` copies through deaths and restarts.
+``replicas`` copies through deaths and restarts. After every membership change, the copies held
+here away from their keys' replicas (a producer's own, older placements') are pointed out to the
+new replicas and pointer hosts (`point_out_strays`), so readers still find them.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from meshkv.dataplane.byte_path import BytePath
 from meshkv.dataplane.client import RequestClient
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.handshake import Greeter
+from meshkv.member_meta import ANY_NAMESPACE
 from meshkv.node.membership import Membership
-from meshkv.ring.placement import pointer_hosts, replica_targets, to_restore
+from meshkv.ring.hashring import HashRing
+from meshkv.ring.placement import pointer_hosts, replica_targets, stray_pointers, to_restore
 from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
@@ -54,9 +60,11 @@ SIZE_PIN_S = 1.0
 class _Job:
     keys: list[bytes]
     announce_only: bool
+    pointed: bool = False  # its homes were pointed at this member's copy already (`point_ahead`)
     leaving: bool = False  # place on the ring without this member (graceful leave)
     newcomer: str | None = None  # point out every chunk held here that this member is home for
     gone: str | None = None  # restore the copies this dead member held (keys: empty)
+    strays: bool = False  # point out the copies held here away from their replicas
 
 
 class Pusher:
@@ -85,6 +93,8 @@ class Pusher:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshkv-push", daemon=True)
         self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()  # the pointer counts are kept by callers' threads too
+        self._strays_queued = threading.Event()  # a strays notice waits: the next one is void
 
     def start(self) -> None:
         self._thread.start()
@@ -95,12 +105,24 @@ class Pusher:
             self._jobs.put_nowait(None)
         self._thread.join(timeout_s)
 
-    def submit(self, keys: list[bytes]) -> None:
-        """Queues ``keys`` (committed locally) for their homes; never blocks."""
+    def point_ahead(self, client: RequestClient, keys: list[bytes]) -> None:
+        """Points the homes and pointer hosts of ``keys`` (committed locally) at this member's
+        copy now, on the caller's ``client`` (one ``HELD_AT`` per member, no reply); never
+        blocks. Then `submit` them with ``pointed``."""
+        me, ring = self._membership.me.name, self._membership.ring().current
+        self._count("pointed_ahead", self._point(client, self._targets(keys)))
+        hosts = pointer_hosts(ring, keys, self._replicas, me=me)
+        self._count("pointed", self._point(client, hosts))
+
+    def submit(self, keys: list[bytes], *, pointed: bool = False) -> None:
+        """Queues ``keys`` (committed locally) for their homes; never blocks. ``pointed``: the
+        caller pointed their homes at this copy already (`point_ahead`)."""
         try:
-            self._jobs.put_nowait(_Job(keys, announce_only=False))
+            self._jobs.put_nowait(_Job(keys, announce_only=False, pointed=pointed))
         except queue.Full:
             self.stats["queue_full"] += 1
+            if pointed:
+                return
             try:
                 self._notices.put_nowait(_Job(keys, announce_only=True))
             except queue.Full:
@@ -137,6 +159,19 @@ class Pusher:
         except queue.Full:
             self.stats["notice_dropped"] += 1
 
+    def point_out_strays(self) -> None:
+        """The ring changed: tells the replicas and pointer host of each chunk held here but
+        not as one of its replicas that this member holds it (``HELD_AT``, in the background;
+        never blocks; one pending notice covers every change before it)."""
+        if self._strays_queued.is_set():
+            return
+        self._strays_queued.set()
+        try:
+            self._notices.put_nowait(_Job([], announce_only=True, strays=True))
+        except queue.Full:
+            self._strays_queued.clear()
+            self.stats["notice_dropped"] += 1
+
     def idle(self) -> bool:
         """True when nothing is queued (tests and benchmarks wait on this)."""
         return self._jobs.unfinished_tasks == 0 and self._notices.empty()
@@ -147,7 +182,9 @@ class Pusher:
             while not self._stopping.is_set():
                 while not self._notices.empty():
                     notice = self._notices.get_nowait()
-                    if notice.newcomer is None:
+                    if notice.strays:
+                        self._point_out_strays(client)
+                    elif notice.newcomer is None:
                         self._announce(client, notice.keys)
                     else:
                         self._point_out(client, notice.newcomer)
@@ -161,7 +198,7 @@ class Pusher:
                     if job.gone is not None:
                         self._restore(client, job.gone)
                     else:
-                        self._push(client, job.keys, leaving=job.leaving)
+                        self._push(client, job.keys, leaving=job.leaving, pointed=job.pointed)
                 except Exception:  # a failed push is a lost copy, never a dead pusher
                     log.exception("push failed")
                 finally:
@@ -204,6 +241,22 @@ class Pusher:
             self.stats["restored"] += len(keys)
             self._push(client, keys)
 
+    def _point_out_strays(self, client: RequestClient) -> None:
+        self._strays_queued.clear()  # changes from now on need a notice of their own
+        me, held = self._membership.me.name, self._store.keys()
+        for ring in self._placement_rings():
+            targets = stray_pointers(ring, held, self._replicas, me=me)
+            self.stats["pointed_strays"] += self._point(client, targets)
+
+    def _placement_rings(self) -> list[HashRing]:
+        """The rings chunks held here are placed on: this member's namespace's; for a storage
+        member (any namespace), the ring of each namespace its live peers are in."""
+        membership = self._membership
+        if membership.me.namespace != ANY_NAMESPACE:
+            return [membership.ring().current]
+        namespaces = {p.namespace for p in membership.peers()} - {ANY_NAMESPACE}
+        return [membership.ring_of(ns) for ns in sorted(namespaces)] or [membership.ring().current]
+
     def _point_out(self, client: RequestClient, newcomer: str) -> None:
         peer = self._membership.peer(newcomer)
         if peer is None:
@@ -221,14 +274,21 @@ class Pusher:
             if client.send_only(peer.data_address, notice):
                 self.stats["pointed_out"] += len(notice.keys)
 
-    def _push(self, client: RequestClient, keys: list[bytes], *, leaving: bool = False) -> None:
+    def _count(self, stat: str, count: int) -> None:
+        with self._stats_lock:
+            self.stats[stat] += count
+
+    def _push(
+        self,
+        client: RequestClient,
+        keys: list[bytes],
+        *,
+        leaving: bool = False,
+        pointed: bool = False,
+    ) -> None:
         targets = self._targets(keys, leaving=leaving)
-        if not leaving:  # a leaver's copy is about to go: no pointer to it
-            # lookups at the replicas find our copy while the bytes are on their way
-            self.stats["pointed_ahead"] += self._point(client, targets)
-            me, ring = self._membership.me.name, self._membership.ring().current
-            hosts = pointer_hosts(ring, keys, self._replicas, me=me)
-            self.stats["pointed"] += self._point(client, hosts)
+        if not (leaving or pointed):  # a leaver's copy is about to go: no pointer to it
+            self.point_ahead(client, keys)  # lookups find our copy while the bytes travel
         for home, home_keys in targets.items():
             stored = 0
             started_s = time.monotonic()

@@ -12,6 +12,13 @@ same name: still on the ring, but empty) gets its copies back the same way. Join
 pushes (a newcomer is pointed at the holders) and a graceful leaver pushes its own chunks
 before leaving.
 
+A copy can end up away from its key's replicas: a producer's own copy, a copy a restore or a
+read repair pushed to the placement of an older ring, or the copies of a member back from a
+freeze while the others restored without it. After each membership change its holder points
+the key's replicas and pointer host on the new ring at it (`stray_pointers`: ``HELD_AT``, no
+bytes), so a reader whose replicas lack the key finds the copy through a lookup at its home
+instead of missing it.
+
 This module knows rings and keys; not stores, sockets or gossip.
 """
 
@@ -66,3 +73,20 @@ def to_restore(
             if survivors[:1] == [me]:
                 restore.append(key)
     return restore
+
+
+def stray_pointers(
+    ring: HashRing, keys: Sequence[bytes], replicas: int, *, me: str
+) -> dict[str, list[bytes]]:
+    """For the ``keys`` ``me`` holds but is not a replica of on ``ring``: each key's replicas
+    and pointer host (position ``replicas``), with the keys to point at ``me``."""
+    targets: dict[str, list[bytes]] = {}
+    if not ring.members:
+        return targets
+    for key, names in zip(keys, ring.preference_lists_of(keys, replicas + 1), strict=True):
+        if me in names[:replicas]:
+            continue
+        for name in names:
+            if name != me:
+                targets.setdefault(name, []).append(key)
+    return targets
