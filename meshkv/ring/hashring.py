@@ -234,6 +234,8 @@ class HashRing:
         """The first `n` distinct members clockwise from the key's home point, home first.
 
         Fewer than `n` if the ring has fewer members; empty on an empty ring or if n <= 0.
+        The points after the home are read in windows (one slice each, deduplicated as plain
+        ints: numpy's fixed cost per call made a replica set cost 16-20 us this way).
         """
         if n <= 0 or not self._members:
             return []
@@ -242,10 +244,12 @@ class HashRing:
         count = self._owners.shape[0]
         window = min(count, max(PREFERENCE_WINDOW_MIN_POINTS, 8 * wanted))
         while True:  # the window grows x4 up to the whole ring, which holds every member
-            owners = self._owners[(start + np.arange(window)) % count]
-            _, first_seen = np.unique(owners, return_index=True)
-            if first_seen.shape[0] >= wanted or window == count:
-                return [self._members[i] for i in owners[np.sort(first_seen)][:wanted]]
+            owners = self._owners[start : start + window].tolist()
+            if start + window > count:  # the window wraps past the last point
+                owners += self._owners[: start + window - count].tolist()
+            found = list(dict.fromkeys(owners))  # distinct, in first-seen order
+            if len(found) >= wanted or window == count:
+                return [self._members[i] for i in found[:wanted]]
             window = min(count, window * 4)
 
     def preference_lists_of(self, keys: Sequence[bytes], n: int) -> list[list[str]]:
