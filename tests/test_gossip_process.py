@@ -40,8 +40,9 @@ CONVERGE_S = 10.0  # joining, rejoining after a restart: generous, it is not a t
 DEAD_WITHIN_S = 3.0  # DESIGN §5: a crash seen by every member in <= 3 s (p99)
 STALL_S = 1.0  # DESIGN §5: no healthy member declared dead under a 1 s stall
 FROZEN_DEAD_WITHIN_S = 10.0
-"""A member frozen for good: its link drops after the 3 s heartbeat timeout, then its expired
-suspicion is a death (about 3.5 s); generous for a loaded machine, but bounded."""
+"""A member frozen for good: its link drops 3-4 s after it froze (the heartbeat timeout plus up
+to one interval), then its expired suspicion is a death (about 4 s); generous for a loaded
+machine, but bounded."""
 MARKER = "marker/0"  # an in-process member whose join every member logs after the freeze
 GARBAGE_RUN_S = 0.5  # the member must keep running this long after the garbage
 STOP_TIMEOUT_S = 5.0

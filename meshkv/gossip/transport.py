@@ -69,16 +69,20 @@ class TransportLimits:
     """Frames `wait` returns at most per call, so timers run even under a flood."""
     reconnect_max_ms: int = 1000
     """Upper bound of ZMQ's reconnect backoff to a vanished peer, in ms."""
-    heartbeat_interval_s: float = 0.25
+    heartbeat_interval_s: float = 1.0
     """How often each outbound connection sends a ZMTP heartbeat (s); 0 = none, and then no
-    link is ever reported up. The peer's ZMQ I/O thread answers it without the GIL."""
+    link is ever reported up. The peer's ZMQ I/O thread answers it without the GIL. Every
+    member heartbeats each peer it probed (up to N - 1 links), so this is most of an idle
+    member's ZMQ cost: 16 idle gossip runners spent 6.7-8.1 ms/s each at 0.25 s, 4.8-5.4 at
+    1 s (ZMQ I/O thread 3.7-4.5 against 1.7-1.9)."""
     heartbeat_timeout_s: float = 3.0
     """A connection whose peer answered no heartbeat for this long is closed and its link
     reported down (a frozen or vanished peer); ZMQ then reconnects. A killed peer's link goes
     down at once (its kernel closes the connection); this bounds how long a frozen or
-    unreachable one keeps its link, so a frozen member is declared dead about this long after
-    it froze. 3 s: a SIGSTOP of 1 s (DESIGN §5's stall) must not drop the link, which at 1 s it
-    sometimes did (the stall-grace then did not apply)."""
+    unreachable one keeps its link, so a frozen member is declared dead about this long (plus
+    up to one heartbeat interval) after it froze. 3 s: a SIGSTOP of 1 s (DESIGN §5's stall)
+    must not drop the link, which at 1 s it sometimes did (the stall-grace then did not
+    apply)."""
 
     def __post_init__(self) -> None:
         for name in (
