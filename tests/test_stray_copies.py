@@ -13,27 +13,18 @@ found here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
-import pytest
 
 from meshkv.node import MeshNode
 from meshkv.ring.hashring import HashRing
 from meshkv.store import Slot, chunk_checksum
 from tests.conftest import wait_until
 from tests.test_node import CHUNK_BYTES, Mesh, chunk, keys_for
+from tests.test_node import mesh as mesh  # the same fixture: both channels
 
 PROMPT_CHUNKS = 4
-
-
-@pytest.fixture(params=["tcp", pytest.param("nixl", marks=pytest.mark.nixl)])
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    mesh = Mesh(request.param)
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
 
 
 def prompt_where(fits: Callable[[list[bytes]], bool]) -> list[bytes]:
