@@ -74,8 +74,21 @@ class Holder:
             )  # fmt: skip
 
     def signal(self, sig: int) -> None:
+        """Sends ``sig``; a SIGSTOP returns once every thread of the holder has stopped (the
+        kernel stops them asynchronously: a thread still running may answer one more request)."""
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
+        if sig == signal.SIGSTOP:
+            wait_until("every thread of the holder stopped", self._all_stopped, 10)
+
+    def _all_stopped(self) -> bool:
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = []
+        for task in tasks.iterdir():
+            stat = (task / "stat").read_text()
+            states.append(stat[stat.rindex(")") + 2])  # the field after "(comm)"
+        return all(state in "tT" for state in states)
 
     def leave(self) -> dict[str, int]:
         """Stops the holder with SIGTERM (it leaves the mesh); returns the counters it printed

@@ -128,7 +128,10 @@ def fetch(
         piece = arrivals.pending_from(pieces[task])
         if peer is None or piece is None:
             return None
-        pointers = holder == pointer_hosts[task] or (task, holder) in lacking
+        # a pointer host holds pointers, not bytes, unless it is the holder this get guessed
+        # first (the lookup or the directory named it): that one is asked for the bytes
+        pointer_host = holder == pointer_hosts[task] and holder != piece_candidates[task][0]
+        pointers = pointer_host or (task, holder) in lacking
         if pointers and (task, holder) not in looked_up:
             looked_up.add((task, holder))  # pointers, not bytes: ask where the chunks are
             piece_keys = list(keys[piece.start : piece.end])
