@@ -13,7 +13,7 @@ import zmq
 from meshkv.config import MeshConfig
 from meshkv.dataplane import messages as m
 from meshkv.keys import chunk_keys, root_key
-from meshkv.node import MeshNode
+from meshkv.node import MeshNode, locate
 from meshkv.store import Refusal
 from tests.conftest import wait_until
 
@@ -136,6 +136,29 @@ def test_a_get_of_chunks_at_their_homes_asks_no_lookup_first(mesh: Mesh) -> None
         assert all(np.array_equal(v, chunk(k)) for k, v in zip(keys, lease.views, strict=True))
     assert sum(n.server.stats["rx_lookup"] for n in (a, b)) == lookups_before
     assert sum(n.server.stats["rx_get"] for n in (a, b)) >= 1
+
+
+def test_a_first_home_takes_its_own_miss_as_final_once_its_ring_settled(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    prompt = next(
+        keys
+        for keys in (keys_for(32, salt=str(i)) for i in range(200))
+        if a.membership.ring().current.home(keys[0]) == "a/0"
+        and {a.membership.ring().current.home(k) for k in keys} == {"a/0", "b/0"}
+    )  # held by nobody; a is its first home, b the home of a later group
+    asked = lambda: b.server.stats["rx_lookup"]  # noqa: E731
+    before = asked()
+    assert a.lookup(prompt) == 0  # a's ring just changed: it also asks the other candidates
+    assert asked() > before
+    monkeypatch.setattr(locate, "SETTLING_S", 0.0)
+    before = asked()
+    assert a.lookup(prompt) == 0
+    assert asked() == before, "a settled first home's miss is final: no round trip"
+    b.put(prompt[:4], [chunk(k) for k in prompt[:4]])  # a hit is still found through a
+    mesh.settle()
+    assert a.lookup(prompt) == 4
 
 
 def test_fetched_chunks_stay_local(mesh: Mesh) -> None:

@@ -9,9 +9,13 @@ steps:
    its chain index (`meshkv.dataplane.chain_index`: what producers told it they hold of this
    prompt) and its held-at pointers. If that home is this member, it is answered here;
 3. only if that answer stops short, and the first key it does not cover is homed at another
-   member (or this member answered: that cost no round trip), the homes of the keys left are
-   asked, all at once, and their other candidates after them (one more round trip; the first
-   home too, for its later groups: its first answer stopped at the gap);
+   member, the homes of the keys left are asked, all at once, and their other candidates after
+   them (one more round trip; the first home too, for its later groups: its first answer
+   stopped at the gap). A home's answer is final for the keys homed at it: a miss there is a
+   miss, so a miss costs one round trip at most, and none when this member is the first home.
+   Except just after a ring change (`SETTLING_S`): a member that has just become a key's home
+   may not have been sent its pointers yet, so when it is the first home itself it also asks
+   the other candidates of the keys it lacks;
 4. a miss at a home that changed with the last membership change falls back once to the
    previous epoch's home.
 
@@ -46,6 +50,10 @@ from meshkv.node.readers import Readers
 from meshkv.ring.hashring import HashRing
 
 log = logging.getLogger("vllm.meshkv.node.locate")
+
+SETTLING_S = 30.0
+"""How long after its ring last changed a member that is a prompt's first home does not take
+its own miss as final (join-time and stray pointers to it may still be on their way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +97,8 @@ def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
             ask = Ask(readers.hedge.order(others), others[0], list(keys))
             _take_replies(answers, [ask], (yield [ask]))
         covered = _leading(keys, answers)
-        if covered < len(keys) and (first_home == me or current.home(keys[covered]) != first_home):
+        settling = first_home == me and membership.ring_unchanged_s() < SETTLING_S
+        if covered < len(keys) and (settling or current.home(keys[covered]) != first_home):
             rest = [k for k in keys[covered:] if k not in answers]
             asks = _grouped(rest, current.preference_lists_of(rest, copies), answers, readers)
             if asks:

@@ -15,7 +15,8 @@ home they now are can be pointed out to them).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from meshkv.gossip.events import EventKind, MemberEvent
@@ -75,16 +76,25 @@ def peer_of(view: MemberView) -> Peer | None:
 class Membership:
     """The ring view of one namespace, kept current from gossip events."""
 
-    def __init__(self, *, me: Peer, vnodes: int) -> None:
+    def __init__(
+        self, *, me: Peer, vnodes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.me = me
+        self._clock = clock
         self._lock = threading.Lock()
         self._live: dict[str, Peer] = {}
         self._on_ring = me.role != ROLE_SEED
         self._view = RingView([me.name] if self._on_ring else [], vnodes)
+        self._changed_s = clock()
 
     def ring(self) -> RingView:
         with self._lock:
             return self._view
+
+    def ring_unchanged_s(self) -> float:
+        """Seconds since the ring's member set last changed (or since this member started)."""
+        with self._lock:
+            return self._clock() - self._changed_s
 
     def peer(self, name: str) -> Peer | None:
         """The live peer of that name (this member included), or None."""
@@ -130,7 +140,8 @@ class Membership:
                     if known is None or known.nonce != peer.nonce:
                         joined = view.name
                     self._live[view.name] = peer
-            self._view.update(self._ring_members())
+            if self._view.update(self._ring_members()):
+                self._changed_s = self._clock()
         return PeerChange(gone, lost_state, joined)
 
     def ring_of(self, namespace: str) -> HashRing:
