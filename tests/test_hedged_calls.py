@@ -95,6 +95,7 @@ def test_a_silent_holder_is_hedged_to_the_next_and_then_asked_last(context: zmq.
         settled, answered = lookups(client, holders, ["frozen", "alive"], state)
         assert settled == [True] and answered == ["alive"]
         assert holders["frozen"].asked == 1
+        assert client.awaited() == 0, "the frozen holder's request is given up, not polled on"
         assert state.is_avoided("frozen") and not state.is_avoided("alive")
         assert state.order(["frozen", "alive"]) == ["alive", "frozen"]
         settled, answered = lookups(client, holders, state.order(["frozen", "alive"]), state)

@@ -110,6 +110,10 @@ class RequestClient:
                         continue
                     yield index, reply
 
+    def awaited(self) -> int:
+        """Requests whose replies are still awaited (their sockets are polled for them)."""
+        return len(self._awaited)
+
     def give_up(self, req: int) -> None:
         """No reply to ``req`` is awaited any more: its socket need not be polled for it (a
         request not given up is polled for `awaited.REPLY_WAIT_MAX_S`)."""

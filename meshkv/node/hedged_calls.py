@@ -177,4 +177,6 @@ def call_hedged(
     client.stats["timeout"] += len(waiting)
     if waiting:
         log.debug("deadline: %d requests unanswered", len(waiting))
+    for req in waiting:  # no longer awaited: their sockets need not be polled for them
+        client.give_up(req)
     return settled
