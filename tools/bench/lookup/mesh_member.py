@@ -61,6 +61,20 @@ def wait_for_ring(node, members: int, timeout_s: float) -> int:
         time.sleep(MESH_CONVERGE_POLL_S)
 
 
+def wait_until_settled(node, timeout_s: float) -> float:
+    """Waits until the node's ring has been unchanged `meshkv.node.locate.SETTLING_S`, so its
+    lookups are measured in steady state (before that, a first home's miss also asks others);
+    returns how long the ring had been unchanged."""
+    from meshkv.node.locate import SETTLING_S
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        unchanged_s = node.membership.ring_unchanged_s()
+        if unchanged_s >= SETTLING_S or time.monotonic() >= deadline:
+            return unchanged_s
+        time.sleep(min(SETTLING_S - unchanged_s, max(0.0, deadline - time.monotonic())))
+
+
 def record_chains(node, chains: Sequence[dict]) -> int:
     """Fills the node's chain index with the chains whose first key it is home for, each run
     of one holder as a producer's ``CHAIN_AT`` would (the holders are the keys' ring homes,

@@ -21,7 +21,12 @@ import zmq
 
 from tools.bench.common import cpu_ns, free_port, read_json_line, wait_for_tcp
 from tools.bench.lookup.aggregate import collect, order, summarize
-from tools.bench.lookup.mesh_member import ask_for, start_mesh_node, wait_for_ring
+from tools.bench.lookup.mesh_member import (
+    ask_for,
+    start_mesh_node,
+    wait_for_ring,
+    wait_until_settled,
+)
 from tools.bench.lookup.paths import Answer, LookupPath, RequesterGroup
 from tools.bench.lookup.settings import (
     AGGREGATE_START_DELAY_S,
@@ -231,10 +236,13 @@ class MeshkvPath(LookupPath):
             raise RuntimeError(
                 f"the asker's ring has {seen} of {n} members after {MESH_READY_TIMEOUT_S} s"
             )
+        converged_s = time.monotonic() - t0
+        wait_until_settled(self._asker, MESH_READY_TIMEOUT_S)
         return {
             "members": n,
             "start_s": started_s,
-            "start_and_converge_s": time.monotonic() - t0,
+            "start_and_converge_s": converged_s,
+            "ring_settled_s": time.monotonic() - t0,
             "asker_home_keys": len(by_home[self._asker_name]),
             "keys_per_home_max": max(len(v) for v in by_home.values()),
             "keys_per_home_min": min(len(v) for v in by_home.values()),
