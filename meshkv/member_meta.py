@@ -6,6 +6,8 @@ keys are short. What they hold:
 - ``ns``: namespace digest in hex (``"*"``: a storage member serving every namespace);
 - ``role``: ``engine``, ``storage`` or ``seed`` (the shim's members: no store, on no ring);
 - ``data``: data-plane address ``host:port``; ``ch``: transfer channel (``nixl`` or ``tcp``);
+- ``lk``: lookup port address ``host:port`` (lookups on plain TCP, `meshkv.dataplane.stream`);
+  absent on members that do not serve one (askers then send lookups to ``data``);
 - ``cap``: store budget in bytes; ``n``: chunks held in the store now (re-advertised as it
   changes); ``cs``: chunk size in tokens (the shim computes a namespace's chunk keys with it);
 - ``adm``: admin/metrics HTTP port (``lmcache_worker_ports``), absent when none is served;
@@ -23,6 +25,7 @@ from collections.abc import Mapping
 NAMESPACE = "ns"
 ROLE = "role"
 DATA_ADDRESS = "data"
+LOOKUP_ADDRESS = "lk"
 CHANNEL = "ch"
 CAPACITY_BYTES = "cap"
 CHUNK_SIZE = "cs"
@@ -49,6 +52,7 @@ def member_meta(
     chunk_count: int,
     admin_port: int | None,
     version: str,
+    lookup_address: str | None = None,
 ) -> dict[str, str | int]:
     """The metadata of a member with a data plane (engine or storage member)."""
     meta: dict[str, str | int] = {
@@ -61,6 +65,8 @@ def member_meta(
         CHUNK_COUNT: chunk_count,
         VERSION: version,
     }
+    if lookup_address is not None:
+        meta[LOOKUP_ADDRESS] = lookup_address
     if admin_port is not None:
         meta[ADMIN_PORT] = admin_port
     return meta
@@ -103,6 +109,10 @@ def role_of(meta: Meta) -> str | None:
 
 def data_address_of(meta: Meta) -> str | None:
     return _text(meta, DATA_ADDRESS)
+
+
+def lookup_address_of(meta: Meta) -> str | None:
+    return _text(meta, LOOKUP_ADDRESS)
 
 
 def chunk_size_of(meta: Meta) -> int | None:

@@ -20,6 +20,7 @@ def _engine_meta(**changes: object) -> dict[str, str | int]:
         chunk_count=3,
         admin_port=8500,
         version="test",
+        lookup_address="127.0.0.1:8301",
     )
     return {**meta, **changes}
 
@@ -29,6 +30,7 @@ def test_an_engine_advertises_every_key_the_readers_need():
     assert mm.namespace_of(meta) == "ab" * 16
     assert mm.role_of(meta) == mm.ROLE_ENGINE
     assert mm.data_address_of(meta) == "127.0.0.1:8201"
+    assert mm.lookup_address_of(meta) == "127.0.0.1:8301"
     assert (mm.chunk_size_of(meta), mm.chunk_count_of(meta), mm.admin_port_of(meta)) == (
         256,
         3,
@@ -49,6 +51,7 @@ def test_a_member_without_an_admin_port_does_not_advertise_one():
         version="test",
     )
     assert mm.ADMIN_PORT not in meta and mm.admin_port_of(meta) is None
+    assert mm.LOOKUP_ADDRESS not in meta and mm.lookup_address_of(meta) is None
 
 
 def test_a_seed_advertises_a_role_and_no_data_plane():
@@ -66,6 +69,7 @@ def test_a_seed_advertises_a_role_and_no_data_plane():
         (mm.ADMIN_PORT, 70000),
         (mm.NAMESPACE, 5),
         (mm.DATA_ADDRESS, ""),
+        (mm.LOOKUP_ADDRESS, 8301),
         (mm.ROLE, None),
     ],
 )
@@ -77,6 +81,7 @@ def test_a_value_of_the_wrong_type_or_range_reads_as_absent(key, value):
         mm.ADMIN_PORT: mm.admin_port_of,
         mm.NAMESPACE: mm.namespace_of,
         mm.DATA_ADDRESS: mm.data_address_of,
+        mm.LOOKUP_ADDRESS: mm.lookup_address_of,
         mm.ROLE: mm.role_of,
     }
     assert readers[key](meta) is None

@@ -130,11 +130,11 @@ def test_a_get_of_chunks_at_their_homes_asks_no_lookup_first(mesh: Mesh) -> None
     assert {c.membership.ring().current.home(k) for k in keys} - {"c/0"}, "all homed at c"
     a.put(keys, [chunk(k) for k in keys])
     mesh.settle()
-    lookups_before = sum(n.server.stats["rx_lookup"] for n in (a, b))
+    lookups_before = sum(n.lookups_answered() for n in (a, b))
     with c.get(keys, CHUNK_BYTES) as lease:
         assert lease.count == 64
         assert all(np.array_equal(v, chunk(k)) for k, v in zip(keys, lease.views, strict=True))
-    assert sum(n.server.stats["rx_lookup"] for n in (a, b)) == lookups_before
+    assert sum(n.lookups_answered() for n in (a, b)) == lookups_before
     assert sum(n.server.stats["rx_get"] for n in (a, b)) >= 1
 
 
@@ -148,7 +148,7 @@ def test_a_first_home_takes_its_own_miss_as_final_once_its_ring_settled(
         if a.membership.ring().current.home(keys[0]) == "a/0"
         and {a.membership.ring().current.home(k) for k in keys} == {"a/0", "b/0"}
     )  # held by nobody; a is its first home, b the home of a later group
-    asked = lambda: b.server.stats["rx_lookup"]  # noqa: E731
+    asked = lambda: b.lookups_answered()  # noqa: E731
     before = asked()
     assert a.lookup(prompt) == 0  # a's ring just changed: it also asks the other candidates
     assert asked() > before
@@ -159,6 +159,24 @@ def test_a_first_home_takes_its_own_miss_as_final_once_its_ring_settled(
     b.put(prompt[:4], [chunk(k) for k in prompt[:4]])  # a hit is still found through a
     mesh.settle()
     assert a.lookup(prompt) == 4
+
+
+def test_lookups_go_to_a_members_lookup_port_or_its_data_port_without_one(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b", mesh_lookup_stream=False)
+    c = mesh.add("c")
+    assert a.lookup_port is not None and b.lookup_port is None
+    ring = c.membership.ring().current
+    candidates = [keys_for(16, salt=f"ports{i}") for i in range(200)]  # one group: one home
+    for home, answered in (
+        (a, lambda: a.lookup_port.stats["rx_lookup"]),  # type: ignore[union-attr]
+        (b, lambda: b.server.stats["rx_lookup"]),
+    ):
+        prompt = next(p for p in candidates if ring.home(p[0]) == home.name)
+        a.put(prompt, [chunk(k) for k in prompt])
+        mesh.settle()
+        before = answered()
+        assert c.lookup(prompt) == 16
+        assert answered() == before + 1
 
 
 def test_fetched_chunks_stay_local(mesh: Mesh) -> None:

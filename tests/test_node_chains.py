@@ -43,7 +43,7 @@ def put_in_slices(producer: MeshNode, keys: list[bytes], slice_chunks: int) -> N
 
 
 def lookups_served(mesh: Mesh) -> int:
-    return sum(n.server.stats["rx_lookup"] for n in mesh.nodes)
+    return sum(n.lookups_answered() for n in mesh.nodes)
 
 
 def lookup_async(node: MeshNode, keys: list[bytes]) -> int:

@@ -5,6 +5,10 @@ every request first and then waits for all replies together, so a fan-out to k h
 round trip, not k; `as_answered` does the same but hands each reply over as it arrives, so the
 caller can work on one (check a fetched batch) while the others are still in flight.
 
+A lookup may go to a member's lookup port instead (plain TCP, `meshkv.dataplane.stream`): its
+address is then ``stream:host:port`` (`route` picks it), and the client keeps those links
+(`meshkv.dataplane.stream_links`) beside its DEALERs and polls both together.
+
 Replies are matched by request id; late replies to requests that already gave up are dropped.
 Nothing here can wait past the caller's deadline: a peer that is dead, frozen or slow yields no
 reply (`None` in `call_many`), which callers treat as a miss.
@@ -37,6 +41,8 @@ import zmq
 from meshkv.dataplane import messages as m
 from meshkv.dataplane import parts as frames
 from meshkv.dataplane.awaited import AwaitedReplies
+from meshkv.dataplane.stream import STREAM_PREFIX
+from meshkv.dataplane.stream_links import StreamLinks
 from meshkv.errors import ProtocolError
 from meshkv.wire import FrameCodec
 
@@ -60,12 +66,20 @@ class RequestClient:
         self._context = context
         self._codec = codec
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._streams = StreamLinks()  # links to lookup ports (``stream:`` addresses)
         self._awaited = AwaitedReplies()  # the sockets a poll looks at
         self._ids = itertools.count(1)
         self.stats: Counter[str] = Counter()
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    def route(self, lookup_address: str | None, data_address: str) -> str:
+        """Where a lookup goes: the member's lookup port, if it has one whose link has not
+        failed lately (`meshkv.dataplane.stream_links`), else its ZMQ data port."""
+        if lookup_address and self._streams.usable(lookup_address, time.monotonic()):
+            return STREAM_PREFIX + lookup_address
+        return data_address
 
     def call(self, address: str, request: m.Message, deadline_s: float) -> m.Message | None:
         """One request; the reply, or None on timeout, send failure or a malformed reply."""
@@ -133,11 +147,19 @@ class RequestClient:
     def close(self) -> None:
         for address in list(self._sockets):
             self.forget(address)
+        self._streams.close()
 
     def _send(self, address: str, request: m.Message) -> bool:
-        sock = self._socket(address)
-        # (the frames are copied into ZMQ before send returns)
-        if not frames.send(sock, m.encode_frames(self._codec, request)):
+        sock: zmq.Socket | int | None
+        if address.startswith(STREAM_PREFIX):  # (a lookup: one frame, no attachments)
+            sock = self._streams.send(address[len(STREAM_PREFIX) :], m.encode(self._codec, request))
+            self._forget_dropped_links()
+        else:
+            sock = self._socket(address)
+            # (the frames are copied into ZMQ before send returns)
+            if not frames.send(sock, m.encode_frames(self._codec, request)):
+                sock = None
+        if sock is None:
             self.stats["send_dropped"] += 1
             return False
         if request.TYPE not in m.ONE_WAY_TYPES:
@@ -168,8 +190,12 @@ class RequestClient:
                 replies.extend(self._read(sock))
         return replies, woken
 
-    def _read(self, sock: zmq.Socket) -> Iterator[m.Message]:
-        """Every reply waiting on ``sock``, decoded; malformed ones are dropped and counted."""
+    def _read(self, sock: zmq.Socket | int) -> Iterator[m.Message]:
+        """Every reply waiting on ``sock`` (a lookup link's fd, or a DEALER), decoded;
+        malformed ones are dropped and counted."""
+        if isinstance(sock, int):
+            yield from self._read_link(sock)
+            return
         while (parts := frames.receive(sock, copy=False)) is not None:  # read in place
             try:
                 reply = m.decode(self._codec, parts[0].buffer, [f.buffer for f in parts[1:]])
@@ -178,6 +204,23 @@ class RequestClient:
                 continue
             self._awaited.answered(reply.req)
             yield reply
+
+    def _read_link(self, fd: int) -> Iterator[m.Message]:
+        received, alive = self._streams.read(fd)
+        if not alive:
+            self._forget_dropped_links()
+        for frame in received:
+            try:
+                reply = m.decode(self._codec, frame)
+            except ProtocolError as exc:
+                self.stats[f"drop_{exc.reason}"] += 1
+                continue
+            self._awaited.answered(reply.req)
+            yield reply
+
+    def _forget_dropped_links(self) -> None:
+        for fd in self._streams.take_dropped():
+            self._awaited.forget_socket(fd)
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
@@ -236,6 +279,10 @@ class RequestLoop:
     def next_id(self) -> int:
         """A request id (any thread: the counter's step is atomic)."""
         return self._client.next_id()
+
+    def route(self, lookup_address: str | None, data_address: str) -> str:
+        """Where a lookup goes (`RequestClient.route`; any thread)."""
+        return self._client.route(lookup_address, data_address)
 
     def submit(
         self, requests: Sequence[tuple[str, m.Message]], deadline_s: float, done: Done

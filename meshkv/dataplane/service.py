@@ -190,7 +190,7 @@ class DataService:
                 self._greeted.add(request.sender)
                 step.replies.append(Reply(peer, reply))
             case m.Lookup():
-                step.replies.append(Reply(peer, self._lookup(request)))
+                step.replies.append(Reply(peer, self.lookup_reply(request)))
             case m.Get():
                 self._get(peer, request, now_s, wall_ms, step)
             case m.Put():
@@ -207,8 +207,10 @@ class DataService:
             case _:
                 raise ProtocolError("unexpected_type", request.TYPE.name)
 
-    def _lookup(self, lookup: m.Lookup) -> m.LookupReply:
-        """The lean path (module docstring): the reply is built from values already checked."""
+    def lookup_reply(self, lookup: m.Lookup) -> m.LookupReply:
+        """The answer to a lookup, by the lean path (module docstring): the reply is built from
+        values already checked. Safe from any thread (the lookup port's): it reads only the
+        store, the directory and the ring, each behind its own lock, and counts nothing."""
         keys = lookup.keys
         held = self._store.lookup_prefix(keys)
         pointers: list[str] = []

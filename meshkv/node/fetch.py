@@ -135,7 +135,8 @@ def fetch(
         if pointers and (task, holder) not in looked_up:
             looked_up.add((task, holder))  # pointers, not bytes: ask where the chunks are
             piece_keys = list(keys[piece.start : piece.end])
-            return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=piece_keys)
+            lookup = m.Lookup(req=client.next_id(), epoch=epoch, keys=piece_keys)
+            return client.route(peer.lookup_address, peer.data_address), lookup
         if not greeter.has_greeted(holder, peer.nonce):  # greet first, hedged like a get
             return peer.data_address, greeter.hello(client.next_id())
         asked[task, holder] = piece

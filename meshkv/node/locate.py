@@ -170,7 +170,7 @@ def locate_async(
             if peer is not None:
                 sent.append((index, ask.candidates[0]))
                 lookup = m.Lookup(req=loop.next_id(), epoch=epoch, keys=ask.keys)
-                requests.append((peer.data_address, lookup))
+                requests.append((loop.route(peer.lookup_address, peer.data_address), lookup))
 
         def answered(got: list[m.Message | None]) -> None:
             per_ask: Replies = [[] for _ in asks]
@@ -199,7 +199,8 @@ def _ask_hedged(
         peer = readers.membership.peer(name)
         if peer is None:
             return None
-        return peer.data_address, m.Lookup(req=client.next_id(), epoch=epoch, keys=asks[task].keys)
+        address = client.route(peer.lookup_address, peer.data_address)
+        return address, m.Lookup(req=client.next_id(), epoch=epoch, keys=asks[task].keys)
 
     def on_reply(task: int, name: str, reply: m.Message) -> bool:
         """Settled by a full answer, or by the authority's."""

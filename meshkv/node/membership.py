@@ -27,6 +27,7 @@ from meshkv.member_meta import (
     ROLE_SEED,
     ROLE_STORAGE,
     data_address_of,
+    lookup_address_of,
     namespace_of,
     role_of,
 )
@@ -47,6 +48,8 @@ class Peer:
     role: str
     gossip_address: str = ""
     """Where it gossips (its ``peer_init_url`` in LMCache's words); "" for this member."""
+    lookup_address: str | None = None
+    """Its lookup port (`meshkv.dataplane.stream`); None: lookups go to ``data_address``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ def peer_of(view: MemberView) -> Peer | None:
         namespace=namespace_of(view.meta) or "",
         role=role_of(view.meta) or ROLE_ENGINE,
         gossip_address=view.address,
+        lookup_address=lookup_address_of(view.meta),
     )
 
 

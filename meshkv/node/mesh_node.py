@@ -18,14 +18,14 @@ exception, never wrong bytes (checksums are verified on arrival).
 
 Parts, built in dependency order: the boot nonce; the store; the channel and its byte path; the
 bound data-plane socket (its address goes into gossip metadata); membership; the greeter; the
-pusher; the service core and its driver; the gossip runner; the get pipeline
+pusher; the service core, its driver and its lookup port; the gossip runner; the get pipeline
 (`meshkv.node.get_pipeline`). Gossip events reach the parts through one callback
 (`_on_member_event`) subscribed last. `meshkv.node.build.build_member` is how processes make one.
 
-Threads: gossip (runner), data-plane service, pusher, and the caller's threads; each thread that
-sends requests gets its own `RequestClient` (ZMQ sockets are single-threaded). `lookup_async`
-keeps every caller's lookups in flight on one `RequestLoop` (one more thread, made at its first
-use).
+Threads: gossip (runner), data-plane service, lookup port (`meshkv.dataplane.lookup_port`;
+none with ``mesh_lookup_stream`` off), pusher, and the caller's threads; each thread that sends
+requests gets its own `RequestClient` (ZMQ sockets are single-threaded). `lookup_async` keeps
+every caller's lookups in flight on one `RequestLoop` (one more thread, made at its first use).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -48,6 +49,7 @@ from meshkv.dataplane.client import RequestClient, RequestLoop
 from meshkv.dataplane.config import DataPlaneConfig
 from meshkv.dataplane.directory import HolderDirectory
 from meshkv.dataplane.handshake import Greeter
+from meshkv.dataplane.lookup_port import LookupPort
 from meshkv.dataplane.server import DataServer, bind_router
 from meshkv.dataplane.service import DataService
 from meshkv.gossip.config import GossipConfig
@@ -161,10 +163,22 @@ class MeshNode:
             path=path,
             config=tuning,
         )
+        self.lookup_port: LookupPort | None = None
+        if config.mesh_lookup_stream:
+            self.lookup_port = LookupPort(
+                host=config.p2p_host,
+                port=ports.lookup_stream,
+                codec=m.make_codec(tuning.max_frame_bytes, auth),
+                answer=service.lookup_reply,
+            )
+        lookup_address = (
+            f"{config.p2p_host}:{self.lookup_port.port}" if self.lookup_port is not None else None
+        )
         meta = member_meta(
             namespace=namespace,
             role=role,
             data_address=self.data_address,
+            lookup_address=lookup_address,
             channel=config.transfer_channel,
             capacity_bytes=capacity_bytes,
             chunk_size=config.chunk_size,
@@ -210,6 +224,8 @@ class MeshNode:
         if self._admin_port is not None:
             self.metrics.serve(self.config.p2p_host, self._admin_port)
         self.server.start()
+        if self.lookup_port is not None:
+            self.lookup_port.start()
         self.pusher.start()
         seeds = [s for s in self.config.seeds if s != self.gossip_address]
         if not seeds:
@@ -239,6 +255,8 @@ class MeshNode:
         self.gossip.stop(leave=leave)
         self.pusher.stop()
         self.server.stop()
+        if self.lookup_port is not None:
+            self.lookup_port.stop()
         with self._clients_lock:
             if self._request_loop is not None:
                 self._request_loop.close()
@@ -346,16 +364,25 @@ class MeshNode:
 
     def stats(self) -> dict[str, int]:
         """Every counter of this member: gossip's as they are, the data plane's as ``data.*``
-        (requests by type, refusals and drops by reason), the pusher's as ``push.*``."""
+        (requests by type, refusals and drops by reason), the lookup port's as
+        ``lookup_port.*``, the pusher's as ``push.*``."""
         return {
             **self.gossip.stats(),
             **{f"data.{k}": v for k, v in self.server.stats.items()},
+            **{f"lookup_port.{k}": v for k, v in self._lookup_port_stats().items()},
             **{f"push.{k}": v for k, v in self.pusher.stats.items()},
         }
 
+    def lookups_answered(self) -> int:
+        """Lookups this member has answered, on its data port and its lookup port."""
+        return self.server.stats["rx_lookup"] + self._lookup_port_stats()["rx_lookup"]
+
+    def _lookup_port_stats(self) -> Counter[str]:
+        return self.lookup_port.stats if self.lookup_port is not None else Counter()
+
     def dropped_frames(self) -> int:
         """Frames refused by this member's gossip and data-plane decoders (all reasons)."""
-        counters = [self.server.stats, self.gossip.stats()]
+        counters = [self.server.stats, self._lookup_port_stats(), self.gossip.stats()]
         return sum(v for c in counters for k, v in c.items() if k.startswith("drop_"))
 
     # --- internals -------------------------------------------------------------------------
@@ -376,6 +403,11 @@ class MeshNode:
             "meshkv_store_chunks",
             "Chunks held in the local store",
             lambda: self.store.stats().chunks,
+        )
+        metrics.gauge(
+            "meshkv_lookups_answered",
+            "Lookups this member answered (data port and lookup port)",
+            self.lookups_answered,
         )
         metrics.gauge(
             "meshkv_frames_dropped",
