@@ -103,24 +103,19 @@ def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
             asks = _grouped(rest, current.preference_lists_of(rest, copies), answers, readers)
             if asks:
                 _take_replies(answers, asks, (yield asks))
-    holders: list[str] = []
+    stop = _leading(keys, answers)
     fallbacks: list[int] = []
-    for index, key in enumerate(keys):
-        holder = answers.get(key)
-        if holder is None and _home_moved(key, previous, current):
-            assert previous is not None  # (_home_moved)
-            later = [k for k in keys[index:] if k not in answers]
-            homes = [[home] for home in previous.homes_of(later)]
-            asks = _grouped(later, homes, answers, readers)
-            if asks:
-                _take_replies(answers, asks, (yield asks))
-            holder = answers.get(key)
-            if holder is not None:
-                fallbacks.append(index)
-        if holder is None:
-            break
-        holders.append(holder)
-    return Located(holders, fallbacks)
+    if stop < len(keys) and _home_moved(keys[stop], previous, current):
+        assert previous is not None  # (_home_moved)
+        later = [k for k in keys[stop:] if k not in answers]  # all at once: one round trip
+        homes = [[home] for home in previous.homes_of(later)]
+        asks = _grouped(later, homes, answers, readers)
+        if asks:
+            _take_replies(answers, asks, (yield asks))
+        if keys[stop] in answers:
+            fallbacks.append(stop)
+            stop = _leading(keys, answers)
+    return Located(list(map(answers.__getitem__, keys[:stop])), fallbacks)
 
 
 def locate(
@@ -228,8 +223,11 @@ def _answer_here(me: str, keys: Sequence[bytes], readers: Readers) -> list[str]:
 
 
 def _take(answers: dict[bytes, str], keys: Sequence[bytes], holders: list[str]) -> None:
-    for key, holder in zip(keys, holders, strict=False):
-        answers.setdefault(key, holder)  # held here (or the first answer) wins
+    """Adds the holders of ``keys`` (the first ``len(holders)``) that ``answers`` lacks: held
+    here, or the first answer, wins."""
+    known = {k: answers[k] for k in answers.keys() & keys[: len(holders)]}
+    answers.update(zip(keys, holders, strict=False))
+    answers.update(known)
 
 
 def _take_replies(answers: dict[bytes, str], asks: list[Ask], replies: Replies) -> None:
@@ -240,10 +238,11 @@ def _take_replies(answers: dict[bytes, str], asks: list[Ask], replies: Replies) 
 
 
 def _leading(keys: Sequence[bytes], answers: dict[bytes, str]) -> int:
-    for index, key in enumerate(keys):
-        if key not in answers:
-            return index
-    return len(keys)
+    """How many leading ``keys`` have an answer."""
+    try:
+        return list(map(answers.__contains__, keys)).index(False)
+    except ValueError:
+        return len(keys)
 
 
 def _home_moved(key: bytes, previous: HashRing | None, current: HashRing) -> bool:

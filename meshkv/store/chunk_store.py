@@ -133,7 +133,7 @@ class ChunkStore:
     def held_among(self, keys: Iterable[bytes]) -> set[bytes]:
         """Which of ``keys`` have a committed copy here (one lock for the batch)."""
         with self._lock:
-            return {key for key in keys if self._table.lookup(key)}
+            return self._table.held_among(keys)
 
     def lookup_prefix(self, keys: Iterable[bytes]) -> int:
         """How many leading ``keys`` are here, stopping at the first miss."""

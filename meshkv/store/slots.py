@@ -183,6 +183,10 @@ class SlotTable:
         """True if a committed copy of ``key`` is here (does not count as a use)."""
         return key in self._index
 
+    def held_among(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which of ``keys`` have a committed copy here (one set intersection, in C)."""
+        return self._index.keys() & keys
+
     def lookup_prefix(self, keys: Iterable[bytes]) -> int:
         """How many leading ``keys`` are here, stopping at the first miss."""
         count = 0
