@@ -48,8 +48,9 @@ from meshkv.store import ChunkStore, Slot
 
 log = logging.getLogger("vllm.meshkv.node.push")
 
-QUEUE_WAIT_S = 0.1
-"""Longest the pusher thread waits on an empty job queue before it looks at the notices."""
+QUEUE_WAIT_S = 1.0
+"""Longest the pusher thread waits on an empty job queue (a notice wakes it at once: an idle
+member's pusher turns once a second, not ten times)."""
 HAND_OFF_POLL_S = 0.01
 """How often a graceful leave checks whether the hand-off is done."""
 SIZE_PIN_S = 1.0
@@ -65,6 +66,10 @@ class _Job:
     newcomer: str | None = None  # point out every chunk held here that this member is home for
     gone: str | None = None  # restore the copies this dead member held (keys: empty)
     strays: bool = False  # point out the copies held here away from their replicas
+
+
+_WAKE = _Job([], announce_only=True)
+"""Put on the job queue after a notice, so the waiting thread turns at once."""
 
 
 class Pusher:
@@ -123,10 +128,7 @@ class Pusher:
             self.stats["queue_full"] += 1
             if pointed:
                 return
-            try:
-                self._notices.put_nowait(_Job(keys, announce_only=True))
-            except queue.Full:
-                self.stats["notice_dropped"] += 1
+            self._notify(_Job(keys, announce_only=True))
 
     def hand_off(self, timeout_s: float) -> bool:
         """Before a graceful leave: pushes every chunk held here to its home in the ring
@@ -154,10 +156,7 @@ class Pusher:
     def point_out_to(self, newcomer: str) -> None:
         """Tells a member that just joined which chunks held here it is now home for
         (``HELD_AT`` pointers, no bytes), so its lookups find them at once."""
-        try:
-            self._notices.put_nowait(_Job([], announce_only=True, newcomer=newcomer))
-        except queue.Full:
-            self.stats["notice_dropped"] += 1
+        self._notify(_Job([], announce_only=True, newcomer=newcomer))
 
     def point_out_strays(self) -> None:
         """The ring changed: tells the replicas and pointer host of each chunk held here but
@@ -166,11 +165,22 @@ class Pusher:
         if self._strays_queued.is_set():
             return
         self._strays_queued.set()
-        try:
-            self._notices.put_nowait(_Job([], announce_only=True, strays=True))
-        except queue.Full:
+        if not self._notify(_Job([], announce_only=True, strays=True)):
             self._strays_queued.clear()
+
+    def _notify(self, notice: _Job) -> bool:
+        """Queues a notice and wakes the thread if it may be waiting on an empty job queue (a
+        queued job wakes it anyway, and wake-ups never crowd out jobs); False (counted) if the
+        notice queue is full."""
+        try:
+            self._notices.put_nowait(notice)
+        except queue.Full:
             self.stats["notice_dropped"] += 1
+            return False
+        if self._jobs.empty():
+            with contextlib.suppress(queue.Full):
+                self._jobs.put_nowait(_WAKE)
+        return True
 
     def idle(self) -> bool:
         """True when nothing is queued (tests and benchmarks wait on this)."""
@@ -195,6 +205,8 @@ class Pusher:
                 try:
                     if job is None:
                         return
+                    if job is _WAKE:  # (a notice came: looked at above, next turn)
+                        continue
                     if job.gone is not None:
                         self._restore(client, job.gone)
                     else:
