@@ -149,6 +149,23 @@ def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
         assert torch.equal(two_caches[name][[10, 11, 12]], one_caches[name][[4, 7, 8]])
 
 
+def test_a_staged_load_copies_from_its_fetch_pins_not_from_a_second_get(pair):
+    """vLLM's own cache grew past the first staged chunk: the load takes the second chunk from
+    the fetch's lease (no get of its own) and every pin is gone once it is loaded."""
+    (one, one_caches), (two, two_caches) = pair
+    two_chunks_saved_by_one_staged_at_two(one, two, first_token=700)
+    node_get, gets = two.node.get, []
+    two.node.get = lambda *args, **kwargs: gets.append(args) or node_get(*args, **kwargs)
+    load = Load(req_id="b", first_chunk=1, num_chunks=1, skip_blocks=0, block_ids=(14, 15),
+                is_async=False, num_tokens=255, prompt_tokens=512)  # fmt: skip
+    step(two, MeshStepOrders(loads=[load], forget=["b"]))
+    assert two.take_failed_blocks() == set()
+    assert gets == []
+    assert two.node.store.stats().pinned == 0
+    for name in LAYERS:
+        assert torch.equal(two_caches[name][[14, 15]], one_caches[name][[7, 8]])
+
+
 def test_an_idle_step_reports_the_fetches_it_ordered(pair):
     """A step with no forward waits for its fetches, so the scheduler learns the hit at the
     end of that step rather than spinning empty steps; a step with a forward does not wait."""
