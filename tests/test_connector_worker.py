@@ -149,6 +149,23 @@ def test_a_chunk_saved_by_one_engine_is_loaded_by_the_other(pair):
         assert torch.equal(two_caches[name][[10, 11, 12]], one_caches[name][[4, 7, 8]])
 
 
+def test_a_staged_load_copies_from_its_fetch_pins_not_from_a_second_get(pair):
+    """vLLM's own cache grew past the first staged chunk: the load takes the second chunk from
+    the fetch's lease (no get of its own) and every pin is gone once it is loaded."""
+    (one, one_caches), (two, two_caches) = pair
+    two_chunks_saved_by_one_staged_at_two(one, two, first_token=700)
+    node_get, gets = two.node.get, []
+    two.node.get = lambda *args, **kwargs: gets.append(args) or node_get(*args, **kwargs)
+    load = Load(req_id="b", first_chunk=1, num_chunks=1, skip_blocks=0, block_ids=(14, 15),
+                is_async=False, num_tokens=255, prompt_tokens=512)  # fmt: skip
+    step(two, MeshStepOrders(loads=[load], forget=["b"]))
+    assert two.take_failed_blocks() == set()
+    assert gets == []
+    assert two.node.store.stats().pinned == 0
+    for name in LAYERS:
+        assert torch.equal(two_caches[name][[14, 15]], one_caches[name][[7, 8]])
+
+
 def test_an_idle_step_reports_the_fetches_it_ordered(pair):
     """A step with no forward waits for its fetches, so the scheduler learns the hit at the
     end of that step rather than spinning empty steps; a step with a forward does not wait."""
@@ -193,20 +210,20 @@ def test_a_chunk_that_changes_while_it_is_copied_in_is_reported_not_loaded(pair)
     (one, _), (two, _) = pair
     two_chunks_saved_by_one_staged_at_two(one, two, first_token=300)
     copier = two._copies.copier
-    scatter_layer = copier.scatter_layer
+    scatter_chunk = copier.scatter_chunk
     copies = []
 
-    def scatter_then_late_write(layer: int, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        scatter_layer(layer, block_ids, src)
-        copies.append(block_ids.numel())
-        if len(copies) == 2 * len(LAYERS):  # the second chunk's slot is written under its copy
-            src.view(-1)[-4096:] ^= 0xFF
+    def scatter_then_late_write(block_ids: list[int], chunk: np.ndarray, skip: int) -> None:
+        scatter_chunk(block_ids, chunk, skip)
+        copies.append(len(block_ids))
+        if len(copies) == 2:  # the second chunk's slot is written under its copy
+            chunk[-4096:] ^= 0xFF
 
-    copier.scatter_layer = scatter_then_late_write
+    copier.scatter_chunk = scatter_then_late_write
     load = Load(req_id="b", first_chunk=0, num_chunks=2, skip_blocks=0, block_ids=(10, 11, 12, 13),
                 is_async=False, num_tokens=511, prompt_tokens=512)  # fmt: skip
     step(two, MeshStepOrders(loads=[load], forget=["b"]))
-    assert copies == [2] * 2 * len(LAYERS)  # on the CPU: each chunk's blocks, layer by layer
+    assert copies == [2, 2]  # on the CPU: each chunk's blocks, straight from its slot
     assert two.take_failed_blocks() == {12, 13}
 
 
@@ -240,6 +257,7 @@ def test_on_a_cuda_like_device_loads_and_saves_complete_only_with_their_copy(pai
         device.complete_all()
         assert three.take_finished_loads() == {"b"}
         assert three.take_failed_blocks() == set()
+        wait_until("the saved chunk pushed (a push pins it)", three.node.pusher.idle)
         assert three.node.store.stats().pinned == 0
         assert three.node.store.stats().chunks == 2
         for name in LAYERS:

@@ -15,7 +15,9 @@ One `CopyQueue` per worker, over one `CopyDevice` (copy_device.py) and one `Bloc
   copy, on the copy stream, after an event on the forward stream. A synchronous load (made on
   the model-runner thread before the forward) makes the forward stream wait for it; an async
   one (from the fetch thread) starts after the event its order carried. ``on_loaded`` (which
-  checks the chunks and releases their slots) runs only once the copy's event completed.
+  checks the chunks and releases their slots) runs only once the copy's event completed. A
+  cache in host memory (the CPU) needs no staging: each chunk is copied from its buffer straight
+  into its blocks.
 - `poll` runs the hand-overs of completed copies; it never waits, except with ``settle``, for
   synchronous loads the forward has already waited for. Nothing blocks the forward stream on
   the host; nothing calls ``torch.cuda.synchronize()``.
@@ -194,13 +196,15 @@ class CopyQueue:
         device.copy_stream().wait_event(after)
         keep: list[object] = []
         with device.on_copy_stream():
-            group_chunks = 1 if device.staging_is_host else self._batch_chunks_max
-            for start in range(0, len(sources), group_chunks):
-                group = sources[start : start + group_chunks]
-                first = 0 if start == 0 else start * per_chunk - skip_blocks
-                skip = skip_blocks if start == 0 else 0
-                ids = block_ids[first : first + len(group) * per_chunk - skip]
-                keep.extend(self._load_group(group, ids, skip))
+            if device.staging_is_host:
+                self._load_in_place(sources, block_ids, skip_blocks)
+            else:
+                for start in range(0, len(sources), self._batch_chunks_max):
+                    group = sources[start : start + self._batch_chunks_max]
+                    first = 0 if start == 0 else start * per_chunk - skip_blocks
+                    skip = skip_blocks if start == 0 else 0
+                    ids = block_ids[first : first + len(group) * per_chunk - skip]
+                    keep.extend(self._load_group(group, ids, skip))
         done = device.event()
         done.record(device.copy_stream())
         if synchronous:
@@ -209,6 +213,17 @@ class CopyQueue:
         if synchronous:
             self.poll()
 
+    def _load_in_place(
+        self, sources: Sequence[np.ndarray], block_ids: Sequence[int], skip: int
+    ) -> None:
+        """The cache is in host memory: copy each chunk straight from its buffer into its
+        blocks (`BlockCopier.scatter_chunk`), no staging."""
+        per_chunk, first = self.copier.geometry.blocks_per_chunk, 0
+        for index, source in enumerate(sources):
+            head = skip if index == 0 else 0
+            self.copier.scatter_chunk(block_ids[first : first + per_chunk - head], source, head)
+            first += per_chunk - head
+
     def _load_group(
         self, group: Sequence[np.ndarray], ids: Sequence[int], skip: int
     ) -> list[torch.Tensor]:
@@ -216,16 +231,13 @@ class CopyQueue:
         host buffers the copy reads."""
         device, size = self.device, self._chunk_bytes
         hosts = [torch.from_numpy(source[:size]) for source in group]
-        if device.staging_is_host:
-            staging = hosts[0] if len(hosts) == 1 else torch.cat(hosts)
-        else:
-            staging = device.device_buffer(len(group) * size)
-            for index, host in enumerate(hosts):
-                if not device.is_pinned(host):  # never a pageable source on a device copy
-                    bounce = device.host_buffer(size)
-                    bounce.copy_(host)
-                    hosts[index] = host = bounce
-                staging[index * size : (index + 1) * size].copy_(host, non_blocking=True)
+        staging = device.device_buffer(len(group) * size)
+        for index, host in enumerate(hosts):
+            if not device.is_pinned(host):  # never a pageable source on a device copy
+                bounce = device.host_buffer(size)
+                bounce.copy_(host)
+                hosts[index] = host = bounce
+            staging[index * size : (index + 1) * size].copy_(host, non_blocking=True)
         view = self.copier.batch_view(staging, len(group))
         per_chunk = self.copier.geometry.blocks_per_chunk
         head = device.to_device(torch.tensor([ids[: per_chunk - skip]], dtype=torch.long))

@@ -79,6 +79,8 @@ class WorkerPlace:
 @dataclass(frozen=True, slots=True)
 class _Staged:
     lease: ChunkLease
+    first_chunk: int
+    """The prompt chunk the lease's first chunk is."""
     fetch_s: float
 
 
@@ -342,8 +344,10 @@ class MeshWorker:
         timeout_s = fetch.timeout_ms / 1000 * self._tuning.fetch_share_of_lookup_timeout
         started = time.perf_counter()
         lease: ChunkLease | None = None
-        if fetch.stage:
-            lease = node.get(job.keys, self._geometry.chunk_bytes, timeout_s=timeout_s)
+        if fetch.stage:  # local chunks unchecked: the load checks each after its copy
+            lease = node.get(
+                job.keys, self._geometry.chunk_bytes, timeout_s=timeout_s, verify=False
+            )
             found = lease.count
         else:
             found = node.lookup(job.keys, timeout_s=timeout_s)
@@ -358,7 +362,7 @@ class MeshWorker:
             keep = lease is not None and found > 0 and not cancelled
             if keep:
                 previous = self._staged.pop(fetch.req_id, None)
-                self._staged[fetch.req_id] = _Staged(lease, fetch_s)
+                self._staged[fetch.req_id] = _Staged(lease, fetch.first_chunk, fetch_s)
             self._found[fetch.fetch_id] = found
             self._fetch_ended.notify_all()
         if previous is not None:
@@ -389,13 +393,21 @@ class MeshWorker:
 
     # -- loads ---------------------------------------------------------------------------------
     def _load_staged(self, load: Load) -> None:
+        """A synchronous load: its chunks are those its fetch pinned (staged), unless vLLM's
+        own cache grew past some of them since; then the staged lease is narrowed to the load's
+        chunks, not fetched again (a second get of local chunks cost ~0.3 ms of the step)."""
         with self._lock:
             staged = self._staged.pop(load.req_id, None)
+        lease: ChunkLease | None = None
         try:
+            if staged is not None:
+                start = load.first_chunk - staged.first_chunk
+                lease = staged.lease.narrow(start, load.num_chunks)
             keys = self._keys.get(load.req_id, [])
-            self._copy_in(load, keys, fetch_s=staged.fetch_s if staged else 0.0, after=None)
+            fetch_s = staged.fetch_s if staged else 0.0
+            self._copy_in(load, keys, fetch_s=fetch_s, after=None, lease=lease)
         finally:
-            if staged is not None:  # the load's own lease pins the chunks now
+            if staged is not None:  # narrowed (the load owns that part now), or not used
                 staged.lease.release()
 
     def _queue_load(self, load: Load, after: CopyEvent | None) -> None:
@@ -413,14 +425,20 @@ class MeshWorker:
         self._copy_in(job.load, job.keys, fetch_s=0.0, after=job.after)
 
     def _copy_in(
-        self, load: Load, keys: list[bytes], *, fetch_s: float, after: CopyEvent | None
+        self,
+        load: Load,
+        keys: list[bytes],
+        *,
+        fetch_s: float,
+        after: CopyEvent | None,
+        lease: ChunkLease | None = None,
     ) -> None:
-        """Pin the load's chunks (local after a staged fetch; fetched now for async loads) and
-        start copying them into the blocks (``after`` None: before this step's forward). Once
-        the copy completed, `_loaded` checks them and reports every block not written."""
+        """Pin the load's chunks (``lease``: pinned already by its staged fetch; else local
+        after a staged fetch, fetched now for async loads) and start copying them into the
+        blocks (``after`` None: before this step's forward). Once the copy completed, `_loaded`
+        checks them and reports every block not written. Owns ``lease`` from here on."""
         g, copies, node = self._geometry, self._copies, self._node
         started = time.perf_counter()
-        lease: ChunkLease | None = None
         try:
             wanted = keys[load.first_chunk : load.first_chunk + load.num_chunks]
             expected = load.num_chunks * g.blocks_per_chunk - load.skip_blocks if g else -1
@@ -435,8 +453,9 @@ class MeshWorker:
                     expected,
                 )
             else:
-                timeout_s = self._tuning.local_get_timeout_s if not load.is_async else None
-                lease = node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False)
+                if lease is None:
+                    timeout_s = self._tuning.local_get_timeout_s if not load.is_async else None
+                    lease = node.get(wanted, g.chunk_bytes, timeout_s=timeout_s, verify=False)
                 held = lease.count * g.blocks_per_chunk - (load.skip_blocks if lease.count else 0)
                 copies.load(
                     lease.views,

@@ -76,6 +76,16 @@ class ChunkLease:
         slot = self._slots[index]
         return self._store.checksum(slot) == slot.checksum
 
+    def narrow(self, start: int, count: int) -> ChunkLease | None:
+        """The lease of chunks [start, start + count) of this one, which ends (its other chunks
+        are released now); None, and this lease unchanged, if it does not hold them all."""
+        if self._released or start < 0 or count < 1 or start + count > self.count:
+            return None
+        end = start + count
+        self._released = True
+        self._store.unpin(self._slots[:start] + self._slots[end:], owner=self._owner)
+        return ChunkLease(self.views[start:end], self._store, self._slots[start:end], self._owner)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
