@@ -8,6 +8,7 @@ the benchmark's own process is built by the same `start_mesh_node`.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import threading
@@ -21,6 +22,10 @@ MESH_CHUNK_BYTES = 64  # chunk payload size in the members' stores (lookups neve
 MESH_STORE_GIB = 0.05
 MESH_CONVERGE_POLL_S = 0.05
 MESH_NAMESPACE = "bench-lookup"
+PUT_ATTEMPTS = 3
+PUT_RETRY_S = 0.5
+
+log = logging.getLogger("tools.bench.lookup.mesh_member")
 
 
 def mesh_config(instance_id: str, seeds: Sequence[str], controller: Sequence[str] = ()):
@@ -105,9 +110,18 @@ def start_mesh_node(spec: dict):
     )
     node.start()
     keys = [bytes.fromhex(k) for k in spec["keys"]]
-    stored = node.put(keys, [chunk_payload(k) for k in keys]) if keys else 0
-    if stored != len(keys):
-        raise RuntimeError(f"{node.name} stored {stored} of its {len(keys)} home keys")
+    missing = keys
+    for _ in range(PUT_ATTEMPTS):  # a put refused while the host is starved is tried again
+        node.put(missing, [chunk_payload(k) for k in missing])
+        held = node.store.held_among(missing)
+        missing = [k for k in missing if k not in held]
+        if not missing:
+            break
+        log.warning("%s: %d home keys not stored; again", node.name, len(missing))
+        time.sleep(PUT_RETRY_S)
+    if missing:
+        raise RuntimeError(f"{node.name} stored {len(keys) - len(missing)} of its {len(keys)} "
+                           f"home keys in {PUT_ATTEMPTS} attempts")  # fmt: skip
     record_chains(node, spec.get("chains", []))
     return node
 
