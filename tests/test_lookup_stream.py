@@ -22,7 +22,7 @@ from meshkv.dataplane.stream import (
     FrameReader,
     stream_frame,
 )
-from meshkv.errors import ProtocolError
+from meshkv.errors import ProtocolError, TransportError
 from tests.conftest import wait_until
 
 CODEC = m.make_codec(1 << 20)
@@ -139,3 +139,8 @@ def test_a_client_asks_the_lookup_port_and_falls_back_to_the_data_port_once_it_f
         client.close()
         port.stop()
         context.destroy(linger=0)
+
+
+def test_a_lookup_port_in_use_is_a_transport_error_naming_it(port: LookupPort) -> None:
+    with pytest.raises(TransportError, match=f"cannot bind lookup port 127.0.0.1:{port.port}"):
+        LookupPort(host="127.0.0.1", port=port.port, codec=CODEC, answer=_answer)

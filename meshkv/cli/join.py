@@ -74,6 +74,9 @@ def join(
     data_port: int | None = typer.Option(
         None, "--data-port", help="Data-plane port with --capacity (0: any free port)."
     ),
+    lookup_port: int | None = typer.Option(
+        None, "--lookup-port", help="Lookup port with --capacity (0: any free port)."
+    ),
 ) -> None:
     """Run a member in the foreground; Ctrl-C or SIGTERM leaves the mesh gracefully."""
     config = load_or_exit(
@@ -85,6 +88,7 @@ def join(
             "lmcache_instance_id": member_id,
             "mesh_gossip_profile": profile,
             "p2p_lookup_ports": data_port,
+            "mesh_lookup_stream_ports": lookup_port,
             "max_local_cpu_size": capacity_gib or None,
             "enable_p2p": True if capacity_gib else None,
         },
@@ -100,7 +104,8 @@ def start_member(
     if storage:
         node = build_member(config, ROLE_STORAGE)
         node.start()
-        print(f"storage member {node.name}: data plane at {node.data_address}", flush=True)
+        lookups = f", lookups at {node.lookup_address}" if node.lookup_address else ""
+        print(f"storage member {node.name}: data plane at {node.data_address}{lookups}", flush=True)
         return node.gossip, lambda: node.stop(leave=True), node.stats
     runner = build_member(config, ROLE_GOSSIP)
     runner.start(config.seeds)

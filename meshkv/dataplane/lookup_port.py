@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from meshkv.dataplane import messages as m
 from meshkv.dataplane.stream import READ_BYTES, FrameReader, stream_frame
-from meshkv.errors import ProtocolError
+from meshkv.errors import ProtocolError, TransportError
 from meshkv.wire import FrameCodec
 
 log = logging.getLogger("vllm.meshkv.dataplane.lookup_port")
@@ -68,7 +68,10 @@ class LookupPort:
     ) -> None:
         self._codec = codec
         self._answer = answer
-        self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+        try:
+            self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            raise TransportError(f"cannot bind lookup port {host}:{port}: {exc}") from exc
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self._wake_read, self._wake_write = os.pipe()

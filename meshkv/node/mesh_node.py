@@ -171,14 +171,15 @@ class MeshNode:
                 codec=m.make_codec(tuning.max_frame_bytes, auth),
                 answer=service.lookup_reply,
             )
-        lookup_address = (
+        self.lookup_address = (
             f"{config.p2p_host}:{self.lookup_port.port}" if self.lookup_port is not None else None
         )
+        """Where this member answers lookups on plain TCP (None: on its data port only)."""
         meta = member_meta(
             namespace=namespace,
             role=role,
             data_address=self.data_address,
-            lookup_address=lookup_address,
+            lookup_address=self.lookup_address,
             channel=config.transfer_channel,
             capacity_bytes=capacity_bytes,
             chunk_size=config.chunk_size,
