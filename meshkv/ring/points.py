@@ -47,7 +47,15 @@ def member_points(name: str, vnodes: int) -> np.ndarray:
 class SortedPoints:
     """A non-empty, sorted uint64 array of ring points with a slice table for successor search."""
 
-    __slots__ = ("_max_slice_points", "_padded", "_shift", "_slice_starts", "values", "wrapped")
+    __slots__ = (
+        "_as_ints",
+        "_max_slice_points",
+        "_padded",
+        "_shift",
+        "_slice_starts",
+        "values",
+        "wrapped",
+    )
 
     def __init__(self, sorted_points: np.ndarray) -> None:
         count = sorted_points.shape[0]
@@ -63,6 +71,14 @@ class SortedPoints:
         self.values.flags.writeable = False
         self.wrapped = np.append(sorted_points, sorted_points[0])
         self.wrapped.flags.writeable = False
+        self._as_ints: list[int] | None = None
+
+    def as_ints(self) -> list[int]:
+        """`values` as a list of Python ints, made on first use: one key's search (`bisect`
+        over it) costs less than numpy's fixed cost per call."""
+        if self._as_ints is None:
+            self._as_ints = self.values.tolist()
+        return self._as_ints
 
     def successors(self, positions: np.ndarray) -> np.ndarray:
         """For each position (1-D uint64), the index in `wrapped` of the first point >= it.
