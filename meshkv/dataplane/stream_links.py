@@ -98,6 +98,8 @@ class StreamLinks:
             except ProtocolError:
                 self._fail(link)
                 return frames, False
+            if len(data) < READ_BYTES:  # the kernel had no more: a poll tells of what comes
+                return frames, True
         return frames, True
 
     def take_dropped(self) -> list[int]:
