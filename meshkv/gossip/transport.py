@@ -111,6 +111,7 @@ class Inbound:
 
 @dataclass(slots=True)
 class _Peer:
+    address: str
     sock: zmq.Socket
     connect_deadline_s: float
     monitor: zmq.Socket | None = None
@@ -157,6 +158,17 @@ class GossipTransport:
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
+        # One poller kept for the transport's life: the router, the wake-up and each peer's
+        # monitor are registered once, not on every wait (at 64 peers rebuilding it was most of
+        # an idle member's gossip CPU); peers holding frames add their POLLOUT for one wait.
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        # by descriptor: pyzmq reports a ready Python socket by its file number, so a wake-up
+        # checked as the socket object would never be drained (the loop then spins on it)
+        self._wake_fd = self._wake_recv.fileno()
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._by_monitor: dict[zmq.Socket, str] = {}  # each peer's monitor -> its address
+        self._holding: dict[str, _Peer] = {}  # peers with frames held for their connection
         self._closed = False
 
     # -- outbound ---------------------------------------------------------------------------
@@ -234,13 +246,22 @@ class GossipTransport:
             self._close_peer(evicted_address, evicted, linger_ms=0)
             self.stats["transport.peer_sockets_evicted"] += 1
         peer = _Peer(
-            sock=sock, connect_deadline_s=now_s + self.limits.connect_grace_s, monitor=monitor
+            address=address,
+            sock=sock,
+            connect_deadline_s=now_s + self.limits.connect_grace_s,
+            monitor=monitor,
         )
         self._peers[address] = peer
+        if monitor is not None:
+            self._by_monitor[monitor] = address
+            self._poller.register(monitor, zmq.POLLIN)
         return peer
 
     def _close_peer(self, address: str, peer: _Peer, *, linger_ms: int) -> None:
+        self._holding.pop(address, None)
         if peer.monitor is not None:
+            self._poller.unregister(peer.monitor)
+            del self._by_monitor[peer.monitor]
             peer.sock.disable_monitor()
             peer.monitor.close(linger=0)
         peer.sock.close(linger=linger_ms)
@@ -279,11 +300,13 @@ class GossipTransport:
             self.stats["transport.send_dropped"] += 1
             return False
         peer.pending.append(frame)
+        self._holding[peer.address] = peer
         return True
 
     def _drop_pending(self, peer: _Peer) -> None:
         self.stats["transport.send_dropped"] += len(peer.pending)
         peer.pending.clear()
+        self._holding.pop(peer.address, None)
 
     def _flush_pending(self, peer: _Peer) -> None:
         while peer.pending:
@@ -293,6 +316,7 @@ class GossipTransport:
                 return
             peer.pending.popleft()
             self.stats["transport.sent"] += 1
+        self._holding.pop(peer.address, None)
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -301,33 +325,28 @@ class GossipTransport:
 
         Also sends frames held for new connections as soon as those connections open.
         """
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        # by descriptor: pyzmq reports a ready Python socket by its file number, so a wake-up
-        # checked as the socket object would never be drained (the loop then spins on it)
-        wake_fd = self._wake_recv.fileno()
-        poller.register(wake_fd, zmq.POLLIN)
         now_s = time.monotonic()
         waiting = []
-        for peer in self._peers.values():
-            if peer.monitor is not None:
-                poller.register(peer.monitor, zmq.POLLIN)
-            if not peer.pending:
-                continue
+        for peer in list(self._holding.values()):
             if now_s >= peer.connect_deadline_s:
                 self._drop_pending(peer)
                 continue
             waiting.append(peer)
-            poller.register(peer.sock, zmq.POLLOUT)
+            self._poller.register(peer.sock, zmq.POLLOUT)
             timeout_s = min(timeout_s, peer.connect_deadline_s - now_s)
-        ready = dict(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        try:
+            ready = dict(self._poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        finally:
+            for peer in waiting:
+                self._poller.unregister(peer.sock)
         for peer in waiting:
             if ready.get(peer.sock, 0) & zmq.POLLOUT:
                 self._flush_pending(peer)
-        for address, peer in self._peers.items():
-            if peer.monitor is not None and peer.monitor in ready:
-                self._read_monitor(address, peer)
-        if wake_fd in ready:
+        for sock in ready:
+            address = self._by_monitor.get(sock)  # (a frame handled above may have closed it)
+            if address is not None and address in self._peers:
+                self._read_monitor(address, self._peers[address])
+        if self._wake_fd in ready:
             self._drain_wake()
         if self._router not in ready:
             return []
