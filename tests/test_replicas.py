@@ -159,6 +159,39 @@ def test_a_frozen_then_killed_primary_costs_one_hedge_with_two_replicas(
     assert slowest_s <= DEADLINE_S / 2, f"a get took {slowest_s:.3f} s: more than one hedge"
 
 
+def test_a_lookup_whose_first_home_is_frozen_costs_one_hedge_then_none(
+    storage_2: list[Holder],
+) -> None:
+    """A lookup asks its first home alone first (`meshkv.node.locate._ask_first`): silent for
+    the hedge delay, that home is avoided and the next replica answers; later lookups ask the
+    avoided home last, so they cost no hedge at all."""
+    storage, target = storage_2, storage_2[1]
+    ring = HashRing([m.name for m in storage] + ["reader/0"])
+    prompts = prompts_homed(ring, 8, first=target.name, replicas=2)
+    produce_and_leave(storage, prompts, replicas=2)
+    reader = joined("reader", storage, replicas=2)
+    try:
+        wait_until("the producer gone from the reader's ring",
+                   lambda: set(reader.membership.ring().current.members) == set(ring.members),
+                   START_S)  # fmt: skip
+        for keys in prompts:
+            wait_until("every chunk placed", lambda k=keys: reader.lookup(k) == PROMPT_CHUNKS, 10)
+        hedge = reader.gets.readers.hedge
+        assert not hedge.is_avoided(target.name)
+        target.signal(signal.SIGSTOP)
+        timed: list[tuple[int, float]] = []
+        for keys in prompts:
+            started = time.monotonic()
+            timed.append((reader.lookup(keys, timeout_s=DEADLINE_S), time.monotonic() - started))
+        assert hedge.is_avoided(target.name), "the frozen home was not avoided"
+    finally:
+        reader.stop(leave=False)
+    assert [hits for hits, _ in timed] == [PROMPT_CHUNKS] * len(prompts), timed
+    assert timed[0][1] <= DEADLINE_S / 2, f"the first lookup took {timed[0][1]:.3f} s"
+    later_s = statistics.median(elapsed for _, elapsed in timed[1:])
+    assert later_s < timed[0][1], f"later lookups (median {later_s:.3f} s) still waited"
+
+
 def test_a_member_leaving_gracefully_hands_its_chunks_to_their_next_homes(
     storage_1: list[Holder],
 ) -> None:
