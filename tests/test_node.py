@@ -161,6 +161,30 @@ def test_a_first_home_takes_its_own_miss_as_final_once_its_ring_settled(
     assert a.lookup(prompt) == 4
 
 
+def test_a_miss_asks_a_moved_keys_previous_home_only_while_the_ring_settles(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    mesh.settle()
+    c = mesh.add("c")
+    view = b.membership.ring()
+    assert view.previous is not None and "c/0" not in view.previous.members
+    prompt = next(
+        keys
+        for keys in (keys_for(16, salt=f"moved{i}") for i in range(400))
+        if view.current.home(keys[0]) == "c/0" and view.previous.home(keys[0]) == "a/0"
+    )  # held by nobody; its home moved from a to c when c joined
+    before = a.lookups_answered(), c.lookups_answered()
+    assert b.lookup(prompt) == 0  # c just joined: its pointers may not all be in yet
+    assert (a.lookups_answered(), c.lookups_answered()) == (before[0] + 1, before[1] + 1)
+    monkeypatch.setattr(locate, "SETTLING_S", 0.0)
+    before = a.lookups_answered(), c.lookups_answered()
+    assert b.lookup(prompt) == 0
+    assert (a.lookups_answered(), c.lookups_answered()) == (before[0], before[1] + 1), (
+        "a settled ring's miss at the current home is final: no previous-home round trip"
+    )
+
+
 def test_lookups_go_to_a_members_lookup_port_or_its_data_port_without_one(mesh: Mesh) -> None:
     a, b = mesh.add("a"), mesh.add("b", mesh_lookup_stream=False)
     c = mesh.add("c")

@@ -17,7 +17,9 @@ steps:
    may not have been sent its pointers yet, so when it is the first home itself it also asks
    the other candidates of the keys it lacks;
 4. a miss at a home that changed with the last membership change falls back once to the
-   previous epoch's home.
+   previous epoch's home, within `SETTLING_S` of that change (the join-time pointers and the
+   read repairs have done their work by then: a miss at the current home is then final, and a
+   ring that last changed an hour ago no longer costs every such miss a second round trip).
 
 Each `Ask` names its candidates: the key's preference list (``mesh_replicas`` copies, then the
 pointer host), members just found silent last. `locate` drives the steps on a blocking
@@ -53,8 +55,10 @@ from meshkv.ring.hashring import HashRing
 log = logging.getLogger("vllm.meshkv.node.locate")
 
 SETTLING_S = 30.0
-"""How long after its ring last changed a member that is a prompt's first home does not take
-its own miss as final (join-time and stray pointers to it may still be on their way)."""
+"""How long after its ring last changed a member still looks past a miss at a key's current home:
+as the prompt's first home, at the other candidates of the keys it lacks (join-time and stray
+pointers to it may still be on their way), and at the previous epoch's home of a key that
+moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
     answers: dict[bytes, str] = dict.fromkeys(readers.store.held_among(keys), me)
     view = membership.ring()
     current, previous = view.current, view.previous
+    settling = membership.ring_unchanged_s() < SETTLING_S
     copies = readers.replicas + 1  # the replicas, then the pointer host
     if len(answers) < len(keys) and current.members:
         names = current.preference_list(keys[0], copies)
@@ -98,15 +103,15 @@ def lookup_steps(keys: Sequence[bytes], readers: Readers) -> Steps:
             ask = Ask(readers.hedge.order(others), others[0], list(keys))
             _take_replies(answers, [ask], (yield [ask]))
         covered = _leading(keys, answers)
-        settling = first_home == me and membership.ring_unchanged_s() < SETTLING_S
-        if covered < len(keys) and (settling or current.home(keys[covered]) != first_home):
+        new_home = settling and first_home == me
+        if covered < len(keys) and (new_home or current.home(keys[covered]) != first_home):
             rest = [k for k in keys[covered:] if k not in answers]
             asks = _grouped(rest, current.preference_lists_of(rest, copies), answers, readers)
             if asks:
                 _take_replies(answers, asks, (yield asks))
     stop = _leading(keys, answers)
     fallbacks: list[int] = []
-    if stop < len(keys) and _home_moved(keys[stop], previous, current):
+    if stop < len(keys) and settling and _home_moved(keys[stop], previous, current):
         assert previous is not None  # (_home_moved)
         later = [k for k in keys[stop:] if k not in answers]  # all at once: one round trip
         homes = [[home] for home in previous.homes_of(later)]
