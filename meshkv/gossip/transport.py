@@ -18,7 +18,7 @@ with ZMQ's framing, reconnects and authentication hooks. This module gives exact
   without Python's GIL; `take_link_changes` reports each peer whose link went up (handshake
   done) or down (closed, or heartbeats unanswered for ``heartbeat_timeout_s``). A peer process
   that runs but whose gossip thread cannot (it waits for the GIL) keeps its link up; a killed,
-  frozen or unreachable one loses it.
+  frozen or unreachable one loses it. Links are read at most every ``link_check_interval_s``.
 
 Every socket here belongs to the thread that calls `wait`/`send`/`reply`; only `wake` may be
 called from any thread. This module knows nothing of SWIM or of what a frame means.
@@ -83,6 +83,11 @@ class TransportLimits:
     up to one heartbeat interval) after it froze. 3 s: a SIGSTOP of 1 s (DESIGN §5's stall)
     must not drop the link, which at 1 s it sometimes did (the stall-grace then did not
     apply)."""
+    link_check_interval_s: float = 0.25
+    """How often the links' monitors are read (s): a link change is reported up to this late
+    (a killed peer's link, which goes down at once, within it; a frozen peer's after
+    ``heartbeat_timeout_s`` plus up to this). Each read polls one ZMQ socket per peer: at every
+    wait, that was a third of an idle member's gossip CPU at 64 members. 0 = at every wait."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,7 +101,12 @@ class TransportLimits:
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"TransportLimits.{name} must be positive")
-        for name in ("connect_grace_s", "heartbeat_interval_s", "heartbeat_timeout_s"):
+        for name in (
+            "connect_grace_s",
+            "heartbeat_interval_s",
+            "heartbeat_timeout_s",
+            "link_check_interval_s",
+        ):
             if getattr(self, name) < 0:
                 raise UsageError(f"TransportLimits.{name} must not be negative")
 
@@ -158,16 +168,18 @@ class GossipTransport:
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
-        # One poller kept for the transport's life: the router, the wake-up and each peer's
-        # monitor are registered once, not on every wait (at 64 peers rebuilding it was most of
-        # an idle member's gossip CPU); peers holding frames add their POLLOUT for one wait.
+        # Pollers kept for the transport's life (rebuilding one on every wait cost most of an
+        # idle member's gossip CPU at 64 peers): the router and the wake-up, waited on (peers
+        # holding frames add their POLLOUT for one wait); the monitors, read now and then.
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         # by descriptor: pyzmq reports a ready Python socket by its file number, so a wake-up
         # checked as the socket object would never be drained (the loop then spins on it)
         self._wake_fd = self._wake_recv.fileno()
         self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._monitors = zmq.Poller()
         self._by_monitor: dict[zmq.Socket, str] = {}  # each peer's monitor -> its address
+        self._next_link_check_s = 0.0
         self._holding: dict[str, _Peer] = {}  # peers with frames held for their connection
         self._closed = False
 
@@ -254,13 +266,13 @@ class GossipTransport:
         self._peers[address] = peer
         if monitor is not None:
             self._by_monitor[monitor] = address
-            self._poller.register(monitor, zmq.POLLIN)
+            self._monitors.register(monitor, zmq.POLLIN)
         return peer
 
     def _close_peer(self, address: str, peer: _Peer, *, linger_ms: int) -> None:
         self._holding.pop(address, None)
         if peer.monitor is not None:
-            self._poller.unregister(peer.monitor)
+            self._monitors.unregister(peer.monitor)
             del self._by_monitor[peer.monitor]
             peer.sock.disable_monitor()
             peer.monitor.close(linger=0)
@@ -276,6 +288,14 @@ class GossipTransport:
         heartbeats stopped for ``heartbeat_timeout_s``."""
         changes, self._link_changes = self._link_changes, {}
         return changes
+
+    def _check_links(self, now_s: float) -> None:
+        """Reads the monitors that have events, once per ``link_check_interval_s``."""
+        if not self._by_monitor or now_s < self._next_link_check_s:
+            return
+        self._next_link_check_s = now_s + self.limits.link_check_interval_s
+        for sock, _ in self._monitors.poll(0):
+            self._read_monitor(self._by_monitor[sock], self._peers[self._by_monitor[sock]])
 
     def _read_monitor(self, address: str, peer: _Peer) -> None:
         assert peer.monitor is not None
@@ -342,10 +362,7 @@ class GossipTransport:
         for peer in waiting:
             if ready.get(peer.sock, 0) & zmq.POLLOUT:
                 self._flush_pending(peer)
-        for sock in ready:
-            address = self._by_monitor.get(sock)  # (a frame handled above may have closed it)
-            if address is not None and address in self._peers:
-                self._read_monitor(address, self._peers[address])
+        self._check_links(time.monotonic())
         if self._wake_fd in ready:
             self._drain_wake()
         if self._router not in ready:
