@@ -83,7 +83,13 @@ class RequestClient:
 
     def call(self, address: str, request: m.Message, deadline_s: float) -> m.Message | None:
         """One request; the reply, or None on timeout, send failure or a malformed reply."""
-        return self.call_many([(address, request)], deadline_s)[0]
+        if not self._send(address, request):
+            return None
+        for _, reply in self.answers({request.req: 0}, deadline_s):
+            return reply
+        self.stats["timeout"] += 1
+        self.give_up(request.req)
+        return None
 
     def call_many(
         self, requests: Sequence[tuple[str, m.Message]], deadline_s: float
