@@ -46,7 +46,8 @@ process), `measure` (latency, throughput, CPU), `aggregate` (every asker at once
 (the timeline), `report` (ratios, targets, table, plot), `main`; `member_path` measures a
 member's service core alone (CPU per lookup by phase, and its profile), `driver_loop` the
 data plane's socket loops alone (a server and a client), `member_cpu` real members' CPU by
-thread (idle, and per lookup, with py-spy profiles).
+thread (idle, and per lookup, with py-spy profiles), `asker_layers` an asker's CPU per remote
+lookup layer by layer (raw round trip, codec, request client, `MeshNode.lookup`).
 
 meshkv code never imports LMCache: everything LMCache runs in its venv's processes, and this
 driver speaks to it over the wire only.
