@@ -154,7 +154,9 @@ class FrameCodec:
             meta = _AUTH_META.pack(_fingerprint(secret), sent_ms, os.urandom(8))
             signed = frame + meta
             frame = signed + _mac(secret, signed, attachments)
-        size = len(frame) + sum(memoryview(a).nbytes for a in attachments)
+        size = len(frame)
+        if attachments:
+            size += sum(memoryview(a).nbytes for a in attachments)
         if size > self.max_frame_bytes:
             raise UsageError(
                 f"frame of {size} bytes exceeds max_frame_bytes={self.max_frame_bytes}"
@@ -174,7 +176,9 @@ class FrameCodec:
         copied. ``attachments``: the frames that came after it (see `encode`).
         """
         frame = memoryview(frame)
-        size = len(frame) + sum(memoryview(a).nbytes for a in attachments)
+        size = len(frame)
+        if attachments:
+            size += sum(memoryview(a).nbytes for a in attachments)
         if size > self.max_frame_bytes:
             raise ProtocolError("too_large", f"{size} > {self.max_frame_bytes} bytes")
         if len(frame) < _HEADER.size:
@@ -308,9 +312,12 @@ class _Spec:
     name: str
     key: str
     kind: FieldKind
+    plain_dump: bool  # the kind's wire form is the value itself (no dump call)
+    plain_load: bool  # loading is checking (no load call past the check)
 
 
 _SPECS: dict[type, tuple[_Spec, ...]] = {}
+_NO_ATTACHMENTS: set[type] = set()  # message classes with no attachments field
 
 
 def _specs(cls: type) -> tuple[_Spec, ...]:
@@ -318,8 +325,17 @@ def _specs(cls: type) -> tuple[_Spec, ...]:
     if specs is None:
         declared: tuple[Field[Any], ...] = fields(cls)  # type: ignore[arg-type]
         specs = _SPECS[cls] = tuple(
-            _Spec(f.name, f.metadata["wire"], f.metadata["kind"]) for f in declared
+            _Spec(
+                f.name,
+                f.metadata["wire"],
+                kind := f.metadata["kind"],
+                plain_dump=type(kind).dump is FieldKind.dump,
+                plain_load=type(kind).load is FieldKind.load,
+            )
+            for f in declared
         )
+        if all(spec.kind.in_body for spec in specs):
+            _NO_ATTACHMENTS.add(cls)
     return specs
 
 
@@ -343,11 +359,15 @@ class WireMessage:
     def to_fields(self) -> dict[str, Any]:
         """The frame's ``fields`` map, in declaration order (attachments left out)."""
         return {
-            s.key: s.kind.dump(getattr(self, s.name)) for s in _specs(type(self)) if s.kind.in_body
+            s.key: getattr(self, s.name) if s.plain_dump else s.kind.dump(getattr(self, s.name))
+            for s in _specs(type(self))
+            if s.kind.in_body
         }
 
     def attachments(self) -> list[Buffer]:
         """The bulk buffers that travel as frames after this message's frame."""
+        if type(self) in _NO_ATTACHMENTS:
+            return []
         for spec in _specs(type(self)):
             if not spec.kind.in_body:
                 return list(getattr(self, spec.name))
@@ -370,6 +390,10 @@ class WireMessage:
                     if spec.key not in fields:
                         raise ProtocolError("malformed", f"field {spec.key!r} missing")
                     raw = fields[spec.key]
+                    if spec.plain_load:
+                        spec.kind.check(spec.key, raw)
+                        values[spec.name] = raw
+                        continue
                 else:
                     raw, carried = list(attachments), True
                 values[spec.name] = spec.kind.load(spec.key, raw, context)
@@ -416,6 +440,8 @@ class MessageSet:
 
     def encode(self, codec: FrameCodec, message: WireMessage) -> bytes:
         """The frame of a message that carries no attachments."""
+        if type(message) in _NO_ATTACHMENTS:
+            return codec.encode(message.TYPE, message.to_fields())
         frame, *attachments = self.encode_frames(codec, message)
         if attachments:
             raise UsageError(f"{type(message).__name__} has attachments: use encode_frames")
