@@ -124,21 +124,35 @@ def timed_get(reader: MeshNode, keys: list[bytes]) -> tuple[int, float]:
         return lease.count, elapsed
 
 
-def test_a_frozen_then_killed_primary_costs_one_hedge_with_two_replicas(
-    storage_2: list[Holder],
-) -> None:
-    storage, target = storage_2, storage_2[2]
+def fresh_reader(
+    storage: list[Holder], target: Holder, count: int
+) -> tuple[MeshNode, list[list[bytes]]]:
+    """``count`` prompts homed first at ``target``, put with two replicas by a producer that
+    then left; a reader that sees every chunk placed and holds none (its lookups move no
+    bytes). The caller stops the reader."""
     ring = HashRing([m.name for m in storage] + ["reader/0"])
-    prompts = prompts_homed(ring, 2 * GETS_PER_FAULT, first=target.name, replicas=2)
+    prompts = prompts_homed(ring, count, first=target.name, replicas=2)
     produce_and_leave(storage, prompts, replicas=2)
     reader = joined("reader", storage, replicas=2)
     try:
         wait_until("the producer gone from the reader's ring",
                    lambda: set(reader.membership.ring().current.members) == set(ring.members),
                    START_S)  # fmt: skip
-        for keys in prompts:  # a lookup moves no bytes: the reader stays fresh
+        for keys in prompts:
             wait_until("every chunk placed", lambda k=keys: reader.lookup(k) == PROMPT_CHUNKS, 10)
         assert reader.store.stats().chunks == 0
+    except BaseException:
+        reader.stop(leave=False)
+        raise
+    return reader, prompts
+
+
+def test_a_frozen_then_killed_primary_costs_one_hedge_with_two_replicas(
+    storage_2: list[Holder],
+) -> None:
+    target = storage_2[2]
+    reader, prompts = fresh_reader(storage_2, target, 2 * GETS_PER_FAULT)
+    try:
         results: dict[str, list[tuple[int, float]]] = {}
         target.signal(signal.SIGSTOP)
         results["frozen"] = [timed_get(reader, keys) for keys in prompts[:GETS_PER_FAULT]]
@@ -165,17 +179,9 @@ def test_a_lookup_whose_first_home_is_frozen_costs_one_hedge_then_none(
     """A lookup asks its first home alone first (`meshkv.node.locate._ask_first`): silent for
     the hedge delay, that home is avoided and the next replica answers; later lookups ask the
     avoided home last, so they cost no hedge at all."""
-    storage, target = storage_2, storage_2[1]
-    ring = HashRing([m.name for m in storage] + ["reader/0"])
-    prompts = prompts_homed(ring, 8, first=target.name, replicas=2)
-    produce_and_leave(storage, prompts, replicas=2)
-    reader = joined("reader", storage, replicas=2)
+    target = storage_2[1]
+    reader, prompts = fresh_reader(storage_2, target, 8)
     try:
-        wait_until("the producer gone from the reader's ring",
-                   lambda: set(reader.membership.ring().current.members) == set(ring.members),
-                   START_S)  # fmt: skip
-        for keys in prompts:
-            wait_until("every chunk placed", lambda k=keys: reader.lookup(k) == PROMPT_CHUNKS, 10)
         hedge = reader.gets.readers.hedge
         assert not hedge.is_avoided(target.name)
         target.signal(signal.SIGSTOP)
