@@ -25,9 +25,11 @@ Each `Ask` names its candidates: the key's preference list (``mesh_replicas`` co
 pointer host), members just found silent last. `locate` drives the steps on a blocking
 `RequestClient` and hedges (`meshkv.node.hedged_calls`): a candidate silent for the hedge delay
 has the next one asked as well, so a frozen or dead home costs one hedge delay, not the
-deadline. `locate_async` drives them on a `RequestLoop`, so one client keeps many lookups in
-flight; it asks each group's first candidate only (no hedge: its callers, the shim and the
-benchmark, are not on an engine's step).
+deadline. The usual step, one ask, goes to its first candidate alone first (one request, one
+wait: `_ask_first`), and into the hedged call only if that candidate stays silent for the hedge
+delay or does not settle it. `locate_async` drives them on a `RequestLoop`, so one client
+keeps many lookups in flight; it asks each group's first candidate only (no hedge: its callers,
+the shim and the benchmark, are not on an engine's step).
 
 A chain entry may be stale (a holder evicted the chunk, or died): the lookup then counts a
 chunk that a get will fail to load, which is a miss and a recompute, never wrong KV (bytes are
