@@ -141,6 +141,24 @@ def test_a_client_asks_the_lookup_port_and_falls_back_to_the_data_port_once_it_f
         context.destroy(linger=0)
 
 
+def test_a_call_to_a_silent_lookup_port_ends_at_its_deadline_and_gives_its_request_up() -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never reads
+    context = zmq.Context()
+    client = RequestClient(context, CODEC)
+    try:
+        address = STREAM_PREFIX + f"127.0.0.1:{silent.getsockname()[1]}"
+        request = m.Lookup(req=client.next_id(), epoch=1, keys=[bytes(16)])
+        started = time.monotonic()
+        assert client.call(address, request, started + 0.2) is None
+        assert 0.19 <= time.monotonic() - started < REPLY_WAIT_S  # (polls wait whole ms)
+        assert client.stats["timeout"] == 1
+        assert client.awaited() == 0, "a request given up is not polled for any more"
+    finally:
+        client.close()
+        silent.close()
+        context.destroy(linger=0)
+
+
 def test_a_lookup_port_in_use_is_a_transport_error_naming_it(port: LookupPort) -> None:
     with pytest.raises(TransportError, match=f"cannot bind lookup port 127.0.0.1:{port.port}"):
         LookupPort(host="127.0.0.1", port=port.port, codec=CODEC, answer=_answer)
