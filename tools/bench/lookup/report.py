@@ -54,6 +54,32 @@ def _cells(results: dict, path: str, members: int) -> dict[tuple[str, int], dict
     return {(r["case"], r["chunks"]): r for r in run["latency"] if r["path"] == path}
 
 
+def _cpu_by_side(results: dict, members: int) -> list[dict]:
+    """Where a lookup's CPU goes at ``members``, side by side (medians over the cells, µs): the
+    answering meshkv member net of idle, per member asked (the same work costs more as N grows
+    on a shared host: the member woken is a different, colder process each time), the asker per
+    lookup; LMCache's controller and its requester per lookup."""
+    mesh = [
+        r
+        for (case, _), r in _cells(results, "meshkv", members).items()
+        if case != "local" and r["servers_asked_mean"] > 0
+    ]
+    lm = list(_cells(results, "lmcache", members).values())
+    if not mesh or not lm:
+        return []
+    return [
+        {
+            "target": f"CPU per lookup by side at N={members}, us (medians over the cells)",
+            "meshkv_member_per_member_asked_net_of_idle": statistics.median(
+                r["server_cpu_us_per_lookup_net_of_idle"] / r["servers_asked_mean"] for r in mesh
+            ),
+            "meshkv_asker": statistics.median(r["client_cpu_us_per_lookup"] for r in mesh),
+            "lmcache_controller": statistics.median(r["server_cpu_us_per_lookup"] for r in lm),
+            "lmcache_requester": statistics.median(r["client_cpu_us_per_lookup"] for r in lm),
+        }
+    ]
+
+
 def _worst_and_median(values: Sequence[float]) -> dict:
     values = sorted(v for v in values if v == v)  # drop NaN
     if not values:
@@ -128,6 +154,8 @@ def evaluate_targets(results: dict) -> list[dict]:
                     **_worst_and_median(ratios_local),
                 }
             )
+    for n in members:
+        out.extend(_cpu_by_side(results, n))
     for run in results["runs"]:
         tp = {(r["path"], r["concurrency"]): r["lookups_per_s"] for r in run["throughput"]}
         for c in sorted({c for _, c in tp}):
