@@ -317,7 +317,7 @@ class _Spec:
 
 
 _SPECS: dict[type, tuple[_Spec, ...]] = {}
-_NO_ATTACHMENTS: set[type] = set()  # message classes with no attachments field
+_ATTACHMENT_FIELD: dict[type, str | None] = {}  # per class: its attachments field, if any
 
 
 def _specs(cls: type) -> tuple[_Spec, ...]:
@@ -334,9 +334,14 @@ def _specs(cls: type) -> tuple[_Spec, ...]:
             )
             for f in declared
         )
-        if all(spec.kind.in_body for spec in specs):
-            _NO_ATTACHMENTS.add(cls)
+        _ATTACHMENT_FIELD[cls] = next((s.name for s in specs if not s.kind.in_body), None)
     return specs
+
+
+def _attachment_field(cls: type) -> str | None:
+    if cls not in _ATTACHMENT_FIELD:
+        _specs(cls)
+    return _ATTACHMENT_FIELD[cls]
 
 
 class WireMessage:
@@ -366,12 +371,8 @@ class WireMessage:
 
     def attachments(self) -> list[Buffer]:
         """The bulk buffers that travel as frames after this message's frame."""
-        if type(self) in _NO_ATTACHMENTS:
-            return []
-        for spec in _specs(type(self)):
-            if not spec.kind.in_body:
-                return list(getattr(self, spec.name))
-        return []
+        name = _attachment_field(type(self))
+        return [] if name is None else list(getattr(self, name))
 
     @classmethod
     def from_fields(
@@ -440,12 +441,9 @@ class MessageSet:
 
     def encode(self, codec: FrameCodec, message: WireMessage) -> bytes:
         """The frame of a message that carries no attachments."""
-        if type(message) in _NO_ATTACHMENTS:
-            return codec.encode(message.TYPE, message.to_fields())
-        frame, *attachments = self.encode_frames(codec, message)
-        if attachments:
+        if message.attachments():
             raise UsageError(f"{type(message).__name__} has attachments: use encode_frames")
-        return frame  # type: ignore[return-value]
+        return codec.encode(message.TYPE, message.to_fields())
 
     def decode(
         self,

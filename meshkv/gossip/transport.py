@@ -178,7 +178,7 @@ class GossipTransport:
         self._wake_fd = self._wake_recv.fileno()
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._monitors = zmq.Poller()
-        self._by_monitor: dict[zmq.Socket, str] = {}  # each peer's monitor -> its address
+        self._by_monitor: dict[zmq.Socket, _Peer] = {}  # each peer's monitor -> the peer
         self._next_link_check_s = 0.0
         self._holding: dict[str, _Peer] = {}  # peers with frames held for their connection
         self._closed = False
@@ -222,7 +222,7 @@ class GossipTransport:
         peer = self._peers.pop(address, None)
         if peer is not None:
             self._drop_pending(peer)
-            self._close_peer(address, peer, linger_ms=0)
+            self._close_peer(peer, linger_ms=0)
             self.stats["transport.peer_sockets_closed"] += 1
 
     def _peer(self, address: str, now_s: float) -> _Peer | None:
@@ -254,8 +254,8 @@ class GossipTransport:
             log.debug("cannot connect to %r: %s", address, exc)
             return None
         if len(self._peers) >= self.limits.peer_sockets_max:
-            evicted_address, evicted = self._peers.popitem(last=False)
-            self._close_peer(evicted_address, evicted, linger_ms=0)
+            _, evicted = self._peers.popitem(last=False)
+            self._close_peer(evicted, linger_ms=0)
             self.stats["transport.peer_sockets_evicted"] += 1
         peer = _Peer(
             address=address,
@@ -265,12 +265,12 @@ class GossipTransport:
         )
         self._peers[address] = peer
         if monitor is not None:
-            self._by_monitor[monitor] = address
+            self._by_monitor[monitor] = peer
             self._monitors.register(monitor, zmq.POLLIN)
         return peer
 
-    def _close_peer(self, address: str, peer: _Peer, *, linger_ms: int) -> None:
-        self._holding.pop(address, None)
+    def _close_peer(self, peer: _Peer, *, linger_ms: int) -> None:
+        self._holding.pop(peer.address, None)
         if peer.monitor is not None:
             self._monitors.unregister(peer.monitor)
             del self._by_monitor[peer.monitor]
@@ -279,7 +279,7 @@ class GossipTransport:
         peer.sock.close(linger=linger_ms)
         if peer.link_up:
             peer.link_up = False
-            self._link_changes[address] = False
+            self._link_changes[peer.address] = False
 
     def take_link_changes(self) -> dict[str, bool]:
         """Peers whose link went up or down since the last call: address -> up. Up means a
@@ -295,9 +295,9 @@ class GossipTransport:
             return
         self._next_link_check_s = now_s + self.limits.link_check_interval_s
         for sock, _ in self._monitors.poll(0):
-            self._read_monitor(self._by_monitor[sock], self._peers[self._by_monitor[sock]])
+            self._read_monitor(self._by_monitor[sock])
 
-    def _read_monitor(self, address: str, peer: _Peer) -> None:
+    def _read_monitor(self, peer: _Peer) -> None:
         assert peer.monitor is not None
         while True:
             try:
@@ -307,7 +307,7 @@ class GossipTransport:
             up = _LINK_EVENTS.get(event["event"])
             if up is not None and up != peer.link_up:
                 peer.link_up = up
-                self._link_changes[address] = up
+                self._link_changes[peer.address] = up
                 self.stats["transport.link_up" if up else "transport.link_down"] += 1
 
     def _hold(self, peer: _Peer, frame: bytes, now_s: float) -> bool:
@@ -405,9 +405,9 @@ class GossipTransport:
         deadline_s = time.monotonic() + linger_s
         self._flush_pending_until(deadline_s)
         linger_ms = max(0, math.ceil((deadline_s - time.monotonic()) * 1000))
-        for address, peer in self._peers.items():
+        for peer in self._peers.values():
             self._drop_pending(peer)
-            self._close_peer(address, peer, linger_ms=linger_ms)
+            self._close_peer(peer, linger_ms=linger_ms)
         self._peers.clear()
         self._router.close(linger=linger_ms)
         self._ctx.term()
