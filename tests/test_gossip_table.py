@@ -108,3 +108,16 @@ def test_random_picks_are_distinct_live_members() -> None:
         picked = [m.name for m in table.pick(5, exclude="m5/0", alive_only=True)]
         assert len(set(picked)) == 5 and not {"m3/0", "m4/0", "m5/0"} & set(picked)
     assert len(table.pick(40, alive_only=False)) == 29  # all live ones, suspects included
+
+
+def test_the_suspects_addresses_are_those_to_watch_until_refuted_or_dead() -> None:
+    table = MemberTable(CONFIG, "me/0", random.Random(0))
+    for name, address in (("a/0", "h:1"), ("b/0", "h:2"), ("c/0", "h:3")):
+        table.apply(Alive(name=name, nonce=1, incarnation=10, address=address, meta={}), 0.0)
+    assert table.suspect_addresses() == set()
+    for name in ("a/0", "b/0"):
+        table.apply(Suspect(name=name, nonce=1, incarnation=10, source="c/0"), 1.0)
+    assert table.suspect_addresses() == {"h:1", "h:2"}
+    table.apply(_alive("a/0", 11), 1.5)  # refuted
+    table.apply(Dead(name="b/0", nonce=1, incarnation=10, source="c/0"), 1.5)
+    assert table.suspect_addresses() == set()

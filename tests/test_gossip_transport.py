@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import pytest
 import zmq
 
 from meshkv.errors import TransportError
+from meshkv.gossip.links import LinkLimits
 from meshkv.gossip.transport import (
     OVERSIZE_SLACK_FACTOR,
     GossipTransport,
@@ -230,9 +232,9 @@ def test_wait_drains_a_wake_up(opened):
     assert leftover == b""
 
 
-# ---------------------------------------------------------------- links (ZMTP heartbeats)
+# ---------------------------------------------------------------- watched links
 
-HEARTBEATS = {"heartbeat_interval_s": 0.05, "heartbeat_timeout_s": 0.3}
+LINKS = {"links": LinkLimits(heartbeat_interval_s=0.05, timeout_s=0.3)}
 
 
 def _link_changes(transport: GossipTransport, duration_s: float) -> list[dict[str, bool]]:
@@ -258,33 +260,60 @@ def _link_change(transport: GossipTransport, address: str) -> bool:
     pytest.fail(f"no link change to {address} within {DEADLINE_S} s")
 
 
-def test_a_link_is_up_while_the_peer_runs_even_if_it_never_reads(opened):
-    """The peer's ZMQ I/O thread answers heartbeats: a member whose gossip thread cannot run
-    (its process holds the GIL elsewhere) still has its link up."""
-    a, b = opened(**HEARTBEATS), opened(**HEARTBEATS)
-    a.send(b.address, b"ping")
+def test_a_watched_link_is_up_while_the_peer_runs_even_if_it_never_reads(opened):
+    """The peer's ZMQ I/O thread answers the handshake and heartbeats: a member whose gossip
+    thread cannot run (its process holds the GIL elsewhere) still has its link up."""
+    a, b = opened(**LINKS), opened(**LINKS)
+    a.watch({b.address})
     assert _link_change(a, b.address) is True
-    assert _link_changes(a, 5 * HEARTBEATS["heartbeat_timeout_s"]) == []  # b never waited
+    assert _link_changes(a, 5 * LINKS["links"].timeout_s) == []  # b never waited
     assert a.stats["transport.link_down"] == 0
 
 
-def test_a_link_goes_down_when_the_peer_closes_and_when_forgotten(opened):
-    a, b, c = opened(**HEARTBEATS), opened(**HEARTBEATS), opened(**HEARTBEATS)
-    a.send(b.address, b"ping")
+def test_a_closed_peers_link_goes_down_for_good_and_an_unwatched_one_is_reported_down(opened):
+    a, b, c = opened(**LINKS), opened(**LINKS), opened(**LINKS)
+    a.watch({b.address})
     assert _link_change(a, b.address) is True
-    a.send(c.address, b"ping")
+    a.watch({b.address, c.address})
     assert _link_change(a, c.address) is True
     b.close()
     assert _link_change(a, b.address) is False
-    a.forget(c.address)
+    reopened = opened(port=int(b.address.rpartition(":")[2]), **LINKS)  # same address, running
+    assert reopened.address == b.address
+    assert _link_changes(a, 5 * LINKS["links"].timeout_s) == []  # down is final: no reconnect
+    a.watch({b.address})
     assert a.take_link_changes() == {c.address: False}
+    assert a.stats["transport.link_up"] == 2 and a.stats["transport.link_down"] == 2
+
+
+def test_a_watch_of_an_address_nobody_listens_on_never_comes_up(opened):
+    a = opened(**LINKS)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
+        a.watch({address})
+        assert _link_changes(a, 3 * LINKS["links"].timeout_s) == []
+
+
+def test_peers_that_are_only_sent_to_have_no_link_and_watches_are_bounded(opened):
+    a = opened(links=LinkLimits(heartbeat_interval_s=0.05, timeout_s=0.3, watched_max=2))
+    b, c, d = opened(), opened(), opened()
+    a.send(b.address, b"ping")
+    assert [i.frame for i in _receive(b, a)] == [b"ping"]
+    assert _link_changes(a, 0.3) == []  # sending opens no link
+    a.watch([b.address, c.address, d.address])
+    assert a.stats["transport.watch_refused"] == 1
+    assert sorted(_link_changes(a, 0.5)[0].items()) in (
+        sorted({b.address: True, c.address: True}.items()),
+        sorted({b.address: True}.items()),
+        sorted({c.address: True}.items()),
+    )
 
 
 def test_no_heartbeats_no_links(opened):
-    a, b = opened(heartbeat_interval_s=0), opened()
-    a.send(b.address, b"ping")
-    assert [i.frame for i in _receive(b, a)] == [b"ping"]
-    assert a.take_link_changes() == {}
+    a, b = opened(links=LinkLimits(heartbeat_interval_s=0)), opened()
+    a.watch({b.address})
+    assert _link_changes(a, 0.3) == []
 
 
 _PEER_PROCESS = """
@@ -296,21 +325,45 @@ time.sleep(120)
 """
 
 
-@pytest.mark.processes
-def test_a_link_goes_down_when_the_peer_process_is_frozen(opened):
-    """SIGSTOP stops the peer's ZMQ I/O thread too: its heartbeats stop and the link goes
-    down after the heartbeat timeout."""
+@pytest.fixture
+def peer_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A transport in a process of its own (to freeze), and its address."""
     peer = subprocess.Popen(
         [sys.executable, "-c", _PEER_PROCESS], stdout=subprocess.PIPE, text=True
     )
     try:
         assert peer.stdout is not None
-        address = peer.stdout.readline().strip()
-        a = opened(**HEARTBEATS)
-        a.send(address, b"ping")
-        assert _link_change(a, address) is True
-        os.kill(peer.pid, signal.SIGSTOP)
-        assert _link_change(a, address) is False
+        yield peer, peer.stdout.readline().strip()
     finally:
         os.kill(peer.pid, signal.SIGKILL)
         peer.wait()
+
+
+@pytest.mark.processes
+def test_a_watched_link_goes_down_when_the_peer_process_is_frozen(opened, peer_process):
+    """SIGSTOP stops the peer's ZMQ I/O thread too: its heartbeats stop and the link goes
+    down after the link timeout."""
+    peer, address = peer_process
+    a = opened(**LINKS)
+    a.watch({address})
+    assert _link_change(a, address) is True
+    os.kill(peer.pid, signal.SIGSTOP)
+    assert _link_change(a, address) is False
+
+
+@pytest.mark.processes
+def test_a_peer_frozen_when_watched_is_up_for_the_timeout_or_until_it_thaws(opened, peer_process):
+    """Its kernel accepts the connection, its ZMQ cannot answer: up for the link timeout (a
+    short freeze is held), then down for good; thawed within it, the link stays up."""
+    peer, address = peer_process
+    timeout_s = LINKS["links"].timeout_s
+    os.kill(peer.pid, signal.SIGSTOP)
+    frozen, thawed = opened(**LINKS), opened(**LINKS)
+    frozen.watch({address})
+    assert _link_change(frozen, address) is True
+    assert _link_change(frozen, address) is False
+    thawed.watch({address})
+    assert _link_change(thawed, address) is True
+    time.sleep(timeout_s / 3)
+    os.kill(peer.pid, signal.SIGCONT)
+    assert _link_changes(thawed, 3 * timeout_s) == []

@@ -66,8 +66,9 @@ HEALTH_COUNTERS = {
     "probe_failed": "Probes of others that got no ack, direct or indirect",
     "probe_late": "Probe rounds that ended late because this member itself stalled",
     "death_held_link_up": "Expired suspicions held because the suspect's link was up",
-    "transport.link_up": "Links to members that came up (ZMTP handshake done)",
-    "transport.link_down": "Links to members that went down (closed, heartbeats unanswered)",
+    "transport.link_up": "Links watched to suspects that came up (their process answers)",
+    "transport.link_down": "Links watched to suspects that went down (refused, closed, frozen)",
+    "transport.watch_refused": "Suspects not watched (too many at once): they get no stall grace",
     **{
         f"loop_late_{int(bound_s * 1000)}ms": f"Gossip loop turns at least {bound_s:g} s late"
         for bound_s in LATE_BOUNDS_S
@@ -256,6 +257,7 @@ class GossipRunner:
             for inbound in inbound_frames:
                 swim.receive(inbound.frame, time.monotonic(), reply_to=inbound.reply_to)
             swim.tick(time.monotonic())
+            transport.watch(swim.watched_addresses())
             self._run_calls()
             self._flush()
 

@@ -109,7 +109,7 @@ class Swim:
         self._prober = Prober(config=config, me=self._me, table=self._table, out=self._out,
                               rng=rng, stats=self.stats, now_s=now_s)  # fmt: skip
         self._seeds: list[str] = []
-        self._links_up: set[str] = set()  # bounded by the driver's open connections
+        self._links_up: set[str] = set()  # bounded by the links the driver watches
         self._join_attempts = 0
         self._next_gossip_s = now_s
         self._next_push_pull_s = self._push_pull_due(now_s)
@@ -180,11 +180,16 @@ class Swim:
         by ZMQ's I/O thread, which needs no GIL), False once that stops (closed, killed, frozen,
         unreachable). A suspect whose link is up is held for up to ``stall_grace_s`` before it
         is declared dead: a busy engine can hold its GIL for seconds; a crashed or frozen one
-        cannot answer heartbeats. Never called (a simulation): suspicions end by their timeout."""
+        cannot answer heartbeats. The driver need only tell of `watched_addresses`. Never
+        called (a simulation): suspicions end by their timeout."""
         if up:
             self._links_up.add(address)
         else:
             self._links_up.discard(address)
+
+    def watched_addresses(self) -> set[str]:
+        """Where the driver should keep a link (`link_changed`): the suspects' addresses."""
+        return self._table.suspect_addresses()
 
     def leave(self, now_s: float) -> None:
         """Announces a graceful leave to several members at once and stops probing; keep

@@ -115,6 +115,7 @@ class MemberTable:
         self._names: list[str] = []  # same members, for O(1) random picks
         self._slot: dict[str, int] = {}
         self._live = 0
+        self._suspects: set[str] = set()  # names of the members in SUSPECT
         self._events: list[MemberEvent] = []
         self._suspicions: list[tuple[float, int, str, Suspicion]] = []  # heap, lazily pruned
         self._pushes = 0
@@ -143,6 +144,10 @@ class MemberTable:
 
     def views(self) -> list[MemberView]:
         return [m.view() for m in self._members.values()]
+
+    def suspect_addresses(self) -> set[str]:
+        """The gossip addresses of the members suspected now."""
+        return {self._members[name].address for name in self._suspects}
 
     def take_events(self) -> list[MemberEvent]:
         events, self._events = self._events, []
@@ -265,7 +270,10 @@ class MemberTable:
         if state is not member.state:
             member.state_since_s = now_s
         member.state = state
-        if state is not MemberState.SUSPECT:
+        if state is MemberState.SUSPECT:
+            self._suspects.add(member.name)
+        else:
+            self._suspects.discard(member.name)
             member.suspicion = None
 
     def _publish(self, kind: EventKind, member: Member) -> None:

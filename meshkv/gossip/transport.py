@@ -14,11 +14,10 @@ with ZMQ's framing, reconnects and authentication hooks. This module gives exact
   yet, so its first frames wait in a small bounded buffer for at most ``connect_grace_s`` and go
   out as soon as the connection opens. A peer restarted at the same address is reconnected by
   ZMQ on its own; `forget` skips ZMQ's reconnect backoff when the caller knows it restarted.
-- links: each outbound connection sends ZMTP heartbeats, which the peer's ZMQ I/O thread answers
-  without Python's GIL; `take_link_changes` reports each peer whose link went up (handshake
-  done) or down (closed, or heartbeats unanswered for ``heartbeat_timeout_s``). A peer process
-  that runs but whose gossip thread cannot (it waits for the GIL) keeps its link up; a killed,
-  frozen or unreachable one loses it. Links are read at most every ``link_check_interval_s``.
+- links: `watch` names the addresses (the suspects) whose process should be told apart from a
+  frozen or dead one; `meshkv.gossip.links` keeps a heartbeating link to each, and
+  `take_link_changes` reports each watched link that went up or down. Ordinary peer
+  connections send no heartbeats (each would cost a wake-up per peer per interval).
 
 Every socket here belongs to the thread that calls `wait`/`send`/`reply`; only `wake` may be
 called from any thread. This module knows nothing of SWIM or of what a frame means.
@@ -33,12 +32,13 @@ import math
 import socket
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from meshkv.errors import TransportError, UsageError
+from meshkv.gossip.links import LinkLimits, SuspectLinks
 
 log = logging.getLogger("vllm.meshkv.gossip.transport")
 
@@ -69,25 +69,8 @@ class TransportLimits:
     """Frames `wait` returns at most per call, so timers run even under a flood."""
     reconnect_max_ms: int = 1000
     """Upper bound of ZMQ's reconnect backoff to a vanished peer, in ms."""
-    heartbeat_interval_s: float = 1.0
-    """How often each outbound connection sends a ZMTP heartbeat (s); 0 = none, and then no
-    link is ever reported up. The peer's ZMQ I/O thread answers it without the GIL. Every
-    member heartbeats each peer it probed (up to N - 1 links), so this is most of an idle
-    member's ZMQ cost: 16 idle gossip runners spent 6.7-8.1 ms/s each at 0.25 s, 4.8-5.4 at
-    1 s (ZMQ I/O thread 3.7-4.5 against 1.7-1.9)."""
-    heartbeat_timeout_s: float = 3.0
-    """A connection whose peer answered no heartbeat for this long is closed and its link
-    reported down (a frozen or vanished peer); ZMQ then reconnects. A killed peer's link goes
-    down at once (its kernel closes the connection); this bounds how long a frozen or
-    unreachable one keeps its link, so a frozen member is declared dead about this long (plus
-    up to one heartbeat interval) after it froze. 3 s: a SIGSTOP of 1 s (DESIGN §5's stall)
-    must not drop the link, which at 1 s it sometimes did (the stall-grace then did not
-    apply)."""
-    link_check_interval_s: float = 0.25
-    """How often the links' monitors are read (s): a link change is reported up to this late
-    (a killed peer's link, which goes down at once, within it; a frozen peer's after
-    ``heartbeat_timeout_s`` plus up to this). Each read polls one ZMQ socket per peer: at every
-    wait, that was a third of an idle member's gossip CPU at 64 members. 0 = at every wait."""
+    links: LinkLimits = field(default_factory=LinkLimits)
+    """How the links watched for suspects are kept (`meshkv.gossip.links`)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -101,14 +84,8 @@ class TransportLimits:
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"TransportLimits.{name} must be positive")
-        for name in (
-            "connect_grace_s",
-            "heartbeat_interval_s",
-            "heartbeat_timeout_s",
-            "link_check_interval_s",
-        ):
-            if getattr(self, name) < 0:
-                raise UsageError(f"TransportLimits.{name} must not be negative")
+        if self.connect_grace_s < 0:
+            raise UsageError("TransportLimits.connect_grace_s must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,20 +101,7 @@ class _Peer:
     address: str
     sock: zmq.Socket
     connect_deadline_s: float
-    monitor: zmq.Socket | None = None
-    """ZMQ's event socket for ``sock``: handshakes and disconnects (None without heartbeats)."""
-    link_up: bool = False
     pending: deque[bytes] = field(default_factory=deque)
-
-
-_LINK_EVENTS = {
-    zmq.EVENT_HANDSHAKE_SUCCEEDED: True,
-    zmq.EVENT_DISCONNECTED: False,
-    zmq.EVENT_CLOSED: False,
-    zmq.EVENT_MONITOR_STOPPED: False,
-}
-"""Monitor events that change a link: a completed ZMTP handshake means the peer's ZMQ runs."""
-_MONITOR_EVENTS = sum(_LINK_EVENTS)
 
 
 class GossipTransport:
@@ -148,7 +112,6 @@ class GossipTransport:
         self.stats: collections.Counter[str] = collections.Counter()
         self._ctx = zmq.Context(io_threads=1)
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
-        self._link_changes: dict[str, bool] = {}  # bounded by the peers: one entry each
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -170,16 +133,14 @@ class GossipTransport:
         self._wake_send.setblocking(False)
         # Pollers kept for the transport's life (rebuilding one on every wait cost most of an
         # idle member's gossip CPU at 64 peers): the router and the wake-up, waited on (peers
-        # holding frames add their POLLOUT for one wait); the monitors, read now and then.
+        # holding frames add their POLLOUT for one wait).
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         # by descriptor: pyzmq reports a ready Python socket by its file number, so a wake-up
         # checked as the socket object would never be drained (the loop then spins on it)
         self._wake_fd = self._wake_recv.fileno()
         self._poller.register(self._wake_fd, zmq.POLLIN)
-        self._monitors = zmq.Poller()
-        self._by_monitor: dict[zmq.Socket, _Peer] = {}  # each peer's monitor -> the peer
-        self._next_link_check_s = 0.0
+        self._links = SuspectLinks(self._ctx, limits.links, self.stats)
         self._holding: dict[str, _Peer] = {}  # peers with frames held for their connection
         self._closed = False
 
@@ -236,19 +197,9 @@ class GossipTransport:
         sock.setsockopt(zmq.SNDHWM, self.limits.peer_send_hwm)
         sock.setsockopt(zmq.RCVHWM, 1)  # members answer on our ROUTER, never on this socket
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.limits.reconnect_max_ms)
-        monitor = None
-        if self.limits.heartbeat_interval_s > 0:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, math.ceil(self.limits.heartbeat_interval_s * 1000))
-            sock.setsockopt(
-                zmq.HEARTBEAT_TIMEOUT, math.ceil(self.limits.heartbeat_timeout_s * 1000)
-            )
-            monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             sock.connect(f"tcp://{address}")
         except zmq.ZMQError as exc:
-            if monitor is not None:
-                sock.disable_monitor()
-                monitor.close(linger=0)
             sock.close()
             self.stats["transport.bad_address"] += 1
             log.debug("cannot connect to %r: %s", address, exc)
@@ -261,54 +212,27 @@ class GossipTransport:
             address=address,
             sock=sock,
             connect_deadline_s=now_s + self.limits.connect_grace_s,
-            monitor=monitor,
         )
         self._peers[address] = peer
-        if monitor is not None:
-            self._by_monitor[monitor] = peer
-            self._monitors.register(monitor, zmq.POLLIN)
         return peer
 
     def _close_peer(self, peer: _Peer, *, linger_ms: int) -> None:
         self._holding.pop(peer.address, None)
-        if peer.monitor is not None:
-            self._monitors.unregister(peer.monitor)
-            del self._by_monitor[peer.monitor]
-            peer.sock.disable_monitor()
-            peer.monitor.close(linger=0)
         peer.sock.close(linger=linger_ms)
-        if peer.link_up:
-            peer.link_up = False
-            self._link_changes[peer.address] = False
+
+    # -- links ------------------------------------------------------------------------------
+
+    def watch(self, addresses: Collection[str]) -> None:
+        """Keeps a link to exactly these addresses (the caller's suspects; see
+        `meshkv.gossip.links`): new ones are opened, the others closed."""
+        self._links.watch(addresses)
 
     def take_link_changes(self) -> dict[str, bool]:
-        """Peers whose link went up or down since the last call: address -> up. Up means a
-        ZMTP handshake completed and the peer has answered heartbeats since (its process runs,
-        whether or not its gossip thread does); down means the connection closed or its
-        heartbeats stopped for ``heartbeat_timeout_s``."""
-        changes, self._link_changes = self._link_changes, {}
-        return changes
-
-    def _check_links(self, now_s: float) -> None:
-        """Reads the monitors that have events, once per ``link_check_interval_s``."""
-        if not self._by_monitor or now_s < self._next_link_check_s:
-            return
-        self._next_link_check_s = now_s + self.limits.link_check_interval_s
-        for sock, _ in self._monitors.poll(0):
-            self._read_monitor(self._by_monitor[sock])
-
-    def _read_monitor(self, peer: _Peer) -> None:
-        assert peer.monitor is not None
-        while True:
-            try:
-                event = recv_monitor_message(peer.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            up = _LINK_EVENTS.get(event["event"])
-            if up is not None and up != peer.link_up:
-                peer.link_up = up
-                self._link_changes[peer.address] = up
-                self.stats["transport.link_up" if up else "transport.link_down"] += 1
+        """Watched addresses whose link went up or down since the last call: address -> up.
+        Up means the peer's kernel accepted the connection and its ZMQ has answered within
+        the link timeout since (its process runs, whether or not its gossip thread does);
+        down, for good, that it did not (refused, closed, frozen, unreachable)."""
+        return self._links.take_changes()
 
     def _hold(self, peer: _Peer, frame: bytes, now_s: float) -> bool:
         """Keeps a frame for a connection still opening, or drops it (unreachable or full)."""
@@ -362,7 +286,7 @@ class GossipTransport:
         for peer in waiting:
             if ready.get(peer.sock, 0) & zmq.POLLOUT:
                 self._flush_pending(peer)
-        self._check_links(time.monotonic())
+        self._links.read()
         if self._wake_fd in ready:
             self._drain_wake()
         if self._router not in ready:
@@ -409,6 +333,7 @@ class GossipTransport:
             self._drop_pending(peer)
             self._close_peer(peer, linger_ms=linger_ms)
         self._peers.clear()
+        self._links.close()
         self._router.close(linger=linger_ms)
         self._ctx.term()
         self._wake_recv.close()
