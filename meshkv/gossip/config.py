@@ -58,10 +58,11 @@ class GossipConfig:
 
     stall_grace_s: float = 30.0
     """How long a suspect whose process still answers at the transport level is held before it
-    is declared dead (s), default 30. Its ZMQ I/O thread answers heartbeats without the GIL, so
-    the process runs but its gossip loop does not: an engine whose model runner, compiler or
-    collective holds the GIL. A crash drops the link at once, a SIGSTOP after the transport's
-    heartbeat timeout (3 s); the suspect is then declared dead on the normal timeout. Longer
+    is declared dead (s), default 30. Its ZMQ I/O thread answers the link each member keeps to
+    its suspects (`meshkv.gossip.links`) without the GIL, so the process runs but its gossip
+    loop does not: an engine whose model runner, compiler or collective holds the GIL. A crash
+    drops the link at once, a SIGSTOP after the link's timeout (3 s); the suspect is then
+    declared dead on the normal timeout. Longer
     tolerates longer stalls; a process wedged with its GIL held is declared dead this much
     later. 0 disables holding."""
 
