@@ -61,7 +61,7 @@ class GossipConfig:
     is declared dead (s), default 30. Its ZMQ I/O thread answers the link each member keeps to
     its suspects (`meshkv.gossip.links`) without the GIL, so the process runs but its gossip
     loop does not: an engine whose model runner, compiler or collective holds the GIL. A crash
-    drops the link at once, a SIGSTOP after the link's timeout (3 s); the suspect is then
+    drops the link at once, a SIGSTOP after the link's timeout (2.5 s); the suspect is then
     declared dead on the normal timeout. Longer
     tolerates longer stalls; a process wedged with its GIL held is declared dead this much
     later. 0 disables holding."""
