@@ -302,12 +302,26 @@ def test_peers_that_are_only_sent_to_have_no_link_and_watches_are_bounded(opened
     assert [i.frame for i in _receive(b, a)] == [b"ping"]
     assert _link_changes(a, 0.3) == []  # sending opens no link
     a.watch([b.address, c.address, d.address])
+    a.watch([b.address, c.address, d.address, "not an address"])
+    assert a.stats["transport.watch_refused"] == 2  # once per address, however often named
+    assert a.stats["transport.bad_address"] == 0  # (no room to try it)
+    ups = {address for changes in _link_changes(a, 0.5) for address, up in changes.items() if up}
+    assert len(ups) == 2 and ups <= {b.address, c.address, d.address}
+
+
+def test_a_malformed_address_is_counted_once_and_a_freed_link_goes_to_a_refused_one(opened):
+    a = opened(links=LinkLimits(heartbeat_interval_s=0.05, timeout_s=0.3, watched_max=1))
+    b, c = opened(), opened()
+    for _ in range(3):
+        a.watch(["not an address"])
+    assert a.stats["transport.bad_address"] == 1
+    a.watch([b.address])
+    assert _link_change(a, b.address) is True
+    a.watch([c.address, b.address])  # no room for c
     assert a.stats["transport.watch_refused"] == 1
-    assert sorted(_link_changes(a, 0.5)[0].items()) in (
-        sorted({b.address: True, c.address: True}.items()),
-        sorted({b.address: True}.items()),
-        sorted({c.address: True}.items()),
-    )
+    a.watch([c.address])  # b is no longer a suspect: its link goes to c
+    assert a.take_link_changes() == {b.address: False}
+    assert _link_change(a, c.address) is True
 
 
 def test_no_heartbeats_no_links(opened):

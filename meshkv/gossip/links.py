@@ -63,8 +63,8 @@ class LinkLimits:
     member is declared dead everywhere 3.2-3.4 s after it froze (`tools/bench_frozen_member.py`,
     5 members, 5 rounds; 3.3-3.7 s when every peer link heartbeated with a 3 s timeout)."""
     watched_max: int = 32
-    """Links watched at once; suspects past this are not watched (counted), so they get no
-    stall grace."""
+    """Links watched at once; suspects past this are not watched (counted once each) until a
+    link is free, so they may get no stall grace."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s < 0 or self.timeout_s <= 0 or self.watched_max <= 0:
@@ -91,24 +91,31 @@ class SuspectLinks:
         self._by_monitor: dict[zmq.Socket, str] = {}
         self._monitors = zmq.Poller()
         self._changes: dict[str, bool] = {}  # bounded: one entry per address watched lately
+        # named but not watched: over the bound (retried as links free up), or malformed
+        self._refused: set[str] = set()
+        self._malformed: set[str] = set()
 
     def watch(self, addresses: Collection[str]) -> None:
         """Watches exactly ``addresses`` (up to ``watched_max``): opens the links that are new
-        and closes the others (a closed link that was up is reported down)."""
+        and closes the others (a closed link that was up is reported down). An address that
+        cannot be watched (over the bound, or malformed) is counted once while it is named."""
         if self.limits.heartbeat_interval_s == 0:
             return
-        for address in [a for a in self._links if a not in addresses]:
+        wanted = set(addresses)
+        for address in [a for a in self._links if a not in wanted]:
             self._close(address)
-        for address in addresses:
-            if address in self._links:
-                continue
+        self._refused &= wanted
+        self._malformed &= wanted
+        for address in wanted - self._links.keys() - self._malformed:
             if len(self._links) >= self.limits.watched_max:
-                self._stats["transport.watch_refused"] += 1
-                continue
-            self._open(address)
-
-    def watched(self) -> list[str]:
-        return list(self._links)
+                if address not in self._refused:
+                    self._refused.add(address)
+                    self._stats["transport.watch_refused"] += 1
+            elif self._open(address):
+                self._refused.discard(address)
+            else:
+                self._malformed.add(address)
+                self._stats["transport.bad_address"] += 1
 
     def read(self) -> None:
         """Takes the monitor events that arrived (cheap: one poll of the watched links)."""
@@ -135,7 +142,7 @@ class SuspectLinks:
         for address in list(self._links):
             self._close(address)
 
-    def _open(self, address: str) -> None:
+    def _open(self, address: str) -> bool:
         sock = self._context.socket(zmq.DEALER)
         timeout_ms = math.ceil(self.limits.timeout_s * 1000)
         sock.setsockopt(zmq.LINGER, 0)
@@ -147,14 +154,14 @@ class SuspectLinks:
         try:
             sock.connect(f"tcp://{address}")
         except zmq.ZMQError:
-            self._stats["transport.bad_address"] += 1
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close()
-            return
+            return False
         self._links[address] = _Link(sock, monitor)
         self._by_monitor[monitor] = address
         self._monitors.register(monitor, zmq.POLLIN)
+        return True
 
     def _close(self, address: str) -> None:
         link = self._links.pop(address)
