@@ -201,6 +201,29 @@ def test_a_stalled_member_whose_link_is_up_is_held_not_declared_dead(seed: int) 
     assert sim.members["inst1/0"].swim.stats["refute"] > 0
 
 
+def test_members_keep_links_to_their_suspects_only() -> None:
+    sim = _four_members(10)
+    assert all(not m.watching for m in sim.members.values())  # converged: nobody suspected
+    stalled = sim.members["inst1/0"]
+    sim.set_link("inst1/0", True)
+    sim.stall("inst1/0", 8.0)
+    watched_while_stalled: set[str] = set()
+
+    def note() -> None:
+        for member in sim.members.values():
+            if member.watching:
+                assert set(member.watching) == {stalled.address}
+                assert member.watching[stalled.address] is True
+                watched_while_stalled.add(member.name)
+
+    for at_s in range(1, 8):
+        sim.at(sim.now_s + at_s, note)
+    sim.run_for(8.0)
+    assert watched_while_stalled == {"inst0/0", "inst2/0", "inst3/0"}
+    _converge(sim, timeout_s=5)  # it refuted: suspected by nobody, watched by nobody
+    assert all(not m.watching for m in sim.members.values())
+
+
 @pytest.mark.parametrize("seed", [5, 6])
 def test_the_same_stall_without_a_link_is_declared_dead(seed: int) -> None:
     sim = _four_members(seed)

@@ -74,6 +74,9 @@ class SimMember:
     tick_at_s: float = float("inf")
     ticks_at_instant: int = 0
     sent: int = 0
+    watching: dict[str, bool] = field(default_factory=dict)
+    """The addresses its driver keeps a link to (its core's suspects), and whether it told the
+    core that link is up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class SimNet:
         self._by_address: dict[str, SimMember] = {}
         self._groups: dict[str, int] = {}
         self._cut_links: set[frozenset[str]] = set()
+        self._answering: set[str] = set()  # members whose process answers links (`set_link`)
         self._heap: list[tuple[float, int, int, object, object]] = []
         self._pushed = 0
         self._replies: dict[int, list[bytes]] = {}
@@ -145,6 +149,7 @@ class SimNet:
         return member
 
     def crash(self, name: str) -> None:
+        self.set_link(name, False)  # its connections close
         member = self.members[name]
         member.up = False
         member.inbox.clear()
@@ -164,11 +169,18 @@ class SimNet:
         self._push(member.stalled_until_s, _RESUME, member, None)
 
     def set_link(self, name: str, up: bool) -> None:
-        """Tells every other member that ``name``'s process answers (or no longer answers) at
-        the transport level, as a driver's heartbeats would (`Swim.link_changed`)."""
+        """Whether ``name``'s process answers at the transport level while its gossip loop may
+        not (a GIL stall: its ZMQ I/O thread answers). Each member's driver tells its core of
+        a link only while the core watches that address (`Swim.watched_addresses`: its
+        suspects), as `GossipRunner` does with the transport's watched links."""
+        if up:
+            self._answering.add(name)
+        else:
+            self._answering.discard(name)
         address = self.members[name].address
         for other in self.members.values():
-            if other.name != name and other.up:
+            if other.up and address in other.watching and other.watching[address] != up:
+                other.watching[address] = up
                 other.swim.link_changed(address, up)
 
     def partition(self, *groups: Iterable[str]) -> None:
@@ -307,7 +319,25 @@ class SimNet:
         member.tick_at_s = float("inf")
         self._flush(member)
 
+    def _sync_links(self, member: SimMember) -> None:
+        """Opens and closes ``member``'s watched links as its core's suspects change: a new one
+        is up at once if the suspect's process answers; a closed one that was up goes down."""
+        watched = member.swim.watched_addresses()
+        watching = member.watching
+        if not watched and not watching:
+            return
+        for address in [a for a in watching if a not in watched]:
+            if watching.pop(address):
+                member.swim.link_changed(address, False)
+        for address in watched - watching.keys():
+            target = self._by_address.get(address)
+            up = target is not None and target.up and target.name in self._answering
+            watching[address] = up
+            if up:
+                member.swim.link_changed(address, True)
+
     def _flush(self, member: SimMember) -> None:
+        self._sync_links(member)
         swim = member.swim
         faults = self.faults
         rng = self.rng
