@@ -1,4 +1,4 @@
-"""The TTFT benchmark's timeline parser reads the timing lines meshkv really logs."""
+"""The TTFT benchmark's parsers: meshkv's timing lines and vLLM's prefix-cache counter."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from tools.bench.ttft_timeline import SEGMENTS, mesh_timeline
+from tools.bench_ttft import prefix_cache_hits
 
 REQ = "cmpl-7f3a-0-9c1e"
 
@@ -46,3 +47,19 @@ def test_segments_follow_each_other_and_add_up_to_the_ttft(caplog) -> None:
 
 def test_a_request_without_a_load_has_no_timeline() -> None:
     assert mesh_timeline("nothing", "", sent_wall_s=0.0, first_token_wall_s=1.0) is None
+
+
+def test_prefix_cache_hits_are_summed_over_engines_from_the_metrics_text() -> None:
+    text = "\n".join(
+        [
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in cached tokens.",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            'vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 3328.0',
+            'vllm:prefix_cache_hits_total{engine="1",model_name="tiny"} 1.28e2',
+            'vllm:prefix_cache_hits_created{engine="0",model_name="tiny"} 1.7e9',
+            'vllm:external_prefix_cache_hits_total{engine="0",model_name="tiny"} 999.0',
+            'vllm:prefix_cache_queries_total{engine="0",model_name="tiny"} 5000.0',
+        ]
+    )
+    assert prefix_cache_hits(text) == 3456
+    assert prefix_cache_hits("") == 0

@@ -55,6 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,9 @@ from tools.bench.ttft_timeline import SEGMENTS, mesh_timeline
 
 MODES = ("cold", "mesh", "local", "repeat")
 RETRIEVED = re.compile(r"Retrieved (\d+) out of total (\d+) tokens")
+PREFIX_HITS = re.compile(r"^vllm:prefix_cache_hits_total(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+"""vLLM's counter of prompt tokens its own prefix cache gave (one line per engine label set)."""
+METRICS_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 600.0
 LOG_WAIT_S = 5.0
 LOG_POLL_S = 0.05
@@ -110,6 +114,16 @@ def retrieved_tokens(engine: EngineProcess, offset: int, expect_some: bool) -> i
         if found or time.monotonic() >= deadline:
             return sum(int(n) for n, _ in found)
         time.sleep(LOG_POLL_S)
+
+
+def prefix_cache_hits(metrics_text: str) -> int:
+    """Prompt tokens vLLM's own prefix cache has given so far, from its /metrics text."""
+    return round(sum(float(value) for value in PREFIX_HITS.findall(metrics_text)))
+
+
+def cached_tokens(engine: EngineProcess) -> int:
+    with urllib.request.urlopen(f"{engine.url}/metrics", timeout=METRICS_TIMEOUT_S) as reply:
+        return prefix_cache_hits(reply.read().decode())
 
 
 def logging_config(path: Path) -> Path:
@@ -199,6 +213,7 @@ def measure(
     isolate = Isolation(isolation, engines)
     samples: dict[str, dict[int, list[float]]] = {m: {n: [] for n in lengths} for m in MODES}
     hits: dict[str, dict[int, list[int]]] = {m: {n: [] for n in lengths} for m in MODES}
+    computed: dict[str, dict[int, list[int]]] = {m: {n: [] for n in lengths} for m in MODES}
     timelines: dict[int, list[dict | None]] = {n: [] for n in lengths}
     load_averages: list[tuple[float, float, float]] = []
     order_rng = random.Random(7)
@@ -217,12 +232,15 @@ def measure(
                     timed(one, prompt)  # the producer computes it and saves it to the mesh
                     isolate.used(one)
                 offset = engine.log_size()
+                cached_before = cached_tokens(engine)
                 quiet = tuple(e for e in engines if mode != "mesh" or e is not one)
                 with isolate.around(stopped, quiet):
                     sent_s, first_s = timed(engine, prompt)
                 isolate.used(engine)
                 samples[mode][length].append((first_s - sent_s) * 1000)
                 hits[mode][length].append(retrieved_tokens(engine, offset, mode == "mesh"))
+                cached = cached_tokens(engine) - cached_before
+                computed[mode][length].append(length - cached - hits[mode][length][-1])
                 if mode == "mesh":
                     timeline = mesh_timeline(
                         two.log_text(offset),
@@ -235,10 +253,10 @@ def measure(
                 f"{m} {samples[m][length][-1]:.1f} ms (retrieved {hits[m][length][-1]})"
                 for m in MODES
             ), flush=True)  # fmt: skip
-    return summarize(samples, hits, timelines, load_averages, lengths)
+    return summarize(samples, hits, computed, timelines, load_averages, lengths)
 
 
-def summarize(samples: dict, hits: dict, timelines: dict, load_averages: list,
+def summarize(samples: dict, hits: dict, computed: dict, timelines: dict, load_averages: list,
               lengths: list[int]) -> dict:  # fmt: skip
     p50 = {m: {n: statistics.median(v) for n, v in per.items()} for m, per in samples.items()}
     p90 = {m: {n: percentile(sorted(v), 0.9) for n, v in per.items()} for m, per in samples.items()}
@@ -256,6 +274,10 @@ def summarize(samples: dict, hits: dict, timelines: dict, load_averages: list,
     return {
         "samples_ms": samples,
         "retrieved_tokens": hits,
+        "computed_tokens": computed,
+        "computed_tokens_p50": {
+            m: {n: statistics.median(v) for n, v in per.items()} for m, per in computed.items()
+        },
         "p50_ms": p50,
         "p90_ms": p90,
         "mesh_over_local": {n: p50["mesh"][n] / p50["local"][n] for n in lengths},
@@ -300,6 +322,10 @@ def report(result: dict, lengths: list[int]) -> None:
         )
         print(f"{n:6d} | {cells} | {result['mesh_over_local'][n]:10.2f} | "
               f"{result['mesh_over_cold'][n]:9.2f}")  # fmt: skip
+    print("prompt tokens each mode computed, p50 (the rest came from vLLM's prefix cache or the "
+          "mesh): tokens | " + " | ".join(MODES))  # fmt: skip
+    for n in lengths:
+        print(f"{n:6d} | " + " | ".join(f"{result['computed_tokens_p50'][m][n]:g}" for m in MODES))
     print("mesh hit, p50 ms per segment: tokens | " + " | ".join(SEGMENTS) + " | asks again")
     for n in lengths:
         parts = result["mesh_breakdown_p50_ms"][n]
