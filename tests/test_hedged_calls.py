@@ -165,3 +165,53 @@ def test_with_no_one_left_to_ask_the_call_ends_at_its_deadline_unsettled(
         client.close()
         for holder in holders.values():
             holder.close()
+
+
+def test_a_first_holder_silent_past_the_hedge_delay_still_settles_when_it_answers_late(
+    context: zmq.Context,
+) -> None:
+    """A one-task call asks its first holder alone; silent for the hedge delay, that request
+    stays awaited while the next holder is asked, so its late answer settles the call."""
+    slow_s = 4 * CONFIG.hedge_delay_initial_s
+    holders = {
+        "slow": Holder(context, answering=True, reply_after_s=slow_s),
+        "frozen": Holder(context, answering=False),
+    }
+    client = RequestClient(context, CODEC)
+    state = HedgeState(CONFIG)
+    try:
+        settled, answered = lookups(client, holders, ["slow", "frozen"], state)
+        assert settled == [True] and answered == ["slow"]
+        assert holders["slow"].asked == 1, "the slow holder was asked again, not awaited"
+        assert holders["frozen"].asked == 1, "the next holder was not asked after the delay"
+        assert not state.is_avoided("slow"), "a late answer clears the avoided holder"
+    finally:
+        client.close()
+        for holder in holders.values():
+            holder.close()
+
+
+def test_a_first_answer_that_does_not_settle_goes_to_the_next_holder(
+    context: zmq.Context,
+) -> None:
+    holders = {"a": Holder(context, answering=True), "b": Holder(context, answering=True)}
+    client = RequestClient(context, CODEC)
+    answered: list[str] = []
+
+    def request(task: int, name: str) -> tuple[str, m.Message]:
+        return holders[name].address, m.Lookup(req=client.next_id(), epoch=1, keys=[KEY])
+
+    def on_reply(task: int, name: str, reply: m.Message) -> bool:
+        answered.append(name)
+        return name == "b"  # "a" answers short
+
+    try:
+        deadline_s = time.monotonic() + 5.0
+        settled = call_hedged(client, [["a", "b"]], request=request, on_reply=on_reply,
+                              state=HedgeState(CONFIG), deadline_s=deadline_s)  # fmt: skip
+        assert settled == [True] and answered == ["a", "b"]
+        assert client.awaited() == 0 and client.stats["timeout"] == 0
+    finally:
+        client.close()
+        for holder in holders.values():
+            holder.close()

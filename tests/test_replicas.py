@@ -176,7 +176,7 @@ def test_a_frozen_then_killed_primary_costs_one_hedge_with_two_replicas(
 def test_a_lookup_whose_first_home_is_frozen_costs_one_hedge_then_none(
     storage_2: list[Holder],
 ) -> None:
-    """A lookup asks its first home alone first (`meshkv.node.locate._ask_first`): silent for
+    """A lookup asks its first home alone first (`meshkv.node.hedged_calls`): silent for
     the hedge delay, that home is avoided and the next replica answers; later lookups ask the
     avoided home last, so they cost no hedge at all."""
     target = storage_2[1]

@@ -25,9 +25,8 @@ Each `Ask` names its candidates: the key's preference list (``mesh_replicas`` co
 pointer host), members just found silent last. `locate` drives the steps on a blocking
 `RequestClient` and hedges (`meshkv.node.hedged_calls`): a candidate silent for the hedge delay
 has the next one asked as well, so a frozen or dead home costs one hedge delay, not the
-deadline. The usual step, one ask, goes to its first candidate alone first (one request, one
-wait: `_ask_first`), and into the hedged call only if that candidate stays silent for the hedge
-delay or does not settle it. `locate_async` drives them on a `RequestLoop`, so one client
+deadline (the usual step, one ask, costs one request and one wait while its first candidate
+answers). `locate_async` drives them on a `RequestLoop`, so one client
 keeps many lookups in flight; it asks each group's first candidate only (no hedge: its callers,
 the shim and the benchmark, are not on an engine's step).
 
@@ -43,7 +42,6 @@ sockets or threads (the clients own those).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
@@ -136,7 +134,7 @@ def locate(
     try:
         asks = next(steps)
         while True:
-            asks = steps.send(_ask_hedged(asks, readers, client, epoch, deadline_s))
+            asks = steps.send(_call_hedged(asks, readers, client, epoch, deadline_s))
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 
@@ -188,53 +186,6 @@ def locate_async(
             answered([])
 
     advance(None)
-
-
-def _ask_hedged(
-    asks: list[Ask], readers: Readers, client: RequestClient, epoch: int, deadline_s: float
-) -> Replies:
-    """Sends ``asks`` at once, hedged; the replies each drew. A lone ask goes to its first
-    candidate alone first (`_ask_first`), and on to the hedged call only if that one is silent
-    for the hedge delay or its answer does not settle the ask."""
-    if len(asks) == 1:
-        ask = asks[0]
-        first = _ask_first(ask, readers, client, epoch, deadline_s)
-        if first is not None:
-            name, reply = first
-            if len(reply.holders(name)) >= len(ask.keys) or name == ask.authority:
-                return [[first]]
-            rest = Ask(ask.candidates[1:], ask.authority, ask.keys)
-            return [[first, *_ask_hedged([rest], readers, client, epoch, deadline_s)[0]]]
-        if time.monotonic() >= deadline_s:
-            return [[]]
-        # silent (then avoided: the hedged call asks it last), or it could not be asked
-        asks = [Ask(readers.hedge.order(ask.candidates), ask.authority, ask.keys)]
-    return _call_hedged(asks, readers, client, epoch, deadline_s)
-
-
-def _ask_first(
-    ask: Ask, readers: Readers, client: RequestClient, epoch: int, deadline_s: float
-) -> tuple[str, m.LookupReply] | None:
-    """The usual lookup in one request and one wait, without the hedged call's bookkeeping:
-    the ask's first candidate, given the hedge delay to answer (the whole deadline if it is
-    the only candidate). Its answer, or None if it cannot be asked or was silent (it is then
-    avoided, as a hedged call would avoid it)."""
-    name = ask.candidates[0] if ask.candidates else None
-    peer = readers.membership.peer(name) if name is not None else None
-    if name is None or peer is None:
-        return None
-    hedge = readers.hedge
-    sent_s = time.monotonic()
-    until_s = deadline_s if len(ask.candidates) == 1 else min(deadline_s, sent_s + hedge.delay_s())
-    lookup = m.Lookup(req=client.next_id(), epoch=epoch, keys=ask.keys)
-    reply = client.call(client.route(peer.lookup_address, peer.data_address), lookup, until_s)
-    if not isinstance(reply, m.LookupReply):
-        if reply is None and time.monotonic() < deadline_s:
-            hedge.avoid(name)
-        return None
-    hedge.record(time.monotonic() - sent_s)
-    hedge.clear(name)
-    return name, reply
 
 
 def _call_hedged(
