@@ -10,6 +10,14 @@ name (``gossip-…``, ``meshkv-data``, ``meshkv-requests``, ``ZMQbg/IO/0``…).
   is the other member, one at a time (`MeshNode.lookup`) and ``--in-flight`` at a time
   (`MeshNode.lookup_async`); µs of CPU per lookup of the answering member's threads (net of
   its idle rate) and of this process's threads (the asker), median of ``--windows`` blocks.
+- ``--rotation`` (at the largest N given): the same lookups, one at a time, in interleaved
+  blocks of two kinds: prompts whose first home is one member ("one home"), and as many prompts
+  spread one by one over every member that is some prompt's first home ("spread"). Each lookup
+  asks one member either way; what differs is whether the member asked is the one asked last
+  time (its code and data still in the caches) or one that has not run for many lookups. µs of
+  CPU per lookup of the members (net of idle; at large N the idle estimate's noise is tens of
+  µs), of their lookup-port threads alone (which do nothing else, so need no idle estimate;
+  py-spy names them), and of the asker, and wall µs, median of ``--windows`` blocks each.
 - ``--profile``: then ``--profile-s`` more of each lookup mode under ``py-spy record`` (only
   threads on the CPU are sampled), of the answering member and of this process; the samples by
   thread (its first meshkv frame) and by function (self time) go into the JSON.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -37,10 +46,11 @@ import zmq
 
 from tools.bench.lookup.meshkv_path import MeshkvPath
 from tools.bench.lookup.settings import LOOKUP_DEADLINE_S
-from tools.bench.lookup.workload import lmcache_cases, make_holdings
+from tools.bench.lookup.workload import CHAIN_CHUNKS, lmcache_cases, make_holdings, make_prompt
 
 LOOKUP_CHUNKS = 32
 KEYS_PER_MEMBER = 512
+LOOKUP_PORT_THREAD = "meshkv-lookup-port"
 SETTLE_S = 3.0
 """Wait after the ring converged before measuring idle (joins' gossip dies down)."""
 
@@ -71,8 +81,11 @@ def _learn_names(pid: int) -> None:
     if pid == os.getpid():
         _NAMES.update({t.native_id: _short(t.name) for t in threading.enumerate()})
         return
+    spy_bin = Path(sys.executable).parent / "py-spy"
+    if not spy_bin.exists():  # (not a dependency: without it, threads keep their OS names)
+        return
     dump = subprocess.run(
-        [str(Path(sys.executable).parent / "py-spy"), "dump", "-p", str(pid)],
+        [str(spy_bin), "dump", "-p", str(pid)],
         capture_output=True, text=True, timeout=30, check=False,
     ).stdout  # fmt: skip
     for match in re.finditer(r'^Thread (\d+) \(\w+\): "(.*)"$', dump, re.MULTILINE):
@@ -155,6 +168,57 @@ def lookups(path: MeshkvPath, holdings, args) -> dict:
             f"{mode}_{side}": profile
             for mode, in_flight in (("one_at_a_time", 0), ("in_flight", args.in_flight))
             for side, profile in spy(node, prompts, in_flight, member_pids[0], args).items()
+        }
+    return out
+
+
+def rotation(path: MeshkvPath, holdings, args) -> dict:
+    """Lookups asked of one member against the same lookups spread over many (see the module
+    docstring, ``--rotation``)."""
+    by_home: dict[str, list] = {}
+    for member_keys in holdings.member_keys:  # every chain head of every member: many homes
+        for start in range(0, len(member_keys) - LOOKUP_CHUNKS + 1, CHAIN_CHUNKS):
+            prompt = make_prompt(member_keys[start : start + LOOKUP_CHUNKS], LOOKUP_CHUNKS)
+            if path.servers_asked(prompt) == 1:
+                by_home.setdefault(path.first_home(prompt), []).append(prompt)
+    busiest = max(by_home.values(), key=len)
+    spread = [p for group in itertools.zip_longest(*by_home.values()) for p in group if p]
+    kinds = {"one_home": busiest, "spread": spread[: max(len(busiest), len(by_home))]}
+    node, member_pids, me = path.asker, path.server_pids()[1:], [os.getpid()]
+    node.lookup(busiest[0].keys, timeout_s=LOOKUP_DEADLINE_S)
+    server_idle, client_idle = thread_cpu_ns(member_pids), thread_cpu_ns(me)
+    time.sleep(1.0)
+    server_idle = _minus(thread_cpu_ns(member_pids), server_idle)
+    client_idle = _minus(thread_cpu_ns(me), client_idle)
+    blocks: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for _ in range(args.windows):
+        for kind, prompts in kinds.items():
+            s0, c0, t0 = thread_cpu_ns(member_pids), thread_cpu_ns(me), time.monotonic()
+            wrong = run_block(node, prompts, args.lookups, 0)
+            wall_s = time.monotonic() - t0
+            server = _minus(thread_cpu_ns(member_pids), s0, server_idle, wall_s)
+            client = _minus(thread_cpu_ns(me), c0, client_idle, wall_s)
+            blocks[kind].append(
+                {
+                    "wrong": wrong,
+                    "member_us": sum(server.values()) / args.lookups / 1e3,
+                    "lookup_port_us": server[LOOKUP_PORT_THREAD] / args.lookups / 1e3,
+                    "asker_us": sum(client.values()) / args.lookups / 1e3,
+                    "wall_us": wall_s / args.lookups * 1e6,
+                }
+            )
+    out: dict = {"members": len(member_pids) + 1, "prompt_chunks": LOOKUP_CHUNKS}
+    for kind, prompts in kinds.items():
+        homes = {path.first_home(p) for p in prompts}
+        out[kind] = {
+            "homes": len(homes),
+            "prompts": len(prompts),
+            "wrong": sum(b["wrong"] for b in blocks[kind]),
+            **{
+                f"{field}_median": statistics.median(b[field] for b in blocks[kind])
+                for field in ("member_us", "lookup_port_us", "asker_us", "wall_us")
+            },
+            "blocks": blocks[kind],
         }
     return out
 
@@ -267,6 +331,7 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--rotation", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("bench-results/member_cpu.json"))
@@ -285,6 +350,9 @@ def main() -> None:
                 if result["lookups"] is None:
                     result["lookups"] = lookups(path, holdings, args)
                     print(json.dumps(result["lookups"], indent=1), flush=True)
+                if args.rotation and n == max(args.members):
+                    result["rotation"] = rotation(path, holdings, args)
+                    print(json.dumps(result["rotation"], indent=1), flush=True)
             finally:
                 path.teardown()
     result["loadavg_end"] = os.getloadavg()

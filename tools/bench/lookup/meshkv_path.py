@@ -310,6 +310,10 @@ class MeshkvPath(LookupPath):
             return 0
         return int(self._ring.home(prompt.keys[0]) != self._asker_name)
 
+    def first_home(self, prompt: Prompt) -> str:
+        """The member a lookup of ``prompt`` asks first: the home of its first key."""
+        return self._ring.home(prompt.keys[0])
+
     def server_pids(self) -> list[int]:
         return [p.pid for p in (self._seed, *self._members) if p and p.poll() is None]
 
