@@ -15,14 +15,16 @@ name (``gossip-…``, ``meshkv-data``, ``meshkv-requests``, ``ZMQbg/IO/0``…).
   spread one by one over every member that is some prompt's first home ("spread"). Each lookup
   asks one member either way; what differs is whether the member asked is the one asked last
   time (its code and data still in the caches) or one that has not run for many lookups. µs of
-  CPU per lookup of the members (net of idle; at large N the idle estimate's noise is tens of
-  µs), of their lookup-port threads alone (which do nothing else, so need no idle estimate;
-  py-spy names them), and of the asker, and wall µs, median of ``--windows`` blocks each.
+  CPU per lookup of the members (net of idle: at N = 64 the idle estimate's error reached
+  ~190 µs per lookup in the gossip threads alone), of their lookup-port threads alone (which
+  do nothing else, so need no idle estimate; py-spy names them), and of the asker, and wall
+  µs, median of ``--windows`` blocks each.
 - ``--profile``: then ``--profile-s`` more of each lookup mode under ``py-spy record`` (only
   threads on the CPU are sampled), of the answering member and of this process; the samples by
   thread (its first meshkv frame) and by function (self time) go into the JSON.
 
     python -m tools.bench.lookup.member_cpu --members 2 8 32 --out bench-results/member_cpu.json
+    python -m tools.bench.lookup.member_cpu --members 64 --rotation --windows 5 --lookups 1000
 """
 
 from __future__ import annotations
