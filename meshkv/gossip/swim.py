@@ -180,8 +180,8 @@ class Swim:
         by ZMQ's I/O thread, which needs no GIL), False once that stops (closed, killed, frozen,
         unreachable). A suspect whose link is up is held for up to ``stall_grace_s`` before it
         is declared dead: a busy engine can hold its GIL for seconds; a crashed or frozen one
-        cannot answer heartbeats. The driver need only tell of `watched_addresses`. Never
-        called (a simulation): suspicions end by their timeout."""
+        cannot answer heartbeats. The driver need only tell of `watched_addresses`; a driver
+        that never calls it gets no stall grace: suspicions end by their timeout."""
         if up:
             self._links_up.add(address)
         else:

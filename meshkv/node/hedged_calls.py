@@ -195,13 +195,8 @@ class _HedgedCall:
             now_s = self.clock()
             self.state.record(now_s - sent_s)
             self.state.clear(holder)
-            verdict = self.on_reply(0, holder, reply)
-            if verdict is True:
-                self.settled[0] = True
-                return True
-            if not (isinstance(verdict, str) and self.ask(0, verdict)):
-                self.ask_next(0)
-            return False
+            self.judge(0, holder, reply)
+            return self.settled[0]
         self._sent(0, holder, req, sent_s)  # silent: still awaited from here on
         if self.clock() < deadline_s:
             self.fall_silent(holder, delay_s)
@@ -274,8 +269,12 @@ class _HedgedCall:
         self.live[task] -= 1
         self.silent.discard(holder)  # it answered: slow, not gone
         self.state.clear(holder)
-        if self.settled[task]:
-            return
+        if not self.settled[task]:
+            self.judge(task, holder, reply)
+
+    def judge(self, task: int, holder: str, reply: m.Message) -> None:
+        """``on_reply``'s verdict on a reply to unsettled ``task``: settled, or asked again of
+        the holder it names, or (with nothing else outstanding) asked of its next candidate."""
         verdict = self.on_reply(task, holder, reply)
         if verdict is True:
             self.settled[task] = True
