@@ -122,27 +122,43 @@ def idle(path: MeshkvPath, members: int, windows: int, seconds: float) -> dict:
     }
 
 
+class _Sides:
+    """The answering members' threads and this process's (the asker's), with their idle CPU
+    rates read once at the start, so each block is measured net of idle."""
+
+    def __init__(self, member_pids: list[int]) -> None:
+        self.member_pids, self.me = member_pids, [os.getpid()]
+        server0, client0 = thread_cpu_ns(self.member_pids), thread_cpu_ns(self.me)
+        time.sleep(1.0)  # the idle rates, per second (nothing to poll for)
+        self.server_idle = _minus(thread_cpu_ns(self.member_pids), server0)
+        self.client_idle = _minus(thread_cpu_ns(self.me), client0)
+
+    def block(
+        self, node, prompts, count: int, in_flight: int
+    ) -> tuple[int, float, Counter[str], Counter[str]]:
+        """One `run_block`: its wrong answers, its wall seconds, and the CPU ns by thread of
+        the members and of the asker, each net of its idle rate."""
+        s0, c0, t0 = thread_cpu_ns(self.member_pids), thread_cpu_ns(self.me), time.monotonic()
+        wrong = run_block(node, prompts, count, in_flight)
+        wall_s = time.monotonic() - t0
+        server = _minus(thread_cpu_ns(self.member_pids), s0, self.server_idle, wall_s)
+        client = _minus(thread_cpu_ns(self.me), c0, self.client_idle, wall_s)
+        return wrong, wall_s, server, client
+
+
 def lookups(path: MeshkvPath, holdings, args) -> dict:
     node = path.asker
     cases = lmcache_cases(holdings, LOOKUP_CHUNKS, seed=1)
     prompts = [p for p in cases["hit_first"] + cases["hit_last"] if path.servers_asked(p) == 1]
     member_pids = path.server_pids()[1:]
-    me = [os.getpid()]
     node.lookup(prompts[0].keys, timeout_s=LOOKUP_DEADLINE_S)  # warm the connection
     out: dict = {"prompt_chunks": LOOKUP_CHUNKS, "prompts": len(prompts)}
-    server_idle, client_idle = thread_cpu_ns(member_pids), thread_cpu_ns(me)
-    time.sleep(1.0)  # the idle rates, per second (nothing to poll for)
-    server_idle = _minus(thread_cpu_ns(member_pids), server_idle)
-    client_idle = _minus(thread_cpu_ns(me), client_idle)
+    sides = _Sides(member_pids)
     for mode in ("one_at_a_time", "in_flight"):
         blocks = []
         for _ in range(args.windows):
-            s0, c0, t0 = thread_cpu_ns(member_pids), thread_cpu_ns(me), time.monotonic()
             in_flight = 0 if mode == "one_at_a_time" else args.in_flight
-            wrong = run_block(node, prompts, args.lookups, in_flight)
-            wall_s = time.monotonic() - t0
-            server = _minus(thread_cpu_ns(member_pids), s0, server_idle, wall_s)
-            client = _minus(thread_cpu_ns(me), c0, client_idle, wall_s)
+            wrong, wall_s, server, client = sides.block(node, prompts, args.lookups, in_flight)
             blocks.append(
                 {
                     "wrong": wrong,
@@ -186,20 +202,13 @@ def rotation(path: MeshkvPath, holdings, args) -> dict:
     busiest = max(by_home.values(), key=len)
     spread = [p for group in itertools.zip_longest(*by_home.values()) for p in group if p]
     kinds = {"one_home": busiest, "spread": spread[: max(len(busiest), len(by_home))]}
-    node, member_pids, me = path.asker, path.server_pids()[1:], [os.getpid()]
+    node, member_pids = path.asker, path.server_pids()[1:]
     node.lookup(busiest[0].keys, timeout_s=LOOKUP_DEADLINE_S)
-    server_idle, client_idle = thread_cpu_ns(member_pids), thread_cpu_ns(me)
-    time.sleep(1.0)
-    server_idle = _minus(thread_cpu_ns(member_pids), server_idle)
-    client_idle = _minus(thread_cpu_ns(me), client_idle)
+    sides = _Sides(member_pids)
     blocks: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for _ in range(args.windows):
         for kind, prompts in kinds.items():
-            s0, c0, t0 = thread_cpu_ns(member_pids), thread_cpu_ns(me), time.monotonic()
-            wrong = run_block(node, prompts, args.lookups, 0)
-            wall_s = time.monotonic() - t0
-            server = _minus(thread_cpu_ns(member_pids), s0, server_idle, wall_s)
-            client = _minus(thread_cpu_ns(me), c0, client_idle, wall_s)
+            wrong, wall_s, server, client = sides.block(node, prompts, args.lookups, 0)
             blocks[kind].append(
                 {
                     "wrong": wrong,
